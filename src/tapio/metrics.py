@@ -1,0 +1,102 @@
+"""Agent self-metrics (reference.md §6 names and labels, plus Tapio's additions).
+
+One private registry so tests and embedders never collide with prometheus-client's global one.
+Hot paths increment once per batch, never once per event.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+
+disable_created_metrics()
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS = Counter(
+    "tapio_events_total", "Total events drained from ring buffer", ["observer"], registry=REGISTRY
+)
+ANOMALIES = Counter(
+    "tapio_anomalies_total",
+    "Total anomalies detected and emitted",
+    ["observer", "anomaly_type"],
+    registry=REGISTRY,
+)
+LOST_EVENTS = Counter(
+    "tapio_lost_events_total",
+    "Ring buffer reserve failures in eBPF (events dropped)",
+    ["observer"],
+    registry=REGISTRY,
+)
+MALFORMED_EVENTS = Counter(
+    "tapio_malformed_events_total",
+    "Malformed or truncated eBPF records dropped by userspace",
+    ["observer"],
+    registry=REGISTRY,
+)
+CORRELATION_DROPS = Counter(
+    "tapio_correlation_drops_total",
+    "Events intentionally dropped because kernel correlation was ambiguous",
+    ["observer", "reason"],
+    registry=REGISTRY,
+)
+DRAIN_CAP = Counter(
+    "tapio_drain_cap_total",
+    "Times ring buffer drain hit the per-tick cap",
+    ["observer"],
+    registry=REGISTRY,
+)
+SINK_WRITES = Counter(
+    "tapio_sink_writes_total",
+    "Total sink write attempts by result",
+    ["sink", "result"],
+    registry=REGISTRY,
+)
+SINK_DROPS = Counter(
+    "tapio_sink_drops_total",
+    "Total sink events dropped by sink and reason",
+    ["sink", "reason"],
+    registry=REGISTRY,
+)
+CONTROLLER_SEND_FAILURES = Counter(
+    "tapio_controller_send_failures_total",
+    "Controller send failures by request kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+CONFIG_FETCH = Counter(
+    "tapio_config_fetch_total",
+    "Controller config poll attempts by result",
+    ["result"],
+    registry=REGISTRY,
+)
+
+# Tapio additions (documented in docs/operations.md).
+CONFIG_ABI_MISMATCH = Counter(
+    "tapio_config_abi_mismatch_total",
+    "BPF program invocations that found a tapio_config with the wrong abi_version",
+    ["observer"],
+    registry=REGISTRY,
+)
+KERNEL_DROPS = Counter(
+    "tapio_kernel_drops_total",
+    "Kernel-side filtered or unattributable records, by observer and reason",
+    ["observer", "reason"],
+    registry=REGISTRY,
+)
+OBSERVER_UP = Gauge(
+    "tapio_observer_up",
+    "1 when the observer's BPF programs are loaded and attached",
+    ["observer"],
+    registry=REGISTRY,
+)
+OBSERVER_CAPABILITY = Gauge(
+    "tapio_observer_capability",
+    "1 when the kernel offers the capability the observer would use, 0 when it does not",
+    ["observer", "capability"],
+    registry=REGISTRY,
+)
+CONFIG_GENERATION = Gauge(
+    "tapio_config_generation",
+    "Generation of the tapio_config currently written to the BPF carriers (0 = inert)",
+    registry=REGISTRY,
+)

@@ -1,0 +1,243 @@
+"""The occurrence schema: the one JSON document every observer emits and every sink carries.
+
+Wire-compatible with the reference (reference.md §4): field order, ULID ids, ``+00:00`` timestamps
+with nine fraction digits, sorted ``data`` keys. Never carries reasoning or remediation fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+
+Severity = Literal["debug", "info", "warning", "error", "critical"]
+Outcome = Literal["success", "failure", "timeout", "in_progress", "unknown"]
+
+SOURCE = "tapio"
+PROTOCOL_VERSION = "1.0"
+
+# The 11 anomaly types (reference.md §3.3); strings are part of the public contract.
+NETWORK_CONNECTION_REFUSED = "kernel.network.connection_refused"
+NETWORK_CONNECTION_TIMEOUT = "kernel.network.connection_timeout"
+NETWORK_RETRANSMIT_SPIKE = "kernel.network.retransmit_spike"
+NETWORK_RTT_DEGRADATION = "kernel.network.rtt_degradation"
+CONTAINER_OOM_KILL = "kernel.container.oom_kill"
+CONTAINER_ABNORMAL_EXIT = "kernel.container.abnormal_exit"
+STORAGE_IO_ERROR = "kernel.storage.io_error"
+STORAGE_LATENCY_SPIKE = "kernel.storage.latency_spike"
+NODE_CPU_STALL = "kernel.node.cpu_stall"
+NODE_MEMORY_PRESSURE = "kernel.node.memory_pressure"
+NODE_IPC_DEGRADATION = "kernel.node.ipc_degradation"
+
+ANOMALY_TYPES: tuple[str, ...] = (
+    NETWORK_CONNECTION_REFUSED,
+    NETWORK_CONNECTION_TIMEOUT,
+    NETWORK_RETRANSMIT_SPIKE,
+    NETWORK_RTT_DEGRADATION,
+    CONTAINER_OOM_KILL,
+    CONTAINER_ABNORMAL_EXIT,
+    STORAGE_IO_ERROR,
+    STORAGE_LATENCY_SPIKE,
+    NODE_CPU_STALL,
+    NODE_MEMORY_PRESSURE,
+    NODE_IPC_DEGRADATION,
+)
+
+
+class OccurrenceError(msgspec.Struct, omit_defaults=True, gc=False):
+    code: str
+    message: str
+
+
+class Entity(msgspec.Struct, omit_defaults=True, gc=False):
+    kind: str
+    id: str
+    name: str | None = None
+    version: str | None = None
+
+
+class Context(msgspec.Struct, omit_defaults=True, gc=False):
+    """Schema-compatible only; the agent never produces it (cluster context is the controller's)."""
+
+    cluster: str | None = None
+    node: str | None = None
+    namespace: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    entities: list[Entity] | None = None
+    correlation_keys: list[str] = []
+
+
+class Occurrence(msgspec.Struct, omit_defaults=True, gc=False):
+    """One piece of anomaly evidence. Field order is the JSON key order."""
+
+    id: str
+    timestamp: str
+    source: str
+    type: str
+    severity: Severity
+    outcome: Outcome
+    protocol_version: str
+    error: OccurrenceError | None = None
+    context: Context | None = None
+    data: dict[str, Any] | None = None
+
+    @property
+    def observer(self) -> str:
+        """The observer category: the second dot segment of ``type`` (``unknown`` if absent)."""
+        parts = self.type.split(".")
+        return parts[1] if len(parts) >= 2 and parts[1] else "unknown"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the occurrence breaks the schema's invariants."""
+        if not self.source:
+            raise ValueError("source must not be empty")
+        parts = self.type.split(".")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"type must be three non-empty dot-separated segments, got {self.type!r}")
+        if not self.protocol_version:
+            raise ValueError("protocol_version must not be empty")
+
+
+def new_occurrence(
+    type_: str,
+    severity: Severity,
+    outcome: Outcome,
+    *,
+    timestamp_ns: int | None = None,
+    code: str | None = None,
+    message: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> Occurrence:
+    """Build an occurrence with a fresh ULID; ``data`` keys are sorted as the contract requires."""
+    now_ns = time.time_ns() if timestamp_ns is None else timestamp_ns
+    return Occurrence(
+        id=new_ulid(now_ns // 1_000_000),
+        timestamp=format_timestamp(now_ns),
+        source=SOURCE,
+        type=type_,
+        severity=severity,
+        outcome=outcome,
+        protocol_version=PROTOCOL_VERSION,
+        error=OccurrenceError(code, message or "") if code is not None else None,
+        data=dict(sorted(data.items())) if data is not None else None,
+    )
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_B32_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
+
+
+class _UlidState:
+    """Amortises the two costs of a ULID: the time prefix (per millisecond) and the entropy
+    syscall (one ``os.urandom`` per 512 ids)."""
+
+    __slots__ = ("ms", "offset", "pool", "prefix")
+
+    def __init__(self) -> None:
+        self.ms = -1
+        self.prefix = ""
+        self.pool = b""
+        self.offset = 0
+
+
+_ulid = _UlidState()
+
+
+def new_ulid(ms: int | None = None) -> str:
+    """A ULID: 48-bit millisecond time then 80 random bits, Crockford base32, 26 characters."""
+    if ms is None:
+        ms = time.time_ns() // 1_000_000
+    st = _ulid
+    if ms != st.ms:
+        value = ms & 0xFFFF_FFFF_FFFF
+        st.prefix = "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(45, -5, -5))
+        st.ms = ms
+    if st.offset + 10 > len(st.pool):
+        st.pool = os.urandom(5120)
+        st.offset = 0
+    rand = st.pool[st.offset : st.offset + 10]
+    st.offset += 10
+    return st.prefix + base64.b32encode(rand).translate(_B32_TO_CROCKFORD).decode("ascii")
+
+
+def ulid_time_ms(ulid: str) -> int:
+    """The millisecond timestamp encoded in a ULID (raises ValueError on a malformed id)."""
+    if len(ulid) != 26:
+        raise ValueError(f"not a ULID: {ulid!r}")
+    value = 0
+    for ch in ulid[:10].upper():
+        idx = _CROCKFORD.find(ch)
+        if idx < 0:
+            raise ValueError(f"not a ULID: {ulid!r}")
+        value = (value << 5) | idx
+    return value
+
+
+def format_timestamp(ns: int) -> str:
+    """UTC ``YYYY-MM-DDTHH:MM:SS.nnnnnnnnn+00:00``; the fraction is omitted when exactly zero."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    if frac:
+        return f"{base}.{frac:09d}+00:00"
+    return f"{base}+00:00"
+
+
+_TS_RE = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:?\d{2})$"
+)
+
+
+def parse_timestamp(text: str) -> int:
+    """Parse an RFC 3339 timestamp (any offset, up to 9 fraction digits) to Unix nanoseconds."""
+    m = _TS_RE.match(text.strip())
+    if m is None:
+        raise ValueError(f"invalid timestamp: {text!r}")
+    date, clock, frac, offset = m.groups()
+    tz = "+00:00" if offset in ("Z", "z") else offset
+    if len(tz) == 5:  # +HHMM
+        tz = f"{tz[:3]}:{tz[3:]}"
+    dt = datetime.fromisoformat(f"{date}T{clock}{tz}")
+    seconds = int(dt.timestamp())
+    nanos = int((frac or "0").ljust(9, "0"))
+    return seconds * 1_000_000_000 + nanos
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Occurrence)
+
+
+def encode(occ: Occurrence) -> bytes:
+    """Compact JSON bytes."""
+    return _encoder.encode(occ)
+
+
+def encode_lines(batch: list[Occurrence] | tuple[Occurrence, ...]) -> bytes:
+    """Compact JSON lines (one per occurrence, each ending in a newline)."""
+    buf = bytearray()
+    enc = _encoder.encode_into
+    for occ in batch:
+        enc(occ, buf, -1)
+        buf += b"\n"
+    return bytes(buf)
+
+
+def encode_pretty(occ: Occurrence) -> bytes:
+    """Two-space indented JSON, no trailing newline (the file sink's format)."""
+    return msgspec.json.format(_encoder.encode(occ), indent=2)
+
+
+def decode(raw: bytes | str) -> Occurrence:
+    """Decode and validate; raises ``ValueError`` (msgspec.ValidationError/DecodeError included)."""
+    occ = _decoder.decode(raw)
+    occ.validate()
+    return occ
