@@ -1,0 +1,82 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/*
+ * What every Tapio BPF object shares: the config carrier, the per-CPU metrics map, the config
+ * gate and the batched-wakeup submit. Include after vmlinux.h and the libbpf headers.
+ */
+#ifndef TAPIO_COMMON_H
+#define TAPIO_COMMON_H
+
+#include "tapio_config.h"
+
+/* tapio_metrics indices: 0..7 are common, 8.. belong to the observer (see its header). */
+#define TAPIO_METRIC_LOST          0 /* ring buffer reserve failed */
+#define TAPIO_METRIC_ABI_MISMATCH  1 /* tapio_config present but abi_version wrong */
+#define TAPIO_METRIC_OBSERVER_BASE 8
+#define TAPIO_METRIC_MAX           32
+
+/*
+ * Force a consumer wakeup only when this much is pending; below it the agent's drain timer
+ * picks records up. A default-flags submit costs ~6 us of irq_work per event (performance.md).
+ */
+#define TAPIO_WAKEUP_BYTES (64 * 1024)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tapio_config);
+} tapio_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TAPIO_METRIC_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} tapio_metrics SEC(".maps");
+
+static __always_inline void tapio_metric_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&tapio_metrics, &idx);
+	if (v)
+		*v += 1;
+}
+
+/*
+ * Copy the config to *out and return 1 when this observer may run: the carrier exists, the ABI
+ * matches and the observer's flag is set. An all-zero carrier (never configured) is silent and
+ * uncounted; a non-zero wrong abi_version is counted as an ABI mismatch.
+ */
+static __always_inline int tapio_config_gate(struct tapio_config *out, __u64 flag)
+{
+	__u32 zero = 0;
+	struct tapio_config *cfg = bpf_map_lookup_elem(&tapio_config, &zero);
+	if (!cfg)
+		return 0;
+	__builtin_memcpy(out, cfg, sizeof(*out));
+	if (out->abi_version != TAPIO_CONFIG_ABI_VERSION) {
+		if (out->abi_version != 0)
+			tapio_metric_inc(TAPIO_METRIC_ABI_MISMATCH);
+		return 0;
+	}
+	return (out->flags & flag) != 0;
+}
+
+/* Submit without a wakeup unless enough is pending that the consumer should run now. */
+static __always_inline void tapio_submit(void *ringbuf, void *rec)
+{
+	__u64 avail = bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(rec, avail >= TAPIO_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
+/* Reserve a zeroed record or count the loss. */
+#define TAPIO_RESERVE(ringbuf, type)                                            \
+	({                                                                      \
+		type *__r = bpf_ringbuf_reserve(ringbuf, sizeof(type), 0);      \
+		if (__r)                                                        \
+			__builtin_memset(__r, 0, sizeof(type));                 \
+		else                                                            \
+			tapio_metric_inc(TAPIO_METRIC_LOST);                    \
+		__r;                                                            \
+	})
+
+#endif /* TAPIO_COMMON_H */
