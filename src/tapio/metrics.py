@@ -100,3 +100,17 @@ CONFIG_GENERATION = Gauge(
     "Generation of the tapio_config currently written to the BPF carriers (0 = inert)",
     registry=REGISTRY,
 )
+
+# HTTP / OTLP sink delivery (docs/sinks.md).
+SINK_QUEUE_DEPTH = Gauge(
+    "tapio_sink_queue_depth",
+    "Occurrences held in a sink's internal buffer (including the batch in flight)",
+    ["sink"],
+    registry=REGISTRY,
+)
+SINK_RETRIES = Counter(
+    "tapio_sink_retries_total",
+    "Batch delivery attempts that failed and were scheduled for another try",
+    ["sink"],
+    registry=REGISTRY,
+)
