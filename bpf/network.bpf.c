@@ -1,0 +1,384 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Network observer: failed connects (refused vs timed out, exactly one record per connect),
+ * retransmit spikes per destination within a window, and RTT degradation against a baseline
+ * learned from ongoing smoothed-RTT samples per destination. Everything else is filtered here,
+ * so an ordinary connection lifecycle sends nothing to userspace.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+
+#include "tapio_common.h"
+#include "network.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_CLOSE 7
+#define ECONNREFUSED 111
+#define IPPROTO_TCP 6
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+/* Sockets we saw connect(): who called it, and whether an RST answered. Keyed by sock address. */
+struct conn_info {
+	__u64 start_ns;
+	__u32 pid;
+	__u32 tid;
+	__u8 rst_seen;
+	__u8 _pad[7];
+	char comm[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct conn_info);
+} conns SEC(".maps");
+
+struct dest_key {
+	__u8 daddr[16];
+	__u16 dport;
+	__u8 family;
+	__u8 _pad[5];
+};
+
+struct retrans_state {
+	__u64 window_start_ns;
+	__u32 count;
+	__u32 reported;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct dest_key);
+	__type(value, struct retrans_state);
+} retrans SEC(".maps");
+
+struct rtt_state {
+	__u64 last_sample_ns;
+	__u64 last_report_ns;
+	__u32 baseline_us;
+	__u32 samples;
+	__u32 spiking;
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct dest_key);
+	__type(value, struct rtt_state);
+} rtt SEC(".maps");
+
+/* A destination re-reports an RTT spike at most this often even if it flaps. */
+#define RTT_REPORT_INTERVAL_NS (1000ULL * 1000 * 1000)
+
+static __always_inline void copy_addrs(struct network_event *e, __u16 family, const __u8 *s4,
+				       const __u8 *d4, const __u8 *s6, const __u8 *d6)
+{
+	/* Tracepoint ctx pointers may not be offset by a variable: copy through probe reads. */
+	e->family = family;
+	if (family == AF_INET6) {
+		bpf_probe_read_kernel(e->saddr, 16, s6);
+		bpf_probe_read_kernel(e->daddr, 16, d6);
+	} else {
+		bpf_probe_read_kernel(e->saddr, 4, s4);
+		bpf_probe_read_kernel(e->daddr, 4, d4);
+	}
+}
+
+static __always_inline void fill_owner(struct network_event *e, const struct conn_info *ci)
+{
+	if (!ci)
+		return;
+	e->pid = ci->pid;
+	e->tid = ci->tid;
+	e->pid_source = NET_PID_CONNECT;
+	__builtin_memcpy(e->comm, ci->comm, sizeof(e->comm));
+}
+
+static __always_inline void read_tcp_counters(struct network_event *e, const void *skaddr)
+{
+	const struct tcp_sock *tp = skaddr;
+	if (!tp)
+		return;
+	e->total_retrans = BPF_CORE_READ(tp, total_retrans);
+	e->snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	int oldstate = ctx->oldstate, newstate = ctx->newstate;
+	struct tapio_config cfg;
+	__u64 sk = (__u64)ctx->skaddr;
+	__u16 sport = ctx->sport, dport = ctx->dport, family = ctx->family;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+
+	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
+		/* connect(): runs in the caller's context, so current is the owner. */
+		if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK))
+			return 0;
+		struct conn_info ci = {};
+		__u64 pid_tgid = bpf_get_current_pid_tgid();
+		ci.start_ns = bpf_ktime_get_ns();
+		ci.pid = pid_tgid >> 32;
+		ci.tid = (__u32)pid_tgid;
+		bpf_get_current_comm(ci.comm, sizeof(ci.comm));
+		bpf_map_update_elem(&conns, &sk, &ci, BPF_ANY);
+		return 0;
+	}
+
+	if (newstate != TCP_CLOSE)
+		return 0;
+
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &sk);
+	if (oldstate != TCP_SYN_SENT) {
+		if (ci)
+			bpf_map_delete_elem(&conns, &sk);
+		return 0;
+	}
+
+	if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK)) {
+		if (ci)
+			bpf_map_delete_elem(&conns, &sk);
+		return 0;
+	}
+
+	__u32 sk_err = BPF_CORE_READ((struct sock *)sk, sk_err);
+	__u8 type;
+	if (ci && ci->rst_seen)
+		type = NET_EV_CONN_REFUSED;
+	else if (sk_err == ECONNREFUSED)
+		type = NET_EV_CONN_REFUSED; /* ICMP port unreachable, no RST */
+	else if (sk_err != 0)
+		type = NET_EV_CONN_TIMEOUT; /* SYN retries exhausted (ETIMEDOUT or an ICMP soft error) */
+	else {
+		/* The application closed a socket still in SYN_SENT: not a kernel failure. */
+		tapio_metric_inc(ci ? NET_METRIC_CONNECT_ABORTED : NET_METRIC_UNTRACKED_CLOSE);
+		if (ci)
+			bpf_map_delete_elem(&conns, &sk);
+		return 0;
+	}
+
+	struct network_event *e = TAPIO_RESERVE(&events, struct network_event);
+	if (e) {
+		e->timestamp_ns = bpf_ktime_get_ns();
+		e->config_generation = cfg.generation;
+		e->event_type = type;
+		e->old_state = oldstate;
+		e->new_state = newstate;
+		e->sport = sport;
+		e->dport = dport;
+		e->sk_err = sk_err;
+		if (ci && ci->rst_seen)
+			e->flags |= NET_FLAG_RST;
+		copy_addrs(e, family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
+		if (ci) {
+			fill_owner(e, ci);
+			e->duration_ns = e->timestamp_ns - ci->start_ns;
+		} else {
+			tapio_metric_inc(NET_METRIC_UNTRACKED_CLOSE);
+		}
+		tapio_submit(&events, e);
+	}
+	if (ci)
+		bpf_map_delete_elem(&conns, &sk);
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_receive_reset")
+int handle_receive_reset(struct trace_event_raw_tcp_event_sk *ctx)
+{
+	__u64 sk = (__u64)ctx->skaddr;
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &sk);
+	if (ci)
+		ci->rst_seen = 1;
+	return 0;
+}
+
+static __always_inline void dest_key_from(struct dest_key *k, __u16 family, const __u8 *d4,
+					  const __u8 *d6, __u16 dport)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = family;
+	k->dport = dport;
+	if (family == AF_INET6)
+		bpf_probe_read_kernel(k->daddr, 16, d6);
+	else
+		bpf_probe_read_kernel(k->daddr, 4, d4);
+}
+
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int handle_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
+{
+	/* Read ctx scalars first: the verifier rejects loads through a ctx pointer clang offset. */
+	__u64 sk = (__u64)ctx->skaddr;
+	int tcp_state = ctx->state;
+	__u16 sport = ctx->sport, dport = ctx->dport, family = ctx->family;
+	struct tapio_config cfg;
+	if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK))
+		return 0;
+	if (cfg.retransmit_threshold == 0 || cfg.retransmit_window_ns == 0)
+		return 0;
+
+	struct dest_key key;
+	dest_key_from(&key, family, ctx->daddr, ctx->daddr_v6, dport);
+	__u64 now = bpf_ktime_get_ns();
+	struct retrans_state *st = bpf_map_lookup_elem(&retrans, &key);
+	if (!st) {
+		struct retrans_state init = {.window_start_ns = now, .count = 0, .reported = 0};
+		bpf_map_update_elem(&retrans, &key, &init, BPF_NOEXIST);
+		st = bpf_map_lookup_elem(&retrans, &key);
+		if (!st)
+			return 0;
+	}
+	if (now - st->window_start_ns > cfg.retransmit_window_ns) {
+		st->window_start_ns = now;
+		st->count = 0;
+		st->reported = 0;
+	}
+	__sync_fetch_and_add(&st->count, 1); /* no fetch variant: keeps -mcpu=v1 (kernel >= 5.8) */
+	__u32 count = st->count;
+	if (count < cfg.retransmit_threshold || st->reported)
+		return 0;
+	st->reported = 1;
+
+	struct network_event *e = TAPIO_RESERVE(&events, struct network_event);
+	if (!e)
+		return 0;
+	e->timestamp_ns = now;
+	e->config_generation = cfg.generation;
+	e->event_type = NET_EV_RETRANS_SPIKE;
+	e->old_state = tcp_state;
+	e->new_state = tcp_state;
+	e->sport = sport;
+	e->dport = dport;
+	e->retrans_count = count;
+	e->duration_ns = cfg.retransmit_window_ns;
+	copy_addrs(e, family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
+	read_tcp_counters(e, (const void *)sk);
+	fill_owner(e, bpf_map_lookup_elem(&conns, &sk));
+	tapio_submit(&events, e);
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_probe")
+int handle_tcp_probe(struct trace_event_raw_tcp_probe *ctx)
+{
+	struct tapio_config cfg;
+	__u32 srtt = ctx->srtt; /* already >> 3: microseconds */
+	__u64 sk = (__u64)ctx->skaddr;
+	__u16 sport = ctx->sport, dport = ctx->dport, family = ctx->family;
+	__u32 snd_cwnd = ctx->snd_cwnd;
+	if (srtt == 0)
+		return 0;
+	if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK))
+		return 0;
+	if (cfg.rtt_min_baseline_samples == 0 ||
+	    (cfg.rtt_spike_multiplier == 0 && cfg.rtt_spike_abs_us == 0))
+		return 0;
+
+	/* saddr/daddr are sockaddr_in / sockaddr_in6 images. */
+	struct dest_key key;
+	__builtin_memset(&key, 0, sizeof(key));
+	key.family = family;
+	key.dport = dport;
+	if (family == AF_INET6)
+		bpf_probe_read_kernel(key.daddr, 16, &ctx->daddr[8]);
+	else
+		bpf_probe_read_kernel(key.daddr, 4, &ctx->daddr[4]);
+
+	__u64 now = bpf_ktime_get_ns();
+	struct rtt_state *st = bpf_map_lookup_elem(&rtt, &key);
+	if (!st) {
+		struct rtt_state init = {.last_sample_ns = now, .baseline_us = srtt, .samples = 1};
+		bpf_map_update_elem(&rtt, &key, &init, BPF_NOEXIST);
+		return 0;
+	}
+	__u64 interval = (__u64)cfg.rtt_sample_interval_us * 1000;
+	if (now - st->last_sample_ns < interval)
+		return 0;
+	st->last_sample_ns = now;
+
+	__u64 base = st->baseline_us;
+	if (st->samples < cfg.rtt_min_baseline_samples) {
+		/* Learning: running mean of the first samples. */
+		__u64 n = st->samples + 1;
+		st->baseline_us = (base * (n - 1) + srtt) / n;
+		st->samples = n;
+		return 0;
+	}
+
+	int spike = 0;
+	if (cfg.rtt_spike_multiplier && (__u64)srtt > base * cfg.rtt_spike_multiplier)
+		spike = 1;
+	if (cfg.rtt_spike_abs_us && srtt > cfg.rtt_spike_abs_us)
+		spike = 1;
+	if ((__u64)srtt < base + cfg.rtt_min_delta_us)
+		spike = 0;
+
+	if (!spike) {
+		/* Clear only once back below halfway to the threshold (hysteresis), then keep
+		 * learning: EWMA with weight 1/8, like the kernel's own srtt. */
+		if (st->spiking) {
+			__u64 mult = cfg.rtt_spike_multiplier ? cfg.rtt_spike_multiplier : 2;
+			if ((__u64)srtt * 2 <= base * (mult + 1))
+				st->spiking = 0;
+			else
+				return 0;
+		}
+		if (srtt >= base)
+			st->baseline_us = base + ((__u64)srtt - base) / 8;
+		else
+			st->baseline_us = base - (base - (__u64)srtt) / 8;
+		if (st->samples < 0xffffffff)
+			st->samples += 1;
+		return 0;
+	}
+
+	/* Spike samples never poison the baseline. */
+	if (st->spiking || now - st->last_report_ns < RTT_REPORT_INTERVAL_NS) {
+		st->spiking = 1;
+		return 0;
+	}
+	st->spiking = 1;
+	st->last_report_ns = now;
+
+	struct network_event *e = TAPIO_RESERVE(&events, struct network_event);
+	if (!e)
+		return 0;
+	e->timestamp_ns = now;
+	e->config_generation = cfg.generation;
+	e->event_type = NET_EV_RTT_SPIKE;
+	e->family = family;
+	e->sport = sport;
+	e->dport = dport;
+	if (family == AF_INET6) {
+		bpf_probe_read_kernel(e->saddr, 16, &ctx->saddr[8]);
+		bpf_probe_read_kernel(e->daddr, 16, &ctx->daddr[8]);
+	} else {
+		bpf_probe_read_kernel(e->saddr, 4, &ctx->saddr[4]);
+		bpf_probe_read_kernel(e->daddr, 4, &ctx->daddr[4]);
+	}
+	e->rtt_baseline_us = base;
+	e->rtt_current_us = srtt;
+	e->rtt_samples = st->samples;
+	e->snd_cwnd = snd_cwnd;
+	fill_owner(e, bpf_map_lookup_elem(&conns, &sk));
+	tapio_submit(&events, e);
+	return 0;
+}

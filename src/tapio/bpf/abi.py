@@ -1,0 +1,152 @@
+"""Python mirrors of the kernel ABI: ``struct tapio_config`` and a helper for event structs.
+
+Each mirror lists its fields with explicit formats in declaration order and explicit padding,
+so offsets are plain arithmetic; tests compare every offset and size with the BTF that clang
+emitted into the objects (tests/unit/test_abi_layout.py).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+
+class CStruct:
+    """A packed little-endian layout built from (name, struct-format) pairs.
+
+    Field names starting with ``_`` are padding and must be zero. ``offsets`` and ``sizes`` are
+    what the layout tests compare against the C definition.
+    """
+
+    def __init__(self, name: str, fields: Sequence[tuple[str, str]], size: int) -> None:
+        self.name = name
+        self.fields = tuple(fields)
+        fmt = "<" + "".join(f for _, f in fields)
+        self.struct = struct.Struct(fmt)
+        if self.struct.size != size:
+            raise AssertionError(f"{name}: layout is {self.struct.size} bytes, expected {size}")
+        self.size = size
+        self.offsets: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        off = 0
+        for fname, f in fields:
+            self.offsets[fname] = off
+            self.sizes[fname] = struct.calcsize("<" + f)
+            off += self.sizes[fname]
+        # Index of each field in the unpacked tuple ("16s" is one item, "16i" is sixteen).
+        self.index: dict[str, int] = {}
+        i = 0
+        for fname, f in fields:
+            self.index[fname] = i
+            i += len(struct.unpack("<" + f, bytes(struct.calcsize("<" + f))))
+
+    def iter_unpack(self, payload: bytes | bytearray) -> Any:
+        return self.struct.iter_unpack(payload)
+
+
+TAPIO_CONFIG_ABI_VERSION = 3
+CONFIG_SIZE = 256
+MAX_IGNORE_EXIT_CODES = 16
+
+FLAG_NETWORK = 1 << 0
+FLAG_STORAGE = 1 << 1
+FLAG_CONTAINER = 1 << 2
+FLAG_NODE = 1 << 3
+
+EXIT_SCOPE_CONTAINERS = 1 << 0
+
+# tapio_metrics indices (bpf/tapio_common.h)
+METRIC_LOST = 0
+METRIC_ABI_MISMATCH = 1
+METRIC_OBSERVER_BASE = 8
+METRIC_MAX = 32
+
+TAPIO_CONFIG = CStruct(
+    "tapio_config",
+    [
+        ("abi_version", "I"),
+        ("generation", "I"),
+        ("flags", "Q"),
+        ("slow_io_threshold_ns", "Q"),
+        ("io_latency_critical_ns", "Q"),
+        ("retransmit_window_ns", "Q"),
+        ("retransmit_threshold", "I"),
+        ("rtt_spike_multiplier", "I"),
+        ("rtt_spike_abs_us", "I"),
+        ("rtt_min_baseline_samples", "I"),
+        ("rtt_min_delta_us", "I"),
+        ("rtt_sample_interval_us", "I"),
+        ("exit_flags", "I"),
+        ("ignore_exit_count", "I"),
+        ("ignore_exit_codes", "16i"),
+        ("ignore_signal_mask", "Q"),
+        ("runq_latency_threshold_ns", "Q"),
+        ("_reserved", "104x"),
+    ],
+    CONFIG_SIZE,
+)
+
+_U32_MAX = 0xFFFF_FFFF
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class TapioConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The values written into every object's ``tapio_config`` carrier (all-zeros is inert)."""
+
+    abi_version: int = TAPIO_CONFIG_ABI_VERSION
+    generation: int = 0
+    flags: int = 0
+    slow_io_threshold_ns: int = 0
+    io_latency_critical_ns: int = 0
+    retransmit_window_ns: int = 0
+    retransmit_threshold: int = 0
+    rtt_spike_multiplier: int = 0
+    rtt_spike_abs_us: int = 0
+    rtt_min_baseline_samples: int = 0
+    rtt_min_delta_us: int = 0
+    rtt_sample_interval_us: int = 0
+    exit_flags: int = 0
+    ignore_exit_codes: tuple[int, ...] = ()
+    ignore_signal_mask: int = 0
+    runq_latency_threshold_ns: int = 0
+
+    def pack(self) -> bytes:
+        """The exact 256 bytes for the map value; integers are clamped to their C types."""
+        codes = list(self.ignore_exit_codes[:MAX_IGNORE_EXIT_CODES])
+        count = len(codes)
+        codes += [0] * (MAX_IGNORE_EXIT_CODES - count)
+
+        def u32(v: int) -> int:
+            return max(0, min(v, _U32_MAX))
+
+        def u64(v: int) -> int:
+            return max(0, min(v, _U64_MAX))
+
+        def s32(v: int) -> int:
+            return max(-(2**31), min(v, 2**31 - 1))
+
+        return TAPIO_CONFIG.struct.pack(
+            u32(self.abi_version),
+            u32(self.generation),
+            u64(self.flags),
+            u64(self.slow_io_threshold_ns),
+            u64(self.io_latency_critical_ns),
+            u64(self.retransmit_window_ns),
+            u32(self.retransmit_threshold),
+            u32(self.rtt_spike_multiplier),
+            u32(self.rtt_spike_abs_us),
+            u32(self.rtt_min_baseline_samples),
+            u32(self.rtt_min_delta_us),
+            u32(self.rtt_sample_interval_us),
+            u32(self.exit_flags),
+            count,
+            *(s32(c) for c in codes),
+            u64(self.ignore_signal_mask),
+            u64(self.runq_latency_threshold_ns),
+        )
+
+
+INERT_CONFIG = bytes(CONFIG_SIZE)

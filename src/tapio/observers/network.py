@@ -1,0 +1,259 @@
+"""Network observer: parse ``struct network_event`` (bpf/network.h) and classify it.
+
+The kernel side already decided which fact happened (refused, timed out, retransmit spike, RTT
+spike) and filtered everything else, so classification here is formatting: addresses, names,
+the occurrence's severity/outcome/code/message and its ``data`` facts.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import ClassVar
+
+from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
+from tapio.occurrence import (
+    NETWORK_CONNECTION_REFUSED,
+    NETWORK_CONNECTION_TIMEOUT,
+    NETWORK_RETRANSMIT_SPIKE,
+    NETWORK_RTT_DEGRADATION,
+    Occurrence,
+    new_occurrence,
+)
+from tapio.observers.base import Observer
+
+NETWORK_EVENT = CStruct(
+    "network_event",
+    [
+        ("timestamp_ns", "Q"),
+        ("config_generation", "I"),
+        ("pid", "I"),
+        ("tid", "I"),
+        ("event_type", "B"),
+        ("family", "B"),
+        ("pid_source", "B"),
+        ("old_state", "B"),
+        ("new_state", "B"),
+        ("flags", "B"),
+        ("sport", "H"),
+        ("dport", "H"),
+        ("_pad1", "2x"),
+        ("saddr", "16s"),
+        ("daddr", "16s"),
+        ("sk_err", "I"),
+        ("retrans_count", "I"),
+        ("total_retrans", "I"),
+        ("snd_cwnd", "I"),
+        ("rtt_baseline_us", "I"),
+        ("rtt_current_us", "I"),
+        ("rtt_samples", "I"),
+        ("_pad2", "4x"),
+        ("duration_ns", "Q"),
+        ("comm", "16s"),
+    ],
+    120,
+)
+
+EV_CONN_REFUSED = 1
+EV_CONN_TIMEOUT = 2
+EV_RETRANS_SPIKE = 3
+EV_RTT_SPIKE = 4
+
+FLAG_RST = 1
+
+PID_SOURCES = {0: "none", 1: "connect"}
+
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+}
+
+ERRNO_NAMES = {
+    110: "ETIMEDOUT",
+    111: "ECONNREFUSED",
+    113: "EHOSTUNREACH",
+    101: "ENETUNREACH",
+    104: "ECONNRESET",
+    71: "EPROTO",
+}
+
+AF_INET = 2
+AF_INET6 = 10
+_CACHE_MAX = 4096
+
+
+def state_name(state: int) -> str:
+    return TCP_STATES.get(state, "UNKNOWN")
+
+
+def _fmt_ms(us: int) -> str:
+    return f"{us / 1000:g}"
+
+
+class NetworkObserver(Observer):
+    name = "network"
+    object_name = "network"
+    record = NETWORK_EVENT
+    kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {
+        METRIC_OBSERVER_BASE + 0: ("kernel_drop", "connect_aborted_by_application"),
+        METRIC_OBSERVER_BASE + 1: ("kernel_drop", "untracked_close"),
+    }
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._addr_cache: dict[tuple[int, bytes], str] = {}
+        self._comm_cache: dict[bytes, str] = {}
+
+    def _addr(self, family: int, raw: bytes) -> str:
+        key = (family, raw)
+        text = self._addr_cache.get(key)
+        if text is None:
+            if len(self._addr_cache) >= _CACHE_MAX:
+                self._addr_cache.clear()
+            if family == AF_INET6:
+                text = socket.inet_ntop(socket.AF_INET6, raw)
+            else:
+                text = socket.inet_ntop(socket.AF_INET, raw[:4])
+            self._addr_cache[key] = text
+        return text
+
+    def _comm(self, raw: bytes) -> str:
+        text = self._comm_cache.get(raw)
+        if text is None:
+            if len(self._comm_cache) >= _CACHE_MAX:
+                self._comm_cache.clear()
+            try:
+                text = raw.split(b"\0", 1)[0].decode("utf-8")
+            except UnicodeDecodeError:
+                text = "<invalid>"
+            self._comm_cache[raw] = text
+        return text
+
+    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
+        out: list[Occurrence] = []
+        boot = self.ctx.boot_offset_ns
+        for rec in NETWORK_EVENT.iter_unpack(payload):
+            occ = self.classify_one(rec, boot)
+            if occ is not None:
+                out.append(occ)
+        return out
+
+    def classify_one(self, rec: tuple[object, ...], boot_offset_ns: int) -> Occurrence | None:
+        (
+            ts,
+            generation,
+            pid,
+            tid,
+            ev_type,
+            family,
+            pid_source,
+            old_state,
+            new_state,
+            flags,
+            sport,
+            dport,
+            saddr,
+            daddr,
+            sk_err,
+            retrans_count,
+            total_retrans,
+            snd_cwnd,
+            rtt_base,
+            rtt_cur,
+            rtt_samples,
+            duration_ns,
+            comm,
+        ) = rec  # type: ignore[misc]
+        assert isinstance(ts, int) and isinstance(family, int)
+        assert isinstance(saddr, bytes) and isinstance(daddr, bytes) and isinstance(comm, bytes)
+        src = self._addr(family, saddr)
+        dst = self._addr(family, daddr)
+        data: dict[str, object] = {
+            "comm": self._comm(comm),
+            "config_generation": generation,
+            "dst_ip": dst,
+            "dst_port": dport,
+            "family": "ipv6" if family == AF_INET6 else "ipv4",
+            "pid": pid,
+            "pid_source": PID_SOURCES.get(pid_source, "none"),  # type: ignore[arg-type]
+            "protocol": "tcp",
+            "src_ip": src,
+            "src_port": sport,
+            "tid": tid,
+            "timestamp_ns": ts,
+        }
+        when = boot_offset_ns + ts
+        if ev_type == EV_CONN_REFUSED:
+            data["reason"] = "rst" if flags & FLAG_RST else "icmp"  # type: ignore[operator]
+            data["connect_duration_ms"] = round(duration_ns / 1e6, 3)  # type: ignore[operator]
+            return new_occurrence(
+                NETWORK_CONNECTION_REFUSED,
+                "warning",
+                "failure",
+                timestamp_ns=when,
+                code="RST_RECEIVED",
+                message=f"TCP RST {src}:{sport} → {dst}:{dport}",
+                data=data,
+            )
+        if ev_type == EV_CONN_TIMEOUT:
+            data["old_state"] = state_name(old_state)  # type: ignore[arg-type]
+            data["new_state"] = state_name(new_state)  # type: ignore[arg-type]
+            data["error"] = ERRNO_NAMES.get(sk_err, f"errno {sk_err}")  # type: ignore[arg-type]
+            data["connect_duration_ms"] = round(duration_ns / 1e6, 3)  # type: ignore[operator]
+            return new_occurrence(
+                NETWORK_CONNECTION_TIMEOUT,
+                "error",
+                "failure",
+                timestamp_ns=when,
+                code="SYN_TIMEOUT",
+                message=f"Connection timeout to {dst}:{dport} (SYN_SENT→CLOSE)",
+                data=data,
+            )
+        if ev_type == EV_RETRANS_SPIKE:
+            data["total_retrans"] = total_retrans
+            data["snd_cwnd"] = snd_cwnd
+            data["retransmits_in_window"] = retrans_count
+            data["window_ms"] = round(duration_ns / 1e6, 3)  # type: ignore[operator]
+            data["tcp_state"] = state_name(old_state)  # type: ignore[arg-type]
+            return new_occurrence(
+                NETWORK_RETRANSMIT_SPIKE,
+                "warning",
+                "failure",
+                timestamp_ns=when,
+                code="RETRANSMIT",
+                message=(
+                    f"TCP retransmit {src}:{sport} → {dst}:{dport} "
+                    f"(total={total_retrans}, cwnd={snd_cwnd})"
+                ),
+                data=data,
+            )
+        if ev_type == EV_RTT_SPIKE:
+            assert isinstance(rtt_base, int) and isinstance(rtt_cur, int)
+            data["baseline_ms"] = rtt_base // 1000
+            data["current_ms"] = rtt_cur // 1000
+            data["baseline_us"] = rtt_base
+            data["current_us"] = rtt_cur
+            data["baseline_samples"] = rtt_samples
+            data["snd_cwnd"] = snd_cwnd
+            return new_occurrence(
+                NETWORK_RTT_DEGRADATION,
+                "warning",
+                "in_progress",
+                timestamp_ns=when,
+                code="RTT_SPIKE",
+                message=(
+                    f"RTT spike {src}:{sport} → {dst}:{dport} "
+                    f"(baseline={_fmt_ms(rtt_base)}ms, current={_fmt_ms(rtt_cur)}ms)"
+                ),
+                data=data,
+            )
+        return None
