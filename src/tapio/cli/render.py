@@ -1,0 +1,145 @@
+"""Text rendering: the reference's tables and lines, aligned, optionally coloured.
+
+Colour is used only when the output stream is a terminal and ``NO_COLOR`` is not set (and
+``TERM`` is not ``dumb``). Text coming from the evidence (types, messages: ``comm`` is chosen by
+whatever process ran) is stripped of control characters so it cannot drive the terminal.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import TextIO
+
+from tapio.cli.store import ObserverStats, Record, Summary, display_ts
+
+_RESET = "\x1b[0m"
+_SEVERITY_SGR = {
+    "critical": "\x1b[1;31m",
+    "error": "\x1b[31m",
+    "warning": "\x1b[33m",
+    "info": "\x1b[36m",
+    "debug": "\x1b[2m",
+}
+_STATUS_SGR = {"healthy": "\x1b[32m", "degraded": "\x1b[33m", "critical": "\x1b[1;31m"}
+
+#: Width of the type column in ``watch`` (the longest of the 11 standard types).
+WATCH_TYPE_WIDTH = len("kernel.network.connection_timeout")
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def colour_enabled(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """True only for a terminal, without ``NO_COLOR`` (any value) and not ``TERM=dumb``."""
+    if "NO_COLOR" in environ or environ.get("TERM") == "dumb":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def clean(text: str) -> str:
+    """Replace control characters (escape sequences, newlines) with visible ``\\xNN`` escapes."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class Style:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def _wrap(self, sgr: str | None, text: str) -> str:
+        if not self.enabled or sgr is None:
+            return text
+        return f"{sgr}{text}{_RESET}"
+
+    def severity(self, severity: str, text: str) -> str:
+        return self._wrap(_SEVERITY_SGR.get(severity), text)
+
+    def status(self, status: str, text: str) -> str:
+        return self._wrap(_STATUS_SGR.get(status), text)
+
+    def bold(self, text: str) -> str:
+        return self._wrap("\x1b[1m", text)
+
+
+def occurrence_line(rec: Record, style: Style, type_width: int = 0) -> str:
+    """``<ts[..19]> <SEVERITY padded 8>  <type>[  <error.message>]``; the type is padded to
+    ``type_width`` when a message follows so messages line up."""
+    occ = rec.occ
+    severity = style.severity(occ.severity, occ.severity.upper().ljust(8))
+    type_ = clean(occ.type)
+    line = f"{display_ts(rec.ts_ns)} {severity}  "
+    message = occ.error.message if occ.error is not None else ""
+    if message:
+        return f"{line}{type_.ljust(type_width)}  {clean(message)}"
+    return line + type_
+
+
+def occurrence_lines(records: Sequence[Record], style: Style) -> list[str]:
+    width = max((len(clean(r.occ.type)) for r in records), default=0)
+    return [occurrence_line(rec, style, width) for rec in records]
+
+
+def status_table(summary: Summary) -> list[str]:
+    """The reference's ``status`` table (rows sorted by observer name)."""
+    if summary.total == 0:
+        return ["no anomalies recorded"]
+    rows = [summary.observers[name] for name in sorted(summary.observers)]
+    name_w = max([12, *(len(clean(r.name)) for r in rows)])
+    count_w = max([5, len(str(summary.total))])
+    header = f"{'Observer'.ljust(name_w)} {'Count'.ljust(count_w)}  Last Seen"
+    rule = "-" * (name_w + 1 + count_w + 2 + 19)
+    lines = [header, rule]
+    for row in rows:
+        last = display_ts(row.last_ns) if row.last_ns is not None else "-"
+        lines.append(f"{clean(row.name).ljust(name_w)} {str(row.count).ljust(count_w)}  {last}")
+    lines += [rule, f"{'total'.ljust(name_w)} {summary.total}"]
+    return lines
+
+
+def _most_frequent(stats: ObserverStats) -> str:
+    top = stats.most_frequent()
+    return "-" if top is None else f"{clean(top[0])} ({top[1]})"
+
+
+def health_table(summary: Summary, style: Style) -> list[str]:
+    """``health`` without an observer: the four observers (plus any other category seen)."""
+    rows = summary.ordered(include_fixed=True)
+    name_w = max([12, *(len(clean(r.name)) for r in rows)])
+    count_w = max([9, len(str(summary.total))])
+    header = (
+        f"{'Observer'.ljust(name_w)} {'Anomalies'.ljust(count_w)}  {'Last Seen'.ljust(20)} "
+        "Most Frequent"
+    )
+    body = []
+    for row in rows:
+        last = display_ts(row.last_ns) if row.last_ns is not None else "-"
+        body.append(
+            f"{clean(row.name).ljust(name_w)} {str(row.count).ljust(count_w)}  {last.ljust(20)} "
+            f"{_most_frequent(row)}"
+        )
+    rule = "-" * max(len(line) for line in [header, *body])
+    status = summary.status
+    overall = (
+        f"overall: {style.status(status, status)} ({summary.total} anomalies, "
+        f"{summary.critical} critical in last hour)"
+    )
+    return [header, rule, *body, "", overall]
+
+
+def health_observer(stats: ObserverStats) -> list[str]:
+    """``health <observer>``: counts, last seen and the types by frequency."""
+    lines = [f"Observer: {clean(stats.name)}", ""]
+    if stats.count == 0 or stats.last_ns is None:
+        return [*lines, "  no anomalies in last hour"]
+    lines += [
+        f"  anomalies:  {stats.count}",
+        f"  critical:   {stats.critical}",
+        f"  last seen:  {display_ts(stats.last_ns)}",
+        "",
+    ]
+    types = stats.types_by_count()
+    width = max(len(clean(t)) for t, _ in types)
+    lines += [f"  {clean(t).ljust(width)}  ({n})" for t, n in types]
+    return lines

@@ -1,0 +1,293 @@
+"""Reading the file sink's directory: one ``<id>.json`` occurrence per file.
+
+Everything here streams: a directory of 100k files is scanned one file at a time and the callers
+aggregate (counts, a bounded heap of the newest N), so memory stays bounded by what is shown,
+not by what is on disk. Time windows use parsed timestamps (Unix nanoseconds), never string
+comparison, so any RFC 3339 offset works.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import re
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import msgspec
+
+from tapio.occurrence import Occurrence, decode, parse_timestamp
+
+NS_PER_SECOND = 1_000_000_000
+HOUR_NS = 3600 * NS_PER_SECOND
+
+#: The observer categories, in the order the reference prints them.
+OBSERVERS: tuple[str, ...] = ("network", "container", "storage", "node")
+SEVERITIES: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
+SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+
+#: Occurrence files are a few hundred bytes; anything far larger is not one of ours.
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+DEFAULT_DATA_DIR = ".tapio/occurrences"
+
+Clock = Callable[[], int]
+"""Returns "now" as Unix nanoseconds (injected so tests can freeze time)."""
+
+Warn = Callable[[str, str], None]
+"""Called with (path, reason) for every file that is skipped."""
+
+
+class DataDirError(Exception):
+    """The data directory exists but cannot be listed (not a directory, permission denied)."""
+
+
+class SkipFile(Exception):
+    """A candidate file is not a valid occurrence; ``str(exc)`` is the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One valid occurrence file."""
+
+    path: str
+    name: str
+    occ: Occurrence
+    ts_ns: int
+
+    @property
+    def observer(self) -> str:
+        return self.occ.observer
+
+    @property
+    def sort_key(self) -> tuple[int, str]:
+        """Chronological order; the file name (a ULID) breaks ties deterministically."""
+        return (self.ts_ns, self.name)
+
+
+def is_candidate(name: str) -> bool:
+    """``*.json`` files only; dot files (the sink's ``.<id>.json.tmp`` temp files) never count."""
+    return name.endswith(".json") and not name.startswith(".")
+
+
+def read_record(directory: str, name: str) -> Record:
+    """Read and validate one file. Raises ``SkipFile`` (with a reason) or ``FileNotFoundError``."""
+    path = os.path.join(directory, name)
+    try:
+        # O_NONBLOCK: a FIFO named *.json must not hang the CLI.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise SkipFile(exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SkipFile("not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise SkipFile(f"file too large ({st.st_size} bytes)")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise SkipFile(f"file too large (more than {MAX_FILE_BYTES} bytes)")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise SkipFile(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise SkipFile("empty file")
+    try:
+        occ = decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise SkipFile(str(exc)) from None
+    try:
+        ts_ns = parse_timestamp(occ.timestamp)
+    except ValueError:
+        raise SkipFile(f"invalid timestamp {occ.timestamp!r}") from None
+    return Record(path=path, name=name, occ=occ, ts_ns=ts_ns)
+
+
+def list_names(directory: str) -> Iterator[str]:
+    """Candidate file names in ``directory`` (none if it does not exist)."""
+    try:
+        it = os.scandir(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DataDirError(f"{directory}: {exc.strerror or exc}") from None
+    with it:
+        for entry in it:
+            if is_candidate(entry.name):
+                yield entry.name
+
+
+def iter_records(directory: str, warn: Warn) -> Iterator[Record]:
+    """Every valid occurrence in ``directory``, in directory order, one file in memory at a time.
+
+    A missing directory yields nothing; files deleted while scanning (retention) are silently
+    passed over; invalid ones are reported through ``warn``.
+    """
+    for name in list_names(directory):
+        try:
+            yield read_record(directory, name)
+        except FileNotFoundError:
+            continue
+        except SkipFile as exc:
+            warn(os.path.join(directory, name), str(exc))
+
+
+# --------------------------------------------------------------------------------------------
+# filters and durations
+
+_DURATION_RE = re.compile(r"^([0-9]+)([smhd])$")
+_UNIT_NS = {"s": NS_PER_SECOND, "m": 60 * NS_PER_SECOND, "h": HOUR_NS, "d": 24 * HOUR_NS}
+
+
+def parse_duration(text: str) -> int:
+    """``<N><unit>`` (unit s, m, h or d; N a positive integer) to nanoseconds."""
+    m = _DURATION_RE.match(text)
+    if m is None:
+        raise ValueError(
+            f"invalid duration {text!r}: expected a positive integer followed by s, m, h or d"
+            " (e.g. 30s, 5m, 1h, 2d)"
+        )
+    value = int(m.group(1))
+    if value <= 0:
+        raise ValueError(f"invalid duration {text!r}: must be greater than zero")
+    return value * _UNIT_NS[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which occurrences a command shows. ``None`` means "no restriction"."""
+
+    observers: frozenset[str] | None = None
+    severities: frozenset[str] | None = None
+    min_severity: str | None = None
+    since_ns: int | None = None  # absolute cutoff (Unix ns): keep timestamps >= since_ns
+
+    def matches(self, rec: Record) -> bool:
+        if self.since_ns is not None and rec.ts_ns < self.since_ns:
+            return False
+        if self.observers is not None and rec.observer not in self.observers:
+            return False
+        sev = rec.occ.severity
+        if self.severities is not None and sev not in self.severities:
+            return False
+        return self.min_severity is None or (
+            SEVERITY_RANK.get(sev, -1) >= SEVERITY_RANK[self.min_severity]
+        )
+
+
+def select(records: Iterable[Record], flt: Filter) -> Iterator[Record]:
+    return (rec for rec in records if flt.matches(rec))
+
+
+def newest(records: Iterable[Record], limit: int | None) -> list[Record]:
+    """Newest first; at most ``limit`` (holding only ``limit`` records while scanning)."""
+    if limit is None:
+        return sorted(records, key=lambda r: r.sort_key, reverse=True)
+    if limit <= 0:
+        for _ in records:  # still scan, so invalid files are reported consistently
+            pass
+        return []
+    return heapq.nlargest(limit, records, key=lambda r: r.sort_key)
+
+
+# --------------------------------------------------------------------------------------------
+# aggregates
+
+
+@dataclass(slots=True)
+class ObserverStats:
+    name: str
+    count: int = 0
+    critical: int = 0
+    last_ns: int | None = None
+    types: Counter[str] = field(default_factory=Counter)
+
+    def add(self, rec: Record) -> None:
+        self.count += 1
+        if rec.occ.severity == "critical":
+            self.critical += 1
+        if self.last_ns is None or rec.ts_ns > self.last_ns:
+            self.last_ns = rec.ts_ns
+        self.types[rec.occ.type] += 1
+
+    def most_frequent(self) -> tuple[str, int] | None:
+        """The most frequent type; ties go to the alphabetically first type (deterministic)."""
+        if not self.types:
+            return None
+        name, count = min(self.types.items(), key=lambda kv: (-kv[1], kv[0]))
+        return name, count
+
+    def types_by_count(self) -> list[tuple[str, int]]:
+        return sorted(self.types.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+@dataclass(slots=True)
+class Summary:
+    """Per-observer aggregates over a stream of records (O(observers x types) memory)."""
+
+    observers: dict[str, ObserverStats] = field(default_factory=dict)
+    total: int = 0
+    critical: int = 0
+
+    def add(self, rec: Record) -> None:
+        name = rec.observer
+        stats = self.observers.get(name)
+        if stats is None:
+            stats = self.observers[name] = ObserverStats(name)
+        stats.add(rec)
+        self.total += 1
+        if rec.occ.severity == "critical":
+            self.critical += 1
+
+    @property
+    def status(self) -> str:
+        return health_status(self.total, self.critical)
+
+    def get(self, name: str) -> ObserverStats:
+        return self.observers.get(name) or ObserverStats(name)
+
+    def ordered(self, *, include_fixed: bool) -> list[ObserverStats]:
+        """The four fixed observers first (all of them when asked, else those present), then any
+        other category by name."""
+        names = [n for n in OBSERVERS if include_fixed or n in self.observers]
+        names += sorted(n for n in self.observers if n not in OBSERVERS)
+        return [self.get(n) for n in names]
+
+
+def summarize(records: Iterable[Record]) -> Summary:
+    summary = Summary()
+    for rec in records:
+        summary.add(rec)
+    return summary
+
+
+def health_status(total: int, critical: int) -> str:
+    """``critical`` if >= 3 critical or >= 20 total; ``degraded`` if any; else ``healthy``."""
+    if critical >= 3 or total >= 20:
+        return "critical"
+    if total > 0:
+        return "degraded"
+    return "healthy"
+
+
+def display_ts(ns: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` in UTC (the reference's 19-character cut of a ``+00:00`` stamp)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // NS_PER_SECOND))
+
+
+def system_clock() -> int:
+    return time.time_ns()
