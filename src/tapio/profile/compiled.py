@@ -1,0 +1,193 @@
+"""The compiled configuration: what the controller serves and the agent turns into BPF bytes.
+
+This module is deliberately light (msgspec only, no YAML, hashlib imported on demand) because
+the node agent decodes ``ConfigResponse.config`` into these Structs and must not pay for the
+profile loader.
+
+Declared field order is the hashing order (reference.md §8.2/§8.3). The reference fields are
+required and always encoded. Tapio's additional fields all carry defaults, and ``omit_defaults``
+drops them from the JSON whenever they equal their default ("omit-if-default"): a profile that
+does not touch the new knobs therefore compiles to the reference bytes and the reference hash,
+and a reference agent or controller never sees a field it does not know. The ``node`` block is
+omitted as a whole when it equals its default; when it is present, its default-valued inner
+fields are omitted by the same rule.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+import msgspec
+
+U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
+# msgspec bounds must fit an int64; every compiled u64 (nanoseconds derived from bounded
+# profile ranges) is far below 2**63, so the tighter bound loses nothing.
+U64 = Annotated[int, msgspec.Meta(ge=0, le=0x7FFF_FFFF_FFFF_FFFF)]
+I32 = Annotated[int, msgspec.Meta(ge=-0x8000_0000, le=0x7FFF_FFFF)]
+Signal = Annotated[int, msgspec.Meta(ge=1, le=64)]
+
+EXIT_SCOPES: Final = ("auto", "containers", "all")
+
+DEFAULT_RETRANSMIT_THRESHOLD: Final = 5
+DEFAULT_RETRANSMIT_WINDOW_NS: Final = 1_000_000_000
+DEFAULT_RTT_MIN_DELTA_US: Final = 5_000
+DEFAULT_RTT_SAMPLE_INTERVAL_US: Final = 100_000
+
+
+def _adopt_defaults(obj: msgspec.Struct) -> None:
+    """Swap field values equal to their default for the default object itself.
+
+    msgspec's ``omit_defaults`` tests identity (plus empty collections), so an equal but
+    distinct ``1_000_000_000`` would be encoded. Running this in ``__post_init__`` (on
+    construction and on decode) makes every encoding of a config omit-if-default.
+    """
+    for field in msgspec.structs.fields(obj):
+        default = field.default
+        if default is msgspec.NODEFAULT:
+            continue
+        value = getattr(obj, field.name)
+        if value is not default and type(value) is type(default) and value == default:
+            setattr(obj, field.name, default)
+
+
+class _Block(msgspec.Struct, omit_defaults=True, kw_only=True):
+    def __post_init__(self) -> None:
+        _adopt_defaults(self)
+
+
+class NetworkConfig(_Block):
+    enabled: bool
+    rtt_spike_ratio: U32
+    rtt_spike_abs_us: U32
+    rtt_min_baseline_samples: U32
+    conn_refused_window_ns: U64
+    conn_refused_min_count: U32
+    # Tapio additions (omit-if-default).
+    retransmit_threshold: U32 = DEFAULT_RETRANSMIT_THRESHOLD
+    retransmit_window_ns: U64 = DEFAULT_RETRANSMIT_WINDOW_NS
+    rtt_min_delta_us: U32 = DEFAULT_RTT_MIN_DELTA_US
+    rtt_sample_interval_us: U32 = DEFAULT_RTT_SAMPLE_INTERVAL_US
+
+
+class StorageConfig(_Block):
+    enabled: bool
+    slow_io_warning_ns: U64
+    slow_io_critical_ns: U64
+
+
+class ContainerConfig(_Block):
+    enabled: bool
+    ignore_exit_codes: list[I32]
+    # Tapio additions (omit-if-default). exit_scope stays a plain string on the wire so that a
+    # newer controller's value cannot make an older agent reject the whole config;
+    # ConfigResponse.validate() checks it against EXIT_SCOPES.
+    exit_scope: str = "auto"
+    ignore_signals: Annotated[list[Signal], msgspec.Meta(max_length=64)] = msgspec.field(
+        default_factory=list
+    )
+
+
+class NodePmcConfig(_Block):
+    enabled: bool
+    stall_warning_permille: U32
+    stall_critical_permille: U32
+    ipc_degradation_milli: U32
+
+
+class NodeConfig(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
+    """PSI / run-queue / throttling thresholds of the node observer (Tapio addition)."""
+
+    enabled: bool = True
+    memory_some_permille: U32 = 100
+    memory_full_permille: U32 = 50
+    cpu_some_permille: U32 = 500
+    runq_latency_ns: U64 = 50_000_000
+    throttle_permille: U32 = 200
+    hysteresis_permille: U32 = 500
+
+
+NODE_DEFAULT: Final = NodeConfig()
+
+
+def _normalized_node(node: NodeConfig) -> NodeConfig:
+    if node is NODE_DEFAULT:
+        return node
+    if node == NODE_DEFAULT:
+        return NODE_DEFAULT
+    values: dict[str, Any] = {}
+    for field in msgspec.structs.fields(node):
+        value = getattr(node, field.name)
+        values[field.name] = field.default if value == field.default else value
+    return NodeConfig(**values)
+
+
+class CompiledConfig(_Block):
+    network: NetworkConfig
+    storage: StorageConfig
+    container: ContainerConfig
+    node_pmc: NodePmcConfig
+    node: NodeConfig = NODE_DEFAULT
+
+    def __post_init__(self) -> None:
+        # NodeConfig is frozen (it serves as a field default), so it is rebuilt, not patched.
+        self.node = _normalized_node(self.node)
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def _canonical(obj: msgspec.Struct) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in msgspec.structs.fields(obj):
+        value = getattr(obj, field.name)
+        if field.default is not msgspec.NODEFAULT and value == field.default:
+            continue
+        if field.default_factory is not msgspec.NODEFAULT and value == field.default_factory():
+            continue
+        out[field.encode_name] = _canonical(value) if isinstance(value, msgspec.Struct) else value
+    return out
+
+
+def canonical_json(compiled: CompiledConfig) -> bytes:
+    """Compact JSON in declared field order, new fields omitted when equal to their default.
+
+    Walks the Structs with value equality rather than trusting ``omit_defaults`` so the bytes
+    (and so the hash) cannot depend on how, or whether, a field was mutated after construction.
+    """
+    return _ENCODER.encode(_canonical(compiled))
+
+
+def config_hash(compiled: CompiledConfig) -> str:
+    """``"sha256:" + hex(sha256(canonical_json))``: the convergence key agents report back."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(canonical_json(compiled)).hexdigest()
+
+
+def production_default() -> CompiledConfig:
+    """The built-in ``production-default`` base, compiled (a fresh, independently mutable copy)."""
+    return CompiledConfig(
+        network=NetworkConfig(
+            enabled=True,
+            rtt_spike_ratio=2,
+            rtt_spike_abs_us=500_000,
+            rtt_min_baseline_samples=5,
+            conn_refused_window_ns=0,
+            conn_refused_min_count=0,
+        ),
+        storage=StorageConfig(
+            enabled=True, slow_io_warning_ns=50_000_000, slow_io_critical_ns=200_000_000
+        ),
+        container=ContainerConfig(enabled=True, ignore_exit_codes=[]),
+        node_pmc=NodePmcConfig(
+            enabled=True,
+            stall_warning_permille=200,
+            stall_critical_permille=400,
+            ipc_degradation_milli=1000,
+        ),
+    )
+
+
+PRODUCTION_DEFAULT_HASH: Final = (
+    "sha256:845b719f50052b222e79a6f0a9e091e4fe5cc62f8049f7a9089cf20175f5ddef"
+)
