@@ -1,0 +1,494 @@
+"""tapio-wire/v1: every message between agent and controller as msgspec Structs.
+
+Compatible with the reference (reference.md §8) in both directions, with its gaps fixed:
+
+* Unknown JSON fields are ignored (forward compatibility); missing required fields and wrong
+  types fail decoding and surface as ``MALFORMED_JSON``.
+* Enumerations that a newer peer may extend have a catch-all: an unknown observer status,
+  event severity or degraded reason decodes as ``unknown`` instead of failing the payload.
+* The reasoning-field scan descends into arrays as well as objects; the reported path is
+  ``$.a[2].root_cause``. Keys are visited in sorted order (as serde_json's default map does), so
+  the first hit, and so the message, is the same as the reference's where both find one.
+* Additive fields only: ``AgentStatus.reported_config_hash`` and
+  ``StatusResponse.stale_agents`` / ``unconverged_agents``; ``CompiledConfig`` may carry Tapio's
+  extra knobs, which are omitted when default (see :mod:`tapio.profile.compiled`).
+
+``validate()`` methods raise :class:`WireError`, which carries the HTTP status, the error code
+and the message of reference.md §8.1, ready for the ``{"error":{"code","message"}}`` envelope.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Final, TypeVar
+
+import msgspec
+
+from tapio.profile.compiled import EXIT_SCOPES, CompiledConfig
+
+WIRE_VERSION: Final = "tapio-wire/v1"
+MAX_BODY_BYTES: Final = 262_144
+U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+# msgspec cannot express a uint64 upper bound; u64 fields are bounded in __post_init__ so an
+# out-of-range number fails decoding like any other wrong type.
+U64 = Annotated[int, msgspec.Meta(ge=0)]
+
+REASONING_KEYS: Final = frozenset(
+    {
+        "reasoning",
+        "root_cause",
+        "rootCause",
+        "causal_chain",
+        "causalChain",
+        "explanation",
+        "possible_causes",
+        "possibleCauses",
+        "suggested_fix",
+        "suggestedFix",
+        "remediation",
+        "recommendation",
+    }
+)
+
+
+class WireError(Exception):
+    """A request the controller refuses (or a response the agent refuses), with its HTTP face."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def unsupported_version(cls, version: str) -> WireError:
+        return cls(400, "UNSUPPORTED_VERSION", f"unsupported wire version {version}")
+
+    @classmethod
+    def missing_field(cls, field: str) -> WireError:
+        return cls(400, "MISSING_FIELD", f"{field} is required")
+
+    @classmethod
+    def invalid_field(cls, field: str, reason: str) -> WireError:
+        return cls(400, "INVALID_FIELD", f"{field}: {reason}")
+
+    @classmethod
+    def reasoning_field(cls, path: str) -> WireError:
+        return cls(422, "REASONING_FIELD", f"event facts contain reasoning field {path}")
+
+    @classmethod
+    def malformed_json(cls, detail: str) -> WireError:
+        return cls(400, "MALFORMED_JSON", detail)
+
+    @classmethod
+    def payload_too_large(cls, limit: int = MAX_BODY_BYTES) -> WireError:
+        return cls(413, "PAYLOAD_TOO_LARGE", f"request body exceeds {limit} bytes")
+
+    @classmethod
+    def unknown_endpoint(cls) -> WireError:
+        return cls(404, "UNKNOWN_ENDPOINT", "unknown tapio-controller endpoint")
+
+    @classmethod
+    def method_not_allowed(cls, method: str, allowed: str) -> WireError:
+        return cls(405, "METHOD_NOT_ALLOWED", f"method {method} not allowed; allowed: {allowed}")
+
+    @classmethod
+    def internal(cls) -> WireError:
+        return cls(500, "INTERNAL_ERROR", "internal controller error")
+
+    def envelope(self) -> ErrorEnvelope:
+        return ErrorEnvelope(error=ErrorBody(code=self.code, message=self.message))
+
+
+class _Msg(msgspec.Struct, kw_only=True):
+    pass
+
+
+class ErrorBody(_Msg):
+    code: str
+    message: str
+
+
+class ErrorEnvelope(_Msg):
+    error: ErrorBody
+
+
+class ObserverStatus(enum.Enum):
+    RUNNING = "running"
+    DISABLED = "disabled"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> ObserverStatus:
+        return cls.UNKNOWN
+
+
+class EventSeverity(enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> EventSeverity:
+        return cls.UNKNOWN
+
+
+class DegradedReason(enum.Enum):
+    UNCONFIGURED = "unconfigured"
+    CONFIG_ABI_MISMATCH = "config_abi_mismatch"
+    PMC_UNSUPPORTED = "pmc_unsupported"
+    OBSERVER_FAILED = "observer_failed"
+    SINK_FAILING = "sink_failing"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> DegradedReason:
+        return cls.UNKNOWN
+
+
+def _required(field: str, value: str) -> None:
+    if not value.strip():
+        raise WireError.missing_field(field)
+
+
+def _check_version(version: str) -> None:
+    if version != WIRE_VERSION:
+        raise WireError.unsupported_version(version)
+
+
+def _bound_u64(obj: msgspec.Struct, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value > U64_MAX:
+            raise ValueError(f"`{name}` exceeds the u64 range")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+
+class HelloRequest(_Msg):
+    wire_version: str
+    agent_id: str
+    node_name: str
+    tapio_version: str
+    kernel_release: str
+    arch: str
+    capabilities: list[str] = msgspec.field(default_factory=list)
+    object_sizes: dict[str, U64] = msgspec.field(default_factory=dict)
+    map_counts: dict[str, U64] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for table in (self.object_sizes, self.map_counts):
+            if any(v > U64_MAX for v in table.values()):
+                raise ValueError("a size or count exceeds the u64 range")
+
+    def validate(self) -> None:
+        _check_version(self.wire_version)
+        _required("agent_id", self.agent_id)
+        _required("node_name", self.node_name)
+        _required("tapio_version", self.tapio_version)
+        _required("kernel_release", self.kernel_release)
+        _required("arch", self.arch)
+
+
+class HelloResponse(_Msg):
+    wire_version: str
+    accepted: bool
+    controller_id: str
+    config_version: str
+    send_interval_ms: U64
+    max_batch_events: U64
+
+    def __post_init__(self) -> None:
+        _bound_u64(self, "send_interval_ms", "max_batch_events")
+
+    def validate(self) -> None:
+        _check_version(self.wire_version)
+        _required("controller_id", self.controller_id)
+        _required("config_version", self.config_version)
+        if self.send_interval_ms == 0:
+            raise WireError.invalid_field("send_interval_ms", "must be greater than zero")
+        if self.max_batch_events == 0:
+            raise WireError.invalid_field("max_batch_events", "must be greater than zero")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+class Batching(_Msg):
+    send_interval_ms: U64
+    max_batch_events: U64
+
+    def __post_init__(self) -> None:
+        _bound_u64(self, "send_interval_ms", "max_batch_events")
+
+
+class ConfigResponse(_Msg, kw_only=True):
+    wire_version: str
+    version: str
+    config_hash: str = ""
+    config: CompiledConfig
+    batching: Batching
+
+    def validate(self) -> None:
+        """The checks of reference.md §8.2; an empty hash is left for the agent to refuse."""
+        _check_version(self.wire_version)
+        _required("version", self.version)
+        storage = self.config.storage
+        if storage.slow_io_warning_ns == 0:
+            raise WireError.invalid_field(
+                "config.storage.slow_io_warning_ns", "must be greater than zero"
+            )
+        if storage.slow_io_critical_ns == 0:
+            raise WireError.invalid_field(
+                "config.storage.slow_io_critical_ns", "must be greater than zero"
+            )
+        if self.config.container.exit_scope not in EXIT_SCOPES:
+            raise WireError.invalid_field(
+                "config.container.exit_scope", f"unknown scope {self.config.container.exit_scope!r}"
+            )
+        if self.batching.send_interval_ms == 0:
+            raise WireError.invalid_field("batching.send_interval_ms", "must be greater than zero")
+        if self.batching.max_batch_events == 0:
+            raise WireError.invalid_field("batching.max_batch_events", "must be greater than zero")
+
+    def generation(self) -> int:
+        """``version`` as the u32 generation stamped into events; INVALID_FIELD otherwise."""
+        text = self.version.strip()
+        if not text.isascii() or not text.isdigit() or int(text) > 0xFFFF_FFFF:
+            raise WireError.invalid_field("version", "must be a u32 generation number")
+        return int(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heartbeat
+
+
+class AgentCounters(_Msg):
+    events_total: U64
+    malformed_events_total: U64
+    lost_events_total: U64
+    correlation_drops_total: U64
+    sink_drops_total: U64
+    controller_send_failures_total: U64
+
+    def __post_init__(self) -> None:
+        _bound_u64(
+            self,
+            "events_total",
+            "malformed_events_total",
+            "lost_events_total",
+            "correlation_drops_total",
+            "sink_drops_total",
+            "controller_send_failures_total",
+        )
+
+
+def zero_counters() -> AgentCounters:
+    return AgentCounters(
+        events_total=0,
+        malformed_events_total=0,
+        lost_events_total=0,
+        correlation_drops_total=0,
+        sink_drops_total=0,
+        controller_send_failures_total=0,
+    )
+
+
+class HeartbeatRequest(_Msg, kw_only=True):
+    wire_version: str
+    agent_id: str
+    node_name: str
+    config_version: str
+    config_hash: str = ""
+    uptime_seconds: U64
+    observers: dict[str, ObserverStatus]
+    counters: AgentCounters
+    degraded_reasons: list[DegradedReason] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _bound_u64(self, "uptime_seconds")
+
+    def validate(self) -> None:
+        _check_version(self.wire_version)
+        _required("agent_id", self.agent_id)
+        _required("node_name", self.node_name)
+        _required("config_version", self.config_version)
+        if not self.observers:
+            raise WireError.missing_field("observers")
+
+
+class HeartbeatResponse(_Msg):
+    wire_version: str
+    accepted: bool
+    next_config_version: str
+
+    def validate(self) -> None:
+        _check_version(self.wire_version)
+        _required("next_config_version", self.next_config_version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+def find_reasoning_field(facts: Any) -> str | None:
+    """Path of the first reasoning key in ``facts`` (objects and arrays), or None.
+
+    Iterative depth-first pre-order walk, object keys sorted: bounded stack use whatever the
+    nesting (the body limit bounds the total work).
+    """
+    stack: list[tuple[Any, str]] = [(facts, "$")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            keys = sorted(value)
+            for key in keys:
+                if key in REASONING_KEYS:
+                    return f"{path}.{key}"
+            # Push in reverse so the smallest key is explored first.
+            for key in reversed(keys):
+                child = value[key]
+                if isinstance(child, dict | list):
+                    stack.append((child, f"{path}.{key}"))
+        elif isinstance(value, list):
+            for index in range(len(value) - 1, -1, -1):
+                child = value[index]
+                if isinstance(child, dict | list):
+                    stack.append((child, f"{path}[{index}]"))
+    return None
+
+
+class WireEvent(_Msg):
+    type: str
+    timestamp_unix_nanos: U64
+    observer: str
+    severity: EventSeverity
+    facts: Any = None
+
+    def __post_init__(self) -> None:
+        _bound_u64(self, "timestamp_unix_nanos")
+
+    def validate(self) -> None:
+        _required("type", self.type)
+        _required("observer", self.observer)
+        if not self.type.startswith("kernel."):
+            raise WireError.invalid_field("type", "must be a kernel.* event")
+        path = find_reasoning_field(self.facts)
+        if path is not None:
+            raise WireError.reasoning_field(path)
+
+
+class EventBatchRequest(_Msg):
+    wire_version: str
+    agent_id: str
+    node_name: str
+    sequence: U64
+    sent_at_unix_nanos: U64
+    events: list[WireEvent]
+
+    def __post_init__(self) -> None:
+        _bound_u64(self, "sequence", "sent_at_unix_nanos")
+
+    def validate(self, max_batch_events: int) -> None:
+        _check_version(self.wire_version)
+        _required("agent_id", self.agent_id)
+        _required("node_name", self.node_name)
+        if not self.events:
+            raise WireError.missing_field("events")
+        if len(self.events) > max_batch_events:
+            raise WireError.invalid_field("events", "batch exceeds max_batch_events")
+        for event in self.events:
+            event.validate()
+
+
+class EventBatchResponse(_Msg):
+    wire_version: str
+    accepted: U64
+    rejected: U64
+    next_config_version: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Status (controller introspection)
+
+
+class StatusConfig(_Msg):
+    version: str
+    config_hash: str
+
+
+class StatusTotals(_Msg):
+    accepted_events_total: U64
+    rejected_events_total: U64
+    batches_accepted_total: U64
+    batches_rejected_total: U64
+
+
+class SequenceStatus(_Msg):
+    last_seen: U64 | None
+    gaps_total: U64
+    regressions_total: U64
+
+
+class AgentStatus(_Msg, kw_only=True):
+    agent_id: str
+    node_name: str
+    tapio_version: str
+    registered_at_unix: U64
+    last_heartbeat_age_seconds: U64 | None
+    reported_config_version: str
+    reported_config_hash: str = ""
+    reported_counters: AgentCounters
+    observers: dict[str, ObserverStatus]
+    sequence: SequenceStatus
+
+
+class StatusResponse(_Msg):
+    wire_version: str
+    controller_id: str
+    started_at_unix: U64
+    config: StatusConfig
+    totals: StatusTotals
+    agents: list[AgentStatus]
+    stale_agents: list[str] = msgspec.field(default_factory=list)
+    unconverged_agents: list[str] = msgspec.field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Codec helpers
+
+T = TypeVar("T")
+
+_ENCODER: Final = msgspec.json.Encoder()
+_DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def encode(msg: Any) -> bytes:
+    """Compact JSON of any wire message (field order as declared)."""
+    return _ENCODER.encode(msg)
+
+
+def decode(raw: bytes | str, type: type[T]) -> T:
+    """Decode ``raw`` as ``type``; any decoding failure becomes ``MALFORMED_JSON``.
+
+    Does not call ``validate()``: the caller knows the context (e.g. ``max_batch_events``).
+    """
+    decoder = _DECODERS.get(type)
+    if decoder is None:
+        decoder = _DECODERS.setdefault(type, msgspec.json.Decoder(type))
+    try:
+        result: T = decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise WireError.malformed_json(f"Failed to parse the request body as JSON: {exc}") from None
+    except RecursionError:
+        raise WireError.malformed_json("JSON nested too deeply") from None
+    return result
