@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import aiohttp
 import anyio
@@ -273,7 +273,6 @@ class BufferedNetworkSink(Sink, Generic[T], abc.ABC):
         self._retries = SINK_RETRIES.labels(sink=self.name)
         self._depth.set(0)
         self._last_overflow_log = 0.0
-        self._log = log.bind(sink=self.name, endpoint=self._safe_url())
 
     # -- subclass hooks ------------------------------------------------------------------------
 
@@ -294,6 +293,12 @@ class BufferedNetworkSink(Sink, Generic[T], abc.ABC):
 
     def _safe_url(self) -> str:
         return str(self._cfg.url.with_query(None).with_fragment(None))
+
+    @property
+    def _log(self) -> Any:
+        # Bound per use (logging is rare here) so a structlog configuration made after the
+        # sink was constructed still applies.
+        return log.bind(sink=self.name, endpoint=self._safe_url())
 
     # -- the contract --------------------------------------------------------------------------
 
