@@ -1,0 +1,284 @@
+"""The agent's lifetime: load observers, write the config carrier, run the pipeline, shut down.
+
+Everything opened here is closed on every exit path: BPF objects and rings through an
+ExitStack, tasks through task groups. SIGTERM/SIGINT stop draining (after one final pass over
+the rings), let every sink flush within ``shutdown_grace_secs``, detach, and return 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import structlog
+
+from tapio.agent.pipeline import (
+    Drainer,
+    RunningObserver,
+    SinkLane,
+    classify_loop,
+    count_anomalies,
+    fanout_loop,
+)
+from tapio.agent.settings import AgentSettings
+from tapio.bpf.abi import METRIC_ABI_MISMATCH, METRIC_LOST, TapioConfig
+from tapio.bpf.libbpf import BpfError
+from tapio.bpf.loader import BpfObject
+from tapio.bpf.ringbuf import RingBuffer
+from tapio.metrics import (
+    CONFIG_ABI_MISMATCH,
+    CONFIG_GENERATION,
+    CORRELATION_DROPS,
+    KERNEL_DROPS,
+    LOST_EVENTS,
+    OBSERVER_CAPABILITY,
+    OBSERVER_UP,
+)
+from tapio.observers import observer_class
+from tapio.observers.base import ObserverContext
+from tapio.occurrence import Occurrence
+from tapio.sinks.base import Batch, Sink
+
+log = structlog.get_logger("tapio.agent")
+
+
+def boot_offset_ns() -> int:
+    """Wall clock minus CLOCK_MONOTONIC (bpf_ktime_get_ns), once at start."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+@dataclass
+class AgentOptions:
+    ebpf_dir: Path
+    observers: Sequence[str]
+    node_name: str = "unknown-node"
+    #: Standalone: the config written at start. None: carriers stay all-zero (inert) until
+    #: ``apply_config`` is called (controller mode).
+    initial_config: TapioConfig | None = None
+    extra_services: list[Callable[[Agent], object]] = field(default_factory=list)
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, options: AgentOptions, sinks: Sequence[Sink]) -> None:
+        if not sinks:
+            raise ValueError("at least one sink is required")
+        self.settings = settings
+        self.options = options
+        self.sinks = list(sinks)
+        self.observers: list[RunningObserver] = []
+        self.applied: TapioConfig | None = None
+        self.ctx = ObserverContext(boot_offset_ns=boot_offset_ns(), node_name=options.node_name)
+        self._stopping = False
+        self._services_scope: anyio.CancelScope | None = None
+        self._drainer: Drainer | None = None
+        self._started = False
+
+    # ---- loading -------------------------------------------------------------------------
+    def load_observers(self, stack: contextlib.ExitStack) -> None:
+        for name in self.options.observers:
+            cls = observer_class(name)
+            observer = cls(self.ctx)
+            path = self.options.ebpf_dir / f"{cls.object_name}.bpf.o"
+            ro = RunningObserver(observer, None, None)
+            try:
+                obj = stack.enter_context(BpfObject(path))
+                ro.obj = obj
+                initial = self.options.initial_config
+                obj.map("tapio_config").update(
+                    bytes(4), initial.pack() if initial is not None else bytes(256)
+                )
+                events = obj.map(cls.ring_map)
+                ro.ring = RingBuffer(events.fd, events.max_entries)
+                stack.callback(ro.ring.close)
+                observer.attach(obj)
+                stack.callback(observer.close)
+            except (BpfError, OSError, ValueError) as exc:
+                ro.state = "failed"
+                ro.error = str(exc)
+                log.error(f"{name} observer failed", error=str(exc))
+                verifier = getattr(exc, "verifier_log", "")
+                if verifier:
+                    log.error("verifier log (tail)", observer=name, log=verifier[-4000:])
+                OBSERVER_UP.labels(observer=name).set(0)
+            else:
+                OBSERVER_UP.labels(observer=name).set(1)
+                for cap in observer.capabilities():
+                    OBSERVER_CAPABILITY.labels(observer=name, capability=cap.name).set(
+                        1 if cap.available else 0
+                    )
+                    if not cap.available:
+                        log.warning(
+                            "capability unavailable", observer=name, capability=cap.name,
+                            detail=cap.detail,
+                        )
+                log.info(f"{name} observer running", programs=sorted(obj.programs))
+            self.observers.append(ro)
+        if self.options.initial_config is not None:
+            self.applied = self.options.initial_config
+            CONFIG_GENERATION.set(self.applied.generation)
+
+    def apply_config(self, cfg: TapioConfig) -> list[str]:
+        """Write ``cfg`` into every carrier (one syscall each); returns the observers that failed."""
+        value = cfg.pack()
+        failed = []
+        for ro in self.observers:
+            if ro.obj is None:
+                continue
+            try:
+                ro.obj.map("tapio_config").update(bytes(4), value)
+            except BpfError as exc:
+                failed.append(ro.name)
+                log.error("config write failed", observer=ro.name, error=str(exc))
+        self.applied = cfg
+        CONFIG_GENERATION.set(cfg.generation)
+        return failed
+
+    def program_ids(self) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for ro in self.observers:
+            if ro.obj is not None:
+                for prog, pid in ro.obj.program_ids().items():
+                    ids[f"{ro.name}/{prog}"] = pid
+        return ids
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Ready when started, not stopping, and at least one observer is attached."""
+        reasons = {ro.name: ro.state if not ro.error else f"{ro.state}: {ro.error}" for ro in self.observers}
+        if self._stopping:
+            reasons["agent"] = "stopping"
+        elif not self._started:
+            reasons["agent"] = "starting"
+        ok = (
+            self._started
+            and not self._stopping
+            and any(ro.state == "running" for ro in self.observers)
+        )
+        return ok, reasons
+
+    # ---- kernel metrics -------------------------------------------------------------------
+    def poll_kernel_metrics(self) -> None:
+        for ro in self.observers:
+            if ro.obj is None:
+                continue
+            try:
+                mmap_ = ro.obj.map("tapio_metrics")
+                indices = [METRIC_LOST, METRIC_ABI_MISMATCH, *ro.observer.kernel_metrics]
+                for idx in indices:
+                    value = mmap_.percpu_u64_sum(idx)
+                    delta = value - ro.kernel_counts.get(idx, 0)
+                    if delta <= 0:
+                        continue
+                    ro.kernel_counts[idx] = value
+                    if idx == METRIC_LOST:
+                        LOST_EVENTS.labels(observer=ro.name).inc(delta)
+                        log.warning("ring buffer events lost", observer=ro.name, lost=delta)
+                    elif idx == METRIC_ABI_MISMATCH:
+                        CONFIG_ABI_MISMATCH.labels(observer=ro.name).inc(delta)
+                        if "abi_mismatch" not in ro.observer.degraded_reasons:
+                            ro.observer.degraded_reasons.append("abi_mismatch")
+                        log.error("tapio_config ABI mismatch", observer=ro.name, count=delta)
+                    else:
+                        kind, reason = ro.observer.kernel_metrics[idx]
+                        if kind == "correlation_drop":
+                            CORRELATION_DROPS.labels(observer=ro.name, reason=reason).inc(delta)
+                        else:
+                            KERNEL_DROPS.labels(observer=ro.name, reason=reason).inc(delta)
+            except BpfError as exc:
+                log.warning("kernel metrics read failed", observer=ro.name, error=str(exc))
+
+    async def _kernel_metrics_loop(self) -> None:
+        interval = self.settings.agent.kernel_metrics_interval_secs
+        while True:
+            self.poll_kernel_metrics()
+            await anyio.sleep(interval)
+
+    # ---- lifetime ---------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._services_scope is not None:
+            self._services_scope.cancel()
+        if self._drainer is not None:
+            self._drainer.scope.cancel()
+
+    async def _watch_signals(self, outer: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("shutting down", signal=signal.Signals(signum).name)
+                self.request_stop()
+                break
+        grace = self.settings.agent.shutdown_grace_secs
+        await anyio.sleep(grace)
+        log.warning("shutdown grace period exceeded; exiting without waiting for sinks", grace=grace)
+        outer.cancel()
+
+    async def _services(self, emit_send: anyio.abc.ObjectSendStream[Batch]) -> None:
+        async def emit_for(name: str, batch: Sequence[Occurrence]) -> None:
+            if batch:
+                count_anomalies(name, batch)
+                await emit_send.send(list(batch))
+
+        assert self._services_scope is not None
+        async with emit_send:
+            with self._services_scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._kernel_metrics_loop)
+                    for ro in self.observers:
+                        if ro.state == "running":
+                            name = ro.name
+
+                            async def emit(batch: Sequence[Occurrence], _n: str = name) -> None:
+                                await emit_for(_n, batch)
+
+                            tg.start_soon(ro.observer.run, emit)
+                    for service in self.options.extra_services:
+                        tg.start_soon(service, self)  # type: ignore[arg-type]
+
+    async def run(self) -> int:
+        self._services_scope = anyio.CancelScope()
+        with contextlib.ExitStack() as stack:
+            self.load_observers(stack)
+            running = [ro for ro in self.observers if ro.state == "running"]
+            if not running:
+                log.error("no observer could start; exiting")
+                return 1
+            a = self.settings.agent
+            self._drainer = Drainer(running, a.drain_interval_ms / 1000, a.max_drain_per_tick)
+            batch_send, batch_recv = anyio.create_memory_object_stream[Batch](a.channel_batches)
+            lanes = []
+            sink_recvs = []
+            for sink in self.sinks:
+                s, r = anyio.create_memory_object_stream[Batch](a.channel_batches)
+                lanes.append(SinkLane(sink, s))
+                sink_recvs.append((sink, r))
+            payload_sends = {}
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._watch_signals, outer.cancel_scope)
+                async with anyio.create_task_group() as tg:
+                    for sink, r in sink_recvs:
+                        tg.start_soon(sink.run, r)
+                    tg.start_soon(fanout_loop, batch_recv, lanes)
+                    for ro in running:
+                        ps, pr = anyio.create_memory_object_stream[bytearray](a.channel_batches)
+                        payload_sends[ro.name] = ps
+                        tg.start_soon(classify_loop, ro, pr, batch_send.clone())
+                    tg.start_soon(self._services, batch_send.clone())
+                    batch_send.close()
+                    tg.start_soon(self._drainer.run, payload_sends)
+                    self._started = True
+                    log.info(
+                        "agent started",
+                        observers=[ro.name for ro in running],
+                        sinks=[s.name for s in self.sinks],
+                        config_generation=self.applied.generation if self.applied else 0,
+                    )
+                outer.cancel_scope.cancel()
+            self.poll_kernel_metrics()
+            log.info("agent stopped")
+        return 0

@@ -1,0 +1,99 @@
+"""The agent's TOML configuration (reference.md §7.1 keys, plus Tapio's additions).
+
+A missing file means all defaults; unknown keys are ignored (forward compatibility); a parse
+error or a value of the wrong type stops the agent with the offending key in the message.
+Standalone mode turns these values into the kernel ``tapio_config``; in controller mode the
+kernel thresholds come from the controller's compiled profile instead.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from tapio.sinks.file import FileSinkSettings
+
+
+class Thresholds(msgspec.Struct, kw_only=True):
+    # Reference keys (reference.md §7.1).
+    stall_pct_warning: float = 20.0
+    stall_pct_critical: float = 40.0
+    ipc_degradation: float = 1.0
+    rtt_spike_ratio: int = 2
+    rtt_spike_abs_us: int = 500_000
+    io_latency_warning_ns: int = 50_000_000
+    io_latency_critical_ns: int = 200_000_000
+    # Tapio additions.
+    retransmit_threshold: int = 5
+    retransmit_window_ms: int = 1000
+    rtt_min_baseline_samples: int = 5
+    rtt_min_delta_us: int = 5000
+    rtt_sample_interval_us: int = 100_000
+    runq_latency_ms: int = 50
+    memory_some_pct: float = 10.0
+    memory_full_pct: float = 5.0
+    cpu_some_pct: float = 50.0
+    throttle_pct: float = 20.0
+    hysteresis_pct: float = 50.0
+
+
+class ContainerSettings(msgspec.Struct, kw_only=True):
+    exit_scope: Literal["auto", "containers", "all"] = "auto"
+    ignore_exit_codes: list[int] = []
+    ignore_signals: list[int] = []
+
+
+class AgentSection(msgspec.Struct, kw_only=True):
+    #: How often the ring buffers are drained when no forced wakeup arrives.
+    drain_interval_ms: int = 100
+    #: Records taken from one ring per drain pass before yielding (counted when hit).
+    max_drain_per_tick: int = 4096
+    #: SIGTERM/SIGINT: time allowed to flush every sink before exiting anyway.
+    shutdown_grace_secs: float = 5.0
+    #: Bound of each observer's classification channel and each sink's stream (in batches).
+    channel_batches: int = 64
+    #: Interval of reading the BPF metrics maps (lost events, ABI mismatch, drops).
+    kernel_metrics_interval_secs: float = 5.0
+    observers: list[str] = msgspec.field(default_factory=list)  # empty: every installed one
+
+
+class AgentSettings(msgspec.Struct, kw_only=True):
+    thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
+    container: ContainerSettings = msgspec.field(default_factory=ContainerSettings)
+    agent: AgentSection = msgspec.field(default_factory=AgentSection)
+    file: FileSinkSettings = msgspec.field(default_factory=FileSinkSettings)
+    metrics: dict[str, object] = {}
+    otlp: dict[str, object] = {}
+    http: dict[str, object] = {}
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def load_settings(path: str | Path | None) -> AgentSettings:
+    """Read the TOML file; a missing file is all defaults."""
+    if path is None:
+        return AgentSettings()
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        return AgentSettings()
+    except OSError as exc:
+        raise SettingsError(f"cannot read config {p}: {exc.strerror}") from exc
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"invalid TOML in {p}: {exc}") from exc
+    return parse_settings(doc, str(p))
+
+
+def parse_settings(doc: dict[str, object], origin: str = "<config>") -> AgentSettings:
+    try:
+        return msgspec.convert(doc, AgentSettings)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid config {origin}: {exc}") from exc
