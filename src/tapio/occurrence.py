@@ -99,7 +99,9 @@ class Occurrence(msgspec.Struct, omit_defaults=True, gc=False):
             raise ValueError("source must not be empty")
         parts = self.type.split(".")
         if len(parts) != 3 or not all(parts):
-            raise ValueError(f"type must be three non-empty dot-separated segments, got {self.type!r}")
+            raise ValueError(
+                f"type must be three non-empty dot-separated segments, got {self.type!r}"
+            )
         if not self.protocol_version:
             raise ValueError("protocol_version must not be empty")
 

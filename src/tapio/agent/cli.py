@@ -114,7 +114,7 @@ def main(argv: Sequence[str]) -> int:
         sys.stderr.write(f"tapio agent: {exc}\n")
         return 1
 
-    from tapio.agent.kconfig import standalone_config
+    from tapio.agent.kconfig import standalone_config, user_thresholds
     from tapio.agent.runtime import Agent, AgentOptions
 
     options = AgentOptions(
@@ -122,6 +122,7 @@ def main(argv: Sequence[str]) -> int:
         observers=observers,
         node_name=node_name(),
         initial_config=None if args.controller_endpoint else standalone_config(settings, observers),
+        user_thresholds=user_thresholds(settings),
     )
     agent = Agent(settings, options, sinks)
     _add_services(agent, args, settings)

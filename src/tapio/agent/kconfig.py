@@ -14,6 +14,7 @@ from tapio.bpf.abi import (
     FLAG_STORAGE,
     TapioConfig,
 )
+from tapio.observers.base import UserThresholds
 
 OBSERVER_FLAGS = {
     "network": FLAG_NETWORK,
@@ -28,9 +29,7 @@ def on_kubernetes() -> bool:
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         return True
     roots = ("/sys/fs/cgroup", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified")
-    return any(
-        (Path(r) / name).exists() for r in roots for name in ("kubepods", "kubepods.slice")
-    )
+    return any((Path(r) / name).exists() for r in roots for name in ("kubepods", "kubepods.slice"))
 
 
 def exit_flags(scope: str) -> int:
@@ -47,7 +46,9 @@ def signal_mask(signals: list[int]) -> int:
     return mask
 
 
-def standalone_config(settings: AgentSettings, observers: list[str], generation: int = 1) -> TapioConfig:
+def standalone_config(
+    settings: AgentSettings, observers: list[str], generation: int = 1
+) -> TapioConfig:
     t = settings.thresholds
     flags = 0
     for name in observers:
@@ -68,4 +69,19 @@ def standalone_config(settings: AgentSettings, observers: list[str], generation:
         ignore_exit_codes=tuple(dict.fromkeys(settings.container.ignore_exit_codes)),
         ignore_signal_mask=signal_mask(settings.container.ignore_signals),
         runq_latency_threshold_ns=t.runq_latency_ms * 1_000_000,
+    )
+
+
+def user_thresholds(settings: AgentSettings) -> UserThresholds:
+    t = settings.thresholds
+    return UserThresholds(
+        memory_some_pct=t.memory_some_pct,
+        memory_full_pct=t.memory_full_pct,
+        cpu_some_pct=t.cpu_some_pct,
+        throttle_pct=t.throttle_pct,
+        hysteresis_pct=t.hysteresis_pct,
+        stall_pct_warning=t.stall_pct_warning,
+        stall_pct_critical=t.stall_pct_critical,
+        ipc_degradation=t.ipc_degradation,
+        exit_scope=settings.container.exit_scope,
     )

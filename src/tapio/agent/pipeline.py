@@ -69,9 +69,7 @@ class Drainer:
         self._malformed = {o.name: MALFORMED_EVENTS.labels(observer=o.name) for o in self.observers}
         self._cap = {o.name: DRAIN_CAP.labels(observer=o.name) for o in self.observers}
 
-    async def drain_once(
-        self, senders: dict[str, MemoryObjectSendStream[bytearray]]
-    ) -> bool:
+    async def drain_once(self, senders: dict[str, MemoryObjectSendStream[bytearray]]) -> bool:
         """One pass over every ring; True when some ring hit the per-tick cap."""
         capped_any = False
         for ro in self.observers:

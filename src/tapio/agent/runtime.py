@@ -40,7 +40,7 @@ from tapio.metrics import (
     OBSERVER_UP,
 )
 from tapio.observers import observer_class
-from tapio.observers.base import ObserverContext
+from tapio.observers.base import ObserverContext, UserThresholds
 from tapio.occurrence import Occurrence
 from tapio.sinks.base import Batch, Sink
 
@@ -60,11 +60,14 @@ class AgentOptions:
     #: Standalone: the config written at start. None: carriers stay all-zero (inert) until
     #: ``apply_config`` is called (controller mode).
     initial_config: TapioConfig | None = None
+    user_thresholds: UserThresholds = field(default_factory=UserThresholds)
     extra_services: list[Callable[[Agent], object]] = field(default_factory=list)
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, options: AgentOptions, sinks: Sequence[Sink]) -> None:
+    def __init__(
+        self, settings: AgentSettings, options: AgentOptions, sinks: Sequence[Sink]
+    ) -> None:
         if not sinks:
             raise ValueError("at least one sink is required")
         self.settings = settings
@@ -72,6 +75,7 @@ class Agent:
         self.sinks = list(sinks)
         self.observers: list[RunningObserver] = []
         self.applied: TapioConfig | None = None
+        self.user_thresholds = options.user_thresholds
         self.ctx = ObserverContext(boot_offset_ns=boot_offset_ns(), node_name=options.node_name)
         self._stopping = False
         self._services_scope: anyio.CancelScope | None = None
@@ -92,9 +96,14 @@ class Agent:
                 obj.map("tapio_config").update(
                     bytes(4), initial.pack() if initial is not None else bytes(256)
                 )
-                events = obj.map(cls.ring_map)
-                ro.ring = RingBuffer(events.fd, events.max_entries)
-                stack.callback(ro.ring.close)
+                if cls.ring_map is not None:
+                    events = obj.map(cls.ring_map)
+                    ro.ring = RingBuffer(events.fd, events.max_entries)
+                    stack.callback(ro.ring.close)
+                observer.on_config(
+                    initial if initial is not None else TapioConfig(abi_version=0),
+                    self.user_thresholds,
+                )
                 observer.attach(obj)
                 stack.callback(observer.close)
             except (BpfError, OSError, ValueError) as exc:
@@ -113,7 +122,9 @@ class Agent:
                     )
                     if not cap.available:
                         log.warning(
-                            "capability unavailable", observer=name, capability=cap.name,
+                            "capability unavailable",
+                            observer=name,
+                            capability=cap.name,
                             detail=cap.detail,
                         )
                 log.info(f"{name} observer running", programs=sorted(obj.programs))
@@ -122,13 +133,16 @@ class Agent:
             self.applied = self.options.initial_config
             CONFIG_GENERATION.set(self.applied.generation)
 
-    def apply_config(self, cfg: TapioConfig) -> list[str]:
+    def apply_config(self, cfg: TapioConfig, user: UserThresholds | None = None) -> list[str]:
         """Write ``cfg`` into every carrier (one syscall each); returns the observers that failed."""
         value = cfg.pack()
+        if user is not None:
+            self.user_thresholds = user
         failed = []
         for ro in self.observers:
             if ro.obj is None:
                 continue
+            ro.observer.on_config(cfg, self.user_thresholds)
             try:
                 ro.obj.map("tapio_config").update(bytes(4), value)
             except BpfError as exc:
@@ -148,7 +162,10 @@ class Agent:
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """Ready when started, not stopping, and at least one observer is attached."""
-        reasons = {ro.name: ro.state if not ro.error else f"{ro.state}: {ro.error}" for ro in self.observers}
+        reasons = {
+            ro.name: ro.state if not ro.error else f"{ro.state}: {ro.error}"
+            for ro in self.observers
+        }
         if self._stopping:
             reasons["agent"] = "stopping"
         elif not self._started:
@@ -215,7 +232,9 @@ class Agent:
                 break
         grace = self.settings.agent.shutdown_grace_secs
         await anyio.sleep(grace)
-        log.warning("shutdown grace period exceeded; exiting without waiting for sinks", grace=grace)
+        log.warning(
+            "shutdown grace period exceeded; exiting without waiting for sinks", grace=grace
+        )
         outer.cancel()
 
     async def _services(self, emit_send: anyio.abc.ObjectSendStream[Batch]) -> None:
@@ -257,7 +276,7 @@ class Agent:
                 s, r = anyio.create_memory_object_stream[Batch](a.channel_batches)
                 lanes.append(SinkLane(sink, s))
                 sink_recvs.append((sink, r))
-            payload_sends = {}
+            payload_sends: dict[str, anyio.abc.ObjectSendStream[bytearray]] = {}
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._watch_signals, outer.cancel_scope)
                 async with anyio.create_task_group() as tg:
@@ -265,6 +284,8 @@ class Agent:
                         tg.start_soon(sink.run, r)
                     tg.start_soon(fanout_loop, batch_recv, lanes)
                     for ro in running:
+                        if ro.ring is None:
+                            continue
                         ps, pr = anyio.create_memory_object_stream[bytearray](a.channel_batches)
                         payload_sends[ro.name] = ps
                         tg.start_soon(classify_loop, ro, pr, batch_send.clone())

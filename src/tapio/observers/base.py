@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tapio.bpf.abi import CStruct
+import msgspec
+
+from tapio.bpf.abi import CStruct, TapioConfig
 from tapio.bpf.loader import BpfObject
 from tapio.occurrence import Occurrence
 
@@ -29,6 +31,25 @@ class ObserverContext:
     settings: dict[str, object] = field(default_factory=dict)
 
 
+class UserThresholds(msgspec.Struct, kw_only=True, frozen=True):
+    """Thresholds judged in userspace (not in the kernel ABI). Built by the agent from its TOML
+    (standalone) or from the controller's compiled profile, and pushed with ``on_config``."""
+
+    # node: PSI (percent of time over avg10), cgroup throttling, hysteresis
+    memory_some_pct: float = 10.0
+    memory_full_pct: float = 5.0
+    cpu_some_pct: float = 50.0
+    throttle_pct: float = 20.0
+    hysteresis_pct: float = 50.0
+    # node: hardware counters (reference TOML keys)
+    stall_pct_warning: float = 20.0
+    stall_pct_critical: float = 40.0
+    ipc_degradation: float = 1.0
+    node_pmc_enabled: bool = True
+    # container
+    exit_scope: str = "auto"  # resolved scope is in TapioConfig.exit_flags
+
+
 @dataclass
 class Capability:
     name: str
@@ -40,7 +61,9 @@ class Observer(abc.ABC):
     name: ClassVar[str]
     object_name: ClassVar[str]
     record: ClassVar[CStruct]
-    ring_map: ClassVar[str] = "events"
+    #: The ring buffer map drained by the agent; None for an observer that only aggregates in
+    #: kernel maps and reports from ``run``.
+    ring_map: ClassVar[str | None] = "events"
     # Observer-specific tapio_metrics indices → (metric kind, reason); kind is "kernel_drop" or
     # "correlation_drop".
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {}
@@ -55,6 +78,13 @@ class Observer(abc.ABC):
 
     def capabilities(self) -> list[Capability]:
         return []
+
+    def on_config(self, kernel: TapioConfig, user: UserThresholds) -> None:  # noqa: B027
+        """A (new) config was written to the carrier; userspace thresholds come with it.
+
+        Called once at start (before ``run``) and on every controller config change; an
+        all-zero kernel config (controller mode, not yet configured) means: emit nothing.
+        """
 
     @abc.abstractmethod
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:

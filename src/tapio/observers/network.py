@@ -11,6 +11,7 @@ import socket
 from typing import ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
+from tapio.observers.base import Observer
 from tapio.occurrence import (
     NETWORK_CONNECTION_REFUSED,
     NETWORK_CONNECTION_TIMEOUT,
@@ -19,7 +20,6 @@ from tapio.occurrence import (
     Occurrence,
     new_occurrence,
 )
-from tapio.observers.base import Observer
 
 NETWORK_EVENT = CStruct(
     "network_event",
