@@ -1,0 +1,358 @@
+"""The tapio-wire/v1 controller as an aiohttp application.
+
+Request discipline, in order: route and method (404/405 with the JSON envelope, ``Allow`` kept),
+``Content-Type: application/json`` on POST bodies, the 262144-byte body limit (checked against
+Content-Length before reading, then while reading, so a liar cannot stream more), JSON decoding
+into the wire Struct (any failure is ``MALFORMED_JSON``), then ``validate()``. State is touched
+only after all of that passed. Every error, including the router's and unexpected exceptions,
+leaves as ``{"error":{"code","message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tapio import wire
+from tapio.controller.config import ActiveConfig, ConfigStore, ReloadOutcome, ReloadResult
+from tapio.controller.metrics import ControllerMetrics
+from tapio.controller.state import ControllerState
+from tapio.profile import ProfileError
+
+CONTROLLER_ID: Final = "tapio-controller/default"
+DEFAULT_MAX_AGENTS: Final = 10_000
+DEFAULT_STALE_AFTER: Final = 90.0
+RELOAD_POLL_SECONDS: Final = 2.0
+JSON_CONTENT_TYPE: Final = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_CODES_BY_STATUS: Final = {
+    400: "MALFORMED_JSON",
+    404: "UNKNOWN_ENDPOINT",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+}
+
+
+def error_response(err: wire.WireError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=err.status,
+        body=wire.encode(err.envelope()),
+        content_type=JSON_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+def _json(msg: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=wire.encode(msg), content_type=JSON_CONTENT_TYPE, headers=headers
+    )
+
+
+def _is_json_content_type(header: str | None) -> bool:
+    if header is None:
+        return False
+    mime = header.split(";", 1)[0].strip().lower()
+    return mime == JSON_CONTENT_TYPE or (mime.startswith("application/") and mime.endswith("+json"))
+
+
+async def read_json_body(request: web.Request, limit: int = wire.MAX_BODY_BYTES) -> bytes:
+    if not _is_json_content_type(request.headers.get("Content-Type")):
+        raise wire.WireError.malformed_json(
+            "Expected request with `Content-Type: application/json`"
+        )
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise wire.WireError.payload_too_large(limit)
+    body = bytearray()
+    while True:
+        chunk = await request.content.read(65_536)
+        if not chunk:
+            break
+        body += chunk
+        if len(body) > limit:
+            raise wire.WireError.payload_too_large(limit)
+    return bytes(body)
+
+
+def if_none_match(header: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison over a list, plus ``*``; the reference agent's exact quoted hash
+    is the common case."""
+    if header is None:
+        return False
+    for candidate in header.split(","):
+        tag = candidate.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == etag:
+            return True
+    return False
+
+
+class Controller:
+    """State, config and metrics of one controller, and the aiohttp app serving them."""
+
+    def __init__(
+        self,
+        *,
+        profile_path: str | None = None,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        max_agents: int = DEFAULT_MAX_AGENTS,
+        reload_poll_seconds: float = RELOAD_POLL_SECONDS,
+        logger: Any = None,
+    ) -> None:
+        self.log = logger if logger is not None else structlog.get_logger("tapio.controller")
+        self.config = ConfigStore(profile_path)
+        self.state = ControllerState(max_agents=max_agents, stale_after=stale_after)
+        self.metrics = ControllerMetrics()
+        self.metrics.config_generation.set(self.config.active.generation)
+        self.started_at_unix = int(time.time())
+        self.reload_poll_seconds = reload_poll_seconds
+        self._last_reload_failure = ""
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def active(self) -> ActiveConfig:
+        return self.config.active
+
+    # -- app -----------------------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        # Our own reader enforces the body limit; aiohttp's is set above it so it never answers
+        # first with its plain-text 413.
+        app = web.Application(
+            middlewares=[self._error_middleware], client_max_size=wire.MAX_BODY_BYTES * 2
+        )
+        app.router.add_post("/v1/agents/hello", self.hello)
+        app.router.add_get("/v1/agents/config", self.get_config)
+        app.router.add_post("/v1/agents/heartbeat", self.heartbeat)
+        app.router.add_post("/v1/events", self.events)
+        app.router.add_get("/v1/status", self.status)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/healthz", self.healthz)
+        if self.config.profile_path is not None:
+            app.cleanup_ctx.append(self._profile_watcher)
+        return app
+
+    @web.middleware
+    async def _error_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except wire.WireError as err:
+            self.log.debug("request rejected", path=request.path, code=err.code, reason=err.message)
+            response = error_response(err)
+        except web.HTTPMethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            response = error_response(
+                wire.WireError.method_not_allowed(request.method, allowed), {"Allow": allowed}
+            )
+        except web.HTTPNotFound:
+            response = error_response(wire.WireError.unknown_endpoint())
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _CODES_BY_STATUS.get(
+                exc.status, "INTERNAL_ERROR" if exc.status >= 500 else "BAD_REQUEST"
+            )
+            response = error_response(wire.WireError(exc.status, code, exc.reason))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("unhandled error", path=request.path, method=request.method)
+            response = error_response(wire.WireError.internal())
+        route = request.match_info.route.resource
+        template = route.canonical if route is not None else "unmatched"
+        self.metrics.requests.labels(template, str(response.status)).inc()
+        return response
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    async def hello(self, request: web.Request) -> web.Response:
+        msg = wire.decode(await read_json_body(request), wire.HelloRequest)
+        msg.validate()
+        result = self.state.register(msg, now_unix=int(time.time()), now_mono=time.monotonic())
+        if not result.accepted:
+            self.metrics.hellos.labels("capacity").inc()
+            self.log.warning("registration refused: agent capacity reached", agent_id=msg.agent_id)
+            return error_response(
+                wire.WireError(503, "CAPACITY_EXCEEDED", "controller agent capacity reached"),
+                {"Retry-After": "30"},
+            )
+        if result.evicted is not None:
+            self.metrics.agents_evicted.inc()
+            self.log.info("stale agent evicted", agent_id=result.evicted)
+        self.metrics.hellos.labels("accepted").inc()
+        self.log.info("agent registered", agent_id=msg.agent_id, node_name=msg.node_name)
+        active = self.active
+        return _json(
+            wire.HelloResponse(
+                wire_version=wire.WIRE_VERSION,
+                accepted=True,
+                controller_id=CONTROLLER_ID,
+                config_version=active.version,
+                send_interval_ms=active.batching.send_interval_ms,
+                max_batch_events=active.batching.max_batch_events,
+            )
+        )
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        for name in ("agent_id", "node_name"):
+            if not request.query.get(name, "").strip():
+                raise wire.WireError.missing_field(name)
+        active = self.active
+        headers = {"ETag": active.etag}
+        if if_none_match(request.headers.get("If-None-Match"), active.etag):
+            self.metrics.config_polls.labels("not_modified").inc()
+            return web.Response(status=304, headers=headers)
+        self.metrics.config_polls.labels("served").inc()
+        return web.Response(
+            body=active.response_body, content_type=JSON_CONTENT_TYPE, headers=headers
+        )
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        msg = wire.decode(await read_json_body(request), wire.HeartbeatRequest)
+        msg.validate()
+        accepted = self.state.heartbeat(msg, now_mono=time.monotonic())
+        self.metrics.heartbeats.labels("accepted" if accepted else "unknown_agent").inc()
+        if not accepted:
+            self.log.info("heartbeat from unregistered agent", agent_id=msg.agent_id)
+        return _json(
+            wire.HeartbeatResponse(
+                wire_version=wire.WIRE_VERSION,
+                accepted=accepted,
+                next_config_version=self.active.version,
+            )
+        )
+
+    async def events(self, request: web.Request) -> web.Response:
+        batch = wire.decode(await read_json_body(request), wire.EventBatchRequest)
+        active = self.active
+        try:
+            batch.validate(active.batching.max_batch_events)
+        except wire.WireError:
+            self.state.reject_batch(len(batch.events))
+            self.metrics.events_rejected.inc(len(batch.events))
+            self.metrics.batches.labels("rejected").inc()
+            raise
+        count = len(batch.events)
+        gap, regression = self.state.accept_batch(batch)
+        self.metrics.events_accepted.inc(count)
+        self.metrics.batches.labels("accepted").inc()
+        if gap:
+            self.metrics.sequence_gaps.inc(gap)
+        if regression:
+            self.metrics.sequence_regressions.inc()
+        return _json(
+            wire.EventBatchResponse(
+                wire_version=wire.WIRE_VERSION,
+                accepted=count,
+                rejected=0,
+                next_config_version=active.version,
+            )
+        )
+
+    def status_response(self) -> wire.StatusResponse:
+        now = time.monotonic()
+        active = self.active
+        totals = self.state.totals
+        return wire.StatusResponse(
+            wire_version=wire.WIRE_VERSION,
+            controller_id=CONTROLLER_ID,
+            started_at_unix=self.started_at_unix,
+            config=wire.StatusConfig(version=active.version, config_hash=active.config_hash),
+            totals=wire.StatusTotals(
+                accepted_events_total=totals.accepted_events_total,
+                rejected_events_total=totals.rejected_events_total,
+                batches_accepted_total=totals.batches_accepted_total,
+                batches_rejected_total=totals.batches_rejected_total,
+            ),
+            agents=self.state.agent_statuses(now),
+            stale_agents=self.state.stale_agents(now),
+            unconverged_agents=self.state.unconverged_agents(active.config_hash),
+        )
+
+    async def status(self, request: web.Request) -> web.Response:
+        return _json(self.status_response())
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        m = self.metrics
+        m.agents.set(len(self.state.agents))
+        m.stale_agents.set(len(self.state.stale_agents(now)))
+        m.unconverged_agents.set(len(self.state.unconverged_agents(self.active.config_hash)))
+        m.config_generation.set(self.active.generation)
+        response = web.Response(body=generate_latest(m.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status":"ok"}', content_type=JSON_CONTENT_TYPE)
+
+    # -- profile reload ------------------------------------------------------------------------
+
+    def _record_reload(self, outcome: ReloadOutcome, trigger: str) -> None:
+        self.metrics.reloads.labels(outcome.result.value).inc()
+        active = self.active
+        if outcome.result is ReloadResult.APPLIED:
+            self._last_reload_failure = ""
+            self.metrics.config_generation.set(active.generation)
+            self.log.info(
+                "profile reloaded",
+                trigger=trigger,
+                generation=active.generation,
+                config_hash=active.config_hash,
+                previous_hash=outcome.previous_hash,
+            )
+        elif outcome.result is ReloadResult.FAILED:
+            if outcome.reason != self._last_reload_failure or trigger == "sighup":
+                self.log.error(
+                    "profile rejected; keeping the previous config",
+                    trigger=trigger,
+                    reason=outcome.reason,
+                    generation=active.generation,
+                    config_hash=active.config_hash,
+                )
+            self._last_reload_failure = outcome.reason
+        elif trigger == "sighup":
+            self.log.info("profile unchanged", trigger=trigger, generation=active.generation)
+
+    async def reload(self, *, force: bool, trigger: str = "manual") -> ReloadOutcome:
+        """Re-read the profile (file I/O off the event loop) and apply it if it changed."""
+        async with self._reload_lock:
+            try:
+                source: bytes | ProfileError = await asyncio.to_thread(self.config.read_source)
+            except ProfileError as exc:
+                source = exc
+            outcome = self.config.apply_source(source, force=force)
+            self._record_reload(outcome, trigger)
+            return outcome
+
+    def request_reload(self, trigger: str = "sighup") -> asyncio.Task[ReloadOutcome]:
+        """Schedule a forced reload; what the SIGHUP handler calls."""
+        return asyncio.get_running_loop().create_task(self.reload(force=True, trigger=trigger))
+
+    async def _profile_watcher(self, app: web.Application) -> AsyncIterator[None]:
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(self.reload_poll_seconds)
+                try:
+                    await self.reload(force=False, trigger="poll")
+                except Exception:  # keep polling whatever happened
+                    self.log.exception("profile poll failed")
+
+        task = asyncio.get_running_loop().create_task(poll())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

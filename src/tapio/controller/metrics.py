@@ -1,0 +1,83 @@
+"""Controller self-metrics, in a registry of their own (one per Controller instance).
+
+Separate from the agent's registry so an embedding process or a test can run several
+controllers without name collisions. Label sets are closed (route templates, status codes,
+fixed result words), so cardinality is bounded whatever clients send.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+
+# Same choice as the agent registry: no *_created series (global toggle in prometheus-client).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class ControllerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tapio_controller_requests_total",
+            "HTTP requests by route template and status code",
+            ["route", "status"],
+            registry=r,
+        )
+        self.events_accepted = Counter(
+            "tapio_controller_events_accepted_total", "Events in accepted batches", registry=r
+        )
+        self.events_rejected = Counter(
+            "tapio_controller_events_rejected_total",
+            "Events in decoded batches that failed validation",
+            registry=r,
+        )
+        self.batches = Counter(
+            "tapio_controller_batches_total", "Event batches by result", ["result"], registry=r
+        )
+        self.hellos = Counter(
+            "tapio_controller_hellos_total", "Registrations by result", ["result"], registry=r
+        )
+        self.heartbeats = Counter(
+            "tapio_controller_heartbeats_total",
+            "Heartbeats by result (unknown_agent = told to re-register)",
+            ["result"],
+            registry=r,
+        )
+        self.agents_evicted = Counter(
+            "tapio_controller_agents_evicted_total",
+            "Stale agents dropped to admit a new one at capacity",
+            registry=r,
+        )
+        self.sequence_gaps = Counter(
+            "tapio_controller_sequence_gaps_total",
+            "Batch sequence numbers skipped by registered agents",
+            registry=r,
+        )
+        self.sequence_regressions = Counter(
+            "tapio_controller_sequence_regressions_total",
+            "Duplicate or older batch sequence numbers from registered agents",
+            registry=r,
+        )
+        self.config_polls = Counter(
+            "tapio_controller_config_requests_total",
+            "Config fetches by result (served or not_modified)",
+            ["result"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "tapio_controller_profile_reloads_total",
+            "Profile reload attempts by result",
+            ["result"],
+            registry=r,
+        )
+        self.agents = Gauge("tapio_controller_agents", "Registered agents", registry=r)
+        self.stale_agents = Gauge(
+            "tapio_controller_stale_agents", "Registered agents considered stale", registry=r
+        )
+        self.unconverged_agents = Gauge(
+            "tapio_controller_unconverged_agents",
+            "Registered agents not reporting the active config hash",
+            registry=r,
+        )
+        self.config_generation = Gauge(
+            "tapio_controller_config_generation", "Generation of the served config", registry=r
+        )
