@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,7 @@ import anyio
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tapio.metrics import REGISTRY
@@ -36,6 +38,19 @@ _MAX_LINE = 4096
 _MAX_FIELD = 4096
 _MAX_HEADERS = 32
 _MAX_BODY = 1024
+
+
+class _DropBadRequestTracebacks(logging.Filter):
+    """aiohttp logs every malformed request (too long, garbage) with a traceback; a hostile
+    client could flood the agent's logs that way. Handler errors are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+_server_logger = logging.getLogger("tapio.agent.httpserver.aiohttp")
+_server_logger.addFilter(_DropBadRequestTracebacks())
 
 
 class MetricsServerSettings(msgspec.Struct, kw_only=True):
@@ -127,6 +142,7 @@ async def serve(
         make_app(readiness),
         handle_signals=False,
         access_log=None,
+        logger=_server_logger,
         keepalive_timeout=settings.keepalive_timeout_secs,
         max_line_size=_MAX_LINE,
         max_field_size=_MAX_FIELD,
