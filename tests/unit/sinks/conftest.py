@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 from aiohttp import web
-from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
 from tapio.metrics import REGISTRY
@@ -160,7 +160,7 @@ async def stalled_receiver() -> AsyncIterator[str]:
 @asynccontextmanager
 async def running(
     sink: Sink, buffer: int = 64, within: float = 20.0
-) -> AsyncIterator[ObjectSendStream[Batch]]:
+) -> AsyncIterator[MemoryObjectSendStream[Batch]]:
     """Run ``sink.run`` in a task; on exit close the stream; ``run`` must then return on its own
     (its final flush is bounded by the sink's settings). The whole block is bounded too."""
     send, recv = anyio.create_memory_object_stream[Batch](buffer)
@@ -173,7 +173,7 @@ async def running(
                 send.close()
 
 
-async def send_all(send: ObjectSendStream[Batch], batches: Sequence[Batch]) -> None:
+async def send_all(send: MemoryObjectSendStream[Batch], batches: Sequence[Batch]) -> None:
     for b in batches:
         send.send_nowait(b)
 
