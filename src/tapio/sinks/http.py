@@ -55,7 +55,7 @@ class HttpSinkSettings(msgspec.Struct, kw_only=True):
     #: Whole-request timeout, also the timeout between two reads of the response.
     timeout_secs: float = 10.0
     #: Grace period for the final flush when the agent stops.
-    shutdown_timeout_secs: float = 5.0
+    shutdown_timeout_secs: float = 4.0
     #: PEM CA bundle used *instead of* the system store to verify an ``https://`` endpoint.
     ca_file: str | None = None
     #: File holding a bearer token (re-read when it changes, e.g. a projected token).

@@ -93,7 +93,7 @@ class OtlpSettings(msgspec.Struct, kw_only=True):
     backoff_max_secs: float = 30.0
     connect_timeout_secs: float = 5.0
     timeout_secs: float = 10.0
-    shutdown_timeout_secs: float = 5.0
+    shutdown_timeout_secs: float = 4.0
     #: PEM CA bundle used instead of the system store for an ``https://`` endpoint.
     ca_file: str | None = None
 

@@ -1,0 +1,172 @@
+"""End to end: a real connection refusal, seen by the real BPF objects, reaches an HTTP receiver
+(JSON) and an OTLP receiver (gzip protobuf decoded with the official classes), and the agent's
+``/metrics`` reports the deliveries."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .harness import agent, require_kernel, wait_until
+
+pytestmark = pytest.mark.kernel
+
+REFUSED = "kernel.network.connection_refused"
+
+
+class _Recorder(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Recorder
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length)
+        with self.server.lock:
+            self.server.requests.append((self.path, dict(self.headers), body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def recorder() -> Iterator[_Recorder]:
+    srv = _Recorder()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _refuse(port: int) -> None:
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _http_refusals(rx: _Recorder, port: int) -> list[dict[str, Any]]:
+    with rx.lock:
+        reqs = list(rx.requests)
+    out = []
+    for path, headers, body in reqs:
+        assert path == "/v1/occurrences"
+        assert headers["Content-Type"] == "application/json"
+        for occ in json.loads(body):
+            if occ["type"] == REFUSED and occ.get("data", {}).get("dst_port") == port:
+                out.append(occ)
+    return out
+
+
+def _otlp_refusals(rx: _Recorder, port: int) -> list[tuple[Any, dict[str, Any]]]:
+    with rx.lock:
+        reqs = list(rx.requests)
+    out = []
+    for path, headers, body in reqs:
+        assert path == "/v1/logs"
+        assert headers["Content-Encoding"] == "gzip"
+        req = ExportLogsServiceRequest()
+        req.ParseFromString(gzip.decompress(body))
+        for rl in req.resource_logs:
+            for sl in rl.scope_logs:
+                for lr in sl.log_records:
+                    attrs = {kv.key: kv.value for kv in lr.attributes}
+                    if (
+                        attrs["anomaly.type"].string_value == REFUSED
+                        and attrs.get("dst_port") is not None
+                        and attrs["dst_port"].int_value == port
+                    ):
+                        out.append((rl, {"record": lr, **attrs}))
+    return out
+
+
+def test_connection_refusal_reaches_http_and_otlp_receivers(tmp_path: Path) -> None:
+    require_kernel(("network",))
+    metrics_port = _free_port()
+    closed_port = _free_port()
+    with recorder() as http_rx, recorder() as otlp_rx:
+        config = f"""
+[metrics]
+enabled = true
+port = {metrics_port}
+bind_address = "127.0.0.1"
+
+[http]
+flush_interval_secs = 0.2
+
+[otlp]
+endpoint = "{otlp_rx.url}/"
+batch_size = 10
+flush_interval_secs = 1
+"""
+        with agent(
+            tmp_path,
+            observers=("network",),
+            sinks=("http", "otlp"),
+            config=config,
+            extra_args=("--http-endpoint", http_rx.url),
+            env={"TAPIO_NODE_NAME": "e2e-node"},
+        ) as proc:
+            _refuse(closed_port)
+            http_hits = wait_until(lambda: _http_refusals(http_rx, closed_port), 15)
+            otlp_hits = wait_until(lambda: _otlp_refusals(otlp_rx, closed_port), 15)
+            assert http_hits, f"no refusal reached the HTTP receiver:\n{proc.stderr()[-3000:]}"
+            assert otlp_hits, f"no refusal reached the OTLP receiver:\n{proc.stderr()[-3000:]}"
+            metrics = proc.metrics_text(metrics_port)
+
+    # One connect, one occurrence: the same evidence through both sinks.
+    assert len(http_hits) == 1
+    occ = http_hits[0]
+    assert occ["severity"] == "warning" and occ["outcome"] == "failure"
+    assert occ["data"]["dst_ip"] == "127.0.0.1"
+    assert len(otlp_hits) == 1
+    rl, attrs = otlp_hits[0]
+    assert attrs["occurrence.id"].string_value == occ["id"]
+    assert attrs["error.code"].string_value == occ["error"]["code"]
+    assert attrs["dst_ip"].string_value == "127.0.0.1"
+    assert attrs["record"].severity_number == 13
+    assert attrs["record"].severity_text == "WARN"
+    res = {kv.key: kv.value.string_value for kv in rl.resource.attributes}
+    assert res["service.name"] == "tapio"
+    assert res["k8s.node.name"] == "e2e-node"
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(metrics)
+        for s in fam.samples
+    }
+    for sink in ("http", "otlp"):
+        assert samples[("tapio_sink_writes_total", (("result", "ok"), ("sink", sink)))] >= 1
