@@ -76,9 +76,9 @@ __all__ = [
 ]
 
 
-def validate(profile: Profile | Mapping[str, Any]) -> Profile:
-    """Return the validated Profile (building it from a plain document if needed)."""
-    parsed = profile if isinstance(profile, Profile) else parse_document(dict(profile))
+def validate(profile: Profile | Mapping[str, Any] | Any) -> Profile:
+    """Return the validated Profile, building it first from a plain (deserialized) document."""
+    parsed = profile if isinstance(profile, Profile) else parse_document(profile)
     resolve(parsed)
     return parsed
 
