@@ -1,0 +1,74 @@
+"""The Python mirrors of the kernel ABI match the C headers byte for byte."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tapio.bpf.abi import CONFIG_SIZE, INERT_CONFIG, TAPIO_CONFIG, TapioConfig
+from tapio.observers.network import NETWORK_EVENT
+
+from .layout_probe import assert_layout
+
+OBJECTS = Path(__file__).resolve().parents[2] / "src" / "tapio" / "bpf" / "objects"
+
+
+def test_tapio_config_layout_matches_header() -> None:
+    assert_layout("tapio_config.h", TAPIO_CONFIG)
+    assert TAPIO_CONFIG.size == CONFIG_SIZE == 256
+
+
+def test_network_event_layout_matches_header() -> None:
+    assert_layout("network.h", NETWORK_EVENT)
+    assert NETWORK_EVENT.size == 120
+
+
+@pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool not installed")
+def test_tapio_config_in_every_object_btf_matches_python() -> None:
+    objects = sorted(OBJECTS.glob("*.bpf.o"))
+    if not objects:
+        pytest.skip("objects not built")
+    for obj in objects:
+        dump = subprocess.run(
+            ["bpftool", "btf", "dump", "file", str(obj), "-j"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        types = json.loads(dump)["types"]
+        cfg = [t for t in types if t.get("kind") == "STRUCT" and t.get("name") == "tapio_config"]
+        assert cfg, f"{obj.name} has no tapio_config carrier"
+        assert cfg[0]["size"] == CONFIG_SIZE
+        for member in cfg[0]["members"]:
+            name = member["name"]
+            if name.startswith("_"):
+                continue
+            assert TAPIO_CONFIG.offsets[name] == member["bits_offset"] // 8, (obj.name, name)
+
+
+def test_zero_config_is_inert_and_pack_is_exact() -> None:
+    assert INERT_CONFIG == bytes(256)
+    packed = TapioConfig(generation=7, flags=1, ignore_exit_codes=(1, 2)).pack()
+    assert len(packed) == 256
+    fields = TAPIO_CONFIG.struct.unpack(packed)
+    assert fields[TAPIO_CONFIG.index["abi_version"]] == 3
+    assert fields[TAPIO_CONFIG.index["generation"]] == 7
+    assert fields[TAPIO_CONFIG.index["ignore_exit_count"]] == 2
+    assert packed[152:] == bytes(104)
+
+
+def test_pack_clamps_to_c_types() -> None:
+    packed = TapioConfig(rtt_spike_multiplier=2**40, generation=-5).pack()
+    fields = TAPIO_CONFIG.struct.unpack(packed)
+    assert fields[TAPIO_CONFIG.index["rtt_spike_multiplier"]] == 0xFFFFFFFF
+    assert fields[TAPIO_CONFIG.index["generation"]] == 0
+
+
+def test_more_than_16_ignore_codes_truncate() -> None:
+    packed = TapioConfig(ignore_exit_codes=tuple(range(32))).pack()
+    fields = TAPIO_CONFIG.struct.unpack(packed)
+    assert fields[TAPIO_CONFIG.index["ignore_exit_count"]] == 16
