@@ -211,7 +211,10 @@ def test_compile_is_deterministic(
 
 
 def test_hash_stable_across_processes() -> None:
-    code = "from tapio.profile import *; print(config_hash(compile_profile(load_profile(text=DEFAULT_PROFILE_YAML))))"
+    code = (
+        "from tapio.profile import *; "
+        "print(config_hash(compile_profile(load_profile(text=DEFAULT_PROFILE_YAML))))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )

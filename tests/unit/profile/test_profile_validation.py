@@ -341,7 +341,10 @@ def test_null_blocks_are_empty_blocks(overrides: Any) -> None:
 
 
 def test_yaml_null_block_and_duplicate_keys() -> None:
-    text = "apiVersion: tapio.false.systems/v0\nkind: EvidenceProfile\nbase: production-default\noverrides:\n  network:\n"
+    text = (
+        "apiVersion: tapio.false.systems/v0\nkind: EvidenceProfile\n"
+        "base: production-default\noverrides:\n  network:\n"
+    )
     assert config_hash(compile_profile(load_profile(text=text))) == PRODUCTION_DEFAULT_HASH
     dup = text + "    enabled: true\n    enabled: false\n"
     with pytest.raises(ProfileError, match="duplicate key 'enabled' at line 7"):
