@@ -12,7 +12,8 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
@@ -92,7 +93,13 @@ def configure_logging(fmt: str, level: str) -> None:
     )
 
 
-async def serve(controller: Controller, host: str, port: int) -> int:
+async def serve(
+    controller: Controller,
+    host: str,
+    port: int,
+    on_started: Callable[[list[Any]], None] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; ``on_started`` gets the bound addresses (port 0 in tests)."""
     log = controller.log
     runner = web.AppRunner(controller.build_app(), access_log=None, handle_signals=False)
     await runner.setup()
@@ -116,6 +123,8 @@ async def serve(controller: Controller, host: str, port: int) -> int:
             generation=active.generation,
             config_hash=active.config_hash,
         )
+        if on_started is not None:
+            on_started(list(runner.addresses))
         await stop.wait()
         log.info("controller stopping")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
