@@ -273,6 +273,8 @@ class BufferedNetworkSink(Sink, Generic[T], abc.ABC):
         self._retries = SINK_RETRIES.labels(sink=self.name)
         self._depth.set(0)
         self._last_overflow_log = 0.0
+        #: Why the last batch was given up, until a later batch is delivered (None: healthy).
+        self.last_error: str | None = None
 
     # -- subclass hooks ------------------------------------------------------------------------
 
@@ -285,6 +287,12 @@ class BufferedNetworkSink(Sink, Generic[T], abc.ABC):
         """One delivery attempt of ``items``; transport exceptions may propagate."""
 
     # -- introspection (tests, health) ---------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False from a batch given up (rejected, TLS, retries exhausted) until the next
+        delivery succeeds; for the agent's readiness (``/readyz``)."""
+        return self.last_error is None
 
     @property
     def held(self) -> int:
@@ -444,6 +452,7 @@ class BufferedNetworkSink(Sink, Generic[T], abc.ABC):
             if attempt.outcome == "ok":
                 delivered = n - min(n, attempt.rejected_items)
                 self.stats.ok(delivered)
+                self.last_error = None
                 if attempt.rejected_items:
                     self.stats.drop("rejected", n - delivered)
                     self.stats.err(n - delivered)
@@ -452,6 +461,7 @@ class BufferedNetworkSink(Sink, Generic[T], abc.ABC):
                     )
                 return
             if attempt.outcome in ("rejected", "tls_error"):
+                self.last_error = f"{attempt.outcome}: {attempt.detail}"
                 self.stats.drop(attempt.outcome, n)
                 self.stats.err(n)
                 self._log.error(
@@ -459,6 +469,7 @@ class BufferedNetworkSink(Sink, Generic[T], abc.ABC):
                 )
                 return
             if retry >= cfg.max_retries:
+                self.last_error = f"retries_exhausted: {attempt.detail}"
                 self.stats.drop("retries_exhausted", n)
                 self.stats.err(n)
                 self._log.error(

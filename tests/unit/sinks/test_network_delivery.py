@@ -33,6 +33,7 @@ async def test_503_then_200_retries_same_batch_without_duplicates_or_loss(kind: 
         async with running(sink) as send:
             send.send_nowait(sent)
             await rx.wait_for(2)
+    assert sink.healthy
     assert len(rx.requests) == 2  # one failure, one success, nothing else
     first, second = (ids_of(kind, r) for r in rx.requests)
     assert first == second == [o.id for o in sent]
@@ -82,6 +83,7 @@ async def test_client_error_is_rejected_without_retry(kind: str) -> None:
             await rx.wait_for(1)
             await anyio.sleep(0.2)
     assert len(rx.requests) == 1
+    assert sink.last_error == "rejected: HTTP 400"
     d = counts.delta()
     assert d["rejected"] == 3 and d["err"] == 3 and d["ok"] == 0 and d["retries"] == 0
 
@@ -96,6 +98,7 @@ async def test_retries_exhausted_after_max_retries(kind: str) -> None:
             await rx.wait_for(4)
             await anyio.sleep(0.3)
     assert len(rx.requests) == 4  # 1 attempt + 3 retries
+    assert not sink.healthy and sink.last_error == "retries_exhausted: HTTP 500"
     d = counts.delta()
     assert d["retries_exhausted"] == 2 and d["retries"] == 3 and d["ok"] == 0
 
