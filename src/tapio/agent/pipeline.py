@@ -46,7 +46,19 @@ class RunningObserver:
         return self.observer.name
 
 
+@dataclass
+class PipelineStats:
+    """Totals for the shutdown log line (the Prometheus counters carry the same facts)."""
+
+    events: int = 0
+    anomalies: int = 0
+
+
+STATS = PipelineStats()
+
+
 def count_anomalies(observer: str, batch: Sequence[Occurrence]) -> None:
+    STATS.anomalies += len(batch)
     by_type = Counter(occ.type for occ in batch)
     for anomaly_type, n in by_type.items():
         ANOMALIES.labels(observer=observer, anomaly_type=anomaly_type).inc(n)
@@ -65,6 +77,7 @@ class Drainer:
         self.interval = interval
         self.max_per_tick = max_per_tick
         self.scope = anyio.CancelScope()
+        self.stats = STATS
         self._events = {o.name: EVENTS.labels(observer=o.name) for o in self.observers}
         self._malformed = {o.name: MALFORMED_EVENTS.labels(observer=o.name) for o in self.observers}
         self._cap = {o.name: DRAIN_CAP.labels(observer=o.name) for o in self.observers}
@@ -85,6 +98,7 @@ class Drainer:
                         total=ro.malformed_total,
                     )
             if drained.count:
+                self.stats.events += drained.count
                 self._events[ro.name].inc(drained.count)
                 await senders[ro.name].send(drained.payload)
             if drained.capped:

@@ -19,6 +19,7 @@ import structlog
 
 from tapio.agent.pipeline import (
     Drainer,
+    PipelineStats,
     RunningObserver,
     SinkLane,
     classify_loop,
@@ -81,6 +82,7 @@ class Agent:
         self._services_scope: anyio.CancelScope | None = None
         self._drainer: Drainer | None = None
         self._started = False
+        self.stats = PipelineStats()
 
     # ---- loading -------------------------------------------------------------------------
     def load_observers(self, stack: contextlib.ExitStack) -> None:
@@ -127,7 +129,7 @@ class Agent:
                             capability=cap.name,
                             detail=cap.detail,
                         )
-                log.info(f"{name} observer running", programs=sorted(obj.programs))
+                log.info(f"{name} observer running", program_ids=obj.program_ids())
             self.observers.append(ro)
         if self.options.initial_config is not None:
             self.applied = self.options.initial_config
@@ -269,6 +271,7 @@ class Agent:
                 return 1
             a = self.settings.agent
             self._drainer = Drainer(running, a.drain_interval_ms / 1000, a.max_drain_per_tick)
+            self.stats = self._drainer.stats
             batch_send, batch_recv = anyio.create_memory_object_stream[Batch](a.channel_batches)
             lanes = []
             sink_recvs = []
@@ -301,5 +304,14 @@ class Agent:
                     )
                 outer.cancel_scope.cancel()
             self.poll_kernel_metrics()
-            log.info("agent stopped")
+            log.info(
+                "agent stopped",
+                events=self.stats.events,
+                anomalies=self.stats.anomalies,
+                sinks={
+                    s.name: {"ok": s.stats.ok_total, "err": s.stats.err_total,
+                             "dropped": s.stats.dropped_total}
+                    for s in self.sinks
+                },
+            )
         return 0

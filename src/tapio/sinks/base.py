@@ -31,15 +31,21 @@ class SinkStats:
         self.sink = sink
         self._ok = SINK_WRITES.labels(sink=sink, result="ok")
         self._err = SINK_WRITES.labels(sink=sink, result="err")
+        self.ok_total = 0
+        self.err_total = 0
+        self.dropped_total = 0
 
     def ok(self, n: int = 1) -> None:
+        self.ok_total += n
         self._ok.inc(n)
 
     def err(self, n: int = 1) -> None:
+        self.err_total += n
         self._err.inc(n)
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n > 0:
+            self.dropped_total += n
             SINK_DROPS.labels(sink=self.sink, reason=reason).inc(n)
 
 

@@ -1,0 +1,320 @@
+"""Network observer end to end: the real agent, real BPF objects, real kernel facts.
+
+Every test starts ``python -m tapio agent`` as a subprocess (file sink), causes the fact with
+processes of its own (in private network namespaces where a link is needed) and asserts the
+exact occurrences.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .harness import agent, require_kernel, wait_until
+from .netns import NsPair, netns_snmp, ns_pair, sh
+
+pytestmark = pytest.mark.kernel
+CLIENTS = str(Path(__file__).with_name("net_clients.py"))
+
+
+@pytest.fixture(autouse=True)
+def _kernel() -> None:
+    require_kernel(("network",))
+
+
+def closed_port(family: int, host: str) -> int:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.bind((host, 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+def client(mode: str, comm: str, *args: object, ns: str | None = None) -> list[str]:
+    cmd = [sys.executable, CLIENTS, mode, comm, *map(str, args)]
+    if ns:
+        cmd = ["ip", "netns", "exec", ns, *cmd]
+    return cmd
+
+
+def test_refused_ipv4_and_ipv6_exactly_one_each(tmp_path: Path) -> None:
+    p4 = closed_port(socket.AF_INET, "127.0.0.1")
+    p6 = closed_port(socket.AF_INET6, "::1")
+    with agent(tmp_path) as a:
+        c4 = subprocess.run(client("refuse", "tapio-refuse4", "127.0.0.1", p4, 200),
+                            capture_output=True, text=True, timeout=60, check=True)
+        c6 = subprocess.Popen(client("refuse", "tapio-refuse6", "::1", p6, 200),
+                              stdout=subprocess.PIPE, text=True)
+        out6, _ = c6.communicate(timeout=60)
+        assert c4.stdout.split() == ["200"] and out6.split() == ["200"]
+
+        def mine() -> list[dict[str, object]]:
+            return [o for o in a.occurrences("kernel.network.")
+                    if o["data"]["dst_port"] in (p4, p6)]
+
+        wait_until(lambda: len(mine()) >= 400, 20)
+        time.sleep(0.5)  # anything extra would arrive within a drain interval
+        occs = mine()
+    refused4 = [o for o in occs if o["type"] == "kernel.network.connection_refused"
+                and o["data"]["dst_port"] == p4]
+    refused6 = [o for o in occs if o["type"] == "kernel.network.connection_refused"
+                and o["data"]["dst_port"] == p6]
+    timeouts = [o for o in occs if o["type"] == "kernel.network.connection_timeout"]
+    assert len(refused4) == 200
+    assert len(refused6) == 200
+    assert timeouts == []
+    for o in refused4:
+        d = o["data"]
+        assert d["pid"] == c4_pid(o) and d["comm"] == "tapio-refuse4"
+        assert d["dst_ip"] == "127.0.0.1" and d["family"] == "ipv4"
+        assert d["pid_source"] == "connect" and d["reason"] == "rst"
+        assert o["severity"] == "warning" and o["outcome"] == "failure"
+        assert o["error"]["code"] == "RST_RECEIVED"
+        assert o["error"]["message"] == f"TCP RST 127.0.0.1:{d['src_port']} → 127.0.0.1:{p4}"
+    assert {o["data"]["pid"] for o in refused6} == {c6.pid}
+    assert {o["data"]["comm"] for o in refused6} == {"tapio-refuse6"}
+    assert {o["data"]["dst_ip"] for o in refused6} == {"::1"}
+    assert len({o["data"]["src_port"] for o in refused4}) == 200  # one per connect
+
+
+def c4_pid(o: dict[str, object]) -> int:
+    # The IPv4 client ran via subprocess.run; its pid is the one every v4 record agrees on.
+    return int(o["data"]["pid"])  # type: ignore[index]
+
+
+def test_refused_pid_is_the_connecting_process(tmp_path: Path) -> None:
+    port = closed_port(socket.AF_INET, "127.0.0.1")
+    with agent(tmp_path) as a:
+        proc = subprocess.Popen(client("refuse", "tapio-pidchk", "127.0.0.1", port, 3),
+                                stdout=subprocess.PIPE, text=True)
+        proc.communicate(timeout=30)
+        occs = wait_until(lambda: [o for o in a.occurrences("kernel.network.connection_refused")
+                                   if o["data"]["dst_port"] == port] if len(
+                                       [o for o in a.occurrences() if o["data"].get("dst_port") == port]) >= 3 else [], 10)
+    assert len(occs) == 3
+    assert {o["data"]["pid"] for o in occs} == {proc.pid}
+    assert {o["data"]["tid"] for o in occs} == {proc.pid}
+
+
+def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path) -> None:
+    with ns_pair() as p:
+        p.in_a("sysctl -qw net.ipv4.tcp_syn_retries=1")
+        p.in_b(
+            "nft -f - <<'EOF'\n"
+            "table inet tapio_test { chain input { type filter hook input priority 0; "
+            "tcp dport 8081 drop; }; }\nEOF"
+        )
+        with agent(tmp_path) as a:
+            proc = subprocess.Popen(client("timeout", "tapio-synto", p.ip_b, 8081, ns=p.a),
+                                    stdout=subprocess.PIPE, text=True)
+            out, _ = proc.communicate(timeout=30)
+            assert "TimeoutError" in out, out
+            occs = wait_until(lambda: [o for o in a.occurrences("kernel.network.")
+                                       if o["data"]["dst_port"] == 8081], 10)
+            time.sleep(0.5)
+            occs = [o for o in a.occurrences("kernel.network.") if o["data"]["dst_port"] == 8081]
+    assert [o["type"] for o in occs] == ["kernel.network.connection_timeout"]
+    d = occs[0]["data"]
+    assert d["dst_ip"] == p.ip_b and d["src_ip"] == p.ip_a
+    assert d["pid"] == proc.pid and d["comm"] == "tapio-synto"
+    assert d["pid_source"] == "connect"
+    assert d["old_state"] == "SYN_SENT" and d["new_state"] == "CLOSE"
+    assert d["error"] == "ETIMEDOUT"
+    assert 2000 <= d["connect_duration_ms"] <= 10000  # 1 s + 2 s of SYN retries
+    assert occs[0]["severity"] == "error" and occs[0]["error"]["code"] == "SYN_TIMEOUT"
+    assert occs[0]["error"]["message"] == f"Connection timeout to {p.ip_b}:8081 (SYN_SENT→CLOSE)"
+
+
+def _transfer(p: NsPair, port: int, nbytes: int, comm: str) -> None:
+    srv = subprocess.Popen(client("server", "tapio-srv", p.ip_b, port, "sink", ns=p.b),
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
+        subprocess.run(client("bulk", comm, p.ip_b, port, nbytes, ns=p.a),
+                       check=True, timeout=90, capture_output=True)
+    finally:
+        srv.kill()
+        srv.wait(5)
+
+
+def test_retransmit_spike_is_windowed_and_clean_transfer_is_silent(tmp_path: Path) -> None:
+    with ns_pair() as p, agent(tmp_path) as a:
+        # An unpaced veth overflows the receiver's backlog and really retransmits; a 400 Mbit/s
+        # token bucket on the sender paces it so a "clean" transfer is really loss-free.
+        p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate 400mbit burst 256kb latency 100ms")
+        before = netns_snmp(p.a, "Tcp", "RetransSegs")
+        _transfer(p, 9001, 32 * 1024 * 1024, "tapio-clean")
+        assert netns_snmp(p.a, "Tcp", "RetransSegs") == before, "clean transfer retransmitted"
+        # 3 % random loss of data segments arriving at the server.
+        p.in_b(
+            "nft -f - <<'EOF'\n"
+            "table inet tapio_loss { chain input { type filter hook input priority 0; "
+            "tcp dport 9002 numgen random mod 100 < 3 drop; }; }\nEOF"
+        )
+        before = netns_snmp(p.a, "Tcp", "RetransSegs")
+        _transfer(p, 9002, 16 * 1024 * 1024, "tapio-lossy")
+        retrans = netns_snmp(p.a, "Tcp", "RetransSegs") - before
+        time.sleep(0.5)
+        occs = a.occurrences("kernel.network.retransmit_spike")
+    clean = [o for o in occs if o["data"]["dst_port"] == 9001]
+    lossy = [o for o in occs if o["data"]["dst_port"] == 9002]
+    assert clean == []
+    assert retrans >= 50, f"the lossy transfer retransmitted only {retrans} segments"
+    assert 1 <= len(lossy) <= retrans // 5, (len(lossy), retrans)
+    for o in lossy:
+        d = o["data"]
+        assert d["dst_ip"] == p.ip_b and d["retransmits_in_window"] >= 5
+        assert d["window_ms"] == 1000
+        assert d["comm"] == "tapio-lossy" and d["pid_source"] == "connect"
+        assert o["error"]["code"] == "RETRANSMIT"
+
+
+def _ss_rtt_us(p: NsPair, port: int) -> float | None:
+    out = p.in_a(f"ss -tin dst {p.ip_b} dport = :{port}", check=False).stdout
+    m = re.search(r"\brtt:([0-9.]+)/", out)
+    return float(m.group(1)) * 1000 if m else None
+
+
+def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
+    port = 9003
+    with ns_pair() as p, agent(tmp_path) as a:
+        srv = subprocess.Popen(client("server", "tapio-echo", p.ip_b, port, "echo", ns=p.b),
+                               stdout=subprocess.PIPE, text=True)
+        cli = None
+        try:
+            assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
+            cli = subprocess.Popen(client("pingpong", "tapio-rtt", p.ip_b, port, 2.5, 4, ns=p.a),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert cli.stdout is not None and cli.stdin is not None
+            steady_rtts = []
+            while True:
+                line = cli.stdout.readline()
+                if "steady-done" in line or not line:
+                    break
+            steady_rtts.append(_ss_rtt_us(p, port))
+            # A steady flow gives nothing.
+            assert [o for o in a.occurrences("kernel.network.rtt_degradation")
+                    if o["data"]["dst_port"] == port] == []
+            p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate 1mbit burst 16kb latency 2s")
+            samples: list[tuple[float, float]] = []
+            stop = threading.Event()
+
+            def sample() -> None:
+                while not stop.is_set():
+                    rtt = _ss_rtt_us(p, port)
+                    if rtt is not None:
+                        samples.append((time.time(), rtt))
+                    time.sleep(0.02)
+
+            t = threading.Thread(target=sample)
+            t.start()
+            cli.stdin.write("GO\n")
+            cli.stdin.flush()
+            occs = wait_until(lambda: [o for o in a.occurrences("kernel.network.rtt_degradation")
+                                       if o["data"]["dst_port"] == port], 6)
+            time.sleep(1)
+            stop.set()
+            t.join()
+            occs = [o for o in a.occurrences("kernel.network.rtt_degradation")
+                    if o["data"]["dst_port"] == port]
+        finally:
+            if cli is not None:
+                cli.kill()
+            srv.kill()
+    assert len(occs) == 1, occs
+    d = occs[0]["data"]
+    assert d["comm"] == "tapio-rtt" and d["dst_ip"] == p.ip_b
+    # The baseline was learned from the steady phase (tens of microseconds on a veth).
+    assert d["baseline_us"] < 2000, d
+    assert d["current_us"] >= 2 * d["baseline_us"] and d["current_us"] >= d["baseline_us"] + 5000
+    # The current value is the kernel's smoothed RTT at detection time: ss -ti must have shown
+    # a value of the same size around then (sampled every 20 ms; srtt moves between samples).
+    from tapio.occurrence import parse_timestamp
+
+    when = parse_timestamp(occs[0]["timestamp"]) / 1e9
+    near = [rtt for ts, rtt in samples if abs(ts - when) <= 0.25]
+    assert near, "no ss sample near the detection"
+    assert min(near) * 0.5 <= d["current_us"] <= max(near) * 2, (d["current_us"], near)
+    assert occs[0]["error"]["code"] == "RTT_SPIKE" and occs[0]["outcome"] == "in_progress"
+
+
+def _prog_map_id(logs: list[dict[str, object]], prog: str, map_name: str) -> int:
+    for entry in logs:
+        if entry.get("event") == "network observer running":
+            prog_id = entry["program_ids"][prog]  # type: ignore[index]
+            info = json.loads(sh(f"bpftool prog show id {prog_id} -j").stdout)
+            for map_id in info["map_ids"]:
+                m = json.loads(sh(f"bpftool map show id {map_id} -j").stdout)
+                if m["name"] == map_name:
+                    return int(map_id)
+    raise AssertionError("network observer start log not found")
+
+
+def _metrics_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+@pytest.mark.parametrize("abi_version", [0, 99])
+def test_inert_or_wrong_abi_config_emits_nothing(tmp_path: Path, abi_version: int) -> None:
+    port = closed_port(socket.AF_INET, "127.0.0.1")
+    mport = _metrics_port()
+    config = (
+        f"[metrics]\nenabled = true\nport = {mport}\n"
+        "[agent]\nkernel_metrics_interval_secs = 0.2\n"
+    )
+    with agent(tmp_path, config=config) as a:
+        map_id = _prog_map_id(a.logs(), "handle_set_state", "tapio_config")
+        value = bytearray(256)
+        value[0:4] = abi_version.to_bytes(4, "little")
+        value[4:8] = (1).to_bytes(4, "little")
+        value[8:16] = (1).to_bytes(8, "little")  # network flag still set
+        hexv = " ".join(f"{b:02x}" for b in value)
+        sh(f"bpftool map update id {map_id} key 0 0 0 0 value hex {hexv}")
+        subprocess.run(client("refuse", "tapio-inert", "127.0.0.1", port, 20), check=True,
+                       capture_output=True, timeout=30)
+        time.sleep(1.0)
+        occs = [o for o in a.occurrences() if o["data"].get("dst_port") == port]
+        metrics = a.metrics_text(mport)
+    assert occs == []
+    m = re.search(r'tapio_config_abi_mismatch_total\{observer="network"\} ([0-9.e+]+)', metrics)
+    if abi_version == 0:
+        assert m is None or float(m.group(1)) == 0  # all-zeros is inert and silent
+    else:
+        assert m is not None and float(m.group(1)) >= 20, metrics
+
+
+def test_sigterm_during_burst_flushes_everything_drained(tmp_path: Path) -> None:
+    port = closed_port(socket.AF_INET, "127.0.0.1")
+    a = agent(tmp_path, config="[file]\nmax_files = 1000000\nmax_bytes = 4000000000\n")
+    proc = a.__enter__()
+    burst = subprocess.Popen(client("refuse", "tapio-burst", "127.0.0.1", port, 20000),
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(list(proc.data_dir.glob("*.json"))) > 50, 15)
+        assert proc.proc is not None
+        proc.proc.send_signal(15)
+        proc.proc.wait(20)
+    finally:
+        burst.kill()
+        burst.wait(5)
+    assert proc.proc is not None and proc.proc.returncode == 0, proc.stderr()[-3000:]
+    stopped = [e for e in proc.logs() if e.get("event") == "agent stopped"]
+    assert stopped, proc.stderr()[-3000:]
+    written = stopped[0]["sinks"]["file"]["ok"]
+    dropped = stopped[0]["sinks"]["file"]["dropped"]
+    files = [f for f in proc.data_dir.glob("*.json")]
+    assert written == len(files) == stopped[0]["anomalies"] - dropped
+    assert dropped == 0
+    assert written > 50
