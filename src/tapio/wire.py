@@ -489,6 +489,8 @@ def decode(raw: bytes | str, type: type[T]) -> T:
         result: T = decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise WireError.malformed_json(f"Failed to parse the request body as JSON: {exc}") from None
+    except UnicodeDecodeError:  # msgspec lets invalid UTF-8 inside strings escape as this
+        raise WireError.malformed_json("request body is not valid UTF-8") from None
     except RecursionError:
         raise WireError.malformed_json("JSON nested too deeply") from None
     return result

@@ -123,7 +123,17 @@ def test_hello_version_and_missing_field() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"{", b"[]", b"null", b'{"wire_version": 1}', b"\xff\xfe", b'{"agent_id":"a"} trailing'],
+    [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'{"wire_version": 1}',
+        b"\xff\xfe",
+        b'{"agent_id":"a"} trailing',
+        b'{"wire_version":"\x80apio-wire/v1"}',
+        b'{"\xc3":1}',
+    ],
 )
 def test_decode_failures_are_malformed_json(raw: bytes) -> None:
     with pytest.raises(wire.WireError) as info:
