@@ -1,0 +1,176 @@
+"""End to end: the real agent writes connection refusals through the file sink and
+``tapio watch`` prints each one exactly once, within a second or two."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+REFUSED = "kernel.network.connection_refused"
+REPO = Path(__file__).resolve().parents[2]
+LATENCY = 2.0  # seconds from the refused connect to the printed line
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"kernel test cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _refuse(port: int) -> None:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return
+    raise AssertionError(f"127.0.0.1:{port} unexpectedly accepted a connection")
+
+
+def _refusals_on_disk(data_dir: Path, port: int) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if not data_dir.is_dir():
+        return out
+    for path in data_dir.glob("*.json"):
+        try:
+            occ = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if occ.get("type") == REFUSED and (occ.get("data") or {}).get("dst_port") == port:
+            out[occ["id"]] = occ
+    return out
+
+
+class _Lines:
+    """Collects a subprocess's stdout lines (with arrival time) on a thread."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.q: queue.Queue[tuple[float, str]] = queue.Queue()
+        assert proc.stdout is not None
+        stream = proc.stdout
+
+        def pump() -> None:
+            for raw in stream:
+                self.q.put((time.monotonic(), raw.decode(errors="replace").rstrip("\n")))
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def refusals(self, port: int, timeout: float) -> list[tuple[float, dict[str, Any]]]:
+        """Printed refusal occurrences for ``port`` arriving within ``timeout``."""
+        out = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return out
+            try:
+                at, line = self.q.get(timeout=left)
+            except queue.Empty:
+                return out
+            occ = json.loads(line)
+            if occ.get("type") == REFUSED and (occ.get("data") or {}).get("dst_port") == port:
+                out.append((at, occ))
+
+
+@contextmanager
+def _process(
+    cmd: list[str], *, stdout: Any, stderr: Any, sig: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, cwd=REPO)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def test_watch_prints_each_kernel_refusal_exactly_once(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        _skip_or_fail("needs root")
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        _skip_or_fail("kernel has no BTF")
+    data_dir = tmp_path / "occurrences"
+    agent_log = tmp_path / "agent.stderr"
+    watch_err = tmp_path / "watch.stderr"
+    agent_cmd = [sys.executable, "-m", "tapio", "agent", "--sink", "file"]
+    agent_cmd += ["--data-dir", str(data_dir)]
+    with (
+        open(agent_log, "wb") as alog,
+        _process(agent_cmd, stdout=subprocess.DEVNULL, stderr=alog, sig=signal.SIGTERM) as agent,
+    ):
+        # The agent prints nothing special when ready: refuse connections until the file sink
+        # has written one of them (bounded).
+        probe_port = _free_port()
+        deadline = time.monotonic() + 20
+        while not _refusals_on_disk(data_dir, probe_port):
+            if agent.poll() is not None or time.monotonic() > deadline:
+                log = agent_log.read_text(errors="replace")[-4000:]
+                pytest.fail(f"agent never wrote a refusal (rc={agent.poll()}):\n{log}")
+            _refuse(probe_port)
+            time.sleep(0.2)
+
+        watch_cmd = [sys.executable, "-m", "tapio", "watch", "--json", "--network"]
+        watch_cmd += ["--data-dir", str(data_dir)]
+        with (
+            open(watch_err, "wb") as werr,
+            _process(watch_cmd, stdout=subprocess.PIPE, stderr=werr, sig=signal.SIGINT) as watch,
+        ):
+            lines = _Lines(watch)
+            # watch is ready once it prints a fresh refusal
+            ready_port = _free_port()
+            deadline = time.monotonic() + 20
+            while not lines.refusals(ready_port, 0.3):
+                assert watch.poll() is None, watch_err.read_text()
+                assert time.monotonic() < deadline, "watch never printed a refusal"
+                _refuse(ready_port)
+
+            port = _free_port()
+            printed: list[dict[str, Any]] = []
+            for _ in range(10):
+                start = time.monotonic()
+                _refuse(port)
+                got = lines.refusals(port, LATENCY)
+                assert got, "a refused connection was not printed within the deadline"
+                first_at = got[0][0]
+                assert first_at - start < LATENCY
+                printed += [occ for _, occ in got]
+            # anything late would be a duplicate or a missed one: give it time to show up
+            printed += [occ for _, occ in lines.refusals(port, 1.5)]
+
+            on_disk = _refusals_on_disk(data_dir, port)
+            printed_ids = [occ["id"] for occ in printed]
+            assert len(printed_ids) == len(set(printed_ids)), "an occurrence was printed twice"
+            assert set(printed_ids) == set(on_disk), "printed and written refusals differ"
+            assert len(on_disk) >= 10
+            for occ in printed:
+                assert occ == on_disk[occ["id"]]
+
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(10) == 0
+        assert "Traceback" not in watch_err.read_text(errors="replace")
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0, agent_log.read_text(errors="replace")[-4000:]
