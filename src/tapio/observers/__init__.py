@@ -11,6 +11,7 @@ from tapio.observers.base import Observer
 
 REGISTRY: dict[str, str] = {
     "network": "tapio.observers.network:NetworkObserver",
+    "node": "tapio.observers.node:NodeObserver",
     "container": "tapio.observers.container:ContainerObserver",
 }
 
