@@ -13,6 +13,7 @@ REGISTRY: dict[str, str] = {
     "network": "tapio.observers.network:NetworkObserver",
     "node": "tapio.observers.node:NodeObserver",
     "container": "tapio.observers.container:ContainerObserver",
+    "storage": "tapio.observers.storage:StorageObserver",
 }
 
 

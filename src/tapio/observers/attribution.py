@@ -312,3 +312,53 @@ def scan_tree(root: Path, limit: int = 65536) -> list[tuple[int, str]]:
         except OSError:
             continue
     return out
+
+
+def cgroup_facts(
+    resolver: CgroupResolver,
+    ids: Mapping[str, int],
+    paths: Mapping[str, str | None],
+    order: tuple[str, ...],
+) -> dict[str, object]:
+    """The ``data`` facts describing a task's cgroups.
+
+    ``ids``/``paths`` are per hierarchy ("unified", "memory", "cpu"); ``order`` says which
+    hierarchy describes the event best. ``cgroup_id`` is the id of the first hierarchy (in that
+    order) where the task is not in the root, or of the first known id; ``cgroup_path`` is its
+    path (``None`` when the cgroup is gone or unknown). Container id, runtime and pod UID are
+    added only when a non-root path holds them.
+    """
+    facts: dict[str, object] = {
+        "cgroup2_id": ids.get("unified", 0),
+        "memory_cgroup_id": ids.get("memory", 0),
+        "cpu_cgroup_id": ids.get("cpu", 0),
+    }
+    primary: str | None = None
+    for h in order:
+        p = paths.get(h)
+        if p is not None and p != "/":
+            primary = h
+            break
+    if primary is None:
+        for h in order:
+            if ids.get(h):
+                primary = h
+                break
+    facts["cgroup_id"] = ids.get(primary, 0) if primary is not None else 0
+    cgroup_path = paths.get(primary) if primary is not None else None
+    for h in order:
+        p = paths.get(h)
+        if p is None or p == "/":
+            continue
+        attr = resolver.attribution(p)
+        if attr.container_id is not None or attr.pod_uid is not None:
+            cgroup_path = p
+            facts["cgroup_id"] = ids.get(h, 0)
+            if attr.container_id is not None:
+                facts["container_id"] = attr.container_id
+                facts["container_runtime"] = attr.runtime
+            if attr.pod_uid is not None:
+                facts["pod_uid"] = attr.pod_uid
+            break
+    facts["cgroup_path"] = cgroup_path
+    return facts

@@ -32,7 +32,7 @@ import signal as _signal
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
-from tapio.observers.attribution import U64_MAX, CgroupResolver, scan_tree
+from tapio.observers.attribution import U64_MAX, CgroupResolver, cgroup_facts, scan_tree
 from tapio.observers.base import Emit, Observer, ObserverContext
 from tapio.occurrence import (
     CONTAINER_ABNORMAL_EXIT,
@@ -184,42 +184,8 @@ class ContainerObserver(Observer):
                 source = "unknown"
                 for h in ids:
                     paths[h] = None
-        facts: dict[str, object] = {
-            "cgroup_source": source,
-            "cgroup2_id": ids["unified"],
-            "memory_cgroup_id": ids["memory"],
-            "cpu_cgroup_id": ids["cpu"],
-        }
-        primary: str | None = None
-        for h in order:
-            p = paths.get(h)
-            if p is not None and p != "/":
-                primary = h
-                break
-        if primary is None:
-            # Root everywhere, or unknown: report the first id we have, with its path if known.
-            for h in order:
-                if ids[h]:
-                    primary = h
-                    break
-        cgroup_path = paths.get(primary) if primary is not None else None
-        facts["cgroup_id"] = ids[primary] if primary is not None else 0
-        # The deepest attribution among the non-root paths, in preference order.
-        for h in order:
-            p = paths.get(h)
-            if p is None or p == "/":
-                continue
-            attr = resolver.attribution(p)
-            if attr.container_id is not None or attr.pod_uid is not None:
-                cgroup_path = p
-                facts["cgroup_id"] = ids[h]
-                if attr.container_id is not None:
-                    facts["container_id"] = attr.container_id
-                    facts["container_runtime"] = attr.runtime
-                if attr.pod_uid is not None:
-                    facts["pod_uid"] = attr.pod_uid
-                break
-        facts["cgroup_path"] = cgroup_path
+        facts = cgroup_facts(resolver, ids, paths, order)
+        facts["cgroup_source"] = source
         return facts, paths.get("memory")
 
     def classify_one(self, rec: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:

@@ -1,0 +1,203 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Storage observer: block request errors and slow requests, correlated from
+ * block/block_rq_issue to block/block_rq_complete.
+ *
+ * The issuer (pid, tid, comm, cgroups) is captured at issue time: completions run in softirq or
+ * in a driver's worker, whose current task has nothing to do with the request.
+ *
+ * Correlation key: (dev, sector, nr_sector, op). A second issue for a key still inflight marks
+ * the entry ambiguous; its completion is then dropped and counted (STORAGE_METRIC_AMBIGUOUS),
+ * because we cannot tell which issuer (or issue time) it belongs to. A completion with no issue
+ * record (evicted from the LRU, issued before attach or while disabled, partial completion with
+ * a different size) is counted as STORAGE_METRIC_UNMATCHED. Wrong evidence is never emitted.
+ *
+ * Only reads and writes are tracked; discards, secure erases, pure flushes ("F", "FF") and other
+ * operations ("N") are ignored by design. A flush-prefixed write ("FW...") is a write.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+
+#include "tapio_common.h"
+#include "storage.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 512 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct io_key);
+	__type(value, struct io_value);
+} inflight SEC(".maps");
+
+/* STORAGE_OP_* from the rwbs string, or -1 for requests we do not track. */
+static __always_inline int rwbs_op(const char *rwbs)
+{
+	char c0 = rwbs[0], c1 = rwbs[1];
+	if (c0 == 'F') /* preflush: look at the operation that follows */
+		c0 = c1;
+	if (c0 == 'R')
+		return STORAGE_OP_READ;
+	if (c0 == 'W')
+		return STORAGE_OP_WRITE;
+	return -1;
+}
+
+static __always_inline __u64 current_memcg_id(void)
+{
+	if (!bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id))
+		return 0;
+	__u32 id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
+	if (id >= 12)
+		return 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct css_set *cs = BPF_CORE_READ(task, cgroups);
+	struct cgroup_subsys_state *css = 0;
+	if (!cs)
+		return 0;
+	bpf_core_read(&css, sizeof(css), &cs->subsys[id]);
+	if (!css)
+		return 0;
+	return BPF_CORE_READ(css, cgroup, kn, id);
+}
+
+SEC("tracepoint/block/block_rq_issue")
+int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
+{
+	/* Scalars and arrays out of ctx first (no loads through an offset ctx pointer). */
+	__u32 dev = ctx->dev;
+	__u64 sector = ctx->sector;
+	__u32 nr_sector = ctx->nr_sector;
+	__u32 bytes = ctx->bytes;
+	char rwbs[8] = {};
+	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
+
+	int op = rwbs_op(rwbs);
+	if (op < 0)
+		return 0;
+	struct tapio_config cfg;
+	if (!tapio_config_gate(&cfg, TAPIO_FLAG_STORAGE))
+		return 0;
+
+	struct io_key key = {};
+	key.dev = dev;
+	key.nr_sector = nr_sector;
+	key.sector = sector;
+	key.opcode = op;
+
+	struct io_value *old = bpf_map_lookup_elem(&inflight, &key);
+	if (old) {
+		old->ambiguous = 1; /* keep the first issue; its completion will be dropped */
+		return 0;
+	}
+	struct io_value val = {};
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	val.issue_ns = bpf_ktime_get_ns();
+	val.cgroup_id = bpf_get_current_cgroup_id();
+	val.memcg_id = current_memcg_id();
+	val.pid = pid_tgid >> 32;
+	val.tid = (__u32)pid_tgid;
+	val.bytes = bytes ? bytes : nr_sector * 512;
+	bpf_get_current_comm(val.comm, sizeof(val.comm));
+	__builtin_memcpy(val.rwbs, rwbs, sizeof(val.rwbs));
+	if (bpf_map_update_elem(&inflight, &key, &val, BPF_NOEXIST) != 0) {
+		/* Raced with another issue of the same key on another CPU. */
+		old = bpf_map_lookup_elem(&inflight, &key);
+		if (old)
+			old->ambiguous = 1;
+	}
+	return 0;
+}
+
+/* Not inlined on purpose: its signature puts struct storage_event into the object's BTF. */
+static __noinline int fill_event(struct storage_event *e, const struct io_value *v,
+				 const struct io_key *k)
+{
+	e->cgroup_id = v->cgroup_id;
+	e->memcg_id = v->memcg_id;
+	e->pid = v->pid;
+	e->tid = v->tid;
+	e->bytes = v->bytes;
+	__builtin_memcpy(e->comm, v->comm, sizeof(e->comm));
+	__builtin_memcpy(e->rwbs, v->rwbs, sizeof(e->rwbs));
+	e->sector = k->sector;
+	e->nr_sector = k->nr_sector;
+	e->dev_major = k->dev >> 20;
+	e->dev_minor = k->dev & 0xfffff;
+	e->opcode = k->opcode;
+	return 0;
+}
+
+SEC("tracepoint/block/block_rq_complete")
+int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
+{
+	__u32 dev = ctx->dev;
+	__u64 sector = ctx->sector;
+	__u32 nr_sector = ctx->nr_sector;
+	__s32 error = ctx->error;
+	char rwbs[8] = {};
+	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
+
+	int op = rwbs_op(rwbs);
+	if (op < 0)
+		return 0;
+
+	struct io_key key = {};
+	key.dev = dev;
+	key.nr_sector = nr_sector;
+	key.sector = sector;
+	key.opcode = op;
+
+	struct tapio_config cfg;
+	int enabled = tapio_config_gate(&cfg, TAPIO_FLAG_STORAGE);
+	struct io_value *v = bpf_map_lookup_elem(&inflight, &key);
+	if (!v) {
+		if (enabled)
+			tapio_metric_inc(STORAGE_METRIC_UNMATCHED);
+		return 0;
+	}
+	/* The config gates emission, not cleanup. */
+	if (!enabled) {
+		bpf_map_delete_elem(&inflight, &key);
+		return 0;
+	}
+	if (v->ambiguous) {
+		tapio_metric_inc(STORAGE_METRIC_AMBIGUOUS);
+		bpf_map_delete_elem(&inflight, &key);
+		return 0;
+	}
+
+	__u64 now = bpf_ktime_get_ns();
+	__u64 latency = now - v->issue_ns;
+	__u8 severity;
+	if (error != 0)
+		severity = STORAGE_SEV_CRITICAL;
+	else if (cfg.io_latency_critical_ns && latency >= cfg.io_latency_critical_ns)
+		severity = STORAGE_SEV_CRITICAL;
+	else if (cfg.slow_io_threshold_ns && latency >= cfg.slow_io_threshold_ns)
+		severity = STORAGE_SEV_WARNING;
+	else {
+		bpf_map_delete_elem(&inflight, &key);
+		return 0;
+	}
+
+	struct storage_event *e = TAPIO_RESERVE(&events, struct storage_event);
+	if (e) {
+		e->timestamp_ns = now;
+		e->latency_ns = latency;
+		e->config_generation = cfg.generation;
+		e->error_code = error;
+		e->severity = severity;
+		fill_event(e, v, &key);
+		tapio_submit(&events, e);
+	}
+	bpf_map_delete_elem(&inflight, &key);
+	return 0;
+}

@@ -1,0 +1,284 @@
+"""Storage observer: parse ``struct storage_event`` (bpf/storage.h) and classify it.
+
+The kernel correlates ``block_rq_issue`` with ``block_rq_complete`` (bpf/storage.bpf.c) and sends
+only requests that failed (``kernel.storage.io_error``) or crossed a latency threshold
+(``kernel.storage.latency_spike``: warning above ``slow_io_threshold_ns``, critical above
+``io_latency_critical_ns``). The issuing pid, tid, comm and cgroups are captured at **issue**
+time (completions run in softirq or driver workers).
+
+By design only reads and writes are tracked: discards, secure erases, pure flushes and other
+operations (``N``) are ignored; a flush-prefixed write (``FW…``) is a write.
+
+Missing evidence is counted, never guessed: a completion whose key (dev, sector, nr_sector, op)
+was issued twice while inflight is dropped as
+``tapio_correlation_drops_total{observer="storage",reason="ambiguous_inflight_io"}``; a completion
+without an issue record (evicted, issued before attach, partial completion) as
+``reason="unmatched_completion"``.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
+from tapio.observers.attribution import CgroupResolver, cgroup_facts
+from tapio.observers.base import Observer, ObserverContext
+from tapio.occurrence import (
+    STORAGE_IO_ERROR,
+    STORAGE_LATENCY_SPIKE,
+    Occurrence,
+    new_occurrence,
+)
+
+STORAGE_EVENT = CStruct(
+    "storage_event",
+    [
+        ("timestamp_ns", "Q"),
+        ("latency_ns", "Q"),
+        ("cgroup_id", "Q"),
+        ("memcg_id", "Q"),
+        ("sector", "Q"),
+        ("dev_major", "I"),
+        ("dev_minor", "I"),
+        ("bytes", "I"),
+        ("nr_sector", "I"),
+        ("config_generation", "I"),
+        ("pid", "I"),
+        ("tid", "I"),
+        ("error_code", "i"),
+        ("rwbs", "8s"),
+        ("opcode", "B"),
+        ("severity", "B"),
+        ("_pad0", "2x"),
+        ("_pad1", "4x"),
+        ("comm", "16s"),
+    ],
+    104,
+)
+
+IO_KEY = CStruct(
+    "io_key",
+    [
+        ("dev", "I"),
+        ("nr_sector", "I"),
+        ("sector", "Q"),
+        ("opcode", "B"),
+        ("_pad", "7x"),
+    ],
+    24,
+)
+
+IO_VALUE = CStruct(
+    "io_value",
+    [
+        ("issue_ns", "Q"),
+        ("cgroup_id", "Q"),
+        ("memcg_id", "Q"),
+        ("pid", "I"),
+        ("tid", "I"),
+        ("bytes", "I"),
+        ("ambiguous", "B"),
+        ("_pad", "3x"),
+        ("comm", "16s"),
+        ("rwbs", "8s"),
+    ],
+    64,
+)
+
+OP_READ = 0
+OP_WRITE = 1
+OP_NAMES = {OP_READ: "read", OP_WRITE: "write"}
+
+SEV_WARNING = 1
+SEV_CRITICAL = 2
+
+METRIC_AMBIGUOUS = METRIC_OBSERVER_BASE + 0
+METRIC_UNMATCHED = METRIC_OBSERVER_BASE + 1
+
+_CACHE_MAX = 4096
+_NEGATIVE_TTL = 5.0
+_ORDER = ("unified", "memory")
+
+
+def dev_major(dev: int) -> int:
+    return dev >> 20
+
+
+def dev_minor(dev: int) -> int:
+    return dev & 0xFFFFF
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(-err, f"errno {err}") if err < 0 else f"errno {err}"
+
+
+class DeviceNames:
+    """(major, minor) → kernel device name from ``/sys/dev/block/<maj>:<min>/uevent``, cached."""
+
+    def __init__(self, sysfs: Path = Path("/sys/dev/block"), maxsize: int = _CACHE_MAX) -> None:
+        self.sysfs = sysfs
+        self.maxsize = maxsize
+        self._names: dict[tuple[int, int], str] = {}
+        self._missing: dict[tuple[int, int], float] = {}
+        self.reads = 0
+
+    def name(self, major: int, minor: int) -> str | None:
+        key = (major, minor)
+        hit = self._names.get(key)
+        if hit is not None:
+            return hit
+        now = time.monotonic()
+        miss = self._missing.get(key)
+        if miss is not None and now - miss < _NEGATIVE_TTL:
+            return None
+        self.reads += 1
+        found: str | None = None
+        try:
+            for line in (self.sysfs / f"{major}:{minor}" / "uevent").read_text().splitlines():
+                if line.startswith("DEVNAME="):
+                    found = line.split("=", 1)[1].strip() or None
+                    break
+        except OSError:
+            found = None
+        if found is None:
+            if len(self._missing) >= self.maxsize:
+                self._missing.clear()
+            self._missing[key] = now
+            return None
+        if len(self._names) >= self.maxsize:
+            self._names.clear()
+        self._names[key] = found
+        return found
+
+
+class StorageObserver(Observer):
+    name = "storage"
+    object_name = "storage"
+    record = STORAGE_EVENT
+    kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {
+        METRIC_AMBIGUOUS: ("correlation_drop", "ambiguous_inflight_io"),
+        METRIC_UNMATCHED: ("correlation_drop", "unmatched_completion"),
+    }
+
+    def __init__(
+        self,
+        ctx: ObserverContext,
+        resolver: CgroupResolver | None = None,
+        devices: DeviceNames | None = None,
+    ) -> None:
+        super().__init__(ctx)
+        self.resolver = resolver if resolver is not None else CgroupResolver()
+        self.devices = devices if devices is not None else DeviceNames()
+        self._str_cache: dict[bytes, str] = {}
+        self._cg_cache: dict[tuple[int, int], dict[str, object]] = {}
+        self._cg_cache_at = time.monotonic()
+
+    def _str(self, raw: bytes) -> str:
+        text = self._str_cache.get(raw)
+        if text is None:
+            if len(self._str_cache) >= _CACHE_MAX:
+                self._str_cache.clear()
+            try:
+                text = raw.split(b"\0", 1)[0].decode("utf-8")
+            except UnicodeDecodeError:
+                text = "<invalid>"
+            self._str_cache[raw] = text
+        return text
+
+    def _cgroups(self, cg2: int, memcg: int) -> dict[str, object]:
+        # Memoized per id pair; refreshed every few seconds so a cgroup that disappears (or an
+        # id that is reused) is not described by stale facts for long.
+        now = time.monotonic()
+        if now - self._cg_cache_at > _NEGATIVE_TTL or len(self._cg_cache) >= _CACHE_MAX:
+            self._cg_cache.clear()
+            self._cg_cache_at = now
+        key = (cg2, memcg)
+        facts = self._cg_cache.get(key)
+        if facts is None:
+            ids = {"unified": cg2, "memory": memcg, "cpu": 0}
+            paths = {h: self.resolver.path_for_id(h, i) for h, i in ids.items() if i}
+            facts = cgroup_facts(self.resolver, ids, paths, _ORDER)
+            del facts["cpu_cgroup_id"]
+            self._cg_cache[key] = facts
+        return facts
+
+    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
+        out: list[Occurrence] = []
+        boot = self.ctx.boot_offset_ns
+        for rec in STORAGE_EVENT.iter_unpack(payload):
+            occ = self.classify_one(rec, boot)
+            if occ is not None:
+                out.append(occ)
+        return out
+
+    def classify_one(self, rec: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
+        (
+            ts,
+            latency_ns,
+            cg2,
+            memcg,
+            sector,
+            major,
+            minor,
+            nbytes,
+            nr_sector,
+            generation,
+            pid,
+            tid,
+            error_code,
+            rwbs,
+            opcode,
+            severity,
+            comm,
+        ) = rec
+        op = OP_NAMES.get(opcode)
+        if op is None:
+            return None  # the kernel only sends reads and writes
+        if error_code == 0 and severity not in (SEV_WARNING, SEV_CRITICAL):
+            return None
+        device = self.devices.name(major, minor)
+        latency_ms = latency_ns / 1e6
+        data: dict[str, object] = {
+            "bytes": nbytes,
+            "comm": self._str(comm),
+            "config_generation": generation,
+            "dev_major": major,
+            "dev_minor": minor,
+            "device": device,
+            "error_code": error_code,
+            "latency_ms": latency_ms,
+            "latency_ns": latency_ns,
+            "nr_sector": nr_sector,
+            "opcode": op,
+            "pid": pid,
+            "pid_source": "issue",
+            "rwbs": self._str(rwbs),
+            "sector": sector,
+            "tid": tid,
+            "timestamp_ns": ts,
+            **self._cgroups(cg2, memcg),
+        }
+        when = boot_offset_ns + ts
+        if error_code != 0:
+            data["error"] = errno_name(error_code)
+            return new_occurrence(
+                STORAGE_IO_ERROR,
+                "critical",
+                "failure",
+                timestamp_ns=when,
+                code="IO_ERROR",
+                message=f"I/O error on {major}:{minor} (error={error_code}, {op})",
+                data=data,
+            )
+        return new_occurrence(
+            STORAGE_LATENCY_SPIKE,
+            "critical" if severity == SEV_CRITICAL else "warning",
+            "in_progress",
+            timestamp_ns=when,
+            code="LATENCY_SPIKE",
+            message=f"I/O latency {latency_ms:.1f}ms on {major}:{minor} ({op})",
+            data=data,
+        )
