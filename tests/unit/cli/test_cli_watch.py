@@ -287,3 +287,46 @@ def test_watcher_partial_file_settles_then_prints_once(tmp_path: Path, use_inoti
         assert w.seen == set()
     finally:
         w.close()
+
+
+def test_watcher_follows_a_recreated_directory(tmp_path: Path) -> None:
+    d = tmp_path / "occ"
+    d.mkdir()
+    c = Collect()
+    w = Watcher(str(d), c.emit, c.warn)
+    w.start()
+    try:
+        assert w.inotify_active
+        first = make(TYPES[0], 1)
+        write_occ(d, first)
+        assert [r.occ.id for r in w.step(1.0)] == [first.id]
+        for p in d.iterdir():
+            p.unlink()
+        d.rmdir()
+        assert w.step(0.5) == []
+        assert not w.inotify_active
+        d.mkdir()
+        second = make(TYPES[1], 2)
+        write_occ(d, second)
+        records = w.step(0.5)  # re-arms and rescans the new directory
+        assert [r.occ.id for r in records] == [second.id]
+        assert w.inotify_active
+        third = make(TYPES[2], 3)
+        write_occ(d, third)
+        assert [r.occ.id for r in w.step(1.0)] == [third.id]
+    finally:
+        w.close()
+
+
+def test_watch_on_a_file_is_an_error(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tapio", "watch", "--data-dir", str(f)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: {f}: Not a directory\n"
