@@ -82,7 +82,7 @@ class Drainer:
         self._malformed = {o.name: MALFORMED_EVENTS.labels(observer=o.name) for o in self.observers}
         self._cap = {o.name: DRAIN_CAP.labels(observer=o.name) for o in self.observers}
 
-    async def drain_once(self, senders: dict[str, MemoryObjectSendStream[bytearray]]) -> bool:
+    async def drain_once(self, senders: dict[str, MemoryObjectSendStream[bytes]]) -> bool:
         """One pass over every ring; True when some ring hit the per-tick cap."""
         capped_any = False
         for ro in self.observers:
@@ -100,13 +100,13 @@ class Drainer:
             if drained.count:
                 self.stats.events += drained.count
                 self._events[ro.name].inc(drained.count)
-                await senders[ro.name].send(drained.payload)
+                await senders[ro.name].send(drained.frames)
             if drained.capped:
                 self._cap[ro.name].inc()
                 capped_any = True
         return capped_any
 
-    async def run(self, senders: dict[str, MemoryObjectSendStream[bytearray]]) -> None:
+    async def run(self, senders: dict[str, MemoryObjectSendStream[bytes]]) -> None:
         """Drain until ``scope`` is cancelled, then drain what is left and close the senders."""
         ep = select.epoll()
         try:
@@ -133,7 +133,7 @@ class Drainer:
 
 async def classify_loop(
     ro: RunningObserver,
-    payloads: MemoryObjectReceiveStream[bytearray],
+    payloads: MemoryObjectReceiveStream[bytes],
     out: MemoryObjectSendStream[Batch],
 ) -> None:
     observer = ro.observer
@@ -143,7 +143,7 @@ async def classify_loop(
                 batch = observer.classify(payload)
             except Exception:  # a classifier bug must not take the agent down
                 log.exception("classification failed; batch dropped", observer=ro.name)
-                n = len(payload) // observer.record.size
+                n = len(payload) // observer.record.stride
                 MALFORMED_EVENTS.labels(observer=ro.name).inc(n)
                 continue
             if batch:

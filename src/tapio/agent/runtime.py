@@ -100,7 +100,7 @@ class Agent:
                 )
                 if cls.ring_map is not None:
                     events = obj.map(cls.ring_map)
-                    ro.ring = RingBuffer(events.fd, events.max_entries)
+                    ro.ring = RingBuffer.open(events.fd, events.max_entries)
                     stack.callback(ro.ring.close)
                 observer.on_config(
                     initial if initial is not None else TapioConfig(abi_version=0),
@@ -279,7 +279,7 @@ class Agent:
                 s, r = anyio.create_memory_object_stream[Batch](a.channel_batches)
                 lanes.append(SinkLane(sink, s))
                 sink_recvs.append((sink, r))
-            payload_sends: dict[str, anyio.abc.ObjectSendStream[bytearray]] = {}
+            payload_sends: dict[str, anyio.abc.ObjectSendStream[bytes]] = {}
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._watch_signals, outer.cancel_scope)
                 async with anyio.create_task_group() as tg:
@@ -289,7 +289,7 @@ class Agent:
                     for ro in running:
                         if ro.ring is None:
                             continue
-                        ps, pr = anyio.create_memory_object_stream[bytearray](a.channel_batches)
+                        ps, pr = anyio.create_memory_object_stream[bytes](a.channel_batches)
                         payload_sends[ro.name] = ps
                         tg.start_soon(classify_loop, ro, pr, batch_send.clone())
                     tg.start_soon(self._services, batch_send.clone())

@@ -36,6 +36,12 @@ class CStruct:
             self.offsets[fname] = off
             self.sizes[fname] = struct.calcsize("<" + f)
             off += self.sizes[fname]
+        # The ring buffer frames every record: an 8-byte header (u32 length, u32 page offset)
+        # and the record padded to 8 bytes. ``frame`` decodes a whole run of frames in one C
+        # call; its first item is the header length (validated by the consumer), then the
+        # record's fields.
+        self.stride = (8 + size + 7) & ~7
+        self.frame = struct.Struct("<I4x" + fmt[1:] + f"{self.stride - 8 - size}x")
         # Index of each field in the unpacked tuple ("16s" is one item, "16i" is sixteen).
         self.index: dict[str, int] = {}
         i = 0
@@ -45,6 +51,17 @@ class CStruct:
 
     def iter_unpack(self, payload: bytes | bytearray) -> Any:
         return self.struct.iter_unpack(payload)
+
+    def iter_frames(self, frames: bytes | bytearray) -> Any:
+        """Decode ring frames (see ``frame``): tuples of (header_len, *fields)."""
+        return self.frame.iter_unpack(frames)
+
+    def framed(self, *records: bytes) -> bytes:
+        """Frame raw records the way the ring buffer does (tests, recorded bytes)."""
+        pad = bytes(self.stride - 8 - self.size)
+        return b"".join(
+            len(r).to_bytes(4, "little") + bytes(4) + r[: self.size] + pad for r in records
+        )
 
 
 TAPIO_CONFIG_ABI_VERSION = 3

@@ -1,13 +1,19 @@
 """A BPF ring buffer consumer that copies records in batches, with no per-record callback.
 
 The map is mmap'ed the way libbpf does it: one read-write consumer page, then the read-only
-producer page followed by the data area mapped twice, so a record that wraps is still
-contiguous. ``consume_fixed`` walks the headers and copies the payloads of one record type into
-a single ``bytearray`` that the observer decodes with ``struct.iter_unpack`` in one C call.
+producer page followed by the data area mapped twice, so a run of records that wraps is still
+contiguous. Every record is framed by the kernel as an 8-byte header (length with BUSY/DISCARD
+bits, page offset) plus the payload padded to 8 bytes.
+
+Fast path: when every frame between the consumer and producer positions is a committed record
+of the observer's own size, the whole run is copied with one slice and later decoded with one
+``struct.iter_unpack`` call (see ``CStruct.frame``). Otherwise the slow path walks the headers,
+stops at a record still being written, skips discarded ones, counts records shorter than the
+struct as malformed, truncates longer ones (a newer ABI's trailing fields) and re-frames them.
 
 Memory ordering: records are published by the kernel with a release store on the header; on
 x86-64 (TSO) plain loads observe header-then-data in order. On weakly ordered CPUs this relies
-on the same data dependency libbpf's C consumer uses (header load before payload copy).
+on the same dependency libbpf's C consumer uses (header load before payload copy).
 """
 
 from __future__ import annotations
@@ -24,48 +30,91 @@ _U32 = struct.Struct("<I")
 
 
 class Drained(NamedTuple):
-    payload: bytearray  # ``count`` records of ``record_size`` bytes, back to back
+    frames: bytes  # ``count`` frames of ``stride`` bytes, decodable with CStruct.iter_frames
     count: int
-    malformed: int  # records shorter than record_size (dropped)
+    malformed: int  # records shorter than the struct (dropped)
     capped: bool  # stopped at max_records with more pending
 
 
 class RingBuffer:
-    def __init__(self, map_fd: int, max_entries: int) -> None:
-        if max_entries & (max_entries - 1):
+    """Consumer over the two mappings of a BPF_MAP_TYPE_RINGBUF map.
+
+    ``cons`` is the writable consumer page; ``prod`` is the producer page followed by the data
+    area mapped twice. Tests pass plain ``bytearray`` buffers laid out the same way.
+    """
+
+    def __init__(
+        self,
+        cons: mmap.mmap | bytearray,
+        prod: mmap.mmap | bytearray,
+        max_entries: int,
+        *,
+        page: int = mmap.PAGESIZE,
+        fd: int = -1,
+    ) -> None:
+        if max_entries <= 0 or max_entries & (max_entries - 1):
             raise ValueError("ring buffer size must be a power of two")
-        self.fd = map_fd
+        if len(prod) < page + 2 * max_entries:
+            raise ValueError("producer mapping too small")
+        self.fd = fd
         self.size = max_entries
         self._mask = max_entries - 1
+        self._cons = cons
+        self._prod = prod
+        self._page = page
+        self._view: memoryview | None = memoryview(prod)
+
+    @classmethod
+    def open(cls, map_fd: int, max_entries: int) -> RingBuffer:
+        """mmap a ring buffer map the way libbpf does."""
         page = mmap.PAGESIZE
-        self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
-            self._prod = mmap.mmap(
+            prod = mmap.mmap(
                 map_fd, page + 2 * max_entries, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
             )
         except BaseException:
-            self._cons.close()
+            cons.close()
             raise
-        self._page = page
-        self._view: memoryview | None = memoryview(self._prod)
+        return cls(cons, prod, max_entries, page=page, fd=map_fd)
 
     def pending_bytes(self) -> int:
-        return _U64.unpack_from(self._prod, 0)[0] - _U64.unpack_from(self._cons, 0)[0]
+        return int(_U64.unpack_from(self._prod, 0)[0] - _U64.unpack_from(self._cons, 0)[0])
 
     def consume_fixed(self, record_size: int, max_records: int) -> Drained:
-        """Copy up to ``max_records`` records; longer records are truncated (trailing bytes are
-        a newer ABI's additions), shorter ones are counted as malformed and skipped."""
+        """Take up to ``max_records`` records of ``record_size`` bytes as uniform frames."""
         view = self._view
         if view is None:
             raise ValueError("ring buffer is closed")
         cons = _U64.unpack_from(self._cons, 0)[0]
         prod = _U64.unpack_from(self._prod, 0)[0]
-        out = bytearray()
         if cons >= prod:
-            return Drained(out, 0, 0, False)
+            return Drained(b"", 0, 0, False)
+        stride = (HDR_SIZE + record_size + 7) & ~7
+        avail = prod - cons
+        n = min(avail // stride, max_records)
+        base = self._page + (cons & self._mask)
+        if n and avail % stride == 0:
+            run = view[base : base + n * stride]
+            headers = run.cast("I")[:: stride // 4].tolist()
+            if headers.count(record_size) == n:
+                frames = bytes(run)
+                cons += n * stride
+                _U64.pack_into(self._cons, 0, cons)
+                return Drained(frames, n, 0, cons < prod)
+        return self._consume_slow(cons, prod, record_size, stride, max_records)
+
+    def _consume_slow(
+        self, cons: int, prod: int, record_size: int, stride: int, max_records: int
+    ) -> Drained:
+        view = self._view
+        assert view is not None
         base = self._page
         mask = self._mask
         unpack_hdr = _U32.unpack_from
+        pad = bytes(stride - HDR_SIZE - record_size)
+        header = _U32.pack(record_size) + bytes(4)
+        out = bytearray()
         count = malformed = 0
         capped = False
         while cons < prod:
@@ -79,17 +128,21 @@ class RingBuffer:
             length = hdr & ~(BUSY_BIT | DISCARD_BIT)
             if not hdr & DISCARD_BIT:
                 if length >= record_size:
+                    out += header
                     out += view[off + HDR_SIZE : off + HDR_SIZE + record_size]
+                    out += pad
                     count += 1
                 else:
                     malformed += 1
             cons += (length + HDR_SIZE + 7) & ~7
         _U64.pack_into(self._cons, 0, cons)
-        return Drained(out, count, malformed, capped)
+        return Drained(bytes(out), count, malformed, capped)
 
     def close(self) -> None:
         if self._view is not None:
             self._view.release()
             self._view = None
-            self._prod.close()
-            self._cons.close()
+            if isinstance(self._prod, mmap.mmap):
+                self._prod.close()
+            if isinstance(self._cons, mmap.mmap):
+                self._cons.close()

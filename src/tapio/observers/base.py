@@ -88,7 +88,8 @@ class Observer(abc.ABC):
 
     @abc.abstractmethod
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
-        """Decode back-to-back records and return the anomalies among them."""
+        """Decode ring frames (``record.iter_frames``: header length, then the record's fields)
+        and return the anomalies among them."""
 
     async def run(self, emit: Emit) -> None:  # noqa: B027 - optional hook
         """Long-running side task for non-BPF facts; returns when there is nothing to do."""

@@ -8,7 +8,7 @@ the occurrence's severity/outcome/code/message and its ``data`` facts.
 from __future__ import annotations
 
 import socket
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.observers.base import Observer
@@ -18,7 +18,7 @@ from tapio.occurrence import (
     NETWORK_RETRANSMIT_SPIKE,
     NETWORK_RTT_DEGRADATION,
     Occurrence,
-    new_occurrence,
+    make_occurrence,
 )
 
 NETWORK_EVENT = CStruct(
@@ -140,15 +140,22 @@ class NetworkObserver(Observer):
 
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         out: list[Occurrence] = []
+        append = out.append
         boot = self.ctx.boot_offset_ns
-        for rec in NETWORK_EVENT.iter_unpack(payload):
-            occ = self.classify_one(rec, boot)
+        for frame in NETWORK_EVENT.iter_frames(payload):
+            occ = self.classify_one(frame, boot)
             if occ is not None:
-                out.append(occ)
+                append(occ)
         return out
 
-    def classify_one(self, rec: tuple[object, ...], boot_offset_ns: int) -> Occurrence | None:
+    def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
+        """One ring frame: (header_len, *network_event fields) → occurrence or None.
+
+        ``data`` dicts are written in sorted key order (the contract's key order) so no sort
+        is needed on this hot path; tests assert the order.
+        """
         (
+            _hdr,
             ts,
             generation,
             pid,
@@ -171,89 +178,127 @@ class NetworkObserver(Observer):
             rtt_cur,
             rtt_samples,
             duration_ns,
-            comm,
-        ) = rec  # type: ignore[misc]
-        assert isinstance(ts, int) and isinstance(family, int)
-        assert isinstance(saddr, bytes) and isinstance(daddr, bytes) and isinstance(comm, bytes)
+            comm_raw,
+        ) = frame
         src = self._addr(family, saddr)
         dst = self._addr(family, daddr)
-        data: dict[str, object] = {
-            "comm": self._comm(comm),
-            "config_generation": generation,
-            "dst_ip": dst,
-            "dst_port": dport,
-            "family": "ipv6" if family == AF_INET6 else "ipv4",
-            "pid": pid,
-            "pid_source": PID_SOURCES.get(pid_source, "none"),  # type: ignore[arg-type]
-            "protocol": "tcp",
-            "src_ip": src,
-            "src_port": sport,
-            "tid": tid,
-            "timestamp_ns": ts,
-        }
+        comm = self._comm(comm_raw)
+        fam = "ipv6" if family == AF_INET6 else "ipv4"
+        psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
         if ev_type == EV_CONN_REFUSED:
-            data["reason"] = "rst" if flags & FLAG_RST else "icmp"  # type: ignore[operator]
-            data["connect_duration_ms"] = round(duration_ns / 1e6, 3)  # type: ignore[operator]
-            return new_occurrence(
+            return make_occurrence(
                 NETWORK_CONNECTION_REFUSED,
                 "warning",
                 "failure",
-                timestamp_ns=when,
-                code="RST_RECEIVED",
-                message=f"TCP RST {src}:{sport} → {dst}:{dport}",
-                data=data,
+                when,
+                "RST_RECEIVED",
+                f"TCP RST {src}:{sport} → {dst}:{dport}",
+                {
+                    "comm": comm,
+                    "config_generation": generation,
+                    "connect_duration_ms": duration_ns // 1000 / 1000,
+                    "dst_ip": dst,
+                    "dst_port": dport,
+                    "family": fam,
+                    "pid": pid,
+                    "pid_source": psrc,
+                    "protocol": "tcp",
+                    "reason": "rst" if flags & FLAG_RST else "icmp",
+                    "src_ip": src,
+                    "src_port": sport,
+                    "tid": tid,
+                    "timestamp_ns": ts,
+                },
             )
         if ev_type == EV_CONN_TIMEOUT:
-            data["old_state"] = state_name(old_state)  # type: ignore[arg-type]
-            data["new_state"] = state_name(new_state)  # type: ignore[arg-type]
-            data["error"] = ERRNO_NAMES.get(sk_err, f"errno {sk_err}")  # type: ignore[arg-type]
-            data["connect_duration_ms"] = round(duration_ns / 1e6, 3)  # type: ignore[operator]
-            return new_occurrence(
+            return make_occurrence(
                 NETWORK_CONNECTION_TIMEOUT,
                 "error",
                 "failure",
-                timestamp_ns=when,
-                code="SYN_TIMEOUT",
-                message=f"Connection timeout to {dst}:{dport} (SYN_SENT→CLOSE)",
-                data=data,
+                when,
+                "SYN_TIMEOUT",
+                f"Connection timeout to {dst}:{dport} (SYN_SENT→CLOSE)",
+                {
+                    "comm": comm,
+                    "config_generation": generation,
+                    "connect_duration_ms": duration_ns // 1000 / 1000,
+                    "dst_ip": dst,
+                    "dst_port": dport,
+                    "error": ERRNO_NAMES.get(sk_err, f"errno {sk_err}"),
+                    "family": fam,
+                    "new_state": state_name(new_state),
+                    "old_state": state_name(old_state),
+                    "pid": pid,
+                    "pid_source": psrc,
+                    "protocol": "tcp",
+                    "src_ip": src,
+                    "src_port": sport,
+                    "tid": tid,
+                    "timestamp_ns": ts,
+                },
             )
         if ev_type == EV_RETRANS_SPIKE:
-            data["total_retrans"] = total_retrans
-            data["snd_cwnd"] = snd_cwnd
-            data["retransmits_in_window"] = retrans_count
-            data["window_ms"] = round(duration_ns / 1e6, 3)  # type: ignore[operator]
-            data["tcp_state"] = state_name(old_state)  # type: ignore[arg-type]
-            return new_occurrence(
+            return make_occurrence(
                 NETWORK_RETRANSMIT_SPIKE,
                 "warning",
                 "failure",
-                timestamp_ns=when,
-                code="RETRANSMIT",
-                message=(
+                when,
+                "RETRANSMIT",
+                (
                     f"TCP retransmit {src}:{sport} → {dst}:{dport} "
                     f"(total={total_retrans}, cwnd={snd_cwnd})"
                 ),
-                data=data,
+                {
+                    "comm": comm,
+                    "config_generation": generation,
+                    "dst_ip": dst,
+                    "dst_port": dport,
+                    "family": fam,
+                    "pid": pid,
+                    "pid_source": psrc,
+                    "protocol": "tcp",
+                    "retransmits_in_window": retrans_count,
+                    "snd_cwnd": snd_cwnd,
+                    "src_ip": src,
+                    "src_port": sport,
+                    "tcp_state": state_name(old_state),
+                    "tid": tid,
+                    "timestamp_ns": ts,
+                    "total_retrans": total_retrans,
+                    "window_ms": duration_ns // 1000 / 1000,
+                },
             )
         if ev_type == EV_RTT_SPIKE:
-            assert isinstance(rtt_base, int) and isinstance(rtt_cur, int)
-            data["baseline_ms"] = rtt_base // 1000
-            data["current_ms"] = rtt_cur // 1000
-            data["baseline_us"] = rtt_base
-            data["current_us"] = rtt_cur
-            data["baseline_samples"] = rtt_samples
-            data["snd_cwnd"] = snd_cwnd
-            return new_occurrence(
+            return make_occurrence(
                 NETWORK_RTT_DEGRADATION,
                 "warning",
                 "in_progress",
-                timestamp_ns=when,
-                code="RTT_SPIKE",
-                message=(
+                when,
+                "RTT_SPIKE",
+                (
                     f"RTT spike {src}:{sport} → {dst}:{dport} "
                     f"(baseline={_fmt_ms(rtt_base)}ms, current={_fmt_ms(rtt_cur)}ms)"
                 ),
-                data=data,
+                {
+                    "baseline_ms": rtt_base // 1000,
+                    "baseline_samples": rtt_samples,
+                    "baseline_us": rtt_base,
+                    "comm": comm,
+                    "config_generation": generation,
+                    "current_ms": rtt_cur // 1000,
+                    "current_us": rtt_cur,
+                    "dst_ip": dst,
+                    "dst_port": dport,
+                    "family": fam,
+                    "pid": pid,
+                    "pid_source": psrc,
+                    "protocol": "tcp",
+                    "snd_cwnd": snd_cwnd,
+                    "src_ip": src,
+                    "src_port": sport,
+                    "tid": tid,
+                    "timestamp_ns": ts,
+                },
             )
         return None
