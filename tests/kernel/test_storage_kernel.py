@@ -274,15 +274,19 @@ def test_ambiguous_inflight_requests_are_dropped_and_counted(
     second = _read(fuse_loop.loop, AMBIG_OFF)
     assert _finish(first) == 0 and _finish(second) == 0
 
+    def delta(now: dict[str, float], reason: str) -> float:
+        return now.get(reason, 0) - before.get(reason, 0)
+
     def moved() -> dict[str, float] | None:
+        # The first completion is dropped as ambiguous; the second then finds no record and
+        # is counted as unmatched, not guessed. (The agent polls the counters periodically.)
         now = _drops(proc, port)
-        amb = now.get("ambiguous_inflight_io", 0) - before.get("ambiguous_inflight_io", 0)
-        return now if amb >= 1 else None
+        ok = delta(now, "ambiguous_inflight_io") >= 1 and delta(now, "unmatched_completion") >= 1
+        return now if ok else None
 
     after = wait_until(moved, 10)
-    assert after, f"ambiguous drop not counted: {_drops(proc, port)}\n{proc.stderr()[-3000:]}"
-    # The second completion then finds no record: counted as unmatched, not guessed.
-    assert after.get("unmatched_completion", 0) - before.get("unmatched_completion", 0) >= 1
+    assert after, f"drops not counted: {_drops(proc, port)}\n{proc.stderr()[-3000:]}"
+    assert delta(after, "ambiguous_inflight_io") == 1
     time.sleep(1.0)
     for p in (first, second):
         assert _mine(proc, "kernel.storage.", fuse_loop, p.pid) == []

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import signal as _signal
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
@@ -94,6 +95,17 @@ _OOM_ORDER = ("memory", "unified", "cpu")
 _EXIT_ORDER = ("unified", "memory", "cpu")
 
 
+def iter_records(layout: CStruct, payload: bytes | bytearray) -> Iterator[tuple[Any, ...]]:
+    """The records of a drained payload: ring frames (8-byte header + padded record, decoded
+    with ``CStruct.iter_frames``) when the core provides them, else back-to-back records."""
+    frames = getattr(layout, "iter_frames", None)
+    if frames is None:
+        yield from layout.iter_unpack(payload)
+        return
+    for frame in frames(payload):
+        yield frame[1:]
+
+
 def signal_name(sig: int) -> str:
     name = SIGNAL_NAMES.get(sig)
     if name is not None:
@@ -156,7 +168,7 @@ class ContainerObserver(Observer):
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         out: list[Occurrence] = []
         boot = self.ctx.boot_offset_ns
-        for rec in CONTAINER_EVENT.iter_unpack(payload):
+        for rec in iter_records(CONTAINER_EVENT, payload):
             occ = self.classify_one(rec, boot)
             if occ is not None:
                 out.append(occ)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.observers.attribution import CgroupResolver, cgroup_facts
 from tapio.observers.base import Observer, ObserverContext
+from tapio.observers.container import iter_records
 from tapio.occurrence import (
     STORAGE_IO_ERROR,
     STORAGE_LATENCY_SPIKE,
@@ -208,7 +209,7 @@ class StorageObserver(Observer):
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         out: list[Occurrence] = []
         boot = self.ctx.boot_offset_ns
-        for rec in STORAGE_EVENT.iter_unpack(payload):
+        for rec in iter_records(STORAGE_EVENT, payload):
             occ = self.classify_one(rec, boot)
             if occ is not None:
                 out.append(occ)
