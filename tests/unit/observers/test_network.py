@@ -1,0 +1,109 @@
+"""Network classification on recorded bytes (the kernel decided the fact; Python formats it)."""
+
+from __future__ import annotations
+
+import socket
+
+import msgspec
+
+from tapio.observers.base import ObserverContext
+from tapio.observers.network import NETWORK_EVENT, NetworkObserver
+from tapio.occurrence import decode, encode
+
+V4_SRC = socket.inet_aton("10.1.2.3") + bytes(12)
+V4_DST = socket.inet_aton("10.9.8.7") + bytes(12)
+V6_SRC = socket.inet_pton(socket.AF_INET6, "fd00::1")
+V6_DST = socket.inet_pton(socket.AF_INET6, "fd00::2")
+BOOT = 1_700_000_000_000_000_000
+
+
+def record(**kw: object) -> bytes:
+    f = {
+        "timestamp_ns": 5_000_000_123, "config_generation": 3, "pid": 42, "tid": 43,
+        "event_type": 1, "family": 2, "pid_source": 1, "old_state": 2, "new_state": 7,
+        "flags": 1, "sport": 40000, "dport": 80, "saddr": V4_SRC, "daddr": V4_DST,
+        "sk_err": 111, "retrans_count": 0, "total_retrans": 0, "snd_cwnd": 0,
+        "rtt_baseline_us": 0, "rtt_current_us": 0, "rtt_samples": 0, "duration_ns": 1_500_000,
+        "comm": b"curl".ljust(16, b"\0"),
+    }
+    f.update(kw)
+    names = [n for n, _ in NETWORK_EVENT.fields if not n.startswith("_")]
+    return NETWORK_EVENT.struct.pack(*(f[n] for n in names))
+
+
+def classify(*records: bytes) -> list[dict[str, object]]:
+    obs = NetworkObserver(ObserverContext(boot_offset_ns=BOOT))
+    out = obs.classify(NETWORK_EVENT.framed(*records))
+    return [msgspec.json.decode(encode(o)) for o in out]
+
+
+def test_refused_ipv4() -> None:
+    [o] = classify(record())
+    assert o["type"] == "kernel.network.connection_refused"
+    assert (o["severity"], o["outcome"]) == ("warning", "failure")
+    assert o["error"] == {"code": "RST_RECEIVED", "message": "TCP RST 10.1.2.3:40000 → 10.9.8.7:80"}
+    assert o["timestamp"] == "2023-11-14T22:13:25.000000123+00:00"
+    d = o["data"]
+    assert list(d) == sorted(d)  # contract: data keys sorted
+    assert d == {
+        "comm": "curl", "config_generation": 3, "connect_duration_ms": 1.5, "dst_ip": "10.9.8.7",
+        "dst_port": 80, "family": "ipv4", "pid": 42, "pid_source": "connect", "protocol": "tcp",
+        "reason": "rst", "src_ip": "10.1.2.3", "src_port": 40000, "tid": 43,
+        "timestamp_ns": 5_000_000_123,
+    }
+
+
+def test_refused_by_icmp_and_ipv6() -> None:
+    [o] = classify(record(family=10, saddr=V6_SRC, daddr=V6_DST, flags=0))
+    assert o["data"]["reason"] == "icmp"
+    assert o["data"]["family"] == "ipv6"
+    assert o["error"]["message"] == "TCP RST fd00::1:40000 → fd00::2:80"
+
+
+def test_timeout() -> None:
+    [o] = classify(record(event_type=2, sk_err=110, flags=0, duration_ns=3_000_000_000))
+    assert o["type"] == "kernel.network.connection_timeout"
+    assert (o["severity"], o["error"]["code"]) == ("error", "SYN_TIMEOUT")
+    assert o["error"]["message"] == "Connection timeout to 10.9.8.7:80 (SYN_SENT→CLOSE)"
+    d = o["data"]
+    assert (d["old_state"], d["new_state"], d["error"]) == ("SYN_SENT", "CLOSE", "ETIMEDOUT")
+    assert d["connect_duration_ms"] == 3000.0
+    assert list(d) == sorted(d)
+
+
+def test_retransmit_spike() -> None:
+    [o] = classify(record(event_type=3, retrans_count=7, total_retrans=5, snd_cwnd=10,
+                          old_state=1, duration_ns=1_000_000_000, pid_source=0, pid=0))
+    assert o["type"] == "kernel.network.retransmit_spike"
+    assert o["error"]["message"] == "TCP retransmit 10.1.2.3:40000 → 10.9.8.7:80 (total=5, cwnd=10)"
+    d = o["data"]
+    assert (d["retransmits_in_window"], d["window_ms"], d["tcp_state"]) == (7, 1000.0, "ESTABLISHED")
+    assert d["pid_source"] == "none" and d["pid"] == 0
+    assert list(d) == sorted(d)
+
+
+def test_rtt_degradation() -> None:
+    [o] = classify(record(event_type=4, rtt_baseline_us=2000, rtt_current_us=50000, rtt_samples=9))
+    assert o["type"] == "kernel.network.rtt_degradation"
+    assert o["outcome"] == "in_progress"
+    assert o["error"]["message"] == "RTT spike 10.1.2.3:40000 → 10.9.8.7:80 (baseline=2ms, current=50ms)"
+    d = o["data"]
+    assert (d["baseline_ms"], d["current_ms"], d["baseline_us"], d["current_us"]) == (2, 50, 2000, 50000)
+    assert list(d) == sorted(d)
+
+
+def test_unknown_event_type_and_invalid_comm() -> None:
+    assert classify(record(event_type=99)) == []
+    [o] = classify(record(comm=b"\xff\xfe".ljust(16, b"\0")))
+    assert o["data"]["comm"] == "<invalid>"
+
+
+def test_occurrence_round_trips_and_validates() -> None:
+    obs = NetworkObserver(ObserverContext(boot_offset_ns=BOOT))
+    [occ] = obs.classify(NETWORK_EVENT.framed(record()))
+    back = decode(encode(occ))
+    assert back == occ
+    assert len(occ.id) == 26
+    raw = encode(occ)
+    for key in (b"reasoning", b"context", b"history", b"possible_causes", b"suggested_fix"):
+        assert key not in raw
