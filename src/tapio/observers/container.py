@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import signal as _signal
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
@@ -95,17 +94,6 @@ _OOM_ORDER = ("memory", "unified", "cpu")
 _EXIT_ORDER = ("unified", "memory", "cpu")
 
 
-def iter_records(layout: CStruct, payload: bytes | bytearray) -> Iterator[tuple[Any, ...]]:
-    """The records of a drained payload: ring frames (8-byte header + padded record, decoded
-    with ``CStruct.iter_frames``) when the core provides them, else back-to-back records."""
-    frames = getattr(layout, "iter_frames", None)
-    if frames is None:
-        yield from layout.iter_unpack(payload)
-        return
-    for frame in frames(payload):
-        yield frame[1:]
-
-
 def signal_name(sig: int) -> str:
     name = SIGNAL_NAMES.get(sig)
     if name is not None:
@@ -168,8 +156,8 @@ class ContainerObserver(Observer):
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         out: list[Occurrence] = []
         boot = self.ctx.boot_offset_ns
-        for rec in iter_records(CONTAINER_EVENT, payload):
-            occ = self.classify_one(rec, boot)
+        for frame in CONTAINER_EVENT.iter_frames(payload):
+            occ = self.classify_one(frame, boot)
             if occ is not None:
                 out.append(occ)
         return out
@@ -200,8 +188,10 @@ class ContainerObserver(Observer):
         facts["cgroup_source"] = source
         return facts, paths.get("memory")
 
-    def classify_one(self, rec: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
+    def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
+        """One ring frame: (header length, *record fields) → occurrence or None."""
         (
+            _hdr,
             ts,
             cg2,
             memcg,
@@ -223,7 +213,7 @@ class ContainerObserver(Observer):
             score_adj,
             uid,
             comm,
-        ) = rec
+        ) = frame
         if ev_type not in (EV_OOM_KILL, EV_EXIT):
             return None
         ids: dict[str, int] = {"unified": cg2, "memory": memcg, "cpu": cpucg}

@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.observers.attribution import CgroupResolver, cgroup_facts
 from tapio.observers.base import Observer, ObserverContext
-from tapio.observers.container import iter_records
 from tapio.occurrence import (
     STORAGE_IO_ERROR,
     STORAGE_LATENCY_SPIKE,
@@ -209,14 +208,16 @@ class StorageObserver(Observer):
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         out: list[Occurrence] = []
         boot = self.ctx.boot_offset_ns
-        for rec in iter_records(STORAGE_EVENT, payload):
-            occ = self.classify_one(rec, boot)
+        for frame in STORAGE_EVENT.iter_frames(payload):
+            occ = self.classify_one(frame, boot)
             if occ is not None:
                 out.append(occ)
         return out
 
-    def classify_one(self, rec: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
+    def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
+        """One ring frame: (header length, *record fields) → occurrence or None."""
         (
+            _hdr,
             ts,
             latency_ns,
             cg2,
@@ -234,7 +235,7 @@ class StorageObserver(Observer):
             opcode,
             severity,
             comm,
-        ) = rec
+        ) = frame
         op = OP_NAMES.get(opcode)
         if op is None:
             return None  # the kernel only sends reads and writes
