@@ -161,7 +161,7 @@ def walk_cgroups(root: Path, max_walk: int = MAX_WALK, max_depth: int = MAX_DEPT
     while queue and visited < max_walk:
         path, rel, depth = queue.popleft()
         try:
-            entries = list(os.scandir(path))
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError:
             continue
         for entry in entries:
