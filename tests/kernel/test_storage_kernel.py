@@ -268,7 +268,7 @@ def test_ambiguous_inflight_requests_are_dropped_and_counted(
     """Two identical reads (same device, sector, size, op) inflight at once: the kernel cannot
     tell which completion belongs to which issuer, so neither is reported; both are counted."""
     proc, port = storage_agent
-    before = wait_until(lambda: _drops(proc, port) or {"": 0.0}, 5)
+    before: dict[str, float] = wait_until(lambda: _drops(proc, port) or {"": 0.0}, 5)
     first = _read(fuse_loop.loop, AMBIG_OFF)
     time.sleep(0.15)  # the first request is now held 600 ms by the FUSE server
     second = _read(fuse_loop.loop, AMBIG_OFF)

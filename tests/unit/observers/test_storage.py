@@ -1,0 +1,161 @@
+"""Storage classification on recorded bytes: hand-packed ``storage_event`` records framed the way
+the ring buffer frames them; device names from a fake sysfs; memoized decoding."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tapio.bpf.ringbuf import RingBuffer
+from tapio.observers.attribution import CgroupResolver
+from tapio.observers.base import ObserverContext
+from tapio.observers.storage import (
+    METRIC_AMBIGUOUS,
+    METRIC_UNMATCHED,
+    OP_READ,
+    OP_WRITE,
+    SEV_CRITICAL,
+    SEV_WARNING,
+    STORAGE_EVENT,
+    DeviceNames,
+    StorageObserver,
+)
+
+REFERENCE_KEYS = {
+    "bytes",
+    "cgroup_id",
+    "comm",
+    "config_generation",
+    "dev_major",
+    "dev_minor",
+    "error_code",
+    "latency_ms",
+    "opcode",
+    "pid",
+    "sector",
+    "timestamp_ns",
+}
+
+
+def record(**kw: Any) -> bytes:
+    values: dict[str, Any] = {name: 0 for name, _ in STORAGE_EVENT.fields}
+    values.update(
+        timestamp_ns=9_000_000_000,
+        latency_ns=312_340_000,
+        sector=32768,
+        dev_major=7,
+        dev_minor=3,
+        bytes=4096,
+        nr_sector=8,
+        config_generation=1,
+        pid=321,
+        tid=322,
+        rwbs=b"R",
+        opcode=OP_READ,
+        severity=SEV_CRITICAL,
+        comm=b"dd",
+    )
+    values.update(kw)
+    args = [values[n] for n, _ in STORAGE_EVENT.fields if not n.startswith("_")]
+    return STORAGE_EVENT.struct.pack(*args)
+
+
+@pytest.fixture()
+def obs(tmp_path: Path) -> StorageObserver:
+    sysfs = tmp_path / "sysdev"
+    (sysfs / "7:3").mkdir(parents=True)
+    (sysfs / "7:3" / "uevent").write_text("MAJOR=7\nMINOR=3\nDEVNAME=loop3\nDEVTYPE=disk\n")
+    roots = {h: tmp_path / h for h in ("unified", "memory")}
+    for r in roots.values():
+        r.mkdir()
+    return StorageObserver(
+        ObserverContext(boot_offset_ns=1_000_000_000_000_000_000),
+        CgroupResolver(roots),
+        DeviceNames(sysfs),
+    )
+
+
+def test_io_error(obs: StorageObserver) -> None:
+    [occ] = obs.classify(STORAGE_EVENT.framed(record(error_code=-5, latency_ns=2_000_000)))
+    assert occ.type == "kernel.storage.io_error"
+    assert (occ.severity, occ.outcome) == ("critical", "failure")
+    assert occ.error is not None and occ.error.code == "IO_ERROR"
+    assert occ.error.message == "I/O error on 7:3 (error=-5, read)"
+    d = occ.data
+    assert d is not None and d.keys() >= REFERENCE_KEYS and list(d) == sorted(d)
+    assert d["device"] == "loop3" and d["error"] == "EIO"
+    assert d["sector"] == 32768 and d["nr_sector"] == 8 and d["bytes"] == 4096
+    assert d["pid"] == 321 and d["tid"] == 322 and d["comm"] == "dd"
+    assert d["pid_source"] == "issue" and d["opcode"] == "read" and d["rwbs"] == "R"
+    assert d["latency_ms"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("severity", "expected"), [(SEV_WARNING, "warning"), (SEV_CRITICAL, "critical")]
+)
+def test_latency_spike(obs: StorageObserver, severity: int, expected: str) -> None:
+    [occ] = obs.classify(
+        STORAGE_EVENT.framed(record(severity=severity, opcode=OP_WRITE, rwbs=b"FWS"))
+    )
+    assert occ.type == "kernel.storage.latency_spike"
+    assert (occ.severity, occ.outcome) == (expected, "in_progress")
+    assert occ.error is not None and occ.error.code == "LATENCY_SPIKE"
+    assert occ.error.message == "I/O latency 312.3ms on 7:3 (write)"
+    assert occ.data is not None and occ.data["latency_ns"] == 312_340_000
+    assert occ.data["rwbs"] == "FWS" and occ.data["opcode"] == "write"
+
+
+def test_records_that_are_not_anomalies_or_not_read_write_are_dropped(
+    obs: StorageObserver,
+) -> None:
+    payload = STORAGE_EVENT.framed(record(severity=0), record(opcode=7, error_code=-5))
+    assert obs.classify(payload) == []
+
+
+def test_unknown_device_and_memoized_lookups(obs: StorageObserver) -> None:
+    payload = STORAGE_EVENT.framed(*(record(dev_minor=m) for m in (3, 3, 9, 9, 3)))
+    occs = obs.classify(payload)
+    assert [o.data["device"] for o in occs if o.data] == ["loop3", "loop3", None, None, "loop3"]
+    assert obs.devices.reads == 2  # one sysfs read per device, misses remembered too
+
+
+def test_issuer_cgroup_attribution(obs: StorageObserver, tmp_path: Path) -> None:
+    cid = "cd" * 32
+    d = tmp_path / "memory" / "kubepods" / "pod0d5c1b0e-7a7f-4c39-9d4e-2b1f3c4d5e6f" / cid
+    d.mkdir(parents=True)
+    [occ] = obs.classify(
+        STORAGE_EVENT.framed(
+            record(cgroup_id=os.stat(tmp_path / "unified").st_ino, memcg_id=os.stat(d).st_ino)
+        )
+    )
+    assert occ.data is not None
+    assert occ.data["container_id"] == cid and occ.data["container_runtime"] == "containerd"
+    assert occ.data["cgroup_id"] == os.stat(d).st_ino
+
+
+def test_correlation_drop_counters_are_exported() -> None:
+    assert StorageObserver.kernel_metrics == {
+        METRIC_AMBIGUOUS: ("correlation_drop", "ambiguous_inflight_io"),
+        METRIC_UNMATCHED: ("correlation_drop", "unmatched_completion"),
+    }
+
+
+def test_short_records_are_malformed(obs: StorageObserver) -> None:
+    page, size = 4096, 4096
+    cons, prod = bytearray(page), bytearray(page + 2 * size)
+    ring = RingBuffer(cons, prod, size, page=page)
+    pos = 0
+    for payload in (record()[:40], record(pid=99)):
+        frame = len(payload).to_bytes(4, "little") + bytes(4) + payload
+        frame += bytes(-len(frame) % 8)
+        for base in (page + pos, page + size + pos):
+            prod[base : base + len(frame)] = frame
+        pos += len(frame)
+    prod[0:8] = pos.to_bytes(8, "little")
+    drained = ring.consume_fixed(STORAGE_EVENT.size, 64)
+    assert (drained.records, drained.malformed) == (1, 1)
+    [occ] = obs.classify(drained.frames)
+    assert occ.data is not None and occ.data["pid"] == 99
