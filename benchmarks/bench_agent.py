@@ -65,9 +65,23 @@ class Agent:
         cfg = tmp / "tapio.toml"
         cfg.write_text("")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tapio", "agent", "--config", str(cfg), "--sink", "stdout",
-             "--observer", "network", "--log-format", "json"],
-            stdout=self.out, stderr=self.err, cwd=tmp,
+            [
+                sys.executable,
+                "-m",
+                "tapio",
+                "agent",
+                "--config",
+                str(cfg),
+                "--sink",
+                "stdout",
+                "--observer",
+                "network",
+                "--log-format",
+                "json",
+            ],
+            stdout=self.out,
+            stderr=self.err,
+            cwd=tmp,
         )
         deadline = time.monotonic() + 20
         while b"agent started" not in (tmp / "agent.err").read_bytes():
@@ -166,10 +180,18 @@ def main() -> int:
         ("connect() closed port, no agent (ns)", f"{bare:.0f}", "", ""),
         ("connect() closed port, agent running (ns)", f"{agent:.0f}", "", ""),
         ("  ratio", f"{ratio:.3f}x", "<= 1.15x", "yes" if ratio <= 1.15 else "NO"),
-        (f"agent CPU per occurrence ({lines} lines, us)", f"{per_occ:.2f}", "<= 3 us",
-         "yes" if per_occ <= 3 else "NO"),
-        (f"idle agent CPU over {args.idle_secs:.0f} s (% of a core)", f"{idle_pct:.3f}", "< 0.5 %",
-         "yes" if idle_pct < 0.5 else "NO"),
+        (
+            f"agent CPU per occurrence ({lines} lines, us)",
+            f"{per_occ:.2f}",
+            "<= 3 us",
+            "yes" if per_occ <= 3 else "NO",
+        ),
+        (
+            f"idle agent CPU over {args.idle_secs:.0f} s (% of a core)",
+            f"{idle_pct:.3f}",
+            "< 0.5 %",
+            "yes" if idle_pct < 0.5 else "NO",
+        ),
         ("idle agent RSS (MiB)", f"{idle_rss:.1f}", "< 60 MiB", "yes" if idle_rss < 60 else "NO"),
     ]
     for name, value, target, ok in rows:

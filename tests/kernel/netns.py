@@ -51,7 +51,9 @@ def ns_pair() -> Iterator[NsPair]:
     pair = NsPair(f"tapio-a-{tag}", f"tapio-b-{tag}", f"tva{tag}", f"tvb{tag}")
     try:
         sh(f"ip netns add {pair.a} && ip netns add {pair.b}")
-        sh(f"ip link add {pair.veth_a} netns {pair.a} type veth peer name {pair.veth_b} netns {pair.b}")
+        sh(
+            f"ip link add {pair.veth_a} netns {pair.a} type veth peer name {pair.veth_b} netns {pair.b}"
+        )
         for ns, dev, ip, ip6 in (
             (pair.a, pair.veth_a, pair.ip_a, pair.ip6_a),
             (pair.b, pair.veth_b, pair.ip_b, pair.ip6_b),
@@ -79,5 +81,9 @@ def netns_snmp(ns: str, proto: str, field: str) -> int:
 def have_tool(name: str) -> bool:
     return any(
         os.access(os.path.join(d, name), os.X_OK)
-        for d in os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").split(":") + ["/usr/sbin", "/sbin"]
+        for d in [
+            *os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").split(":"),
+            "/usr/sbin",
+            "/sbin",
+        ]
     )

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,24 +50,37 @@ def test_refused_ipv4_and_ipv6_exactly_one_each(tmp_path: Path) -> None:
     p4 = closed_port(socket.AF_INET, "127.0.0.1")
     p6 = closed_port(socket.AF_INET6, "::1")
     with agent(tmp_path) as a:
-        c4 = subprocess.run(client("refuse", "tapio-refuse4", "127.0.0.1", p4, 200),
-                            capture_output=True, text=True, timeout=60, check=True)
-        c6 = subprocess.Popen(client("refuse", "tapio-refuse6", "::1", p6, 200),
-                              stdout=subprocess.PIPE, text=True)
+        c4 = subprocess.run(
+            client("refuse", "tapio-refuse4", "127.0.0.1", p4, 200),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        c6 = subprocess.Popen(
+            client("refuse", "tapio-refuse6", "::1", p6, 200), stdout=subprocess.PIPE, text=True
+        )
         out6, _ = c6.communicate(timeout=60)
         assert c4.stdout.split() == ["200"] and out6.split() == ["200"]
 
         def mine() -> list[dict[str, object]]:
-            return [o for o in a.occurrences("kernel.network.")
-                    if o["data"]["dst_port"] in (p4, p6)]
+            return [
+                o for o in a.occurrences("kernel.network.") if o["data"]["dst_port"] in (p4, p6)
+            ]
 
         wait_until(lambda: len(mine()) >= 400, 20)
         time.sleep(0.5)  # anything extra would arrive within a drain interval
         occs = mine()
-    refused4 = [o for o in occs if o["type"] == "kernel.network.connection_refused"
-                and o["data"]["dst_port"] == p4]
-    refused6 = [o for o in occs if o["type"] == "kernel.network.connection_refused"
-                and o["data"]["dst_port"] == p6]
+    refused4 = [
+        o
+        for o in occs
+        if o["type"] == "kernel.network.connection_refused" and o["data"]["dst_port"] == p4
+    ]
+    refused6 = [
+        o
+        for o in occs
+        if o["type"] == "kernel.network.connection_refused" and o["data"]["dst_port"] == p6
+    ]
     timeouts = [o for o in occs if o["type"] == "kernel.network.connection_timeout"]
     assert len(refused4) == 200
     assert len(refused6) == 200
@@ -93,12 +107,22 @@ def c4_pid(o: dict[str, object]) -> int:
 def test_refused_pid_is_the_connecting_process(tmp_path: Path) -> None:
     port = closed_port(socket.AF_INET, "127.0.0.1")
     with agent(tmp_path) as a:
-        proc = subprocess.Popen(client("refuse", "tapio-pidchk", "127.0.0.1", port, 3),
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            client("refuse", "tapio-pidchk", "127.0.0.1", port, 3),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         proc.communicate(timeout=30)
-        occs = wait_until(lambda: [o for o in a.occurrences("kernel.network.connection_refused")
-                                   if o["data"]["dst_port"] == port] if len(
-                                       [o for o in a.occurrences() if o["data"].get("dst_port") == port]) >= 3 else [], 10)
+
+        def mine() -> list[dict[str, Any]]:
+            return [
+                o
+                for o in a.occurrences("kernel.network.connection_refused")
+                if o["data"]["dst_port"] == port
+            ]
+
+        wait_until(lambda: len(mine()) >= 3, 10)
+        occs = mine()
     assert len(occs) == 3
     assert {o["data"]["pid"] for o in occs} == {proc.pid}
     assert {o["data"]["tid"] for o in occs} == {proc.pid}
@@ -113,12 +137,19 @@ def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path) -
             "tcp dport 8081 drop; }; }\nEOF"
         )
         with agent(tmp_path) as a:
-            proc = subprocess.Popen(client("timeout", "tapio-synto", p.ip_b, 8081, ns=p.a),
-                                    stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                client("timeout", "tapio-synto", p.ip_b, 8081, ns=p.a),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             out, _ = proc.communicate(timeout=30)
             assert "TimeoutError" in out, out
-            occs = wait_until(lambda: [o for o in a.occurrences("kernel.network.")
-                                       if o["data"]["dst_port"] == 8081], 10)
+            occs = wait_until(
+                lambda: [
+                    o for o in a.occurrences("kernel.network.") if o["data"]["dst_port"] == 8081
+                ],
+                10,
+            )
             time.sleep(0.5)
             occs = [o for o in a.occurrences("kernel.network.") if o["data"]["dst_port"] == 8081]
     assert [o["type"] for o in occs] == ["kernel.network.connection_timeout"]
@@ -134,12 +165,19 @@ def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path) -
 
 
 def _transfer(p: NsPair, port: int, nbytes: int, comm: str) -> None:
-    srv = subprocess.Popen(client("server", "tapio-srv", p.ip_b, port, "sink", ns=p.b),
-                           stdout=subprocess.PIPE, text=True)
+    srv = subprocess.Popen(
+        client("server", "tapio-srv", p.ip_b, port, "sink", ns=p.b),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
-        subprocess.run(client("bulk", comm, p.ip_b, port, nbytes, ns=p.a),
-                       check=True, timeout=90, capture_output=True)
+        subprocess.run(
+            client("bulk", comm, p.ip_b, port, nbytes, ns=p.a),
+            check=True,
+            timeout=90,
+            capture_output=True,
+        )
     finally:
         srv.kill()
         srv.wait(5)
@@ -186,13 +224,20 @@ def _ss_rtt_us(p: NsPair, port: int) -> float | None:
 def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
     port = 9003
     with ns_pair() as p, agent(tmp_path) as a:
-        srv = subprocess.Popen(client("server", "tapio-echo", p.ip_b, port, "echo", ns=p.b),
-                               stdout=subprocess.PIPE, text=True)
+        srv = subprocess.Popen(
+            client("server", "tapio-echo", p.ip_b, port, "echo", ns=p.b),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         cli = None
         try:
             assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
-            cli = subprocess.Popen(client("pingpong", "tapio-rtt", p.ip_b, port, 2.5, 4, ns=p.a),
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            cli = subprocess.Popen(
+                client("pingpong", "tapio-rtt", p.ip_b, port, 2.5, 4, ns=p.a),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert cli.stdout is not None and cli.stdin is not None
             steady_rtts = []
             while True:
@@ -201,8 +246,11 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
                     break
             steady_rtts.append(_ss_rtt_us(p, port))
             # A steady flow gives nothing.
-            assert [o for o in a.occurrences("kernel.network.rtt_degradation")
-                    if o["data"]["dst_port"] == port] == []
+            assert [
+                o
+                for o in a.occurrences("kernel.network.rtt_degradation")
+                if o["data"]["dst_port"] == port
+            ] == []
             p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate 1mbit burst 16kb latency 2s")
             samples: list[tuple[float, float]] = []
             stop = threading.Event()
@@ -218,13 +266,22 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
             t.start()
             cli.stdin.write("GO\n")
             cli.stdin.flush()
-            occs = wait_until(lambda: [o for o in a.occurrences("kernel.network.rtt_degradation")
-                                       if o["data"]["dst_port"] == port], 6)
+            occs = wait_until(
+                lambda: [
+                    o
+                    for o in a.occurrences("kernel.network.rtt_degradation")
+                    if o["data"]["dst_port"] == port
+                ],
+                6,
+            )
             time.sleep(1)
             stop.set()
             t.join()
-            occs = [o for o in a.occurrences("kernel.network.rtt_degradation")
-                    if o["data"]["dst_port"] == port]
+            occs = [
+                o
+                for o in a.occurrences("kernel.network.rtt_degradation")
+                if o["data"]["dst_port"] == port
+            ]
         finally:
             if cli is not None:
                 cli.kill()
@@ -271,8 +328,7 @@ def test_inert_or_wrong_abi_config_emits_nothing(tmp_path: Path, abi_version: in
     port = closed_port(socket.AF_INET, "127.0.0.1")
     mport = _metrics_port()
     config = (
-        f"[metrics]\nenabled = true\nport = {mport}\n"
-        "[agent]\nkernel_metrics_interval_secs = 0.2\n"
+        f"[metrics]\nenabled = true\nport = {mport}\n[agent]\nkernel_metrics_interval_secs = 0.2\n"
     )
     with agent(tmp_path, config=config) as a:
         map_id = _prog_map_id(a.logs(), "handle_set_state", "tapio_config")
@@ -282,8 +338,12 @@ def test_inert_or_wrong_abi_config_emits_nothing(tmp_path: Path, abi_version: in
         value[8:16] = (1).to_bytes(8, "little")  # network flag still set
         hexv = " ".join(f"{b:02x}" for b in value)
         sh(f"bpftool map update id {map_id} key 0 0 0 0 value hex {hexv}")
-        subprocess.run(client("refuse", "tapio-inert", "127.0.0.1", port, 20), check=True,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            client("refuse", "tapio-inert", "127.0.0.1", port, 20),
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         time.sleep(1.0)
         occs = [o for o in a.occurrences() if o["data"].get("dst_port") == port]
         metrics = a.metrics_text(mport)
@@ -299,8 +359,9 @@ def test_sigterm_during_burst_flushes_everything_drained(tmp_path: Path) -> None
     port = closed_port(socket.AF_INET, "127.0.0.1")
     a = agent(tmp_path, config="[file]\nmax_files = 1000000\nmax_bytes = 4000000000\n")
     proc = a.__enter__()
-    burst = subprocess.Popen(client("refuse", "tapio-burst", "127.0.0.1", port, 20000),
-                             stdout=subprocess.PIPE, text=True)
+    burst = subprocess.Popen(
+        client("refuse", "tapio-burst", "127.0.0.1", port, 20000), stdout=subprocess.PIPE, text=True
+    )
     try:
         wait_until(lambda: len(list(proc.data_dir.glob("*.json"))) > 50, 15)
         assert proc.proc is not None

@@ -63,5 +63,9 @@ def assert_layout(header: str, struct: CStruct) -> None:
     size, layout = c_layout(header, struct)
     assert size == struct.size, f"{struct.name}: C size {size} != Python {struct.size}"
     for name, (off, sz) in layout.items():
-        assert struct.offsets[name] == off, f"{struct.name}.{name}: C offset {off} != {struct.offsets[name]}"
-        assert struct.sizes[name] == sz, f"{struct.name}.{name}: C size {sz} != {struct.sizes[name]}"
+        assert struct.offsets[name] == off, (
+            f"{struct.name}.{name}: C offset {off} != {struct.offsets[name]}"
+        )
+        assert struct.sizes[name] == sz, (
+            f"{struct.name}.{name}: C size {sz} != {struct.sizes[name]}"
+        )

@@ -51,7 +51,7 @@ def test_tapio_config_in_every_object_btf_matches_python() -> None:
 
 
 def test_zero_config_is_inert_and_pack_is_exact() -> None:
-    assert INERT_CONFIG == bytes(256)
+    assert bytes(256) == INERT_CONFIG
     packed = TapioConfig(generation=7, flags=1, ignore_exit_codes=(1, 2)).pack()
     assert len(packed) == 256
     fields = TAPIO_CONFIG.struct.unpack(packed)

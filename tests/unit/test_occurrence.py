@@ -38,8 +38,15 @@ def test_ulid_shape_time_and_uniqueness() -> None:
 
 
 def test_key_order_omitted_fields_and_sorted_data() -> None:
-    occ = new_occurrence("kernel.node.cpu_stall", "critical", "in_progress", code="C",
-                         message="m", data={"b": 1, "a": 2}, timestamp_ns=0)
+    occ = new_occurrence(
+        "kernel.node.cpu_stall",
+        "critical",
+        "in_progress",
+        code="C",
+        message="m",
+        data={"b": 1, "a": 2},
+        timestamp_ns=0,
+    )
     raw = encode(occ)
     assert raw.index(b'"id"') < raw.index(b'"timestamp"') < raw.index(b'"source"')
     assert raw.index(b'"type"') < raw.index(b'"severity"') < raw.index(b'"outcome"')

@@ -45,9 +45,29 @@ class Writer:
 
 def rec(i: int) -> bytes:
     return NETWORK_EVENT.struct.pack(
-        i, 1, 100 + i, 100 + i, 1, 2, 1, 2, 7, 1, 40000 + i, 9,
-        bytes([127, 0, 0, 1]) + bytes(12), bytes([127, 0, 0, 1]) + bytes(12),
-        111, 0, 0, 0, 0, 0, 0, 1000, b"comm".ljust(16, b"\0"),
+        i,
+        1,
+        100 + i,
+        100 + i,
+        1,
+        2,
+        1,
+        2,
+        7,
+        1,
+        40000 + i,
+        9,
+        bytes([127, 0, 0, 1]) + bytes(12),
+        bytes([127, 0, 0, 1]) + bytes(12),
+        111,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1000,
+        b"comm".ljust(16, b"\0"),
     )
 
 
@@ -61,10 +81,10 @@ def test_fast_path_takes_a_uniform_run_in_one_copy() -> None:
     for i in range(5):
         w.record(rec(i))
     d = ring.consume_fixed(NETWORK_EVENT.size, 100)
-    assert (d.count, d.malformed, d.capped) == (5, 0, False)
+    assert (d.records, d.malformed, d.capped) == (5, 0, False)
     assert decode(d.frames) == [100, 101, 102, 103, 104]
     assert struct.unpack_from("<Q", cons)[0] == w.pos
-    assert ring.consume_fixed(NETWORK_EVENT.size, 100).count == 0
+    assert ring.consume_fixed(NETWORK_EVENT.size, 100).records == 0
 
 
 def test_cap_is_reported_and_the_rest_waits() -> None:
@@ -73,7 +93,7 @@ def test_cap_is_reported_and_the_rest_waits() -> None:
     for i in range(10):
         w.record(rec(i))
     d = ring.consume_fixed(NETWORK_EVENT.size, 4)
-    assert (d.count, d.capped) == (4, True)
+    assert (d.records, d.capped) == (4, True)
     d2 = ring.consume_fixed(NETWORK_EVENT.size, 100)
     assert decode(d2.frames) == [104, 105, 106, 107, 108, 109]
 
@@ -86,7 +106,7 @@ def test_short_records_are_malformed_and_dropped() -> None:
     w.record(b"")  # empty record
     w.record(rec(2))
     d = ring.consume_fixed(NETWORK_EVENT.size, 100)
-    assert (d.count, d.malformed) == (2, 2)
+    assert (d.records, d.malformed) == (2, 2)
     assert decode(d.frames) == [100, 102]
 
 
@@ -95,7 +115,7 @@ def test_longer_records_are_truncated_to_the_struct() -> None:
     w = Writer(prod)
     w.record(rec(7) + b"\xff" * 24)  # a newer ABI with trailing fields
     d = ring.consume_fixed(NETWORK_EVENT.size, 100)
-    assert d.count == 1 and decode(d.frames) == [107]
+    assert d.records == 1 and decode(d.frames) == [107]
 
 
 def test_busy_record_stops_the_walk_and_discarded_is_skipped() -> None:
@@ -119,7 +139,7 @@ def test_wrapping_run_is_contiguous_through_the_double_mapping() -> None:
     n_first = SIZE // stride - 1
     for i in range(n_first):
         w.record(rec(i))
-    assert ring.consume_fixed(NETWORK_EVENT.size, 1000).count == n_first
+    assert ring.consume_fixed(NETWORK_EVENT.size, 1000).records == n_first
     for i in range(3):
         w.record(rec(50 + i))
     d = ring.consume_fixed(NETWORK_EVENT.size, 1000)

@@ -18,7 +18,8 @@ import msgspec
 import structlog
 
 from tapio import __version__
-from tapio.logs import configure_logging
+from tapio.logs import LogFormat, configure_logging
+from tapio.sinks.base import Sink
 
 SINK_NAMES = ("stdout", "file", "http", "controller", "otlp")
 DEFAULT_OBSERVERS = ("network", "container", "storage", "node")
@@ -66,7 +67,7 @@ def node_name() -> str:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    log_format = args.log_format or ("console" if sys.stderr.isatty() else "json")
+    log_format: LogFormat = args.log_format or ("console" if sys.stderr.isatty() else "json")
     try:
         configure_logging(log_format, args.log_level)
     except ValueError as exc:
@@ -133,13 +134,13 @@ def main(argv: Sequence[str]) -> int:
         return 0
 
 
-def build_sinks(names: list[str], args: argparse.Namespace, settings: object) -> list[object]:
+def build_sinks(names: list[str], args: argparse.Namespace, settings: object) -> list[Sink]:
     from tapio.agent.settings import AgentSettings
     from tapio.sinks.file import FileSink
     from tapio.sinks.stdout import StdoutSink
 
     assert isinstance(settings, AgentSettings)
-    sinks: list[object] = []
+    sinks: list[Sink] = []
     for name in names:
         if name == "stdout":
             sinks.append(StdoutSink())

@@ -97,9 +97,9 @@ class Drainer:
                         observer=ro.name,
                         total=ro.malformed_total,
                     )
-            if drained.count:
-                self.stats.events += drained.count
-                self._events[ro.name].inc(drained.count)
+            if drained.records:
+                self.stats.events += drained.records
+                self._events[ro.name].inc(drained.records)
                 await senders[ro.name].send(drained.frames)
             if drained.capped:
                 self._cap[ro.name].inc()

@@ -36,7 +36,10 @@ def effective_caps() -> int:
 
 def check_privileges() -> None:
     caps = effective_caps()
-    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
+
+    def has(cap: int) -> bool:
+        return bool(caps >> cap & 1)
+
     if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
         return
     who = "root without capabilities" if os.geteuid() == 0 else f"uid {os.geteuid()}"

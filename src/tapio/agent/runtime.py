@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectSendStream
 
 from tapio.agent.pipeline import (
     Drainer,
@@ -136,7 +137,7 @@ class Agent:
             CONFIG_GENERATION.set(self.applied.generation)
 
     def apply_config(self, cfg: TapioConfig, user: UserThresholds | None = None) -> list[str]:
-        """Write ``cfg`` into every carrier (one syscall each); returns the observers that failed."""
+        """Write ``cfg`` into every carrier, one syscall each; returns the observers that failed."""
         value = cfg.pack()
         if user is not None:
             self.user_thresholds = user
@@ -279,7 +280,7 @@ class Agent:
                 s, r = anyio.create_memory_object_stream[Batch](a.channel_batches)
                 lanes.append(SinkLane(sink, s))
                 sink_recvs.append((sink, r))
-            payload_sends: dict[str, anyio.abc.ObjectSendStream[bytes]] = {}
+            payload_sends: dict[str, MemoryObjectSendStream[bytes]] = {}
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._watch_signals, outer.cancel_scope)
                 async with anyio.create_task_group() as tg:
@@ -309,8 +310,11 @@ class Agent:
                 events=self.stats.events,
                 anomalies=self.stats.anomalies,
                 sinks={
-                    s.name: {"ok": s.stats.ok_total, "err": s.stats.err_total,
-                             "dropped": s.stats.dropped_total}
+                    s.name: {
+                        "ok": s.stats.ok_total,
+                        "err": s.stats.err_total,
+                        "dropped": s.stats.dropped_total,
+                    }
                     for s in self.sinks
                 },
             )

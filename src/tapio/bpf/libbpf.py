@@ -14,6 +14,7 @@ from typing import Any
 
 import cffi
 
+# C declarations as in libbpf's headers (long lines kept verbatim).
 CDEF = """
 struct bpf_object;
 struct bpf_program;
@@ -37,10 +38,12 @@ struct bpf_object *bpf_object__open_file(const char *path, const struct bpf_obje
 int bpf_object__load(struct bpf_object *obj);
 void bpf_object__close(struct bpf_object *obj);
 const char *bpf_object__name(const struct bpf_object *obj);
-struct bpf_program *bpf_object__next_program(const struct bpf_object *obj, struct bpf_program *prog);
+struct bpf_program *bpf_object__next_program(const struct bpf_object *obj,
+                                             struct bpf_program *prog);
 struct bpf_map *bpf_object__next_map(const struct bpf_object *obj, const struct bpf_map *map);
 struct bpf_map *bpf_object__find_map_by_name(const struct bpf_object *obj, const char *name);
-struct bpf_program *bpf_object__find_program_by_name(const struct bpf_object *obj, const char *name);
+struct bpf_program *bpf_object__find_program_by_name(const struct bpf_object *obj,
+                                                     const char *name);
 
 const char *bpf_program__name(const struct bpf_program *prog);
 const char *bpf_program__section_name(const struct bpf_program *prog);
@@ -79,7 +82,8 @@ BPF_EXIST = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_RINGBUF = 27
 
-ffi = cffi.FFI()
+# cffi objects are dynamically typed; keep them Any at the boundary.
+ffi: Any = cffi.FFI()
 ffi.cdef(CDEF)
 
 _lib: Any = None

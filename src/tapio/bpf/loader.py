@@ -38,7 +38,6 @@ def _install_print_callback() -> None:
     lib = lb.lib()
     libc = lb.libc()
 
-    @ffi.callback("int(int, const char *, void *)")
     def _cb(level: int, fmt: Any, args: Any) -> int:
         buf = ffi.new("char[]", 2048)
         libc.vsnprintf(buf, 2048, fmt, args)
@@ -49,8 +48,8 @@ def _install_print_callback() -> None:
                 log.warning("libbpf", message=text)
         return 0
 
-    _print_cb = _cb
-    lib.libbpf_set_print(_cb)
+    _print_cb = ffi.callback("int(int, const char *, void *)", _cb)
+    lib.libbpf_set_print(_print_cb)
 
 
 def objects_dir() -> Path:
@@ -72,7 +71,8 @@ class Map:
 
     def _value_len(self) -> int:
         if self.type == lb.BPF_MAP_TYPE_PERCPU_ARRAY:
-            return ((self.value_size + 7) // 8 * 8) * lb.lib().libbpf_num_possible_cpus()
+            cpus = int(lb.lib().libbpf_num_possible_cpus())
+            return ((self.value_size + 7) // 8 * 8) * cpus
         return self.value_size
 
     def update(self, key: bytes, value: bytes, flags: int = lb.BPF_ANY) -> None:

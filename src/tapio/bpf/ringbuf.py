@@ -30,8 +30,8 @@ _U32 = struct.Struct("<I")
 
 
 class Drained(NamedTuple):
-    frames: bytes  # ``count`` frames of ``stride`` bytes, decodable with CStruct.iter_frames
-    count: int
+    frames: bytes  # ``records`` frames of ``stride`` bytes, decodable with CStruct.iter_frames
+    records: int
     malformed: int  # records shorter than the struct (dropped)
     capped: bool  # stopped at max_records with more pending
 

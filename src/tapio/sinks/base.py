@@ -80,5 +80,5 @@ class BatchWriterSink(Sink):
     async def write(self, batch: Batch) -> None:
         """Deliver one batch; raise to have it counted as failed."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release resources after the last batch."""

@@ -8,6 +8,7 @@ Each occurrence becomes ``<data_dir>/<id>.json`` via a ``.<id>.json.tmp`` file a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -46,10 +47,8 @@ class FileSink(BatchWriterSink):
             for entry in it:
                 if entry.name.endswith(".tmp") and entry.name.startswith("."):
                     # A crash mid-write leaves a temp file; it was never visible, remove it.
-                    try:
+                    with contextlib.suppress(OSError):
                         os.unlink(entry.path)
-                    except OSError:
-                        pass
                     continue
                 if entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
                     entries.append((entry.name, entry.stat(follow_symlinks=False).st_size))
@@ -86,10 +85,8 @@ class FileSink(BatchWriterSink):
             name = next(iter(self._index))  # insertion order is time order
             size = self._index.pop(name)
             self._bytes -= size
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.dir / name)
-            except FileNotFoundError:
-                pass
             removed += 1
         if removed:
             log.debug("file sink retention", removed=removed, files=len(self._index))

@@ -94,7 +94,7 @@ RECENT_FIXED = """\
 2024-01-14T23:50:00 CRITICAL  kernel.node.cpu_stall              CPU 0 stall 55.0% (ipc=0.40)
 2024-01-14T23:00:00 CRITICAL  kernel.container.oom_kill          OOM kill pid=42 (usage=512MB, limit=0MB)
 2024-01-13T12:00:00 ERROR     kernel.container.abnormal_exit     Abnormal exit pid=7 (code=1, signal=0)
-"""  # noqa: E501
+"""
 
 
 def test_recent_exact(fixed_dir: Path) -> None:

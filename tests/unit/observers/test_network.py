@@ -19,11 +19,28 @@ BOOT = 1_700_000_000_000_000_000
 
 def record(**kw: object) -> bytes:
     f = {
-        "timestamp_ns": 5_000_000_123, "config_generation": 3, "pid": 42, "tid": 43,
-        "event_type": 1, "family": 2, "pid_source": 1, "old_state": 2, "new_state": 7,
-        "flags": 1, "sport": 40000, "dport": 80, "saddr": V4_SRC, "daddr": V4_DST,
-        "sk_err": 111, "retrans_count": 0, "total_retrans": 0, "snd_cwnd": 0,
-        "rtt_baseline_us": 0, "rtt_current_us": 0, "rtt_samples": 0, "duration_ns": 1_500_000,
+        "timestamp_ns": 5_000_000_123,
+        "config_generation": 3,
+        "pid": 42,
+        "tid": 43,
+        "event_type": 1,
+        "family": 2,
+        "pid_source": 1,
+        "old_state": 2,
+        "new_state": 7,
+        "flags": 1,
+        "sport": 40000,
+        "dport": 80,
+        "saddr": V4_SRC,
+        "daddr": V4_DST,
+        "sk_err": 111,
+        "retrans_count": 0,
+        "total_retrans": 0,
+        "snd_cwnd": 0,
+        "rtt_baseline_us": 0,
+        "rtt_current_us": 0,
+        "rtt_samples": 0,
+        "duration_ns": 1_500_000,
         "comm": b"curl".ljust(16, b"\0"),
     }
     f.update(kw)
@@ -46,9 +63,19 @@ def test_refused_ipv4() -> None:
     d = o["data"]
     assert list(d) == sorted(d)  # contract: data keys sorted
     assert d == {
-        "comm": "curl", "config_generation": 3, "connect_duration_ms": 1.5, "dst_ip": "10.9.8.7",
-        "dst_port": 80, "family": "ipv4", "pid": 42, "pid_source": "connect", "protocol": "tcp",
-        "reason": "rst", "src_ip": "10.1.2.3", "src_port": 40000, "tid": 43,
+        "comm": "curl",
+        "config_generation": 3,
+        "connect_duration_ms": 1.5,
+        "dst_ip": "10.9.8.7",
+        "dst_port": 80,
+        "family": "ipv4",
+        "pid": 42,
+        "pid_source": "connect",
+        "protocol": "tcp",
+        "reason": "rst",
+        "src_ip": "10.1.2.3",
+        "src_port": 40000,
+        "tid": 43,
         "timestamp_ns": 5_000_000_123,
     }
 
@@ -72,12 +99,26 @@ def test_timeout() -> None:
 
 
 def test_retransmit_spike() -> None:
-    [o] = classify(record(event_type=3, retrans_count=7, total_retrans=5, snd_cwnd=10,
-                          old_state=1, duration_ns=1_000_000_000, pid_source=0, pid=0))
+    [o] = classify(
+        record(
+            event_type=3,
+            retrans_count=7,
+            total_retrans=5,
+            snd_cwnd=10,
+            old_state=1,
+            duration_ns=1_000_000_000,
+            pid_source=0,
+            pid=0,
+        )
+    )
     assert o["type"] == "kernel.network.retransmit_spike"
     assert o["error"]["message"] == "TCP retransmit 10.1.2.3:40000 → 10.9.8.7:80 (total=5, cwnd=10)"
     d = o["data"]
-    assert (d["retransmits_in_window"], d["window_ms"], d["tcp_state"]) == (7, 1000.0, "ESTABLISHED")
+    assert (d["retransmits_in_window"], d["window_ms"], d["tcp_state"]) == (
+        7,
+        1000.0,
+        "ESTABLISHED",
+    )
     assert d["pid_source"] == "none" and d["pid"] == 0
     assert list(d) == sorted(d)
 
@@ -86,9 +127,17 @@ def test_rtt_degradation() -> None:
     [o] = classify(record(event_type=4, rtt_baseline_us=2000, rtt_current_us=50000, rtt_samples=9))
     assert o["type"] == "kernel.network.rtt_degradation"
     assert o["outcome"] == "in_progress"
-    assert o["error"]["message"] == "RTT spike 10.1.2.3:40000 → 10.9.8.7:80 (baseline=2ms, current=50ms)"
+    assert (
+        o["error"]["message"]
+        == "RTT spike 10.1.2.3:40000 → 10.9.8.7:80 (baseline=2ms, current=50ms)"
+    )
     d = o["data"]
-    assert (d["baseline_ms"], d["current_ms"], d["baseline_us"], d["current_us"]) == (2, 50, 2000, 50000)
+    assert (d["baseline_ms"], d["current_ms"], d["baseline_us"], d["current_us"]) == (
+        2,
+        50,
+        2000,
+        50000,
+    )
     assert list(d) == sorted(d)
 
 
