@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tapio.agent import preflight
+from tapio.agent.kconfig import signal_mask, standalone_config, user_thresholds
+from tapio.agent.settings import SettingsError, load_settings
+from tapio.bpf.abi import FLAG_NETWORK, FLAG_STORAGE, TAPIO_CONFIG
+
+
+def test_missing_file_is_all_defaults(tmp_path: Path) -> None:
+    s = load_settings(tmp_path / "nope.toml")
+    assert s.thresholds.rtt_spike_ratio == 2 and s.thresholds.io_latency_warning_ns == 50_000_000
+    assert s.metrics == {} and s.agent.drain_interval_ms == 100
+
+
+def test_reference_keys_and_unknown_keys_ignored(tmp_path: Path) -> None:
+    p = tmp_path / "t.toml"
+    p.write_text(
+        "[thresholds]\nrtt_spike_ratio = 3\nio_latency_critical_ns = 1000\nfuture_key = 1\n"
+        "[metrics]\nenabled = true\nport = 9100\n[otlp]\nendpoint = 'http://c:4318'\n"
+        "[something_new]\nx = 1\n"
+    )
+    s = load_settings(p)
+    assert s.thresholds.rtt_spike_ratio == 3
+    assert s.thresholds.io_latency_critical_ns == 1000
+    assert s.metrics["port"] == 9100 and s.otlp["endpoint"] == "http://c:4318"
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["[thresholds\n", "[thresholds]\nrtt_spike_ratio = 'two'\n", "[container]\nexit_scope = 'x'\n"],
+)
+def test_bad_config_is_a_clear_error(tmp_path: Path, body: str) -> None:
+    p = tmp_path / "t.toml"
+    p.write_text(body)
+    with pytest.raises(SettingsError) as exc:
+        load_settings(p)
+    assert str(p) in str(exc.value)
+
+
+def test_standalone_kernel_config(tmp_path: Path) -> None:
+    p = tmp_path / "t.toml"
+    p.write_text(
+        "[thresholds]\nretransmit_threshold = 9\nretransmit_window_ms = 250\n"
+        "[container]\nexit_scope = 'all'\nignore_exit_codes = [1, 1, 2]\nignore_signals = [15, 99]\n"
+    )
+    s = load_settings(p)
+    cfg = standalone_config(s, ["network", "storage"])
+    assert cfg.generation == 1 and cfg.flags == FLAG_NETWORK | FLAG_STORAGE
+    assert (cfg.retransmit_threshold, cfg.retransmit_window_ns) == (9, 250_000_000)
+    assert cfg.ignore_exit_codes == (1, 2) and cfg.exit_flags == 0
+    assert cfg.ignore_signal_mask == 1 << 15
+    fields = TAPIO_CONFIG.struct.unpack(cfg.pack())
+    assert fields[TAPIO_CONFIG.index["rtt_spike_multiplier"]] == 2
+    assert user_thresholds(s).exit_scope == "all"
+
+
+def test_signal_mask_ignores_out_of_range() -> None:
+    assert signal_mask([0, 9, 64, -1]) == 1 << 9
+
+
+def test_privileges_refused_without_caps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preflight, "effective_caps", lambda: 0)
+    with pytest.raises(preflight.PreflightError, match="CAP_BPF"):
+        preflight.check_privileges()
+    monkeypatch.setattr(preflight, "effective_caps", lambda: (1 << 39) | (1 << 38))
+    preflight.check_privileges()
+
+
+def test_kernel_too_old_and_missing_btf(tmp_path: Path) -> None:
+    with pytest.raises(preflight.PreflightError, match="too old"):
+        preflight.check_kernel("5.4.0-100-generic", btf=tmp_path)
+    with pytest.raises(preflight.PreflightError, match="BTF"):
+        preflight.check_kernel("6.1.0", btf=tmp_path / "missing")
+    preflight.check_kernel("6.18.44-fc", btf=tmp_path)
+
+
+def test_tracefs_found_or_explained(tmp_path: Path) -> None:
+    (tmp_path / "events").mkdir()
+    assert preflight.ensure_tracefs(tmp_path) == tmp_path
