@@ -57,7 +57,7 @@ async def test_retention_by_count_deletes_oldest(tmp_path: Path) -> None:
 
 async def test_retention_by_bytes(tmp_path: Path) -> None:
     batch = occs(20)
-    size = len(await _one_size(tmp_path / "probe", batch[0]))
+    size = len(await _one_size(tmp_path / "probe", batch[-1]))
     sink = FileSink(tmp_path / "d", FileSinkSettings(max_bytes=size * 5 + 10))
     await run_sink(sink, [batch])
     assert len(list((tmp_path / "d").glob("*.json"))) == 5
