@@ -102,7 +102,7 @@ class Receiver:
 
     async def wait_for(self, n: int, within: float = 5.0) -> None:
         with anyio.fail_after(within):
-            while len(self.requests) < n:  # noqa: ASYNC110 - polling a plain list
+            while len(self.requests) < n:
                 await anyio.sleep(0.01)
 
 

@@ -159,7 +159,7 @@ async def test_https_fails_closed_without_the_ca(
         async with running(sink) as send:
             send.send_nowait([occ(1), occ(2)])
             with anyio.fail_after(5):
-                while counts.delta()["tls_error"] < 2:  # noqa: ASYNC110
+                while counts.delta()["tls_error"] < 2:
                     await anyio.sleep(0.02)
     assert rx.requests == []  # nothing was ever sent in clear text or unverified
     d = counts.delta()

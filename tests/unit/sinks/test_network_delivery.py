@@ -113,7 +113,7 @@ async def test_transport_error_retried_then_counted(kind: str) -> None:
     async with running(sink) as send:
         send.send_nowait([occ(1)])
         with anyio.fail_after(5):
-            while counts.delta()["retries_exhausted"] < 1:  # noqa: ASYNC110
+            while counts.delta()["retries_exhausted"] < 1:
                 await anyio.sleep(0.02)
     d = counts.delta()
     assert d["retries"] == 2 and d["retries_exhausted"] == 1
