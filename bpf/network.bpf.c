@@ -9,6 +9,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
 
 #include "tapio_common.h"
 #include "network.h"
@@ -117,15 +118,32 @@ static __always_inline void read_tcp_counters(struct network_event *e, const voi
 	e->snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
 }
 
-SEC("tracepoint/sock/inet_sock_set_state")
-int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
-{
-	int oldstate = ctx->oldstate, newstate = ctx->newstate;
-	struct tapio_config cfg;
-	__u64 sk = (__u64)ctx->skaddr;
-	__u16 sport = ctx->sport, dport = ctx->dport, family = ctx->family;
+/* The local port: inet_sport survives inet_put_port() on close (skc_num is zeroed). */
 
-	if (ctx->protocol != IPPROTO_TCP)
+/* Copy a socket's addresses (tp_btf programs see the struct sock itself). */
+static __always_inline void sk_addrs(struct network_event *e, const struct sock *sk, __u16 family)
+{
+	e->family = family;
+	if (family == AF_INET6) {
+		BPF_CORE_READ_INTO(&e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&e->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	} else {
+		BPF_CORE_READ_INTO((__u32 *)e->saddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)e->daddr, sk, __sk_common.skc_daddr);
+	}
+}
+
+/*
+ * tp_btf (raw tracepoint with BTF-typed arguments): no trace record is assembled for us, which
+ * keeps the cost on every TCP state change of the node to a few loads.
+ */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	struct tapio_config cfg;
+	__u64 skey = (__u64)sk;
+
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 
 	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
@@ -138,27 +156,27 @@ int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		ci.pid = pid_tgid >> 32;
 		ci.tid = (__u32)pid_tgid;
 		bpf_get_current_comm(ci.comm, sizeof(ci.comm));
-		bpf_map_update_elem(&conns, &sk, &ci, BPF_ANY);
+		bpf_map_update_elem(&conns, &skey, &ci, BPF_ANY);
 		return 0;
 	}
 
 	if (newstate != TCP_CLOSE)
 		return 0;
 
-	struct conn_info *ci = bpf_map_lookup_elem(&conns, &sk);
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
 	if (oldstate != TCP_SYN_SENT) {
 		if (ci)
-			bpf_map_delete_elem(&conns, &sk);
+			bpf_map_delete_elem(&conns, &skey);
 		return 0;
 	}
 
 	if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK)) {
 		if (ci)
-			bpf_map_delete_elem(&conns, &sk);
+			bpf_map_delete_elem(&conns, &skey);
 		return 0;
 	}
 
-	__u32 sk_err = BPF_CORE_READ((struct sock *)sk, sk_err);
+	__u32 sk_err = BPF_CORE_READ(sk, sk_err);
 	__u8 type;
 	if (ci && ci->rst_seen)
 		type = NET_EV_CONN_REFUSED;
@@ -170,7 +188,7 @@ int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		/* The application closed a socket still in SYN_SENT: not a kernel failure. */
 		tapio_metric_inc(ci ? NET_METRIC_CONNECT_ABORTED : NET_METRIC_UNTRACKED_CLOSE);
 		if (ci)
-			bpf_map_delete_elem(&conns, &sk);
+			bpf_map_delete_elem(&conns, &skey);
 		return 0;
 	}
 
@@ -181,12 +199,12 @@ int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		e->event_type = type;
 		e->old_state = oldstate;
 		e->new_state = newstate;
-		e->sport = sport;
-		e->dport = dport;
+		e->sport = bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
+		e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 		e->sk_err = sk_err;
 		if (ci && ci->rst_seen)
 			e->flags |= NET_FLAG_RST;
-		copy_addrs(e, family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
+		sk_addrs(e, sk, BPF_CORE_READ(sk, __sk_common.skc_family));
 		if (ci) {
 			fill_owner(e, ci);
 			e->duration_ns = e->timestamp_ns - ci->start_ns;
@@ -196,15 +214,15 @@ int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		tapio_submit(&events, e);
 	}
 	if (ci)
-		bpf_map_delete_elem(&conns, &sk);
+		bpf_map_delete_elem(&conns, &skey);
 	return 0;
 }
 
-SEC("tracepoint/tcp/tcp_receive_reset")
-int handle_receive_reset(struct trace_event_raw_tcp_event_sk *ctx)
+SEC("tp_btf/tcp_receive_reset")
+int BPF_PROG(handle_receive_reset, struct sock *sk)
 {
-	__u64 sk = (__u64)ctx->skaddr;
-	struct conn_info *ci = bpf_map_lookup_elem(&conns, &sk);
+	__u64 skey = (__u64)sk;
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
 	if (ci)
 		ci->rst_seen = 1;
 	return 0;
@@ -276,14 +294,12 @@ int handle_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
 	return 0;
 }
 
-SEC("tracepoint/tcp/tcp_probe")
-int handle_tcp_probe(struct trace_event_raw_tcp_probe *ctx)
+SEC("tp_btf/tcp_probe")
+int BPF_PROG(handle_tcp_probe, struct sock *sk, const struct sk_buff *skb)
 {
 	struct tapio_config cfg;
-	__u32 srtt = ctx->srtt; /* already >> 3: microseconds */
-	__u64 sk = (__u64)ctx->skaddr;
-	__u16 sport = ctx->sport, dport = ctx->dport, family = ctx->family;
-	__u32 snd_cwnd = ctx->snd_cwnd;
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+	__u32 srtt = BPF_CORE_READ(tp, srtt_us) >> 3; /* microseconds */
 	if (srtt == 0)
 		return 0;
 	if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK))
@@ -292,16 +308,16 @@ int handle_tcp_probe(struct trace_event_raw_tcp_probe *ctx)
 	    (cfg.rtt_spike_multiplier == 0 && cfg.rtt_spike_abs_us == 0))
 		return 0;
 
-	/* saddr/daddr are sockaddr_in / sockaddr_in6 images. */
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	struct dest_key key;
 	__builtin_memset(&key, 0, sizeof(key));
 	key.family = family;
 	key.dport = dport;
 	if (family == AF_INET6)
-		bpf_probe_read_kernel(key.daddr, 16, &ctx->daddr[8]);
+		BPF_CORE_READ_INTO(&key.daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	else
-		bpf_probe_read_kernel(key.daddr, 4, &ctx->daddr[4]);
-
+		BPF_CORE_READ_INTO((__u32 *)key.daddr, sk, __sk_common.skc_daddr);
 	__u64 now = bpf_ktime_get_ns();
 	struct rtt_state *st = bpf_map_lookup_elem(&rtt, &key);
 	if (!st) {
@@ -364,21 +380,15 @@ int handle_tcp_probe(struct trace_event_raw_tcp_probe *ctx)
 	e->timestamp_ns = now;
 	e->config_generation = cfg.generation;
 	e->event_type = NET_EV_RTT_SPIKE;
-	e->family = family;
-	e->sport = sport;
+	e->sport = bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
 	e->dport = dport;
-	if (family == AF_INET6) {
-		bpf_probe_read_kernel(e->saddr, 16, &ctx->saddr[8]);
-		bpf_probe_read_kernel(e->daddr, 16, &ctx->daddr[8]);
-	} else {
-		bpf_probe_read_kernel(e->saddr, 4, &ctx->saddr[4]);
-		bpf_probe_read_kernel(e->daddr, 4, &ctx->daddr[4]);
-	}
+	sk_addrs(e, sk, family);
 	e->rtt_baseline_us = base;
 	e->rtt_current_us = srtt;
 	e->rtt_samples = st->samples;
-	e->snd_cwnd = snd_cwnd;
-	fill_owner(e, bpf_map_lookup_elem(&conns, &sk));
+	e->snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
+	__u64 skey = (__u64)sk;
+	fill_owner(e, bpf_map_lookup_elem(&conns, &skey));
 	tapio_submit(&events, e);
 	return 0;
 }
