@@ -88,6 +88,14 @@ def main(argv: Sequence[str]) -> int:
     if "controller" in sink_names and not args.controller_endpoint:
         sys.stderr.write("tapio agent: --sink controller requires --controller-endpoint\n")
         return 2
+    if args.controller_endpoint:
+        from tapio.sinks._retry import parse_endpoint
+
+        try:
+            parse_endpoint(args.controller_endpoint, what="--controller-endpoint")
+        except ValueError as exc:
+            sys.stderr.write(f"tapio agent: {exc}\n")
+            return 2
 
     from tapio.bpf.loader import objects_dir
     from tapio.observers import REGISTRY

@@ -1,4 +1,4 @@
-"""Turn agent settings (standalone) into the kernel's ``tapio_config`` value."""
+"""Turn agent settings (standalone) or a controller's compiled config into ``tapio_config``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from tapio.bpf.abi import (
     FLAG_NETWORK,
     FLAG_NODE,
     FLAG_STORAGE,
+    MAX_IGNORE_EXIT_CODES,
     TapioConfig,
 )
 from tapio.observers.base import UserThresholds
+from tapio.profile.compiled import CompiledConfig
 
 OBSERVER_FLAGS = {
     "network": FLAG_NETWORK,
@@ -85,3 +87,72 @@ def user_thresholds(settings: AgentSettings) -> UserThresholds:
         ipc_degradation=t.ipc_degradation,
         exit_scope=settings.container.exit_scope,
     )
+
+
+def from_compiled(
+    compiled: CompiledConfig, generation: int, *, kubernetes: bool | None = None
+) -> tuple[TapioConfig, UserThresholds]:
+    """Controller mode: a served ``CompiledConfig`` (+ its ``version`` as ``generation``) as the
+    kernel ``tapio_config`` and the userspace thresholds (reference.md §2, config sources).
+
+    ``flags`` come from each block's ``enabled`` (``node.enabled`` drives the node observer's
+    bit; ``node_pmc.enabled`` only gates its hardware-counter part, a userspace threshold).
+    ``container.exit_scope: auto`` is resolved exactly as in standalone mode (``kubernetes``
+    overrides the detection, for tests). Permille/milli values become the percent/ratio floats
+    the observers judge with.
+    """
+    net, sto, con, pmc, node = (
+        compiled.network,
+        compiled.storage,
+        compiled.container,
+        compiled.node_pmc,
+        compiled.node,
+    )
+    flags = 0
+    if net.enabled:
+        flags |= FLAG_NETWORK
+    if sto.enabled:
+        flags |= FLAG_STORAGE
+    if con.enabled:
+        flags |= FLAG_CONTAINER
+    if node.enabled:
+        flags |= FLAG_NODE
+    scope = con.exit_scope
+    if kubernetes is None:
+        scope_flags = exit_flags(scope)
+    else:
+        scope_flags = (
+            EXIT_SCOPE_CONTAINERS
+            if scope == "containers" or (scope == "auto" and kubernetes)
+            else 0
+        )
+    kernel = TapioConfig(
+        generation=generation,
+        flags=flags,
+        slow_io_threshold_ns=sto.slow_io_warning_ns,
+        io_latency_critical_ns=sto.slow_io_critical_ns,
+        retransmit_window_ns=net.retransmit_window_ns,
+        retransmit_threshold=net.retransmit_threshold,
+        rtt_spike_multiplier=net.rtt_spike_ratio,
+        rtt_spike_abs_us=net.rtt_spike_abs_us,
+        rtt_min_baseline_samples=net.rtt_min_baseline_samples,
+        rtt_min_delta_us=net.rtt_min_delta_us,
+        rtt_sample_interval_us=net.rtt_sample_interval_us,
+        exit_flags=scope_flags,
+        ignore_exit_codes=tuple(dict.fromkeys(con.ignore_exit_codes))[:MAX_IGNORE_EXIT_CODES],
+        ignore_signal_mask=signal_mask(list(con.ignore_signals)),
+        runq_latency_threshold_ns=node.runq_latency_ns,
+    )
+    user = UserThresholds(
+        memory_some_pct=node.memory_some_permille / 10,
+        memory_full_pct=node.memory_full_permille / 10,
+        cpu_some_pct=node.cpu_some_permille / 10,
+        throttle_pct=node.throttle_permille / 10,
+        hysteresis_pct=node.hysteresis_permille / 10,
+        stall_pct_warning=pmc.stall_warning_permille / 10,
+        stall_pct_critical=pmc.stall_critical_permille / 10,
+        ipc_degradation=pmc.ipc_degradation_milli / 1000,
+        node_pmc_enabled=pmc.enabled,
+        exit_scope=scope,
+    )
+    return kernel, user

@@ -1,0 +1,175 @@
+"""The agent's tapio-wire/v1 requests: hello, config poll (ETag), heartbeat.
+
+Each call is one bounded HTTP exchange on a shared aiohttp ``ClientSession`` (connect and total
+timeouts, response bodies capped) that either returns the decoded, validated answer or raises
+:class:`ControllerCallError` with a short reason. No retry logic lives here; the loops in
+:mod:`tapio.agent.controller_mode` own backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+import aiohttp
+import msgspec
+
+from tapio import wire
+from tapio.sinks.controller import ControllerLink
+
+#: Response caps: the config carries the compiled profile (small, but allow growth); the rest
+#: are a few hundred bytes.
+MAX_CONFIG_RESPONSE_BYTES: Final = 1024 * 1024
+MAX_SMALL_RESPONSE_BYTES: Final = 64 * 1024
+
+T = TypeVar("T")
+
+
+class ControllerCallError(Exception):
+    """A request that did not produce a usable answer (already described for the log)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        #: ``transport`` (connect/timeout/reset), ``status`` (unexpected HTTP status),
+        #: ``invalid`` (undecodable or invalid body) or ``too_large``.
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Identity:
+    agent_id: str
+    node_name: str
+
+
+def identity_from_env() -> Identity:
+    """``TAPIO_NODE_NAME`` (else the hostname), ``TAPIO_AGENT_ID`` (else ``node/<node_name>``)."""
+    node = (os.environ.get("TAPIO_NODE_NAME") or "").strip()
+    if not node:
+        node = socket.gethostname().strip() or "unknown-node"
+    agent_id = (os.environ.get("TAPIO_AGENT_ID") or "").strip() or f"node/{node}"
+    return Identity(agent_id=agent_id, node_name=node)
+
+
+def kernel_release() -> str:
+    try:
+        with open("/proc/sys/kernel/osrelease", encoding="utf-8") as fh:
+            return fh.read(256).strip() or "unknown"
+    except OSError:
+        return platform.release() or "unknown"
+
+
+def arch() -> str:
+    return platform.machine() or "unknown"
+
+
+class _ConfigEnvelope(msgspec.Struct):
+    """The ``config`` member of a ConfigResponse as raw bytes (for hash verification)."""
+
+    config: msgspec.Raw
+
+
+@dataclass(frozen=True)
+class FetchedConfig:
+    response: wire.ConfigResponse
+    #: The exact bytes of the ``config`` member as served.
+    raw_config: bytes
+    etag: str | None
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    body = await resp.content.read(limit + 1)
+    if len(body) > limit:
+        raise ControllerCallError("too_large", f"response body exceeds {limit} bytes")
+    return body
+
+
+def _decode(raw: bytes, type_: type[T]) -> T:
+    try:
+        return wire.decode(raw, type_)
+    except wire.WireError as exc:
+        raise ControllerCallError("invalid", exc.message) from None
+
+
+def _error_detail(status: int, raw: bytes) -> str:
+    try:
+        env = wire.decode(raw, wire.ErrorEnvelope)
+    except wire.WireError:
+        return f"HTTP {status}"
+    return f"HTTP {status} {env.error.code}: {env.error.message}"
+
+
+class ControllerClient:
+    def __init__(self, link: ControllerLink, session: aiohttp.ClientSession) -> None:
+        self.link = link
+        self.session = session
+
+    async def _post(self, path: str, msg: object) -> tuple[int, bytes]:
+        try:
+            async with self.session.post(
+                self.link.url(path),
+                data=wire.encode(msg),
+                headers={"Content-Type": "application/json"},
+                allow_redirects=False,
+            ) as resp:
+                return resp.status, await _read_capped(resp, MAX_SMALL_RESPONSE_BYTES)
+        except ControllerCallError:
+            raise
+        except Exception as exc:  # aiohttp errors, timeouts, OSError
+            raise ControllerCallError("transport", _describe(exc)) from None
+
+    async def hello(self, req: wire.HelloRequest) -> wire.HelloResponse:
+        status, raw = await self._post("/v1/agents/hello", req)
+        if not 200 <= status < 300:
+            raise ControllerCallError("status", _error_detail(status, raw))
+        answer = _decode(raw, wire.HelloResponse)
+        try:
+            answer.validate()
+        except wire.WireError as exc:
+            raise ControllerCallError("invalid", exc.message) from None
+        return answer
+
+    async def heartbeat(self, req: wire.HeartbeatRequest) -> wire.HeartbeatResponse:
+        status, raw = await self._post("/v1/agents/heartbeat", req)
+        if not 200 <= status < 300:
+            raise ControllerCallError("status", _error_detail(status, raw))
+        answer = _decode(raw, wire.HeartbeatResponse)
+        try:
+            answer.validate()
+        except wire.WireError as exc:
+            raise ControllerCallError("invalid", exc.message) from None
+        return answer
+
+    async def fetch_config(self, etag: str | None) -> FetchedConfig | None:
+        """The served config, or None on 304 Not Modified. Decoded, not validated."""
+        headers = {"Accept": "application/json"}
+        if etag:
+            headers["If-None-Match"] = etag
+        url = self.link.url("/v1/agents/config").with_query(
+            {"agent_id": self.link.agent_id, "node_name": self.link.node_name}
+        )
+        try:
+            async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
+                status = resp.status
+                got_etag = resp.headers.get("ETag")
+                raw = await _read_capped(resp, MAX_CONFIG_RESPONSE_BYTES)
+        except ControllerCallError:
+            raise
+        except Exception as exc:
+            raise ControllerCallError("transport", _describe(exc)) from None
+        if status == 304:
+            return None
+        if status != 200:
+            raise ControllerCallError("status", _error_detail(status, raw))
+        response = _decode(raw, wire.ConfigResponse)
+        raw_config = bytes(_decode(raw, _ConfigEnvelope).config)
+        return FetchedConfig(response=response, raw_config=raw_config, etag=got_etag)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
