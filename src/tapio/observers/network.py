@@ -139,14 +139,13 @@ class NetworkObserver(Observer):
         return text
 
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
-        out: list[Occurrence] = []
-        append = out.append
         boot = self.ctx.boot_offset_ns
-        for frame in NETWORK_EVENT.iter_frames(payload):
-            occ = self.classify_one(frame, boot)
-            if occ is not None:
-                append(occ)
-        return out
+        one = self.classify_one
+        return [
+            occ
+            for frame in NETWORK_EVENT.iter_frames(payload)
+            if (occ := one(frame, boot)) is not None
+        ]
 
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame: (header_len, *network_event fields) → occurrence or None.
@@ -180,9 +179,10 @@ class NetworkObserver(Observer):
             duration_ns,
             comm_raw,
         ) = frame
-        src = self._addr(family, saddr)
-        dst = self._addr(family, daddr)
-        comm = self._comm(comm_raw)
+        cache = self._addr_cache
+        src = cache.get((family, saddr)) or self._addr(family, saddr)
+        dst = cache.get((family, daddr)) or self._addr(family, daddr)
+        comm = self._comm_cache.get(comm_raw) or self._comm(comm_raw)
         fam = "ipv6" if family == AF_INET6 else "ipv4"
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
