@@ -379,3 +379,51 @@ def test_sigterm_during_burst_flushes_everything_drained(tmp_path: Path) -> None
     assert written == len(files) == stopped[0]["anomalies"] - dropped
     assert dropped == 0
     assert written > 50
+
+
+def test_ring_overflow_is_counted_as_lost_and_nothing_else_is_missing(tmp_path: Path) -> None:
+    """A stalled consumer: the kernel counts every record it could not reserve, so occurrences
+    written plus lost events add up to exactly the failed connects; the drain cap is counted."""
+    port = closed_port(socket.AF_INET, "127.0.0.1")
+    mport = _metrics_port()
+    config = (
+        f"[metrics]\nenabled = true\nport = {mport}\n"
+        "[agent]\nkernel_metrics_interval_secs = 0.2\nmax_drain_per_tick = 256\n"
+    )
+    with agent(tmp_path, config=config) as a:
+        assert a.proc is not None
+        a.proc.send_signal(19)  # SIGSTOP: nobody drains the 256 KiB ring (2048 records)
+        try:
+            out = subprocess.run(
+                client("refuse", "tapio-flood", "127.0.0.1", port, 5000),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+        finally:
+            a.proc.send_signal(18)  # SIGCONT
+        assert out.stdout.split() == ["5000"]
+
+        def lost() -> float:
+            m = re.search(
+                r'tapio_lost_events_total\{observer="network"\} ([0-9.e+]+)', a.metrics_text(mport)
+            )
+            return float(m.group(1)) if m else 0.0
+
+        def mine() -> int:
+            return len(
+                [
+                    o
+                    for o in a.occurrences("kernel.network.connection_refused")
+                    if o["data"]["dst_port"] == port
+                ]
+            )
+
+        wait_until(lambda: mine() + lost() >= 5000, 20, interval=0.2)
+        written, dropped = mine(), lost()
+        metrics = a.metrics_text(mport)
+    assert written + dropped == 5000, (written, dropped)
+    assert 1500 <= written <= 2048 + 100 and dropped > 0
+    cap = re.search(r'tapio_drain_cap_total\{observer="network"\} ([0-9.e+]+)', metrics)
+    assert cap is not None and float(cap.group(1)) >= 1
