@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from tapio.controller.app import DEFAULT_STALE_AFTER, Controller
+from tapio.logs import configure_logging
 from tapio.profile import ProfileError
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8080"
@@ -72,25 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("json", "console"), default="json")
     p.add_argument("--log-level", choices=tuple(_LEVELS), default="info")
     return p
-
-
-def configure_logging(fmt: str, level: str) -> None:
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 async def serve(
@@ -149,7 +131,7 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    configure_logging(args.log_format, args.log_level)
+    configure_logging(args.log_format, args.log_level)  # shared with the agent (tapio.logs)
     try:
         controller = Controller(profile_path=args.profile, stale_after=args.stale_after)
     except ProfileError as exc:
