@@ -81,10 +81,18 @@ class FetchedConfig:
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    body = await resp.content.read(limit + 1)
-    if len(body) > limit:
+    if resp.content_length is not None and resp.content_length > limit:
         raise ControllerCallError("too_large", f"response body exceeds {limit} bytes")
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.content.read(min(65536, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise ControllerCallError("too_large", f"response body exceeds {limit} bytes")
 
 
 def _decode(raw: bytes, type_: type[T]) -> T:
