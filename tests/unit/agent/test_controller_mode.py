@@ -636,3 +636,18 @@ def test_cli_rejects_bad_controller_endpoints(tmp_path: Path, endpoint: str, mes
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tapio agent: --controller-endpoint")
     assert message in lines[0]
+
+
+def test_controller_mode_imports_no_yaml_controller_or_aiohttp_server() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import tapio.agent.controller_mode, tapio.sinks.controller, tapio.agent.kconfig\n"
+        "bad = [m for m in sys.modules if m == 'yaml' or m.startswith(('yaml.', "
+        "'tapio.controller', 'aiohttp.web'))]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
