@@ -300,7 +300,7 @@ def test_agent_and_controller_end_to_end(tmp_path: Path, cleanup: list[Any]) -> 
 
     def converged() -> bool:
         s = ctl.status()
-        a = next((x for x in s["agents"] if x["agent_id"] == AGENT_ID), {})
+        a: dict[str, Any] = next((x for x in s["agents"] if x["agent_id"] == AGENT_ID), {})
         return a.get("reported_config_hash") == target and AGENT_ID not in s["unconverged_agents"]
 
     assert wait_until(converged, 6, 0.2)
@@ -395,7 +395,7 @@ def test_agent_and_controller_end_to_end(tmp_path: Path, cleanup: list[Any]) -> 
 
     def re_registered() -> bool:
         a = ctl2.agent() or {}
-        return a.get("registered_at_unix", 0) > registered_before
+        return bool(a.get("registered_at_unix", 0) > registered_before)
 
     assert wait_until(re_registered, 10, 0.2)
     accepted_d = ctl2.status()["totals"]["accepted_events_total"]

@@ -170,8 +170,8 @@ async def test_batches_split_by_count_with_consecutive_sequences() -> None:
     assert [seq_of(e) for r in reqs for e in r.events] == list(range(7))
     for r in rx.requests:
         assert r.path == "/v1/events" and r.headers["Content-Type"] == "application/json"
-    for r in reqs:
-        r.validate(3)
+    for req in reqs:
+        req.validate(3)
 
 
 async def test_batches_split_by_bytes_never_exceed_the_limit() -> None:
