@@ -1,14 +1,26 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Node observer: run-queue latency measured on the scheduler tracepoints and aggregated in the
- * kernel. A task becomes runnable at sched_wakeup/sched_wakeup_new, or when it is switched out
- * while still runnable (preempted); the wait ends when sched_switch picks it. Each wait goes into
- * per-CPU counters and a log2 histogram (struct runq_hist) and the longest wait per CPU is kept
- * with its task (struct runq_worst). No record per event ever leaves the kernel: userspace reads
- * the maps once per interval (bpf/node.h).
+ * Node observer: run-queue latency measured on sched_switch and aggregated in the kernel.
  *
- * Hot-path rules: tp_btf programs (no tracepoint-buffer copy), one config lookup without copying
- * the carrier, task-local storage instead of a hash map keyed by pid, per-CPU aggregates only.
+ * The scheduler already stamps when a task was queued: sched_info.last_queued (CONFIG_SCHED_INFO,
+ * on wherever /proc/<pid>/schedstat exists; it does not need schedstats enabled) is set from the
+ * run-queue clock when a task is enqueued by a wakeup and when it is switched out while still
+ * runnable (preempted), and cleared when it is dequeued. __schedule() updates rq->clock before
+ * picking the next task, so at the sched_switch tracepoint "rq->clock - next->last_queued" is the
+ * wait that is ending, in the clock the kernel itself uses for run_delay. One hook, no per-task
+ * map, no timestamp call on the hot path. Needs CONFIG_SCHED_INFO and CONFIG_FAIR_GROUP_SCHED
+ * (both on in every distribution kernel); without them nothing is measured.
+ *
+ * CFS-bandwidth throttling keeps a task "queued" while its cgroup has no quota left; such a wait
+ * is throttling (its own signal, read from cpu.stat), not run-queue latency. A task switched out
+ * runnable while throttled (task-based throttling of 6.18+, or a throttled cfs_rq hierarchy before)
+ * gets the rq clock stamped in task-local storage; a wait of at least RUNQ_THROTTLE_CHECK_NS that
+ * contains such a stamp is counted as throttled. Short waits (the ping-pong case) never touch the
+ * task storage.
+ *
+ * Each wait goes into per-CPU counters and a log2 histogram (struct runq_hist); the longest wait
+ * per CPU is kept with its task (struct runq_worst). Nothing is sent per event: userspace reads
+ * the maps once per interval (bpf/node.h).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -19,15 +31,6 @@
 #include "node.h"
 
 char LICENSE[] SEC("license") = "GPL";
-
-#define TASK_RUNNING 0
-
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct runq_start);
-} runq_start SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -43,6 +46,13 @@ struct {
 	__type(value, struct runq_worst);
 } runq_worst SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} runq_throttled SEC(".maps");
+
 /* Kernels before 5.14 call task_struct::__state "state". */
 struct task_struct___pre514 {
 	long state;
@@ -53,47 +63,21 @@ struct task_struct___throttle {
 	bool throttled;
 } __attribute__((preserve_access_index));
 
-/*
- * The config gate of the hot path: no copy of the 256-byte carrier, only the three fields this
- * object needs. Returns the run-queue threshold, 0 when the observer must stay silent.
- */
-static __always_inline __u64 node_gate(__u32 *generation)
-{
-	__u32 zero = 0;
-	struct tapio_config *cfg = bpf_map_lookup_elem(&tapio_config, &zero);
-	if (!cfg)
-		return 0;
-	__u32 abi = cfg->abi_version;
-	if (abi != TAPIO_CONFIG_ABI_VERSION) {
-		if (abi != 0)
-			tapio_metric_inc(TAPIO_METRIC_ABI_MISMATCH);
-		return 0;
-	}
-	if (!(cfg->flags & TAPIO_FLAG_NODE))
-		return 0;
-	*generation = cfg->generation;
-	return cfg->runq_latency_threshold_ns;
-}
-
 static __always_inline long task_state(struct task_struct *t)
 {
 	if (bpf_core_field_exists(t->__state))
-		return BPF_CORE_READ(t, __state);
-	return BPF_CORE_READ((struct task_struct___pre514 *)t, state);
+		return t->__state;
+	return ((struct task_struct___pre514 *)t)->state;
 }
 
 /* Switched out because its cgroup hierarchy ran out of CFS quota (v1 or v2). */
-static __always_inline __u32 task_throttled(struct task_struct *t)
+static __always_inline int task_throttled(struct task_struct *t)
 {
 	struct task_struct___throttle *tt = (void *)t;
 	if (bpf_core_field_exists(tt->throttled) && BPF_CORE_READ(tt, throttled))
 		return 1;
-	if (bpf_core_field_exists(t->se.cfs_rq)) {
-		struct cfs_rq *cfs = BPF_CORE_READ(t, se.cfs_rq);
-		if (cfs && BPF_CORE_READ(cfs, throttle_count) > 0)
-			return 1;
-	}
-	return 0;
+	struct cfs_rq *cfs = BPF_CORE_READ(t, se.cfs_rq);
+	return cfs && BPF_CORE_READ(cfs, throttle_count) > 0;
 }
 
 static __always_inline __u32 log2_slot(__u64 v)
@@ -108,88 +92,84 @@ static __always_inline __u32 log2_slot(__u64 v)
 	return r < RUNQ_SLOTS ? r : RUNQ_SLOTS - 1;
 }
 
-static __always_inline void mark_runnable(struct task_struct *p, __u64 now, __u32 throttled)
-{
-	struct runq_start *s =
-		bpf_task_storage_get(&runq_start, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!s) {
-		tapio_metric_inc(NODE_METRIC_STORAGE_FULL);
-		return;
-	}
-	s->ts = now;
-	s->throttled = throttled;
-}
-
-static __always_inline int on_wakeup(struct task_struct *p)
-{
-	__u32 gen;
-	if (!node_gate(&gen))
-		return 0;
-	if (!p->pid)
-		return 0;
-	mark_runnable(p, bpf_ktime_get_ns(), 0);
-	return 0;
-}
-
-SEC("tp_btf/sched_wakeup")
-int BPF_PROG(node_wakeup, struct task_struct *p)
-{
-	return on_wakeup(p);
-}
-
-SEC("tp_btf/sched_wakeup_new")
-int BPF_PROG(node_wakeup_new, struct task_struct *p)
-{
-	return on_wakeup(p);
-}
-
 SEC("tp_btf/sched_switch")
 int BPF_PROG(node_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
-	__u32 gen = 0, zero = 0;
-	__u64 threshold = node_gate(&gen);
-	if (!threshold)
-		return 0;
-	__u64 now = bpf_ktime_get_ns();
+	__u32 zero = 0;
 
-	/* Switched out while still runnable: it waits on a run queue from now on. */
-	if (prev->pid && (preempt || task_state(prev) == TASK_RUNNING))
-		mark_runnable(prev, now, task_throttled(prev));
+	/* The config gate of the hot path: three fields, no copy of the 256-byte carrier. */
+	struct tapio_config *cfg = bpf_map_lookup_elem(&tapio_config, &zero);
+	if (!cfg)
+		return 0;
+	__u32 abi = cfg->abi_version;
+	if (abi != TAPIO_CONFIG_ABI_VERSION) {
+		if (abi != 0)
+			tapio_metric_inc(TAPIO_METRIC_ABI_MISMATCH);
+		return 0;
+	}
+	__u64 threshold = cfg->runq_latency_threshold_ns;
+	if (!(cfg->flags & TAPIO_FLAG_NODE) || !threshold)
+		return 0;
 
-	if (!next->pid)
-		return 0; /* the idle task */
-	struct runq_start *s = bpf_task_storage_get(&runq_start, next, 0, 0);
-	if (!s || !s->ts)
+	if (!bpf_core_field_exists(next->sched_info.last_queued))
+		return 0; /* kernel without CONFIG_SCHED_INFO: nothing to measure */
+	__u64 queued = next->sched_info.last_queued;
+	/*
+	 * This CPU's run queue, reached through the task being picked (set_task_rq() points every
+	 * task's se.cfs_rq at a cfs_rq of its CPU): "runqueues" is not in kallsyms without
+	 * CONFIG_KALLSYMS_ALL, so no __ksym. Plain BTF loads, no helper calls.
+	 */
+	if (!bpf_core_field_exists(next->se.cfs_rq))
+		return 0; /* no CONFIG_FAIR_GROUP_SCHED */
+	struct cfs_rq *cfs = next->se.cfs_rq;
+	if (!cfs)
 		return 0;
-	__u64 delta = now - s->ts;
-	__u32 throttled = s->throttled;
-	s->ts = 0;
-	if ((__s64)delta < 0)
+	struct rq *rq = cfs->rq;
+	if (!rq)
 		return 0;
+	__u64 now = rq->clock;
+
+	/* Switched out runnable because of a quota throttle: remember when. */
+	if ((preempt || task_state(prev) == 0) && task_throttled(prev)) {
+		__u64 *mark = bpf_task_storage_get(&runq_throttled, prev, 0,
+						   BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (mark)
+			*mark = now;
+	}
+
+	if (!queued)
+		return 0; /* the idle task, or a task that was not waiting */
+	if (now < queued) {
+		tapio_metric_inc(NODE_METRIC_CLOCK_SKEW);
+		return 0;
+	}
+	__u64 delta = now - queued;
 
 	struct runq_hist *h = bpf_map_lookup_elem(&runq_hist, &zero);
 	if (!h)
 		return 0;
-	if (throttled) {
-		h->throttled_waits += 1;
-		h->throttled_ns += delta;
-		return 0;
+	if (delta >= RUNQ_THROTTLE_CHECK_NS) {
+		__u64 *mark = bpf_task_storage_get(&runq_throttled, next, 0, 0);
+		if (mark && *mark >= queued && *mark <= now) {
+			*mark = 0;
+			h->throttled_waits += 1;
+			h->throttled_ns += delta;
+			return 0;
+		}
 	}
 	h->waits += 1;
 	h->wait_ns += delta;
-	__u32 slot = log2_slot(delta);
-	if (slot < RUNQ_SLOTS)
-		h->slots[slot] += 1;
+	h->slots[log2_slot(delta)] += 1;
 	if (delta >= threshold)
 		h->over += 1;
 
 	struct runq_worst *w = bpf_map_lookup_elem(&runq_worst, &zero);
 	if (w && delta > w->max_ns) {
 		w->max_ns = delta;
-		w->timestamp_ns = now;
+		w->timestamp_ns = bpf_ktime_get_ns();
 		w->pid = next->tgid;
 		w->tid = next->pid;
-		w->config_generation = gen;
+		w->config_generation = cfg->generation;
 		w->cgroup_id = BPF_CORE_READ(next, cgroups, dfl_cgrp, kn, id);
 		bpf_probe_read_kernel(w->comm, sizeof(w->comm), next->comm);
 	}

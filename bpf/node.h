@@ -16,7 +16,10 @@
 #define RUNQ_SLOTS 24
 
 /* observer-specific tapio_metrics indices */
-#define NODE_METRIC_STORAGE_FULL (TAPIO_METRIC_OBSERVER_BASE + 0) /* task storage allocation failed */
+#define NODE_METRIC_CLOCK_SKEW (TAPIO_METRIC_OBSERVER_BASE + 0) /* queued stamp ahead of the rq clock */
+
+/* Waits at least this long are checked against a CFS-bandwidth throttle mark. */
+#define RUNQ_THROTTLE_CHECK_NS (1000ULL * 1000)
 
 /*
  * One per CPU (PERCPU_ARRAY "runq_hist", key 0). Monotonic since load; userspace works on the
@@ -25,10 +28,10 @@
  * signal, read from cpu.stat.
  */
 struct runq_hist {
-	__u64 waits;                /*   0: run-queue waits measured (wakeup or preemption -> run) */
+	__u64 waits;                /*   0: run-queue waits measured (queued -> picked) */
 	__u64 wait_ns;              /*   8: their sum */
 	__u64 over;                 /*  16: waits >= runq_latency_threshold_ns */
-	__u64 throttled_waits;      /*  24: waits that began with a CFS-bandwidth throttle */
+	__u64 throttled_waits;      /*  24: waits (>= RUNQ_THROTTLE_CHECK_NS) that were a throttle */
 	__u64 throttled_ns;         /*  32: their sum */
 	__u64 slots[RUNQ_SLOTS];    /*  40: log2 histogram, see RUNQ_SLOTS */
 };                              /* 232 bytes */
@@ -40,19 +43,12 @@ struct runq_hist {
 struct runq_worst {
 	__u64 max_ns;               /*   0 */
 	__u64 cgroup_id;            /*   8: cgroup v2 id of the waiting task (1 = root) */
-	__u64 timestamp_ns;         /*  16: bpf_ktime_get_ns() at the switch-in */
+	__u64 timestamp_ns;         /*  16: bpf_ktime_get_ns() at the switch-in (CLOCK_MONOTONIC) */
 	__u32 pid;                  /*  24: tgid */
 	__u32 tid;                  /*  28 */
 	__u32 config_generation;    /*  32 */
 	__u32 _pad;                 /*  36 */
 	char comm[16];              /*  40 */
 };                              /* 56 bytes */
-
-/* Per-task scratch (TASK_STORAGE "runq_start"): when the task became runnable. */
-struct runq_start {
-	__u64 ts;                   /*   0: 0 = not waiting */
-	__u32 throttled;            /*   8: switched out by a CFS-bandwidth throttle */
-	__u32 _pad;                 /*  12 */
-};                              /* 16 bytes */
 
 #endif /* TAPIO_NODE_H */

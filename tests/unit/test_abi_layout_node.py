@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from tapio.bpf.abi import CStruct
-from tapio.observers.node import RUNQ_HIST, RUNQ_SLOTS, RUNQ_START, RUNQ_WORST
+from tapio.observers.node import RUNQ_HIST, RUNQ_SLOTS, RUNQ_WORST
 
 from .layout_probe import assert_layout
 
 REPO = Path(__file__).resolve().parents[2]
-MIRRORS = (RUNQ_HIST, RUNQ_WORST, RUNQ_START)
+MIRRORS = (RUNQ_HIST, RUNQ_WORST)
 
 
 @pytest.mark.parametrize("mirror", MIRRORS, ids=lambda m: m.name)

@@ -102,8 +102,7 @@ RUNQ_WORST = CStruct(
     ],
     56,
 )
-RUNQ_START = CStruct("runq_start", [("ts", "Q"), ("throttled", "I"), ("_pad", "4x")], 16)
-METRIC_STORAGE_FULL = METRIC_OBSERVER_BASE + 0
+METRIC_CLOCK_SKEW = METRIC_OBSERVER_BASE + 0
 
 # ---- bounds and cadence -----------------------------------------------------------------------
 
@@ -393,7 +392,7 @@ class NodeObserver(Observer):
     record = RUNQ_HIST
     ring_map = None
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {
-        METRIC_STORAGE_FULL: ("kernel_drop", "task_storage_full"),
+        METRIC_CLOCK_SKEW: ("kernel_drop", "runq_clock_skew"),
     }
 
     def __init__(self, ctx: ObserverContext, *, roots: CgroupRoots | None = None) -> None:
@@ -440,6 +439,14 @@ class NodeObserver(Observer):
 
     def capabilities(self) -> list[Capability]:
         caps = [Capability("pmu", self._pmu_available, self._pmu_detail)]
+        sched_info = Path("/proc/self/schedstat").exists()
+        caps.append(
+            Capability(
+                "runq_latency",
+                sched_info,
+                "" if sched_info else "kernel without CONFIG_SCHED_INFO: no run-queue stamps",
+            )
+        )
         psi_ok = Path("/proc/pressure/memory").exists()
         caps.append(
             Capability(

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Scheduler-hook overhead of the node observer's BPF programs.
+
+Workload: two processes ping-pong one byte over a pair of pipes for N round trips (every round
+trip is two wakeups and at least two context switches, so it is as sched_wakeup/sched_switch-heavy
+as a workload gets). It runs with no program attached ("off") and with node.bpf.o loaded,
+attached and enabled through a TapioConfig ("on"), alternating, several times; the table shows
+the median time per round trip and the on/off ratio (target <= 1.10x).
+
+The ping-pong is a small C program when a C compiler exists (the harshest case: nothing but the
+syscalls), else the same loop in Python. Two placements: both processes on one CPU (every round
+trip is two real switches) and one process per CPU (every round trip wakes the other CPU from
+idle, so switches to and from idle are traced too). Other load on the machine makes the
+two-CPU row noisy (a cross-CPU wakeup in a VM is an IPI); the same-CPU row is the stable one.
+
+    sudo .venv/bin/python benchmarks/bench_node.py [--round-trips 200000] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from tapio.bpf.abi import FLAG_NODE, TapioConfig  # noqa: E402
+from tapio.bpf.loader import BpfObject  # noqa: E402
+
+OBJECT = REPO / "src" / "tapio" / "bpf" / "objects" / "node.bpf.o"
+
+PINGPONG_C = r"""
+#define _GNU_SOURCE
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    int cpu = argc > 2 ? atoi(argv[2]) : -1, cpu2 = argc > 3 ? atoi(argv[3]) : cpu;
+    int a[2], b[2];
+    char c = 'x';
+    if (pipe(a) || pipe(b)) return 1;
+    cpu_set_t s;
+    if (cpu >= 0) { CPU_ZERO(&s); CPU_SET(cpu, &s); sched_setaffinity(0, sizeof(s), &s); }
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (cpu2 >= 0) { CPU_ZERO(&s); CPU_SET(cpu2, &s); sched_setaffinity(0, sizeof(s), &s); }
+        for (long i = 0; i < n; i++) { if (read(a[0], &c, 1) != 1) _exit(1); if (write(b[1], &c, 1) != 1) _exit(1); }
+        _exit(0);
+    }
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (long i = 0; i < n; i++) { if (write(a[1], &c, 1) != 1) return 1; if (read(b[0], &c, 1) != 1) return 1; }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    waitpid(pid, NULL, 0);
+    printf("%.1f\n", ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)));
+    return 0;
+}
+"""
+
+PINGPONG_PY = r"""
+import os, sys, time
+n = int(sys.argv[1]); cpu = int(sys.argv[2]) if len(sys.argv) > 2 else -1
+cpu2 = int(sys.argv[3]) if len(sys.argv) > 3 else cpu
+if cpu >= 0: os.sched_setaffinity(0, {cpu})
+a = os.pipe(); b = os.pipe()
+pid = os.fork()
+if pid == 0:
+    if cpu2 >= 0: os.sched_setaffinity(0, {cpu2})
+    r, w = a[0], b[1]
+    for _ in range(n):
+        os.write(w, os.read(r, 1))
+    os._exit(0)
+r, w = b[0], a[1]
+t0 = time.perf_counter_ns()
+for _ in range(n):
+    os.write(w, b"x"); os.read(r, 1)
+t1 = time.perf_counter_ns()
+os.waitpid(pid, 0)
+print(t1 - t0)
+"""
+
+
+def build_pingpong(tmp: Path) -> list[str]:
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        script = tmp / "pingpong.py"
+        script.write_text(PINGPONG_PY)
+        return [sys.executable, str(script)]
+    src = tmp / "pingpong.c"
+    exe = tmp / "pingpong"
+    src.write_text(PINGPONG_C)
+    subprocess.run([cc, "-O2", "-o", str(exe), str(src)], check=True)
+    return [str(exe)]
+
+
+def run_once(cmd: list[str], n: int, cpus: tuple[int, int]) -> float:
+    argv = [*cmd, str(n), str(cpus[0]), str(cpus[1])]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return float(out.strip()) / n  # ns per round trip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--round-trips", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--runq-ms", type=int, default=50)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_node: needs root (loads BPF programs)", file=sys.stderr)
+        return 2
+    if not OBJECT.exists():
+        print(f"bench_node: {OBJECT} missing, run build_bpf.py", file=sys.stderr)
+        return 2
+    cfg = TapioConfig(
+        generation=1, flags=FLAG_NODE, runq_latency_threshold_ns=args.runq_ms * 1_000_000
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = build_pingpong(Path(tmp))
+        kind = "C" if not cmd[0].endswith("python") and "python" not in cmd[0] else "Python"
+        placements: list[tuple[str, tuple[int, int]]] = [("same CPU (0/0)", (0, 0))]
+        if len(os.sched_getaffinity(0)) > 1:
+            a, b = sorted(os.sched_getaffinity(0))[:2]
+            placements.append((f"two CPUs ({a}/{b})", (a, b)))
+        for label, cpu in placements:
+            run_once(cmd, args.round_trips // 10, cpu)  # warm-up
+            off: list[float] = []
+            on: list[float] = []
+            waits = 0
+            for _ in range(args.repeats):
+                off.append(run_once(cmd, args.round_trips, cpu))
+                with BpfObject(OBJECT) as obj:
+                    obj.map("tapio_config").update(bytes(4), cfg.pack())
+                    obj.attach_all()
+                    time.sleep(0.05)
+                    on.append(run_once(cmd, args.round_trips, cpu))
+                    raw = obj.map("runq_hist").lookup(bytes(4)) or b""
+                    waits += sum(
+                        int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 232)
+                    )
+            m_off, m_on = statistics.median(off), statistics.median(on)
+            rows.append((label, m_off, m_on, m_on / m_off, waits // args.repeats))
+    print(
+        f"\nnode.bpf.o scheduler-hook overhead, {kind} pipe ping-pong, "
+        f"{args.round_trips} round trips x {args.repeats} (median)"
+    )
+    print(f"{'placement':<24} {'off ns/rt':>10} {'on ns/rt':>10} {'ratio':>7} {'waits/run':>10}")
+    for label, m_off, m_on, ratio, waits in rows:
+        print(f"{label:<24} {m_off:>10.0f} {m_on:>10.0f} {ratio:>6.3f}x {waits:>10}")
+    worst = max(r[3] for r in rows)
+    print(f"\nworst ratio {worst:.3f}x (target <= 1.10x): {'OK' if worst <= 1.10 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
