@@ -669,7 +669,7 @@ class NodeObserver(Observer):
 
     async def _psi_loop(self, emit: Emit) -> None:
         while True:
-            if time.monotonic() - self._last_scan >= RESCAN_SECS:
+            if self.enabled and time.monotonic() - self._last_scan >= RESCAN_SECS:
                 self.rescan()
                 if self._triggers is not None:
                     self._triggers.failures.clear()
