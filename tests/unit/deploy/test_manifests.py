@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]
 import msgspec
 import pytest
 import yaml
@@ -96,7 +96,7 @@ def test_every_manifest_file_is_a_resource_of_the_kustomization() -> None:
 
 def test_the_kustomization_installs_both_components(rendered: list[Obj]) -> None:
     kinds = sorted((o["kind"], o["metadata"]["name"].rsplit("-", 1)[0]) for o in rendered)
-    names = {o["kind"]: set() for o in rendered}
+    names: dict[str, set[str]] = {o["kind"]: set() for o in rendered}
     for o in rendered:
         names[o["kind"]].add(o["metadata"]["name"])
     assert names["Namespace"] == {"tapio-system"}
