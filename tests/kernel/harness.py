@@ -83,13 +83,14 @@ class AgentProcess:
     def start(self, timeout: float = 20.0) -> AgentProcess:
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
         self._stdout = open(self.stdout_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             self.cmd, stdout=self._stdout, stderr=self._stderr, env=self.env, cwd=self.tmp
         )
+        self.proc = proc
         ok = wait_until(
-            lambda: "agent started" in self.stderr() or self.proc.poll() is not None, timeout
-        )  # type: ignore[union-attr]
-        if not ok or self.proc.poll() is not None:
+            lambda: "agent started" in self.stderr() or proc.poll() is not None, timeout
+        )
+        if not ok or proc.poll() is not None:
             self.stop()
             raise AssertionError(f"agent did not start:\n{self.stderr()}")
         return self
@@ -109,7 +110,7 @@ class AgentProcess:
 
     def occurrences(self, type_prefix: str = "") -> list[dict[str, Any]]:
         """Every occurrence the file sink wrote so far (type filtered by prefix)."""
-        out = []
+        out: list[dict[str, Any]] = []
         if not self.data_dir.exists():
             return out
         for path in sorted(self.data_dir.glob("*.json")):
