@@ -6,8 +6,8 @@
   * the same plus controller mode (wire client, controller sink),
   * ``python -c pass`` as the interpreter's own floor.
 
-Idle RSS and CPU of a running agent are measured by benchmarks/bench_agent.py (needs root);
-this one needs no privileges. Usage: ``.venv/bin/python benchmarks/bench_lean.py [--runs 5]``.
+Idle RSS and CPU of a running agent are measured by benchmarks/bench_agent.py (privileged);
+this one runs unprivileged. Usage: ``.venv/bin/python benchmarks/bench_lean.py [--runs 5]``.
 """
 
 from __future__ import annotations
