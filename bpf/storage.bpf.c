@@ -94,6 +94,12 @@ int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 
 	struct io_value *old = bpf_map_lookup_elem(&inflight, &key);
 	if (old) {
+		if (old->requeued) {
+			/* The same request dispatched again after block_rq_requeue: keep the original
+			 * issue time and issuer, it is not a second request. */
+			old->requeued = 0;
+			return 0;
+		}
 		old->ambiguous = 1; /* keep the first issue; its completion will be dropped */
 		return 0;
 	}
@@ -113,6 +119,33 @@ int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 		if (old)
 			old->ambiguous = 1;
 	}
+	return 0;
+}
+
+/*
+ * A driver may hand a request back (queue busy, virtio ring full) and dispatch it again later:
+ * block_rq_requeue, then a second block_rq_issue with the same key. Without this mark the
+ * re-issue would look like a second request and the completion would be dropped as ambiguous.
+ */
+SEC("tracepoint/block/block_rq_requeue")
+int handle_rq_requeue(struct trace_event_raw_block_rq_requeue *ctx)
+{
+	__u32 dev = ctx->dev;
+	__u64 sector = ctx->sector;
+	__u32 nr_sector = ctx->nr_sector;
+	char rwbs[8] = {};
+	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
+	int op = rwbs_op(rwbs);
+	if (op < 0)
+		return 0;
+	struct io_key key = {};
+	key.dev = dev;
+	key.nr_sector = nr_sector;
+	key.sector = sector;
+	key.opcode = op;
+	struct io_value *v = bpf_map_lookup_elem(&inflight, &key);
+	if (v)
+		v->requeued = 1;
 	return 0;
 }
 

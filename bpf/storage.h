@@ -56,7 +56,8 @@ struct io_value {
 	__u32 tid;        /* 28 */
 	__u32 bytes;      /* 32 */
 	__u8 ambiguous;   /* 36: a second issue arrived for this key while inflight */
-	__u8 _pad[3];     /* 37 */
+	__u8 requeued;    /* 37: the driver requeued it; its re-issue is the same request */
+	__u8 _pad[2];     /* 38 */
 	char comm[16];    /* 40 */
 	char rwbs[8];     /* 56 */
 };                    /* 64 bytes */
