@@ -171,7 +171,9 @@ def main() -> int:
         tmp = Path(t)
         exe = build_connect_loop(tmp)
         bare, agent = bench_connect(exe, tmp, args.connects, args.rounds)
-        per_occ, lines = bench_per_occurrence(exe, tmp, args.occurrences)
+        runs = [bench_per_occurrence(exe, tmp, args.occurrences) for _ in range(args.rounds)]
+        per_occ = statistics.median(r[0] for r in runs)
+        lines = min(r[1] for r in runs)
         idle_pct, idle_rss = bench_idle(tmp, args.idle_secs)
     ratio = agent / bare
     print("agent core / network observer")

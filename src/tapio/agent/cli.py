@@ -7,6 +7,7 @@ saying why; SIGTERM/SIGINT exit 0 after the sinks flush.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -136,6 +137,11 @@ def main(argv: Sequence[str]) -> int:
     agent = Agent(settings, options, sinks)
     _add_services(agent, args, settings)
     log.info("tapio agent starting", version=__version__, node=options.node_name)
+    # Everything imported so far lives for the whole run: move it out of the collector's sight,
+    # and collect the young generation less often. Occurrences are gc=False structs; their
+    # short-lived data dicts would otherwise trigger a gen-0 pass every 700 allocations.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 50)
     try:
         return anyio.run(agent.run)
     except KeyboardInterrupt:
