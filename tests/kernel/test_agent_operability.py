@@ -115,3 +115,28 @@ def test_mounts_tracefs_itself_when_missing(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(5)
     assert proc.returncode == 0
+
+
+def test_health_shows_what_this_node_cannot_observe(tmp_path: Path) -> None:
+    """No hardware PMU here: `tapio health` says ipc_degradation is unsupported (from the
+    agent's status file), while the occurrence table stays the reference's."""
+    require_kernel(("node",))
+    from .harness import agent
+
+    with agent(tmp_path, observers=("node", "network")) as a:
+        status = a.data_dir / ".tapio-agent-status"
+        assert wait_until(status.exists, 15), a.stderr()[-2000:]
+        out = subprocess.run(
+            [sys.executable, "-m", "tapio", "health", "--data-dir", str(a.data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    assert out.startswith("Observer     Anomalies")
+    pmu = Path("/sys/bus/event_source/devices/cpu").exists()
+    if pmu:
+        assert "ipc_degradation unsupported" not in out
+    else:
+        assert "node: kernel.node.ipc_degradation unsupported:" in out, out
+        assert "node: degraded: no_pmu" in out

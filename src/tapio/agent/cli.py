@@ -133,6 +133,7 @@ def main(argv: Sequence[str]) -> int:
         node_name=node_name(),
         initial_config=None if args.controller_endpoint else standalone_config(settings, observers),
         user_thresholds=user_thresholds(settings),
+        status_dir=Path(args.data_dir) if "file" in sink_names else None,
     )
     agent = Agent(settings, options, sinks)
     _add_services(agent, args, settings)

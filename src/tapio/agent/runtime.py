@@ -8,6 +8,7 @@ the rings), let every sink flush within ``shutdown_grace_secs``, detach, and ret
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -45,8 +47,13 @@ from tapio.observers import observer_class
 from tapio.observers.base import ObserverContext, UserThresholds
 from tapio.occurrence import Occurrence
 from tapio.sinks.base import Batch, Sink
+from tapio.status import AgentStatus, ObserverStatus, write_status
 
 log = structlog.get_logger("tapio.agent")
+
+STATUS_INTERVAL_SECS = 5.0
+#: capability -> the anomaly type the observer cannot produce without it
+CAPABILITY_GATES = {"pmu": "kernel.node.ipc_degradation"}
 
 
 def boot_offset_ns() -> int:
@@ -62,6 +69,8 @@ class AgentOptions:
     #: Standalone: the config written at start. None: carriers stay all-zero (inert) until
     #: ``apply_config`` is called (controller mode).
     initial_config: TapioConfig | None = None
+    #: Directory for the local status file read by ``tapio health`` (the file sink's dir).
+    status_dir: Path | None = None
     user_thresholds: UserThresholds = field(default_factory=UserThresholds)
     extra_services: list[Callable[[Agent], object]] = field(default_factory=list)
 
@@ -180,6 +189,38 @@ class Agent:
         )
         return ok, reasons
 
+    def status(self) -> AgentStatus:
+        observers = {}
+        for ro in self.observers:
+            caps = {c.name: c for c in ro.observer.capabilities()} if ro.state == "running" else {}
+            unsupported = {
+                anomaly: caps[cap].detail or f"{cap} unavailable"
+                for cap, anomaly in CAPABILITY_GATES.items()
+                if cap in caps and not caps[cap].available
+            }
+            observers[ro.name] = ObserverStatus(
+                state=ro.state,
+                error=ro.error,
+                degraded_reasons=list(ro.observer.degraded_reasons),
+                capabilities={name: c.available for name, c in caps.items()},
+                unsupported=unsupported,
+            )
+        return AgentStatus(
+            written_at_unix=time.time(),
+            pid=os.getpid(),
+            node_name=self.options.node_name,
+            config_generation=self.applied.generation if self.applied else 0,
+            observers=observers,
+        )
+
+    async def _status_loop(self, directory: Path) -> None:
+        while True:
+            try:
+                await anyio.to_thread.run_sync(write_status, directory, self.status())
+            except OSError as exc:
+                log.warning("status file not written", error=str(exc))
+            await anyio.sleep(STATUS_INTERVAL_SECS)
+
     # ---- kernel metrics -------------------------------------------------------------------
     def poll_kernel_metrics(self) -> None:
         for ro in self.observers:
@@ -251,6 +292,8 @@ class Agent:
             with self._services_scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._kernel_metrics_loop)
+                    if self.options.status_dir is not None:
+                        tg.start_soon(self._status_loop, self.options.status_dir)
                     for ro in self.observers:
                         if ro.state == "running":
                             name = ro.name

@@ -237,11 +237,37 @@ def cmd_recent(args: argparse.Namespace, con: Console, data_dir: str) -> int:
 def cmd_health(args: argparse.Namespace, con: Console, data_dir: str) -> int:
     flt = Filter(since_ns=con.clock() - HOUR_NS)
     summary = summarize(select(iter_records(data_dir, con.warn), flt))
-    if args.observer:
-        con.out(render.health_observer(summary.get(args.observer.strip().lower())))
+    observer = args.observer.strip().lower() if args.observer else None
+    if observer:
+        con.out(render.health_observer(summary.get(observer)))
     else:
         con.out(render.health_table(summary, con.style))
+    con.out(_agent_status_lines(data_dir, observer, con.clock()))
     return EXIT_OK
+
+
+def _agent_status_lines(data_dir: str, observer: str | None, now_ns: int) -> list[str]:
+    """What the agent's status file adds: failed observers and anomaly types this node cannot
+    produce (e.g. ipc_degradation without a hardware PMU). Nothing when there is no agent
+    status next to the occurrences, so the reference output is unchanged."""
+    from tapio.status import read_status
+
+    status = read_status(data_dir)
+    if status is None:
+        return []
+    lines = [""]
+    age = max(0, now_ns // 1_000_000_000 - int(status.written_at_unix))
+    lines.append(f"agent: generation {status.config_generation}, status {age}s old")
+    for name, obs in sorted(status.observers.items()):
+        if observer and name != observer:
+            continue
+        if obs.state != "running":
+            lines.append(f"  {name}: {obs.state}" + (f" ({obs.error})" if obs.error else ""))
+        for anomaly, why in sorted(obs.unsupported.items()):
+            lines.append(f"  {name}: {anomaly} unsupported: {why}")
+        if obs.degraded_reasons:
+            lines.append(f"  {name}: degraded: {', '.join(obs.degraded_reasons)}")
+    return lines if len(lines) > 2 else lines[:2]
 
 
 def cmd_watch(args: argparse.Namespace, con: Console, data_dir: str) -> int:
