@@ -10,34 +10,41 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from tapio.sinks.file import FileSinkSettings
 
+#: Non-negative numbers; the kernel-side ones are packed into u32/u64 fields of tapio_config.
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+NonNegNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Pct = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+PosSecs = Annotated[float, msgspec.Meta(gt=0.0, le=3600.0)]
+
 
 class Thresholds(msgspec.Struct, kw_only=True):
     # Reference keys (reference.md §7.1).
-    stall_pct_warning: float = 20.0
-    stall_pct_critical: float = 40.0
-    ipc_degradation: float = 1.0
-    rtt_spike_ratio: int = 2
-    rtt_spike_abs_us: int = 500_000
-    io_latency_warning_ns: int = 50_000_000
-    io_latency_critical_ns: int = 200_000_000
+    stall_pct_warning: Pct = 20.0
+    stall_pct_critical: Pct = 40.0
+    ipc_degradation: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
+    rtt_spike_ratio: NonNegInt = 2
+    rtt_spike_abs_us: NonNegInt = 500_000
+    io_latency_warning_ns: NonNegNs = 50_000_000
+    io_latency_critical_ns: NonNegNs = 200_000_000
     # Tapio additions.
-    retransmit_threshold: int = 5
-    retransmit_window_ms: int = 1000
-    rtt_min_baseline_samples: int = 5
-    rtt_min_delta_us: int = 5000
-    rtt_sample_interval_us: int = 100_000
-    runq_latency_ms: int = 50
-    memory_some_pct: float = 10.0
-    memory_full_pct: float = 5.0
-    cpu_some_pct: float = 50.0
-    throttle_pct: float = 20.0
-    hysteresis_pct: float = 50.0
+    retransmit_threshold: NonNegInt = 5
+    retransmit_window_ms: PosInt = 1000
+    rtt_min_baseline_samples: NonNegInt = 5
+    rtt_min_delta_us: NonNegInt = 5000
+    rtt_sample_interval_us: NonNegInt = 100_000
+    runq_latency_ms: NonNegInt = 50
+    memory_some_pct: Pct = 10.0
+    memory_full_pct: Pct = 5.0
+    cpu_some_pct: Pct = 50.0
+    throttle_pct: Pct = 20.0
+    hysteresis_pct: Pct = 50.0
 
 
 class ContainerSettings(msgspec.Struct, kw_only=True):
@@ -48,15 +55,15 @@ class ContainerSettings(msgspec.Struct, kw_only=True):
 
 class AgentSection(msgspec.Struct, kw_only=True):
     #: How often the ring buffers are drained when no forced wakeup arrives.
-    drain_interval_ms: int = 100
+    drain_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 100
     #: Records taken from one ring per drain pass before yielding (counted when hit).
-    max_drain_per_tick: int = 4096
+    max_drain_per_tick: PosInt = 4096
     #: SIGTERM/SIGINT: time allowed to flush every sink before exiting anyway.
-    shutdown_grace_secs: float = 5.0
+    shutdown_grace_secs: PosSecs = 5.0
     #: Bound of each observer's classification channel and each sink's stream (in batches).
-    channel_batches: int = 64
+    channel_batches: PosInt = 64
     #: Interval of reading the BPF metrics maps (lost events, ABI mismatch, drops).
-    kernel_metrics_interval_secs: float = 5.0
+    kernel_metrics_interval_secs: PosSecs = 5.0
     observers: list[str] = msgspec.field(default_factory=list)  # empty: every installed one
 
 

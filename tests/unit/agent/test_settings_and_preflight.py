@@ -31,7 +31,18 @@ def test_reference_keys_and_unknown_keys_ignored(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    ["[thresholds\n", "[thresholds]\nrtt_spike_ratio = 'two'\n", "[container]\nexit_scope = 'x'\n"],
+    [
+        "[thresholds\n",
+        "[thresholds]\nrtt_spike_ratio = 'two'\n",
+        "[container]\nexit_scope = 'x'\n",
+        # Out of range: would crash packing tapio_config, spin the drain loop or drop everything.
+        "[thresholds]\nretransmit_threshold = -1\n",
+        "[thresholds]\nrtt_spike_abs_us = 4294967296\n",
+        "[thresholds]\nmemory_some_pct = 101\n",
+        "[agent]\ndrain_interval_ms = 0\n",
+        "[agent]\nchannel_batches = 0\n",
+        "[agent]\nshutdown_grace_secs = -1\n",
+    ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, body: str) -> None:
     p = tmp_path / "t.toml"
