@@ -22,6 +22,34 @@ from tapio.occurrence import Occurrence
 Emit = Callable[[Sequence[Occurrence]], Awaitable[None]]
 
 
+class CStrings:
+    """Decodes NUL-padded kernel strings (``comm``, disk names) through a bounded memo.
+
+    The same few dozen comms arrive millions of times; a dict hit is several times cheaper than
+    split + decode. The memo is cleared wholesale when full: simpler and cheaper than an LRU for
+    a working set that is almost always far below the bound. ``cache`` is public so a hot loop
+    can bind ``cache.get`` once and call ``decode`` only on a miss.
+    """
+
+    __slots__ = ("cache", "maxsize")
+
+    def __init__(self, maxsize: int = 4096) -> None:
+        self.cache: dict[bytes, str] = {}
+        self.maxsize = maxsize
+
+    def decode(self, raw: bytes) -> str:
+        text = self.cache.get(raw)
+        if text is None:
+            if len(self.cache) >= self.maxsize:
+                self.cache.clear()
+            try:
+                text = raw.split(b"\0", 1)[0].decode("utf-8")
+            except UnicodeDecodeError:
+                text = "<invalid>"
+            self.cache[raw] = text
+        return text
+
+
 @dataclass
 class ObserverContext:
     """Process-wide facts an observer may need; never a back-reference into the pipeline."""

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.observers.attribution import U64_MAX, CgroupResolver, cgroup_facts, scan_tree
-from tapio.observers.base import Emit, Observer, ObserverContext
+from tapio.observers.base import CStrings, Emit, Observer, ObserverContext
 from tapio.occurrence import (
     CONTAINER_ABNORMAL_EXIT,
     CONTAINER_OOM_KILL,
@@ -82,7 +82,6 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PAGE_COUNTER_MAX = (2**63 - 1) // PAGE_SIZE  # the kernel's "max" for a page_counter
 
 REFRESH_SECS = 10.0
-_CACHE_MAX = 4096
 _MB = 1 << 20
 
 SIGNAL_NAMES: dict[int, str] = {}
@@ -121,7 +120,7 @@ class ContainerObserver(Observer):
     def __init__(self, ctx: ObserverContext, resolver: CgroupResolver | None = None) -> None:
         super().__init__(ctx)
         self.resolver = resolver if resolver is not None else CgroupResolver()
-        self._comm_cache: dict[bytes, str] = {}
+        self._comms = CStrings()
 
     # ---- lifetime --------------------------------------------------------------------------
     def refresh_cgroups(self) -> None:
@@ -141,17 +140,6 @@ class ContainerObserver(Observer):
             await anyio.sleep(REFRESH_SECS)
 
     # ---- decoding ----------------------------------------------------------------------------
-    def _comm(self, raw: bytes) -> str:
-        text = self._comm_cache.get(raw)
-        if text is None:
-            if len(self._comm_cache) >= _CACHE_MAX:
-                self._comm_cache.clear()
-            try:
-                text = raw.split(b"\0", 1)[0].decode("utf-8")
-            except UnicodeDecodeError:
-                text = "<invalid>"
-            self._comm_cache[raw] = text
-        return text
 
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         out: list[Occurrence] = []
@@ -225,7 +213,7 @@ class ContainerObserver(Observer):
         elif mem_path is not None:
             limit = self.resolver.memory_limit(mem_path)
         data: dict[str, object] = {
-            "comm": self._comm(comm),
+            "comm": self._comms.decode(comm),
             "config_generation": generation,
             "memory_limit_bytes": limit,
             "pid": pid,

@@ -11,7 +11,7 @@ import socket
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
-from tapio.observers.base import Observer
+from tapio.observers.base import CStrings, Observer
 from tapio.occurrence import (
     NETWORK_CONNECTION_REFUSED,
     NETWORK_CONNECTION_TIMEOUT,
@@ -111,7 +111,7 @@ class NetworkObserver(Observer):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._addr_cache: dict[tuple[int, bytes], str] = {}
-        self._comm_cache: dict[bytes, str] = {}
+        self._comms = CStrings()
 
     def _addr(self, family: int, raw: bytes) -> str:
         key = (family, raw)
@@ -126,17 +126,6 @@ class NetworkObserver(Observer):
             self._addr_cache[key] = text
         return text
 
-    def _comm(self, raw: bytes) -> str:
-        text = self._comm_cache.get(raw)
-        if text is None:
-            if len(self._comm_cache) >= _CACHE_MAX:
-                self._comm_cache.clear()
-            try:
-                text = raw.split(b"\0", 1)[0].decode("utf-8")
-            except UnicodeDecodeError:
-                text = "<invalid>"
-            self._comm_cache[raw] = text
-        return text
 
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         boot = self.ctx.boot_offset_ns
@@ -182,7 +171,7 @@ class NetworkObserver(Observer):
         cache = self._addr_cache
         src = cache.get((family, saddr)) or self._addr(family, saddr)
         dst = cache.get((family, daddr)) or self._addr(family, daddr)
-        comm = self._comm_cache.get(comm_raw) or self._comm(comm_raw)
+        comm = self._comms.cache.get(comm_raw) or self._comms.decode(comm_raw)
         fam = "ipv6" if family == AF_INET6 else "ipv4"
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts

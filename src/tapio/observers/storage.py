@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.observers.attribution import CgroupResolver, cgroup_facts
-from tapio.observers.base import Observer, ObserverContext
+from tapio.observers.base import CStrings, Observer, ObserverContext
 from tapio.occurrence import (
     STORAGE_IO_ERROR,
     STORAGE_LATENCY_SPIKE,
@@ -173,21 +173,10 @@ class StorageObserver(Observer):
         super().__init__(ctx)
         self.resolver = resolver if resolver is not None else CgroupResolver()
         self.devices = devices if devices is not None else DeviceNames()
-        self._str_cache: dict[bytes, str] = {}
+        self._strs = CStrings()
         self._cg_cache: dict[tuple[int, int], dict[str, object]] = {}
         self._cg_cache_at = time.monotonic()
 
-    def _str(self, raw: bytes) -> str:
-        text = self._str_cache.get(raw)
-        if text is None:
-            if len(self._str_cache) >= _CACHE_MAX:
-                self._str_cache.clear()
-            try:
-                text = raw.split(b"\0", 1)[0].decode("utf-8")
-            except UnicodeDecodeError:
-                text = "<invalid>"
-            self._str_cache[raw] = text
-        return text
 
     def _cgroups(self, cg2: int, memcg: int) -> dict[str, object]:
         # Memoized per id pair; refreshed every few seconds so a cgroup that disappears (or an
@@ -246,7 +235,7 @@ class StorageObserver(Observer):
         latency_ms = latency_ns / 1e6
         data: dict[str, object] = {
             "bytes": nbytes,
-            "comm": self._str(comm),
+            "comm": self._strs.decode(comm),
             "config_generation": generation,
             "dev_major": major,
             "dev_minor": minor,
@@ -258,7 +247,7 @@ class StorageObserver(Observer):
             "opcode": op,
             "pid": pid,
             "pid_source": "issue",
-            "rwbs": self._str(rwbs),
+            "rwbs": self._strs.decode(rwbs),
             "sector": sector,
             "tid": tid,
             "timestamp_ns": ts,
