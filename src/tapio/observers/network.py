@@ -126,7 +126,6 @@ class NetworkObserver(Observer):
             self._addr_cache[key] = text
         return text
 
-
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         boot = self.ctx.boot_offset_ns
         one = self.classify_one

@@ -177,7 +177,6 @@ class StorageObserver(Observer):
         self._cg_cache: dict[tuple[int, int], dict[str, object]] = {}
         self._cg_cache_at = time.monotonic()
 
-
     def _cgroups(self, cg2: int, memcg: int) -> dict[str, object]:
         # Memoized per id pair; refreshed every few seconds so a cgroup that disappears (or an
         # id that is reused) is not described by stale facts for long.
