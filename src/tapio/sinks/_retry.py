@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -214,39 +214,71 @@ class DeliveryConfig:
     ssl_context: ssl.SSLContext | None
 
 
-def validate_delivery(
-    what: str,
-    *,
-    batch_size: int,
-    max_batch_bytes: int,
-    flush_interval_secs: float,
-    buffer_max_events: int,
-    max_retries: int,
-    backoff_base_secs: float,
-    backoff_max_secs: float,
-    connect_timeout_secs: float,
-    timeout_secs: float,
-    shutdown_timeout_secs: float,
-) -> None:
+class DeliverySettings(Protocol):
+    """The delivery knobs every batching network sink's settings carry (HTTP, OTLP)."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def max_batch_bytes(self) -> int: ...
+    @property
+    def flush_interval_secs(self) -> float: ...
+    @property
+    def buffer_max_events(self) -> int: ...
+    @property
+    def max_retries(self) -> int: ...
+    @property
+    def backoff_base_secs(self) -> float: ...
+    @property
+    def backoff_max_secs(self) -> float: ...
+    @property
+    def connect_timeout_secs(self) -> float: ...
+    @property
+    def timeout_secs(self) -> float: ...
+    @property
+    def shutdown_timeout_secs(self) -> float: ...
+    @property
+    def ca_file(self) -> str | None: ...
+
+
+def validate_delivery(what: str, s: DeliverySettings) -> None:
     """Range checks shared by the HTTP and OTLP settings (``ValueError`` with the field name)."""
-    if batch_size < 1:
+    if s.batch_size < 1:
         raise ValueError(f"{what}.batch_size must be >= 1")
-    if max_batch_bytes < 1024:
+    if s.max_batch_bytes < 1024:
         raise ValueError(f"{what}.max_batch_bytes must be >= 1024")
-    if not 0 < flush_interval_secs <= 3600:
+    if not 0 < s.flush_interval_secs <= 3600:
         raise ValueError(f"{what}.flush_interval_secs must be in (0, 3600]")
-    if buffer_max_events < batch_size:
+    if s.buffer_max_events < s.batch_size:
         raise ValueError(f"{what}.buffer_max_events must be >= batch_size")
-    if not 0 <= max_retries <= 100:
+    if not 0 <= s.max_retries <= 100:
         raise ValueError(f"{what}.max_retries must be in [0, 100]")
-    if not 0 < backoff_base_secs <= backoff_max_secs <= 3600:
+    if not 0 < s.backoff_base_secs <= s.backoff_max_secs <= 3600:
         raise ValueError(f"{what}: need 0 < backoff_base_secs <= backoff_max_secs <= 3600")
-    if not 0 < connect_timeout_secs <= 600:
+    if not 0 < s.connect_timeout_secs <= 600:
         raise ValueError(f"{what}.connect_timeout_secs must be in (0, 600]")
-    if not 0 < timeout_secs <= 600:
+    if not 0 < s.timeout_secs <= 600:
         raise ValueError(f"{what}.timeout_secs must be in (0, 600]")
-    if not 0 < shutdown_timeout_secs <= 600:
+    if not 0 < s.shutdown_timeout_secs <= 600:
         raise ValueError(f"{what}.shutdown_timeout_secs must be in (0, 600]")
+
+
+def delivery_config(url: URL, s: DeliverySettings) -> DeliveryConfig:
+    """The sink's knobs from its settings; an ``https`` URL gets a verifying TLS context."""
+    return DeliveryConfig(
+        url=url,
+        batch_size=s.batch_size,
+        max_batch_bytes=s.max_batch_bytes,
+        flush_interval=s.flush_interval_secs,
+        buffer_max_events=s.buffer_max_events,
+        max_retries=s.max_retries,
+        backoff_base=s.backoff_base_secs,
+        backoff_max=s.backoff_max_secs,
+        connect_timeout=s.connect_timeout_secs,
+        timeout=s.timeout_secs,
+        shutdown_timeout=s.shutdown_timeout_secs,
+        ssl_context=make_ssl_context(s.ca_file) if url.scheme == "https" else None,
+    )
 
 
 class _Item(Generic[T]):

@@ -17,9 +17,8 @@ from tapio.sinks._retry import (
     Attempt,
     BearerToken,
     BufferedNetworkSink,
-    DeliveryConfig,
     classify_status,
-    make_ssl_context,
+    delivery_config,
     parse_endpoint,
     read_bounded,
     validate_delivery,
@@ -65,19 +64,7 @@ class HttpSinkSettings(msgspec.Struct, kw_only=True):
 
     def __post_init__(self) -> None:
         parse_endpoint(self.endpoint, what="http")
-        validate_delivery(
-            "http",
-            batch_size=self.batch_size,
-            max_batch_bytes=self.max_batch_bytes,
-            flush_interval_secs=self.flush_interval_secs,
-            buffer_max_events=self.buffer_max_events,
-            max_retries=self.max_retries,
-            backoff_base_secs=self.backoff_base_secs,
-            backoff_max_secs=self.backoff_max_secs,
-            connect_timeout_secs=self.connect_timeout_secs,
-            timeout_secs=self.timeout_secs,
-            shutdown_timeout_secs=self.shutdown_timeout_secs,
-        )
+        validate_delivery("http", self)
         if self.bearer_token_file is not None and self.bearer_token_env is not None:
             raise ValueError("http: set bearer_token_file or bearer_token_env, not both")
 
@@ -101,26 +88,10 @@ class HttpSink(BufferedNetworkSink[bytes]):
     def __init__(self, settings: HttpSinkSettings) -> None:
         self.settings = settings
         url = parse_endpoint(settings.post_url(), what="http")
-        ssl_context = make_ssl_context(settings.ca_file) if url.scheme == "https" else None
         self._token = BearerToken(
             file=settings.bearer_token_file, env=settings.bearer_token_env, what="http"
         )
-        super().__init__(
-            DeliveryConfig(
-                url=url,
-                batch_size=settings.batch_size,
-                max_batch_bytes=settings.max_batch_bytes,
-                flush_interval=settings.flush_interval_secs,
-                buffer_max_events=settings.buffer_max_events,
-                max_retries=settings.max_retries,
-                backoff_base=settings.backoff_base_secs,
-                backoff_max=settings.backoff_max_secs,
-                connect_timeout=settings.connect_timeout_secs,
-                timeout=settings.timeout_secs,
-                shutdown_timeout=settings.shutdown_timeout_secs,
-                ssl_context=ssl_context,
-            )
-        )
+        super().__init__(delivery_config(url, settings))
 
     def __repr__(self) -> str:
         return f"HttpSink(url={self._safe_url()!r}, token={self._token!r})"

@@ -38,10 +38,9 @@ from tapio.occurrence import Occurrence, parse_timestamp
 from tapio.sinks._retry import (
     Attempt,
     BufferedNetworkSink,
-    DeliveryConfig,
     check_header,
     classify_status,
-    make_ssl_context,
+    delivery_config,
     parse_endpoint,
     read_bounded,
     redacted_headers,
@@ -107,19 +106,7 @@ class OtlpSettings(msgspec.Struct, kw_only=True):
             check_header(name, value, what="otlp.headers")
             if name.lower() in ("content-type", "content-encoding", "content-length", "host"):
                 raise ValueError(f"otlp.headers: {name!r} is set by the sink")
-        validate_delivery(
-            "otlp",
-            batch_size=self.batch_size,
-            max_batch_bytes=self.max_batch_bytes,
-            flush_interval_secs=self.flush_interval_secs,
-            buffer_max_events=self.buffer_max_events,
-            max_retries=self.max_retries,
-            backoff_base_secs=self.backoff_base_secs,
-            backoff_max_secs=self.backoff_max_secs,
-            connect_timeout_secs=self.connect_timeout_secs,
-            timeout_secs=self.timeout_secs,
-            shutdown_timeout_secs=self.shutdown_timeout_secs,
-        )
+        validate_delivery("otlp", self)
 
     def export_url(self) -> str:
         """``<endpoint>/v1/logs`` with the endpoint's trailing slashes stripped."""
@@ -261,7 +248,6 @@ class OtlpSink(BufferedNetworkSink[LogRecord]):
         self.settings = settings
         self.resource = resource
         url = parse_endpoint(settings.export_url(), what="otlp")
-        ssl_context = make_ssl_context(settings.ca_file) if url.scheme == "https" else None
         self._resource_pb = resource.to_proto()
         headers = {
             "Content-Type": "application/x-protobuf",
@@ -272,22 +258,7 @@ class OtlpSink(BufferedNetworkSink[LogRecord]):
         if settings.auth_header is not None:
             headers["Authorization"] = settings.auth_header
         self._headers = headers
-        super().__init__(
-            DeliveryConfig(
-                url=url,
-                batch_size=settings.batch_size,
-                max_batch_bytes=settings.max_batch_bytes,
-                flush_interval=settings.flush_interval_secs,
-                buffer_max_events=settings.buffer_max_events,
-                max_retries=settings.max_retries,
-                backoff_base=settings.backoff_base_secs,
-                backoff_max=settings.backoff_max_secs,
-                connect_timeout=settings.connect_timeout_secs,
-                timeout=settings.timeout_secs,
-                shutdown_timeout=settings.shutdown_timeout_secs,
-                ssl_context=ssl_context,
-            )
-        )
+        super().__init__(delivery_config(url, settings))
 
     def __repr__(self) -> str:
         return f"OtlpSink(url={self._safe_url()!r}, headers={redacted_headers(self._headers)!r})"
