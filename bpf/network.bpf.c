@@ -245,13 +245,29 @@ int handle_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
 {
 	/* Read ctx scalars first: the verifier rejects loads through a ctx pointer clang offset. */
 	__u64 sk = (__u64)ctx->skaddr;
+	__u64 skbaddr = (__u64)ctx->skbaddr;
 	int tcp_state = ctx->state;
 	__u16 sport = ctx->sport, dport = ctx->dport, family = ctx->family;
+	int err = 0;
+	if (bpf_core_field_exists(ctx->err)) /* >= 6.10 also traces failed attempts */
+		err = ctx->err;
 	struct tapio_config cfg;
+	if (err != 0) /* not sent (e.g. -EBUSY: the original is still in a qdisc): no retransmit */
+		return 0;
 	if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK))
 		return 0;
 	if (cfg.retransmit_threshold == 0 || cfg.retransmit_window_ns == 0)
 		return 0;
+	/*
+	 * Count segments, not skbs: with TSO/GSO one retransmitted skb can carry dozens of MSS
+	 * segments, and the kernel's RetransSegs adds tcp_skb_pcount(skb). The count lives in
+	 * TCP_SKB_CB(skb)->tcp_gso_segs, i.e. inside skb->cb.
+	 */
+	__u16 segs = 0;
+	const struct tcp_skb_cb *cb =
+		(const void *)(skbaddr + bpf_core_field_offset(struct sk_buff, cb));
+	if (bpf_core_read(&segs, sizeof(segs), &cb->tcp_gso_segs) != 0 || segs == 0)
+		segs = 1;
 
 	struct dest_key key;
 	dest_key_from(&key, family, ctx->daddr, ctx->daddr_v6, dport);
@@ -269,7 +285,7 @@ int handle_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
 		st->count = 0;
 		st->reported = 0;
 	}
-	__sync_fetch_and_add(&st->count, 1); /* no fetch variant: keeps -mcpu=v1 (kernel >= 5.8) */
+	__sync_fetch_and_add(&st->count, segs); /* no fetch variant: keeps -mcpu=v1 (kernel >= 5.8) */
 	__u32 count = st->count;
 	if (count < cfg.retransmit_threshold || st->reported)
 		return 0;

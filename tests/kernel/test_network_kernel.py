@@ -184,7 +184,11 @@ def _transfer(p: NsPair, port: int, nbytes: int, comm: str) -> None:
 
 
 def test_retransmit_spike_is_windowed_and_clean_transfer_is_silent(tmp_path: Path) -> None:
-    with ns_pair() as p, agent(tmp_path) as a:
+    # The threshold counts retransmitted *segments* (what RetransSegs counts): with TSO/GSO on
+    # the veth one dropped skb is up to ~45 segments, so a spike of 180 RetransSegs may be only
+    # four tracepoint hits. Counting hits would miss it; a threshold of 20 makes that visible.
+    config = "[thresholds]\nretransmit_threshold = 20\nretransmit_window_ms = 2000\n"
+    with ns_pair() as p, agent(tmp_path, config=config) as a:
         # An unpaced veth overflows the receiver's backlog and really retransmits; a 400 Mbit/s
         # token bucket on the sender paces it so a "clean" transfer is really loss-free.
         p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate 400mbit burst 256kb latency 100ms")
@@ -206,11 +210,12 @@ def test_retransmit_spike_is_windowed_and_clean_transfer_is_silent(tmp_path: Pat
     lossy = [o for o in occs if o["data"]["dst_port"] == 9002]
     assert clean == []
     assert retrans >= 50, f"the lossy transfer retransmitted only {retrans} segments"
-    assert 1 <= len(lossy) <= retrans // 5, (len(lossy), retrans)
+    assert 1 <= len(lossy) <= retrans // 20, (len(lossy), retrans)
     for o in lossy:
         d = o["data"]
-        assert d["dst_ip"] == p.ip_b and d["retransmits_in_window"] >= 5
-        assert d["window_ms"] == 1000
+        # Reported when the count first reaches 20; one skb adds at most a GSO burst of segments.
+        assert d["dst_ip"] == p.ip_b and 20 <= d["retransmits_in_window"] < 20 + 64, d
+        assert d["window_ms"] == 2000
         assert d["comm"] == "tapio-lossy" and d["pid_source"] == "connect"
         assert o["error"]["code"] == "RETRANSMIT"
 
