@@ -275,12 +275,20 @@ class CgroupResolver:
 
 
 def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """{hierarchy: path} from ``/proc/<pid>/cgroup``.
+
+    Paths are relative to the *reader's* cgroup namespace: an agent in a container with a
+    private cgroupns sees a host process as ``/../../kubepods.slice/...``. Such a path cannot be
+    placed in the host tree we walk, so that hierarchy is left out (unknown, never guessed).
+    """
     out: dict[str, str] = {}
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         _, ctrls, path = parts
+        if not path.startswith("/") or ".." in path.split("/"):
+            continue
         if ctrls == "":
             out.setdefault("unified", path)
             continue

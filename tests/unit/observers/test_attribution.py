@@ -218,3 +218,10 @@ def test_discover_roots_from_mountinfo(tmp_path: Path) -> None:
     (pure / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     mi.write_text(f"30 23 0:26 / {pure} rw - cgroup2 cgroup2 rw\n")
     assert discover_roots(mi) == {"unified": pure, "memory": pure, "cpu": pure}
+
+
+def test_proc_cgroup_outside_our_cgroup_namespace_is_unknown() -> None:
+    # An agent with a private cgroupns reading a host process: the path climbs out of the
+    # namespace root and cannot be placed in the host tree, so it is not used.
+    text = "4:memory:/../../kubepods/x\n0::/../../kubepods.slice/a.scope\n1:cpu:/..foo/ok\n"
+    assert parse_proc_cgroup(text) == {"cpu": "/..foo/ok"}
