@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=".tapio/occurrences", help="file sink directory")
     p.add_argument("--http-endpoint", help="http sink endpoint (overrides [http] endpoint)")
     p.add_argument("--controller-endpoint", help="tapio-wire/v1 controller base URL")
+    p.add_argument(
+        "--controller-ca-file",
+        metavar="PEM",
+        help="CA bundle that verifies an https:// controller instead of the system store",
+    )
     p.add_argument("--config-poll-interval", type=interval, default=30, metavar="SECONDS")
     p.add_argument("--heartbeat-interval", type=interval, default=30, metavar="SECONDS")
     p.add_argument(
@@ -96,6 +101,22 @@ def main(argv: Sequence[str]) -> int:
             parse_endpoint(args.controller_endpoint, what="--controller-endpoint")
         except ValueError as exc:
             sys.stderr.write(f"tapio agent: {exc}\n")
+            return 2
+    if args.controller_ca_file:
+        if not args.controller_endpoint:
+            sys.stderr.write("tapio agent: --controller-ca-file requires --controller-endpoint\n")
+            return 2
+        import ssl
+
+        from tapio.sinks._retry import make_ssl_context
+
+        try:
+            make_ssl_context(args.controller_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            sys.stderr.write(
+                f"tapio agent: --controller-ca-file {args.controller_ca_file}: {reason}\n"
+            )
             return 2
 
     from tapio.bpf.loader import objects_dir

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import itertools
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+import trustme
 from aiohttp import web
 
 from tapio import wire
@@ -118,8 +120,8 @@ def send_failures(kind: str) -> float:
     return sample("tapio_controller_send_failures_total", kind=kind)
 
 
-def session_for(url: str, **kw: Any) -> ControllerSession:
-    link = make_link(url, "node/unit", "unit")
+def session_for(url: str, ca_file: str | None = None, **kw: Any) -> ControllerSession:
+    link = make_link(url, "node/unit", "unit", ca_file)
     opts: dict[str, Any] = {
         "poll_interval": 5.0,
         "heartbeat_interval": 5.0,
@@ -156,14 +158,19 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+async def serve(
+    app: web.Application, port: int = 0, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[str]:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
+    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     bound = runner.addresses[0][1]
     try:
-        yield f"http://127.0.0.1:{bound}"
+        if ssl_context is not None:
+            yield f"https://localhost:{bound}"
+        else:
+            yield f"http://127.0.0.1:{bound}"
     finally:
         await runner.cleanup()
 
@@ -651,3 +658,63 @@ def test_controller_mode_imports_no_yaml_controller_or_aiohttp_server() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# ---- TLS to the controller -------------------------------------------------------------------
+
+
+@pytest.fixture
+def controller_tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    ca_path = tmp_path / "controller-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    return server_ctx, str(ca_path)
+
+
+async def test_https_controller_is_verified_with_the_configured_ca(
+    tmp_path: Path, controller_tls: tuple[ssl.SSLContext, str]
+) -> None:
+    from tapio.agent.controller_client import ControllerCallError
+
+    server_ctx, ca_file = controller_tls
+    script = Scripted(lambda req, n: json_response(hello_answer(max_batch=33)))
+    agent = fake_agent(tmp_path, "network")
+    async with serve(script.app(), ssl_context=server_ctx) as url:
+        assert url.startswith("https://localhost:")
+        # Without the CA the system store does not know the controller: fails closed.
+        session = session_for(url)
+        async with client_for(session) as client:
+            with pytest.raises(ControllerCallError):
+                await client.hello(session.hello_request(agent))  # type: ignore[arg-type]
+        assert script.requests == []
+        session = session_for(url, ca_file=ca_file)
+        async with client_for(session) as client:
+            with anyio.fail_after(5):
+                await session._register(client, agent)  # type: ignore[arg-type]
+    assert session.link.registered and session.link.max_batch_events == 33
+    assert len(script.requests) == 1 and script.requests[0][2] == "/v1/agents/hello"
+
+
+def test_cli_rejects_an_unreadable_controller_ca_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "tapio", "agent", "--config", str(tmp_path / "missing.toml")]
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("not a certificate\n")
+    for extra, needle in [
+        (["--controller-ca-file", str(tmp_path / "nope.pem")], "requires --controller-endpoint"),
+        (
+            ["--controller-endpoint", "https://c:1", "--controller-ca-file", str(tmp_path / "x")],
+            "No such file or directory",
+        ),
+        (["--controller-endpoint", "https://c:1", "--controller-ca-file", str(bad)], str(bad)),
+    ]:
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tapio agent: --controller-ca-file")
+        assert needle in lines[0], lines
