@@ -211,22 +211,21 @@ def _storage(o: StorageOverrides, r: Resolved, p: str) -> dict[str, Any]:
     }
 
 
-def _dedup(values: list[int]) -> tuple[int, ...]:
+def _int_set(p: str, name: str, values: list[int], most: int, lo: int, hi: int) -> tuple[int, ...]:
+    """A bounded list of integers in [lo, hi], de-duplicated in first-seen order."""
+    if len(values) > most:
+        raise ProfileError(f"{p}.{name}", f"at most {most} {name}, got {len(values)}")
+    for i, v in enumerate(values):
+        _int_range(f"{p}.{name}[{i}]", v, lo, hi)
     return tuple(dict.fromkeys(values))
 
 
 def _container(o: ContainerOverrides, r: Resolved, p: str) -> dict[str, Any]:
     out: dict[str, Any] = {"container_enabled": _pick(o.enabled, r.container_enabled)}
     if o.ignore_exit_codes is not None:
-        codes = o.ignore_exit_codes
-        if len(codes) > MAX_IGNORE_EXIT_CODES:
-            raise ProfileError(
-                f"{p}.ignore_exit_codes",
-                f"at most {MAX_IGNORE_EXIT_CODES} ignore_exit_codes, got {len(codes)}",
-            )
-        for i, code in enumerate(codes):
-            _int_range(f"{p}.ignore_exit_codes[{i}]", code, 0, 255)
-        out["ignore_exit_codes"] = _dedup(codes)
+        out["ignore_exit_codes"] = _int_set(
+            p, "ignore_exit_codes", o.ignore_exit_codes, MAX_IGNORE_EXIT_CODES, 0, 255
+        )
     if o.exit_scope is not None:
         if o.exit_scope not in EXIT_SCOPES:
             choices = ", ".join(rust_debug_str(s) for s in EXIT_SCOPES)
@@ -236,15 +235,9 @@ def _container(o: ContainerOverrides, r: Resolved, p: str) -> dict[str, Any]:
             )
         out["exit_scope"] = o.exit_scope
     if o.ignore_signals is not None:
-        signals = o.ignore_signals
-        if len(signals) > MAX_IGNORE_SIGNALS:
-            raise ProfileError(
-                f"{p}.ignore_signals",
-                f"at most {MAX_IGNORE_SIGNALS} ignore_signals, got {len(signals)}",
-            )
-        for i, sig in enumerate(signals):
-            _int_range(f"{p}.ignore_signals[{i}]", sig, 1, 64)
-        out["ignore_signals"] = _dedup(signals)
+        out["ignore_signals"] = _int_set(
+            p, "ignore_signals", o.ignore_signals, MAX_IGNORE_SIGNALS, 1, 64
+        )
     return out
 
 
