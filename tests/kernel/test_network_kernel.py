@@ -204,8 +204,10 @@ def test_retransmit_spike_is_windowed_and_clean_transfer_is_silent(tmp_path: Pat
         before = netns_snmp(p.a, "Tcp", "RetransSegs")
         _transfer(p, 9002, 16 * 1024 * 1024, "tapio-lossy")
         retrans = netns_snmp(p.a, "Tcp", "RetransSegs") - before
-        time.sleep(0.5)
-        occs = a.occurrences("kernel.network.retransmit_spike")
+        kind = "kernel.network.retransmit_spike"
+        wait_until(lambda: [o for o in a.occurrences(kind) if o["data"]["dst_port"] == 9002], 10)
+        time.sleep(0.5)  # any extra (wrong) report would be in by now
+        occs = a.occurrences(kind)
     clean = [o for o in occs if o["data"]["dst_port"] == 9001]
     lossy = [o for o in occs if o["data"]["dst_port"] == 9002]
     assert clean == []
