@@ -22,7 +22,6 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-import trustme
 from aiohttp import web
 
 from tapio import wire
@@ -663,23 +662,12 @@ def test_controller_mode_imports_no_yaml_controller_or_aiohttp_server() -> None:
 # ---- TLS to the controller -------------------------------------------------------------------
 
 
-@pytest.fixture
-def controller_tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_ctx)
-    ca_path = tmp_path / "controller-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    return server_ctx, str(ca_path)
-
-
 async def test_https_controller_is_verified_with_the_configured_ca(
-    tmp_path: Path, controller_tls: tuple[ssl.SSLContext, str]
+    tmp_path: Path, tls: tuple[ssl.SSLContext, str]
 ) -> None:
     from tapio.agent.controller_client import ControllerCallError
 
-    server_ctx, ca_file = controller_tls
+    server_ctx, ca_file = tls
     script = Scripted(lambda req, n: json_response(hello_answer(max_batch=33)))
     agent = fake_agent(tmp_path, "network")
     async with serve(script.app(), ssl_context=server_ctx) as url:

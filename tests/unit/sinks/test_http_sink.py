@@ -11,7 +11,6 @@ import anyio
 import msgspec
 import pytest
 import structlog
-import trustme
 
 from tapio.occurrence import decode
 from tapio.sinks.http import HttpSink, HttpSinkSettings
@@ -119,17 +118,6 @@ def test_invalid_settings_rejected(fields: dict[str, object]) -> None:
 def test_settings_decode_from_toml_shape() -> None:
     s = msgspec.convert({"endpoint": "https://c:9/x", "flush_interval_secs": 2}, HttpSinkSettings)
     assert s.flush_interval_secs == 2.0
-
-
-@pytest.fixture
-def tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_ctx)
-    ca_path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    return server_ctx, str(ca_path)
 
 
 @pytest.mark.parametrize("kind", ["http", "otlp"])
