@@ -398,6 +398,11 @@ def test_agent_and_controller_end_to_end(tmp_path: Path, cleanup: list[Any]) -> 
         return bool(a.get("registered_at_unix", 0) > registered_before)
 
     assert wait_until(re_registered, 10, 0.2)
+    # Registered is not configured: the carriers stay all-zero (inert) until the first config is
+    # applied, and a refusal before that is rightly never seen.
+    assert wait_until(
+        lambda: any(e.get("event") == "config applied" for e in agent.logs()), 10, 0.1
+    ), agent.stderr()[-3000:]
     accepted_d = ctl2.status()["totals"]["accepted_events_total"]
     port_d = free_port()
     refuse(port_d, 5)
