@@ -129,11 +129,23 @@ class AgentProcess:
                 out.append(json.loads(line))
         return out
 
-    def metrics_text(self, port: int) -> str:
+    def metrics_text(self, port: int, wait: float = 10.0) -> str:
+        """``/metrics`` of the agent; the server binds concurrently with "agent started", so a
+        refused connection is retried for ``wait`` seconds (as long as the agent is alive)."""
+        import urllib.error
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            return str(resp.read().decode())
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    return str(r.read().decode())
+            except urllib.error.URLError as exc:
+                refused = isinstance(exc.reason, ConnectionRefusedError)
+                alive = self.proc is not None and self.proc.poll() is None
+                if not (refused and alive) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc is None:
