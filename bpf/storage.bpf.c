@@ -50,6 +50,21 @@ static __always_inline int rwbs_op(const char *rwbs)
 	return -1;
 }
 
+/* The inflight key of a request, shared by issue, requeue and completion; 0 when untracked. */
+static __always_inline int io_key_of(struct io_key *k, __u32 dev, __u64 sector, __u32 nr_sector,
+				     const char *rwbs)
+{
+	int op = rwbs_op(rwbs);
+	if (op < 0)
+		return 0;
+	__builtin_memset(k, 0, sizeof(*k));
+	k->dev = dev;
+	k->nr_sector = nr_sector;
+	k->sector = sector;
+	k->opcode = op;
+	return 1;
+}
+
 static __always_inline __u64 current_memcg_id(void)
 {
 	if (!bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id))
@@ -79,18 +94,12 @@ int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 	char rwbs[8] = {};
 	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
 
-	int op = rwbs_op(rwbs);
-	if (op < 0)
+	struct io_key key;
+	if (!io_key_of(&key, dev, sector, nr_sector, rwbs))
 		return 0;
 	struct tapio_config cfg;
 	if (!tapio_config_gate(&cfg, TAPIO_FLAG_STORAGE))
 		return 0;
-
-	struct io_key key = {};
-	key.dev = dev;
-	key.nr_sector = nr_sector;
-	key.sector = sector;
-	key.opcode = op;
 
 	struct io_value *old = bpf_map_lookup_elem(&inflight, &key);
 	if (old) {
@@ -135,14 +144,9 @@ int handle_rq_requeue(struct trace_event_raw_block_rq_requeue *ctx)
 	__u32 nr_sector = ctx->nr_sector;
 	char rwbs[8] = {};
 	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
-	int op = rwbs_op(rwbs);
-	if (op < 0)
+	struct io_key key;
+	if (!io_key_of(&key, dev, sector, nr_sector, rwbs))
 		return 0;
-	struct io_key key = {};
-	key.dev = dev;
-	key.nr_sector = nr_sector;
-	key.sector = sector;
-	key.opcode = op;
 	struct io_value *v = bpf_map_lookup_elem(&inflight, &key);
 	if (v)
 		v->requeued = 1;
@@ -178,15 +182,9 @@ int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
 	char rwbs[8] = {};
 	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
 
-	int op = rwbs_op(rwbs);
-	if (op < 0)
+	struct io_key key;
+	if (!io_key_of(&key, dev, sector, nr_sector, rwbs))
 		return 0;
-
-	struct io_key key = {};
-	key.dev = dev;
-	key.nr_sector = nr_sector;
-	key.sector = sector;
-	key.opcode = op;
 
 	struct tapio_config cfg;
 	int enabled = tapio_config_gate(&cfg, TAPIO_FLAG_STORAGE);
