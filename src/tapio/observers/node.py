@@ -439,22 +439,16 @@ class NodeObserver(Observer):
 
     def capabilities(self) -> list[Capability]:
         caps = [Capability("pmu", self._pmu_available, self._pmu_detail)]
-        sched_info = Path("/proc/self/schedstat").exists()
-        caps.append(
-            Capability(
+        for name, probe, missing in (
+            (
                 "runq_latency",
-                sched_info,
-                "" if sched_info else "kernel without CONFIG_SCHED_INFO: no run-queue stamps",
-            )
-        )
-        psi_ok = Path("/proc/pressure/memory").exists()
-        caps.append(
-            Capability(
-                "psi",
-                psi_ok,
-                "" if psi_ok else "/proc/pressure missing (CONFIG_PSI off or psi=0)",
-            )
-        )
+                "/proc/self/schedstat",
+                "kernel without CONFIG_SCHED_INFO: no run-queue stamps",
+            ),
+            ("psi", "/proc/pressure/memory", "/proc/pressure missing (CONFIG_PSI off or psi=0)"),
+        ):
+            ok = Path(probe).exists()
+            caps.append(Capability(name, ok, "" if ok else missing))
         return caps
 
     def on_config(self, kernel: TapioConfig, user: UserThresholds) -> None:
