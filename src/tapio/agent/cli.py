@@ -108,10 +108,10 @@ def main(argv: Sequence[str]) -> int:
             return 2
         import ssl
 
-        from tapio.sinks._retry import make_ssl_context
+        from tapio.agent.controller_mode import link_for
 
         try:
-            make_ssl_context(args.controller_ca_file)
+            link_for(args)  # builds the shared link (and its TLS context) once, here
         except (OSError, ssl.SSLError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             sys.stderr.write(
