@@ -7,7 +7,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from ..ports import free_port, refuse
 
 pytestmark = pytest.mark.kernel
 
@@ -30,20 +31,6 @@ def _skip_or_fail(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"kernel test cannot run in CI: {reason}")
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _refuse(port: int) -> None:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return
-    raise AssertionError(f"127.0.0.1:{port} unexpectedly accepted a connection")
 
 
 def _refusals_on_disk(data_dir: Path, port: int) -> dict[str, dict[str, Any]]:
@@ -138,13 +125,13 @@ def test_watch_prints_each_kernel_refusal_exactly_once(tmp_path: Path) -> None:
     ):
         # The agent prints nothing special when ready: refuse connections until the file sink
         # has written one of them (bounded).
-        probe_port = _free_port()
+        probe_port = free_port()
         deadline = time.monotonic() + 20
         while not _refusals_on_disk(data_dir, probe_port):
             if agent.poll() is not None or time.monotonic() > deadline:
                 log = agent_log.read_text(errors="replace")[-4000:]
                 pytest.fail(f"agent never wrote a refusal (rc={agent.poll()}):\n{log}")
-            _refuse(probe_port)
+            refuse(probe_port)
             time.sleep(0.2)
 
         watch_cmd = [sys.executable, "-m", "tapio", "watch", "--json", "--network"]
@@ -155,18 +142,18 @@ def test_watch_prints_each_kernel_refusal_exactly_once(tmp_path: Path) -> None:
         ):
             lines = _Lines(watch)
             # watch is ready once it prints a fresh refusal
-            ready_port = _free_port()
+            ready_port = free_port()
             deadline = time.monotonic() + 20
             while not lines.refusals(ready_port, 0.3):
                 assert watch.poll() is None, watch_err.read_text()
                 assert time.monotonic() < deadline, "watch never printed a refusal"
-                _refuse(ready_port)
+                refuse(ready_port)
 
             printed: dict[int, list[dict[str, Any]]] = {}
             for _ in range(10):
-                port = _free_port()  # a fresh closed port per refusal
+                port = free_port()  # a fresh closed port per refusal
                 start = time.monotonic()
-                _refuse(port)
+                refuse(port)
                 got = lines.refusals(port, LATENCY)
                 if not got:
                     written = _refusals_on_disk(data_dir, port)

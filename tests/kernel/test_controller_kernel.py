@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import pytest
 
 from tapio.bpf.abi import TAPIO_CONFIG
 
+from ..ports import free_port, refuse
 from .harness import AgentProcess, require_kernel, run, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -51,27 +51,6 @@ PROFILE_HEAD = (
 @pytest.fixture(autouse=True)
 def _kernel() -> None:
     require_kernel(("network",))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
-def refuse(port: int, count: int) -> None:
-    for _ in range(count):
-        s = socket.socket()
-        try:
-            s.connect(("127.0.0.1", port))
-        except ConnectionRefusedError:
-            pass
-        else:  # pragma: no cover - the port must be closed
-            raise AssertionError(f"port {port} is open")
-        finally:
-            s.close()
 
 
 def get_json(url: str) -> Any:

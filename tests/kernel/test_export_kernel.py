@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..ports import free_port, refuse
 from .harness import agent, require_kernel, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -67,17 +67,6 @@ def recorder() -> Iterator[_Recorder]:
         thread.join(5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _refuse(port: int) -> None:
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-
-
 def _http_refusals(rx: _Recorder, port: int) -> list[dict[str, Any]]:
     with rx.lock:
         reqs = list(rx.requests)
@@ -115,8 +104,8 @@ def _otlp_refusals(rx: _Recorder, port: int) -> list[tuple[Any, dict[str, Any]]]
 
 def test_connection_refusal_reaches_http_and_otlp_receivers(tmp_path: Path) -> None:
     require_kernel(("network",))
-    metrics_port = _free_port()
-    closed_port = _free_port()
+    metrics_port = free_port()
+    closed_port = free_port()
     with recorder() as http_rx, recorder() as otlp_rx:
         config = f"""
 [metrics]
@@ -140,7 +129,7 @@ flush_interval_secs = 1
             extra_args=("--http-endpoint", http_rx.url),
             env={"TAPIO_NODE_NAME": "e2e-node"},
         ) as proc:
-            _refuse(closed_port)
+            refuse(closed_port)
             http_hits = wait_until(lambda: _http_refusals(http_rx, closed_port), 15)
             otlp_hits = wait_until(lambda: _otlp_refusals(otlp_rx, closed_port), 15)
             assert http_hits, f"no refusal reached the HTTP receiver:\n{proc.stderr()[-3000:]}"

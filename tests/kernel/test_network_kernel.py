@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from ..ports import free_port
 from .harness import agent, require_kernel, wait_until
 from .netns import NsPair, netns_snmp, ns_pair, sh
 
@@ -31,14 +32,6 @@ def _kernel() -> None:
     require_kernel(("network",))
 
 
-def closed_port(family: int, host: str) -> int:
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.bind((host, 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 def client(mode: str, comm: str, *args: object, ns: str | None = None) -> list[str]:
     cmd = [sys.executable, CLIENTS, mode, comm, *map(str, args)]
     if ns:
@@ -47,8 +40,8 @@ def client(mode: str, comm: str, *args: object, ns: str | None = None) -> list[s
 
 
 def test_refused_ipv4_and_ipv6_exactly_one_each(tmp_path: Path) -> None:
-    p4 = closed_port(socket.AF_INET, "127.0.0.1")
-    p6 = closed_port(socket.AF_INET6, "::1")
+    p4 = free_port(socket.AF_INET, "127.0.0.1")
+    p6 = free_port(socket.AF_INET6, "::1")
     with agent(tmp_path) as a:
         c4 = subprocess.run(
             client("refuse", "tapio-refuse4", "127.0.0.1", p4, 200),
@@ -105,7 +98,7 @@ def c4_pid(o: dict[str, object]) -> int:
 
 
 def test_refused_pid_is_the_connecting_process(tmp_path: Path) -> None:
-    port = closed_port(socket.AF_INET, "127.0.0.1")
+    port = free_port(socket.AF_INET, "127.0.0.1")
     with agent(tmp_path) as a:
         proc = subprocess.Popen(
             client("refuse", "tapio-pidchk", "127.0.0.1", port, 3),
@@ -322,18 +315,10 @@ def _prog_map_id(logs: list[dict[str, object]], prog: str, map_name: str) -> int
     raise AssertionError("network observer start log not found")
 
 
-def _metrics_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 @pytest.mark.parametrize("abi_version", [0, 99])
 def test_inert_or_wrong_abi_config_emits_nothing(tmp_path: Path, abi_version: int) -> None:
-    port = closed_port(socket.AF_INET, "127.0.0.1")
-    mport = _metrics_port()
+    port = free_port(socket.AF_INET, "127.0.0.1")
+    mport = free_port()
     config = (
         f"[metrics]\nenabled = true\nport = {mport}\n[agent]\nkernel_metrics_interval_secs = 0.2\n"
     )
@@ -363,7 +348,7 @@ def test_inert_or_wrong_abi_config_emits_nothing(tmp_path: Path, abi_version: in
 
 
 def test_sigterm_during_burst_flushes_everything_drained(tmp_path: Path) -> None:
-    port = closed_port(socket.AF_INET, "127.0.0.1")
+    port = free_port(socket.AF_INET, "127.0.0.1")
     # The subject is shutdown, not overload: the sink stream and the grace period are sized so
     # the burst fits (overload drops are counted and tested in the sink tests). Without this a
     # slow disk turns part of the burst into queue_full drops before SIGTERM is even sent.
@@ -400,8 +385,8 @@ def test_sigterm_during_burst_flushes_everything_drained(tmp_path: Path) -> None
 def test_ring_overflow_is_counted_as_lost_and_nothing_else_is_missing(tmp_path: Path) -> None:
     """A stalled consumer: the kernel counts every record it could not reserve, so occurrences
     written plus lost events add up to exactly the failed connects; the drain cap is counted."""
-    port = closed_port(socket.AF_INET, "127.0.0.1")
-    mport = _metrics_port()
+    port = free_port(socket.AF_INET, "127.0.0.1")
+    mport = free_port()
     config = (
         f"[metrics]\nenabled = true\nport = {mport}\n"
         "[agent]\nkernel_metrics_interval_secs = 0.2\nmax_drain_per_tick = 256\n"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from ..ports import free_port
 from .harness import agent, require_kernel, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -58,12 +58,6 @@ for t in ts: t.start()
 for t in ts: t.join()
 """
 BUSY = "while True: pass"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _require_hybrid_or_v2(*controllers: str) -> Path:

@@ -17,7 +17,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..ports import free_port
 from .harness import AgentProcess, require_kernel, run, skip_or_fail, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -67,12 +67,6 @@ class FuseLoop:
     major: int
     minor: int
     name: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _fusectl() -> Path:
@@ -178,7 +172,7 @@ def _mine(proc: AgentProcess, prefix: str, dev: FuseLoop, pid: int) -> list[dict
 
 @pytest.fixture()
 def storage_agent(tmp_path: Path, fuse_loop: FuseLoop) -> Iterator[tuple[AgentProcess, int]]:
-    port = _free_port()
+    port = free_port()
     proc = AgentProcess(tmp_path, observers=("storage",), config=CONFIG.format(port=port))
     proc.start()
     try:

@@ -48,6 +48,8 @@ from tapio.profile.compiled import (
 )
 from tapio.sinks.controller import make_link
 
+from ...ports import free_port
+
 # ---- stand-ins for the agent ------------------------------------------------------------------
 
 
@@ -146,14 +148,6 @@ async def client_for(session: ControllerSession) -> AsyncIterator[Any]:
 
 
 # ---- servers ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
 
 
 @contextlib.asynccontextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from tapio.controller import Controller
 from tapio.controller.cli import main, parse_address, serve
 from tapio.profile import DEFAULT_PROFILE_YAML, PRODUCTION_DEFAULT_HASH
 
+from ...ports import free_port
 from .ctl_harness import JSON, capturing_logger, enc, heartbeat, hello, running
 
 RATIO_3 = DEFAULT_PROFILE_YAML + "overrides:\n  network:\n    rtt_spike:\n      ratio: 3\n"
@@ -150,17 +150,10 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "overrides.network.rtt_spike.ratio" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_subprocess_serves_reloads_on_sighup_and_exits_cleanly(tmp_path: Path) -> None:
     path = tmp_path / "profile.yaml"
     path.write_text(DEFAULT_PROFILE_YAML)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
