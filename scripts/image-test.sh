@@ -33,8 +33,8 @@ AGENT_IMAGE="localhost/tapio/agent:$TAG"
 CONTROLLER_IMAGE="localhost/tapio/controller:$TAG"
 CA_BUNDLE=${TAPIO_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 AGENT_MAX_MIB=200
-# The agent resolves cgroup ids through the host's cgroupfs, mounted here as in the DaemonSet.
-HOST_CGROUPFS_ARGS=()
+# The agent resolves cgroup ids through the host's cgroupfs, mounted where the DaemonSet mounts it.
+HOST_CGROUPFS=/host/sys/fs/cgroup
 WAIT=60 # seconds: the bound of every wait below
 # crun refuses this host's hybrid cgroup layout; runc handles it. Small limits so a build or a
 # container cannot exhaust the shared machine.
@@ -121,6 +121,10 @@ build controller "$CONTROLLER_IMAGE"
 log "images built"
 
 # ---- the agent -------------------------------------------------------------------------------
+# From here on BPF programs are loaded into the host kernel: hold the kernel lock shared by all
+# kernel tests (released when the script exits), but not during the builds.
+exec {lockfd}>/tmp/tapio-kernel.lock
+flock -w 900 "$lockfd" || { log "kernel lock busy for 900 s"; exit 1; }
 cat >"$work/tapio.toml" <<'EOF'
 [container]
 exit_scope = "containers"
@@ -149,10 +153,10 @@ run_agent_podman() { # name seccomp-option
     --cap-drop all "${cap_args[@]}" --security-opt no-new-privileges --security-opt "$2" \
     --read-only --pid host --cgroupns private --network none \
     -v /sys/kernel/btf:/sys/kernel/btf:ro -v /sys/kernel/tracing:/sys/kernel/tracing:ro \
-    -v /sys/fs/cgroup:/host/sys/fs/cgroup:ro,rbind \
+    -v /sys/fs/cgroup:"$HOST_CGROUPFS":ro,rbind -e TAPIO_CGROUP_ROOT="$HOST_CGROUPFS" \
     -v "$work/tapio.toml:/etc/tapio/tapio.toml:ro" -v "$work/data:/var/lib/tapio" \
     "$AGENT_IMAGE" --config /etc/tapio/tapio.toml --sink stdout --log-format json \
-    --observer network --observer container "${HOST_CGROUPFS_ARGS[@]}" >/dev/null
+    --observer network --observer container >/dev/null
 }
 
 # A connect to a loopback port that nobody listens on, from the host.
@@ -300,12 +304,13 @@ run_agent_ctr() { # id seccomp-args...
     --with-ns pid:/proc/1/ns/pid \
     --mount type=bind,src=/sys/kernel/btf,dst=/sys/kernel/btf,options=rbind:ro \
     --mount type=bind,src=/sys/kernel/tracing,dst=/sys/kernel/tracing,options=rbind:ro \
-    --mount type=bind,src=/sys/fs/cgroup,dst=/host/sys/fs/cgroup,options=rbind:ro \
+    --mount type=bind,src=/sys/fs/cgroup,dst="$HOST_CGROUPFS",options=rbind:ro \
+    --env TAPIO_CGROUP_ROOT="$HOST_CGROUPFS" \
     --mount type=bind,src="$work/tapio.toml",dst=/etc/tapio/tapio.toml,options=rbind:ro \
     --mount type=bind,src="$work/data",dst=/var/lib/tapio,options=rbind:rw \
     "$ctr_image" "$id" /opt/tapio/venv/bin/python -m tapio agent --config /etc/tapio/tapio.toml \
     --sink stdout --log-format json --observer network --observer container \
-    "${HOST_CGROUPFS_ARGS[@]}" >/dev/null
+    >/dev/null
 }
 ctr_stopped() { # id
   "${CTR[@]}" tasks ls | awk -v id="$1" '$1 == id && $3 != "STOPPED" {found = 1} END {exit found}'
