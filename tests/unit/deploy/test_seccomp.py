@@ -55,7 +55,7 @@ def allowed(profile: Profile, name: str, caps: set[str]) -> bool:
             continue
         inc = set(rule.get("includes", {}).get("caps", []))
         exc = set(rule.get("excludes", {}).get("caps", []))
-        if inc and not inc <= caps or exc and exc & caps:
+        if (inc and not inc <= caps) or (exc and exc & caps):
             continue
         verdict = rule["action"] == "SCMP_ACT_ALLOW"
     return verdict
