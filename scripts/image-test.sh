@@ -45,10 +45,17 @@ top="tapio-image-$$" # our cgroups live below this name in every hierarchy
 ctd_sock="$work/containerd/containerd.sock"
 ctd_pid=""
 CTR=(ctr --address "$ctd_sock" --namespace tapio)
+passed=0
 failed=0
 
 log() { printf 'image-test [%4ds] %s\n' $((SECONDS - t0)) "$*"; }
-fail() { log "FAIL: $*"; failed=1; }
+pass() { log "ok: $*"; passed=$((passed + 1)); }
+fail() { log "FAIL: $*"; failed=$((failed + 1)); }
+check() { # what command...
+  local what=$1
+  shift
+  if "$@"; then pass "$what"; else fail "$what"; fi
+}
 
 cleanup() {
   set +e
@@ -224,8 +231,9 @@ capbnd_of() { # pid
 check_agent_caps() { # pid runtime
   local got
   got=$(capbnd_of "$1")
-  [[ "$got" == "$want_capbnd" ]] || fail "$2: agent bounding set $got, want $want_capbnd (${caps[*]})"
-  [[ $(awk '/^NoNewPrivs:/ {print $2}' "/proc/$1/status") == 1 ]] || fail "$2: no_new_privs not set"
+  check "$2: agent's bounding set $got is the DaemonSet's (${caps[*]}) within the host's" \
+    test "$got" == "$want_capbnd"
+  check "$2: no_new_privs" test "$(awk '/^NoNewPrivs:/ {print $2}' "/proc/$1/status")" == 1
 }
 
 log "agent under podman's default seccomp profile"
@@ -243,13 +251,13 @@ run_agent_podman "$agent" seccomp="$PWD/deploy/seccomp/tapio-agent.json"
 agent_pid=$(podman inspect --format '{{.State.Pid}}' "$agent")
 check_agent_caps "$agent_pid" podman
 if wait_for sees_refused podman_logs; then
-  log "podman + shipped profile: refused connect reported"
+  pass "podman + shipped profile: refused connect reported"
 else
   tail -20 "$work/agent.log"
   fail "podman + shipped profile: no connection_refused occurrence within ${WAIT}s"
 fi
-[[ $(readlink "/proc/$agent_pid/ns/cgroup") != $(readlink /proc/self/ns/cgroup) ]] \
-  || fail "the agent shares the host's cgroup namespace"
+check "the agent has its own cgroup namespace" \
+  test "$(readlink "/proc/$agent_pid/ns/cgroup")" != "$(readlink /proc/self/ns/cgroup)"
 
 # ---- containerd --------------------------------------------------------------------------------
 mkdir -p "$work/containerd"
@@ -281,14 +289,14 @@ log "workload container $cid (pod $pod_uid) exits with code 3"
 rc=0
 timeout "$WAIT" "${CTR[@]}" run --rm --cgroup "/$top/kubepods/besteffort/pod$pod_uid/$cid" \
   "$ctr_image" "$cid" /bin/sh -c 'exit 3' || rc=$?
-[[ $rc == 3 ]] || fail "the workload exited with $rc, want 3"
+check "the workload container exited with 3 (got $rc)" test "$rc" == 3
 sees_exit() {
   podman_logs >"$work/agent.log" 2>&1 || true
   occurrence "$work/agent.log" kernel.container.abnormal_exit exit_code=3 "container_id=$cid" \
     "pod_uid=$pod_uid" container_runtime=containerd >/dev/null
 }
 if wait_for sees_exit; then
-  log "the agent (private cgroup namespace) attributes the exit to container $cid"
+  pass "the agent (private cgroup namespace) attributes the exit to container $cid"
 else
   grep kernel.container.abnormal_exit "$work/agent.log" | grep '"exit_code": *3' | tail -3
   fail "no abnormal_exit with exit_code=3 attributed to container $cid within ${WAIT}s"
@@ -339,7 +347,7 @@ run_agent_ctr "$ctr_id" --seccomp --seccomp-profile "$PWD/deploy/seccomp/tapio-a
 ctr_pid=$("${CTR[@]}" tasks ls | awk -v id="$ctr_id" '$1 == id {print $2}')
 check_agent_caps "$ctr_pid" containerd
 if wait_for sees_refused ctr_logs; then
-  log "containerd + shipped profile: refused connect reported"
+  pass "containerd + shipped profile: refused connect reported"
 else
   tail -20 "$work/agent.log"
   fail "containerd + shipped profile: no connection_refused occurrence within ${WAIT}s"
@@ -361,28 +369,28 @@ with urllib.request.urlopen("http://127.0.0.1:8080/healthz", timeout=2) as r:
     sys.exit(r.status != 200)' >/dev/null 2>&1
 }
 if wait_for healthz; then
-  log "controller answers /healthz"
+  pass "controller answers /healthz"
 else
   podman logs "$controller" 2>&1 | tail -20
   fail "controller: no 200 on /healthz within ${WAIT}s"
 fi
 cpid=$(podman inspect --format '{{.State.Pid}}' "$controller")
 uids=$(awk '/^Uid:/ {print $2, $3, $4, $5}' "/proc/$cpid/status")
-[[ "$uids" == "65532 65532 65532 65532" ]] || fail "controller runs with uids $uids, want 65532"
-[[ $(awk '/^CapEff:/ {print $2}' "/proc/$cpid/status") == 0000000000000000 ]] \
-  || fail "controller holds capabilities"
+check "controller runs as uid 65532 (uids: $uids)" test "$uids" == "65532 65532 65532 65532"
+check "controller holds no capability" \
+  test "$(awk '/^CapEff:/ {print $2}' "/proc/$cpid/status")" == 0000000000000000
+check "controller's root filesystem is read-only" \
+  test "$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$controller")" == true
 
 # ---- sizes -----------------------------------------------------------------------------------
 mib() { podman image inspect --format '{{.Size}}' "$1" | awk '{printf "%.1f", $1 / 1048576}'; }
 agent_mib=$(mib "$AGENT_IMAGE")
 controller_mib=$(mib "$CONTROLLER_IMAGE")
 log "image sizes: agent ${agent_mib} MiB, controller ${controller_mib} MiB (agent limit ${AGENT_MAX_MIB} MiB)"
-awk -v s="$agent_mib" -v m="$AGENT_MAX_MIB" 'BEGIN {exit !(s <= m)}' \
-  || fail "agent image is ${agent_mib} MiB, over ${AGENT_MAX_MIB} MiB"
+check "agent image ${agent_mib} MiB <= ${AGENT_MAX_MIB} MiB" \
+  awk -v s="$agent_mib" -v m="$AGENT_MAX_MIB" 'BEGIN {exit !(s <= m)}'
 
 log "default seccomp profiles: podman: bpf() $default_podman; containerd: bpf() $default_containerd"
-if ((failed)); then
-  log "FAILED after $((SECONDS - t0)) s"
-  exit 1
-fi
-log "passed in $((SECONDS - t0)) s"
+log "took $((SECONDS - t0)) s"
+echo "image-test: $passed passed, $failed failed"
+((failed == 0))
