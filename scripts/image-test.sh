@@ -31,6 +31,7 @@ BASE=localhost/tapio-base:bookworm
 TAG="it-$$"
 AGENT_IMAGE="localhost/tapio/agent:$TAG"
 CONTROLLER_IMAGE="localhost/tapio/controller:$TAG"
+BUILD_CACHE=localhost/tapio/build-cache:latest
 CA_BUNDLE=${TAPIO_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 AGENT_MAX_MIB=200
 # The agent resolves cgroup ids through the host's cgroupfs, mounted where the DaemonSet mounts it.
@@ -63,6 +64,7 @@ cleanup() {
     timeout 20 podman rm -f -t 2 "$c" >/dev/null 2>&1
   done
   timeout 60 podman rmi -f "$AGENT_IMAGE" "$CONTROLLER_IMAGE" >/dev/null 2>&1
+  timeout 120 podman image prune -f >/dev/null 2>&1
   if [[ -n "$ctd_pid" ]]; then
     for c in $(timeout 10 "${CTR[@]}" tasks ls -q 2>/dev/null); do
       timeout 10 "${CTR[@]}" tasks kill -s KILL "$c" >/dev/null 2>&1
@@ -125,6 +127,9 @@ build() { # target image
 log "building $AGENT_IMAGE and $CONTROLLER_IMAGE"
 build agent "$AGENT_IMAGE"
 build controller "$CONTROLLER_IMAGE"
+# Name the build stage so its layers (the compiler packages) stay cached for the next run; the
+# previous run's, now untagged, is pruned on exit.
+build build "$BUILD_CACHE"
 log "images built"
 
 # ---- the agent -------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ EOF
 containerd --config "$work/containerd/config.toml" >"$work/containerd.log" 2>&1 &
 ctd_pid=$!
 wait_for "${CTR[@]}" version >/dev/null 2>&1 || { tail -20 "$work/containerd.log"; log "containerd did not start"; exit 1; }
-podman save --format docker-archive -o "$work/agent.tar" "$AGENT_IMAGE" >/dev/null
+podman save -q --format docker-archive -o "$work/agent.tar" "$AGENT_IMAGE"
 timeout 300 "${CTR[@]}" images import "$work/agent.tar" >/dev/null
 ctr_image=$("${CTR[@]}" images ls -q | grep -m1 "tapio/agent:$TAG")
 rm -f "$work/agent.tar"
@@ -306,7 +311,12 @@ podman rm -f -t 5 "$agent" >/dev/null
 run_agent_ctr() { # id seccomp-args...
   local id=$1
   shift
-  local cap_args=(--cap-drop ALL)
+  # ctr has no "drop all": drop each of containerd's default capabilities, then add ours.
+  local cap_args=()
+  for c in CHOWN DAC_OVERRIDE FSETID FOWNER MKNOD NET_RAW SETGID SETUID SETFCAP SETPCAP \
+    NET_BIND_SERVICE SYS_CHROOT KILL AUDIT_WRITE; do
+    cap_args+=(--cap-drop "CAP_$c")
+  done
   for c in "${caps[@]}"; do cap_args+=(--cap-add "CAP_$c"); done
   "${CTR[@]}" run -d --log-uri "file://$work/$id.log" "${cap_args[@]}" "$@" --read-only \
     --with-ns pid:/proc/1/ns/pid \
