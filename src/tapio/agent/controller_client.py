@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 
 from tapio import wire
-from tapio.sinks.controller import ControllerLink
+from tapio.transport import ControllerLink, describe_exc
 
 #: Response caps: the config carries the compiled profile (small, but allow growth); the rest
 #: are a few hundred bytes.
@@ -127,7 +127,7 @@ class ControllerClient:
         except ControllerCallError:
             raise
         except Exception as exc:  # aiohttp errors, timeouts, OSError
-            raise ControllerCallError("transport", _describe(exc)) from None
+            raise ControllerCallError("transport", describe_exc(exc)) from None
 
     async def hello(self, req: wire.HelloRequest) -> wire.HelloResponse:
         status, raw = await self._post("/v1/agents/hello", req)
@@ -167,7 +167,7 @@ class ControllerClient:
         except ControllerCallError:
             raise
         except Exception as exc:
-            raise ControllerCallError("transport", _describe(exc)) from None
+            raise ControllerCallError("transport", describe_exc(exc)) from None
         if status == 304:
             return None
         if status != 200:
@@ -175,9 +175,3 @@ class ControllerClient:
         response = _decode(raw, wire.ConfigResponse)
         raw_config = bytes(_decode(raw, _ConfigEnvelope).config)
         return FetchedConfig(response=response, raw_config=raw_config, etag=got_etag)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name

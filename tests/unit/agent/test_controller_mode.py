@@ -46,7 +46,7 @@ from tapio.profile.compiled import (
     config_hash,
     production_default,
 )
-from tapio.sinks.controller import make_link
+from tapio.transport import make_link
 
 from ...ports import free_port
 
@@ -129,7 +129,7 @@ def session_for(url: str, ca_file: str | None = None, **kw: Any) -> ControllerSe
         "hello_base": 0.05,
         "hello_max": 0.2,
         "connect_timeout": 2.0,
-        "request_timeout": 2.0,
+        "timeout": 2.0,
         "kubernetes": False,
     }
     opts.update(kw)
@@ -140,7 +140,7 @@ def session_for(url: str, ca_file: str | None = None, **kw: Any) -> ControllerSe
 async def client_for(session: ControllerSession) -> AsyncIterator[Any]:
     from tapio.agent.controller_client import ControllerClient
 
-    http = session._session()
+    http = session.http_session()
     try:
         yield ControllerClient(session.link, http)
     finally:

@@ -1,4 +1,4 @@
-"""Pure helpers of the delivery machinery: backoff, Retry-After, status classification."""
+"""The transport helpers: backoff, Retry-After, status classification, secrets, headers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tapio.sinks._retry import (
+from tapio.transport import (
     Secret,
     backoff_delay,
     check_header,
