@@ -26,6 +26,7 @@ MAX_CONFIG_RESPONSE_BYTES: Final = 1024 * 1024
 MAX_SMALL_RESPONSE_BYTES: Final = 64 * 1024
 
 T = TypeVar("T")
+_A = TypeVar("_A", wire.HelloResponse, wire.HeartbeatResponse)
 
 
 class ControllerCallError(Exception):
@@ -129,27 +130,23 @@ class ControllerClient:
         except Exception as exc:  # aiohttp errors, timeouts, OSError
             raise ControllerCallError("transport", describe_exc(exc)) from None
 
-    async def hello(self, req: wire.HelloRequest) -> wire.HelloResponse:
-        status, raw = await self._post("/v1/agents/hello", req)
+    async def _exchange(self, path: str, msg: object, answer_type: type[_A]) -> _A:
+        """POST ``msg``; a 2xx answer decoded as ``answer_type`` and validated."""
+        status, raw = await self._post(path, msg)
         if not 200 <= status < 300:
             raise ControllerCallError("status", _error_detail(status, raw))
-        answer = _decode(raw, wire.HelloResponse)
+        answer = _decode(raw, answer_type)
         try:
             answer.validate()
         except wire.WireError as exc:
             raise ControllerCallError("invalid", exc.message) from None
         return answer
 
+    async def hello(self, req: wire.HelloRequest) -> wire.HelloResponse:
+        return await self._exchange("/v1/agents/hello", req, wire.HelloResponse)
+
     async def heartbeat(self, req: wire.HeartbeatRequest) -> wire.HeartbeatResponse:
-        status, raw = await self._post("/v1/agents/heartbeat", req)
-        if not 200 <= status < 300:
-            raise ControllerCallError("status", _error_detail(status, raw))
-        answer = _decode(raw, wire.HeartbeatResponse)
-        try:
-            answer.validate()
-        except wire.WireError as exc:
-            raise ControllerCallError("invalid", exc.message) from None
-        return answer
+        return await self._exchange("/v1/agents/heartbeat", req, wire.HeartbeatResponse)
 
     async def fetch_config(self, etag: str | None) -> FetchedConfig | None:
         """The served config, or None on 304 Not Modified. Decoded, not validated."""
