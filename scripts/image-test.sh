@@ -163,11 +163,13 @@ for c in "${caps[@]}"; do
   ((0x$want_capbnd >> b & 1)) && ctr_caps+=("$c")
 done
 
-run_agent_podman() { # name seccomp-option
+run_agent_podman() { # name [podman-option...] (seccomp: podman's default unless given)
+  local name=$1
+  shift
   local cap_args=()
   for c in "${caps[@]}"; do cap_args+=(--cap-add "$c"); done
-  "${PODMAN[@]}" run -d --name "$1" --label tapio-image-test="$$" "${LIMITS[@]}" \
-    --cap-drop all "${cap_args[@]}" --security-opt no-new-privileges --security-opt "$2" \
+  "${PODMAN[@]}" run -d --name "$name" --label tapio-image-test="$$" "${LIMITS[@]}" \
+    --cap-drop all "${cap_args[@]}" --security-opt no-new-privileges "$@" \
     --read-only --pid host --cgroupns private --network none \
     -v /sys/kernel/btf:/sys/kernel/btf:ro -v /sys/kernel/tracing:/sys/kernel/tracing:ro \
     -v /sys/fs/cgroup:"$HOST_CGROUPFS":ro,rbind -e TAPIO_CGROUP_ROOT="$HOST_CGROUPFS" \
@@ -248,7 +250,7 @@ check_agent_caps() { # pid runtime
 
 log "agent under podman's default seccomp profile"
 agent="tapio-it-agent-default-$$"
-run_agent_podman "$agent" seccomp=/usr/share/containers/seccomp.json
+run_agent_podman "$agent"
 wait_for default_outcome podman_logs || outcome="neither reported nor refused within ${WAIT}s"
 default_podman=$outcome
 log "podman default profile: bpf() $outcome"
@@ -257,7 +259,7 @@ podman rm -f -t 5 "$agent" >/dev/null
 
 log "agent under deploy/seccomp/tapio-agent.json (podman)"
 agent="tapio-it-agent-$$"
-run_agent_podman "$agent" seccomp="$PWD/deploy/seccomp/tapio-agent.json"
+run_agent_podman "$agent" --security-opt seccomp="$PWD/deploy/seccomp/tapio-agent.json"
 agent_pid=$(podman inspect --format '{{.State.Pid}}' "$agent")
 check_agent_caps "$agent_pid" podman
 if wait_for sees_refused podman_logs; then

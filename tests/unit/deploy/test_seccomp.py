@@ -1,9 +1,9 @@
 """deploy/seccomp/tapio-agent.json: the runtime's default seccomp profile plus exactly the system
 calls the agent needs on top of it.
 
-Runtime default profiles (podman/CRI-O's containers-common profile, and containerd's before
-2.0) allow ``bpf(2)`` and ``perf_event_open(2)`` only to containers holding CAP_SYS_ADMIN, so an
-agent holding just CAP_BPF and CAP_PERFMON gets EPERM on its first map creation. The shipped
+The containers-common default profile (CRI-O's RuntimeDefault, podman's default) allows
+``bpf(2)`` and ``perf_event_open(2)`` only to containers holding CAP_SYS_ADMIN, so an agent
+holding just CAP_BPF and CAP_PERFMON gets EPERM on its first map creation. The shipped
 profile is the containers-common default with those two calls allowed when the container holds
 the capability the kernel itself checks for them (CAP_BPF, CAP_PERFMON), and nothing else
 changed. Regenerate it after a containers-common update with
