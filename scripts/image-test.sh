@@ -36,7 +36,7 @@ CA_BUNDLE=${TAPIO_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 AGENT_MAX_MIB=200
 # The agent resolves cgroup ids through the host's cgroupfs, mounted where the DaemonSet mounts it.
 HOST_CGROUPFS=/host/sys/fs/cgroup
-WAIT=60 # seconds: the bound of every wait below
+WAIT=90 # seconds: the bound of every wait below
 # crun refuses this host's hybrid cgroup layout; runc handles it. Small limits so a build or a
 # container cannot exhaust the shared machine.
 PODMAN=(podman --runtime runc)
