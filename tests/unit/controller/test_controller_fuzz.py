@@ -2,7 +2,7 @@
 
 Invariants: never a 5xx, every error is the JSON envelope, and a rejected request (4xx, or a
 heartbeat answered ``accepted: false``) leaves ``/v1/status`` unchanged apart from the
-reference's rejection totals (which may only grow). One server and one keep-alive connection
+rejection totals (which may only grow). One server and one keep-alive connection
 serve the whole run so it stays well under a minute.
 """
 
