@@ -48,9 +48,11 @@ def test_https_token_config_file_forward_and_sigterm_drain(tmp_path: Path) -> No
     port = free_port()
     env = {**os.environ, "TAPIO_AGENT_TOKEN_FILE": str(token)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tapio", "controller", f"127.0.0.1:{port}"]
-        + ["--config", str(config), "--forward", f"file://{out_b}"]
-        + ["--tls-cert", str(cert_pem), "--tls-key", str(key_pem), "--log-level", "debug"],
+        [
+            *(sys.executable, "-m", "tapio", "controller", f"127.0.0.1:{port}"),
+            *("--config", str(config), "--forward", f"file://{out_b}"),
+            *("--tls-cert", str(cert_pem), "--tls-key", str(key_pem), "--log-level", "debug"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

@@ -52,7 +52,7 @@ class NatsOutput:
     ) -> None:
         parsed = URL(url)
         if parsed.scheme != "nats" or not parsed.host:
-            raise ValueError(f"not a nats://HOST:PORT URL: {parsed.with_user(None)}")
+            raise ValueError("not a nats://HOST:PORT URL (credentials, if any, not shown)")
         self.url = url
         # The metric label and log name never carry credentials from the URL.
         self.name = str(parsed.with_user(None).with_password(None).with_path(""))

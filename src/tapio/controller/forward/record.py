@@ -37,14 +37,14 @@ class ForwardedOccurrence(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     timestamp: str
     timestamp_unix_nanos: int
-    source: str = "tapio"
+    source: str
     type: str
     severity: str
-    outcome: str = "unknown"
+    outcome: str
     observer: str
     node_name: str
     agent_id: str
-    data: dict[str, Any] = {}
+    data: dict[str, Any]
     error: ForwardedError | None = None
 
 
@@ -102,6 +102,7 @@ def build_record(batch: wire.EventBatchRequest, event: wire.WireEvent) -> Record
         id=occurrence_id,
         timestamp=rfc3339_nanos(event.timestamp_unix_nanos),
         timestamp_unix_nanos=event.timestamp_unix_nanos,
+        source="tapio",
         type=event.type,
         severity=event.severity.value,
         outcome=_text(facts.get("outcome")) or "unknown",
