@@ -38,6 +38,8 @@ from tapio.controller.httputil import (
     json_response,
     read_json_body,
 )
+from tapio.controller.k8s import Enricher
+from tapio.controller.k8s.watch import PodWatcher
 from tapio.controller.metrics import ControllerMetrics
 from tapio.controller.state import ControllerState
 from tapio.profile import ProfileError
@@ -64,13 +66,16 @@ class Controller:
         token: TokenFile | None = None,
         metrics: ControllerMetrics | None = None,
         forwarder: Forwarder | None = None,
+        pod_watcher: PodWatcher | None = None,
     ) -> None:
         self.log = logger if logger is not None else structlog.get_logger("tapio.controller")
         self.token = token
         self.forwarder = forwarder
+        self.pod_watcher = pod_watcher
         self.config = ConfigStore(profile_path)
         self.state = ControllerState(max_agents=max_agents, stale_after=stale_after)
         self.metrics = metrics if metrics is not None else ControllerMetrics()
+        self.enrich = Enricher(pod_watcher.index, self.metrics) if pod_watcher is not None else None
         self.metrics.config_generation.set(self.config.active.generation)
         self.started_at_unix = int(time.time())
         self.reload_poll_seconds = reload_poll_seconds
@@ -101,6 +106,8 @@ class Controller:
             app.cleanup_ctx.append(self._profile_watcher)
         if self.forwarder is not None:
             app.cleanup_ctx.append(self._forwarding)
+        if self.pod_watcher is not None:
+            app.cleanup_ctx.append(self._kubernetes)
         return app
 
     @web.middleware
@@ -217,7 +224,9 @@ class Controller:
             raise wire.WireError(
                 409, "UNKNOWN_AGENT", "agent is not registered; POST /v1/agents/hello first"
             )
-        if self.forwarder is not None and not self.forwarder.offer(build_records(batch)):
+        if self.forwarder is not None and not self.forwarder.offer(
+            build_records(batch, self.enrich)
+        ):
             self.metrics.events_refused.labels("queue_full").inc(count)
             self.metrics.batches.labels("queue_full").inc()
             return error_response(
@@ -282,7 +291,11 @@ class Controller:
         outputs): a controller that cannot forward should not get new agents' traffic."""
         outputs = self.forwarder.reachability() if self.forwarder is not None else {}
         ready = all(outputs.values())
-        body = {"status": "ready" if ready else "not_ready", "outputs": outputs}
+        body: dict[str, Any] = {"outputs": outputs}
+        if self.pod_watcher is not None:
+            body["kubernetes_synced"] = self.pod_watcher.synced
+            ready = ready and self.pod_watcher.synced
+        body["status"] = "ready" if ready else "not_ready"
         return json_response(body, status=200 if ready else 503)
 
     async def _forwarding(self, app: web.Application) -> AsyncIterator[None]:
@@ -294,6 +307,14 @@ class Controller:
         if pending:
             self.log.info("draining forwarding queue", pending=pending)
         await self.forwarder.drain()
+
+    async def _kubernetes(self, app: web.Application) -> AsyncIterator[None]:
+        assert self.pod_watcher is not None
+        task = asyncio.get_running_loop().create_task(self.pod_watcher.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     # -- profile reload ------------------------------------------------------------------------
 

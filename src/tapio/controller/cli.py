@@ -33,6 +33,8 @@ from tapio.controller.forward import (
     ForwardSettings,
     build_output,
 )
+from tapio.controller.k8s import PodIndex
+from tapio.controller.k8s.watch import PodWatcher
 from tapio.controller.metrics import ControllerMetrics
 from tapio.controller.settings import ConfigFileError, apply_config_file
 from tapio.logs import configure_logging
@@ -113,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nats-stream", metavar="NAME", default=None)
     p.add_argument("--nats-max-age", metavar="SECONDS", type=_positive_float, default=None)
     p.add_argument("--nats-max-bytes", metavar="BYTES", type=_positive_int, default=None)
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        default=None,
+        help="enrich occurrences from a Pod watch (in-cluster service account)",
+    )
+    p.add_argument("--kubeconfig", metavar="FILE", help="like --kubernetes, with this kubeconfig")
+    p.add_argument(
+        "--pod-label",
+        metavar="KEY",
+        action="append",
+        default=[],
+        help="pod label copied into enriched occurrences (repeatable allow-list)",
+    )
     p.add_argument("--log-format", choices=("json", "console"), default="json")
     p.add_argument("--log-level", choices=tuple(_LEVELS), default="info")
     return p
@@ -233,6 +249,11 @@ def main(argv: list[str]) -> int:
         except (OSError, ssl.SSLError) as exc:
             return _fail(f"cannot load --tls-cert/--tls-key: {exc}")
     metrics = ControllerMetrics()
+    watcher = None
+    if args.kubernetes or args.kubeconfig:
+        watcher = PodWatcher(
+            PodIndex(label_allowlist=args.pod_label), metrics, log, kubeconfig=args.kubeconfig
+        )
     try:
         forwarder = (
             Forwarder(
@@ -255,6 +276,7 @@ def main(argv: list[str]) -> int:
             token=token,
             metrics=metrics,
             forwarder=forwarder,
+            pod_watcher=watcher,
         )
     except ProfileError as exc:
         log.error("invalid profile", reason=str(exc))

@@ -124,3 +124,16 @@ class ControllerMetrics:
             ["output"],
             registry=r,
         )
+        self.enrichment = Counter(
+            "tapio_controller_enrichment_total",
+            "Kubernetes enrichment lookups by result (hit, unknown pod, no_ids in the occurrence)",
+            ["result"],
+            registry=r,
+        )
+        self.k8s_watch_restarts = Counter(
+            "tapio_controller_k8s_watch_restarts_total",
+            "Pod watch restarts (gone: 410 relist, error: reconnect with backoff)",
+            ["reason"],
+            registry=r,
+        )
+        self.k8s_pods = Gauge("tapio_controller_k8s_pods", "Live pods in the index", registry=r)

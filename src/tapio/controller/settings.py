@@ -12,6 +12,8 @@ Example::
     nats_max_bytes: 1073741824
     queue_max_events: 10000
     drain_grace: 10
+    kubernetes: true
+    pod_labels: [app.kubernetes.io/name, team]
 
 A flag given on the command line wins over the file; ``forward`` URLs from both are used. An
 unknown key or a wrong type is an error at start-up, not a silently ignored setting.
@@ -38,6 +40,8 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "nats_stream": (str,),
     "nats_max_age": (int, float),
     "nats_max_bytes": (int,),
+    "kubernetes": (bool,),
+    "kubeconfig": (str,),
 }
 
 
@@ -60,15 +64,15 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigFileError(f"--config {path} must be a mapping")
     out: dict[str, Any] = {}
     for key, value in doc.items():
-        if key == "forward":
+        if key in ("forward", "pod_labels"):
             if not isinstance(value, list) or not all(isinstance(u, str) for u in value):
-                raise ConfigFileError("--config: forward must be a list of URLs")
+                raise ConfigFileError(f"--config: {key} must be a list of strings")
             out[key] = list(value)
             continue
         types = _TYPES.get(str(key))
         if types is None:
             raise ConfigFileError(f"--config: unknown setting {key!r}")
-        if isinstance(value, bool) or not isinstance(value, types):
+        if isinstance(value, bool) != (types == (bool,)) or not isinstance(value, types):
             raise ConfigFileError(f"--config: {key} has the wrong type")
         if isinstance(value, int | float) and not value > 0:
             raise ConfigFileError(f"--config: {key} must be positive")
@@ -81,6 +85,8 @@ def apply_config_file(args: argparse.Namespace, path: str) -> None:
     for key, value in load_config_file(path).items():
         if key == "forward":
             args.forward = value + list(args.forward)
+        elif key == "pod_labels":
+            args.pod_label = value + list(args.pod_label)
         elif key == "listen":
             if args.listen is None and args.addr is None:
                 args.listen = value

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -88,12 +89,21 @@ def _content_id(batch: wire.EventBatchRequest, event: wire.WireEvent) -> str:
     return "sha256-" + digest.hexdigest()[:32]
 
 
-def build_record(batch: wire.EventBatchRequest, event: wire.WireEvent) -> Record:
+#: Adds fields to an occurrence's data (Kubernetes enrichment); never overwrites agent facts.
+Enrich = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def build_record(
+    batch: wire.EventBatchRequest, event: wire.WireEvent, enrich: Enrich | None = None
+) -> Record:
     facts = event.facts if isinstance(event.facts, dict) else {"value": event.facts}
     occurrence_id = _text(facts.get("occurrence_id"))
     if occurrence_id is None or len(occurrence_id) > _MAX_ID_CHARS:
         occurrence_id = _content_id(batch, event)
     data = {k: v for k, v in facts.items() if k not in _EXTRA_FACTS}
+    if enrich is not None:
+        for key, value in enrich(data).items():
+            data.setdefault(key, value)
     error = None
     code, message = _text(facts.get("error_code")), _text(facts.get("error_message"))
     if code is not None:
@@ -120,5 +130,5 @@ def build_record(batch: wire.EventBatchRequest, event: wire.WireEvent) -> Record
     )
 
 
-def build_records(batch: wire.EventBatchRequest) -> list[Record]:
-    return [build_record(batch, event) for event in batch.events]
+def build_records(batch: wire.EventBatchRequest, enrich: Enrich | None = None) -> list[Record]:
+    return [build_record(batch, event, enrich) for event in batch.events]
