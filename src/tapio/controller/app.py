@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from aiohttp import web
@@ -39,10 +39,12 @@ from tapio.controller.httputil import (
     read_json_body,
 )
 from tapio.controller.k8s import Enricher
-from tapio.controller.k8s.watch import PodWatcher
 from tapio.controller.metrics import ControllerMetrics
 from tapio.controller.state import ControllerState
 from tapio.profile import ProfileError
+
+if TYPE_CHECKING:  # kubernetes_asyncio is imported only when --kubernetes is used
+    from tapio.controller.k8s.watch import PodWatcher
 
 CONTROLLER_ID: Final = "tapio-controller/default"
 DEFAULT_MAX_AGENTS: Final = 10_000

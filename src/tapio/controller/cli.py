@@ -34,7 +34,6 @@ from tapio.controller.forward import (
     build_output,
 )
 from tapio.controller.k8s import PodIndex
-from tapio.controller.k8s.watch import PodWatcher
 from tapio.controller.metrics import ControllerMetrics
 from tapio.controller.settings import ConfigFileError, apply_config_file
 from tapio.logs import configure_logging
@@ -251,6 +250,8 @@ def main(argv: list[str]) -> int:
     metrics = ControllerMetrics()
     watcher = None
     if args.kubernetes or args.kubeconfig:
+        from tapio.controller.k8s.watch import PodWatcher  # the client is big: load on demand
+
         watcher = PodWatcher(
             PodIndex(label_allowlist=args.pod_label), metrics, log, kubeconfig=args.kubeconfig
         )

@@ -8,10 +8,9 @@ full, retries without duplicates, drain on SIGTERM).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from tapio.controller.forward import file as file_output
-from tapio.controller.forward import nats as nats_output
 from tapio.controller.forward.engine import (
     DEFAULT_DRAIN_GRACE,
     DEFAULT_QUEUE_MAX_EVENTS,
@@ -32,12 +31,19 @@ __all__ = [
 ]
 
 
+# Defaults of the NATS output, here so that building settings does not import nats-py.
+NATS_DEFAULT_STREAM: Final = "TAPIO_EVIDENCE"
+NATS_DEFAULT_MAX_AGE: Final = 7 * 24 * 3600.0
+NATS_DEFAULT_MAX_BYTES: Final = 1 << 30
+NATS_DEFAULT_DUPLICATE_WINDOW: Final = 600.0
+
+
 @dataclass(frozen=True, slots=True)
 class ForwardSettings:
-    nats_stream: str = nats_output.DEFAULT_STREAM
-    nats_max_age: float = nats_output.DEFAULT_MAX_AGE
-    nats_max_bytes: int = nats_output.DEFAULT_MAX_BYTES
-    nats_duplicate_window: float = nats_output.DEFAULT_DUPLICATE_WINDOW
+    nats_stream: str = NATS_DEFAULT_STREAM
+    nats_max_age: float = NATS_DEFAULT_MAX_AGE
+    nats_max_bytes: int = NATS_DEFAULT_MAX_BYTES
+    nats_duplicate_window: float = NATS_DEFAULT_DUPLICATE_WINDOW
     file_max_bytes: int = file_output.DEFAULT_MAX_BYTES
     file_max_files: int = file_output.DEFAULT_MAX_FILES
 
@@ -46,6 +52,8 @@ def build_output(url: str, settings: ForwardSettings, logger: Any = None) -> Out
     """The output for ``url``; ValueError (message without credentials) for anything else."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "nats":
+        from tapio.controller.forward import nats as nats_output  # nats-py only when used
+
         return nats_output.NatsOutput(
             url,
             stream=settings.nats_stream,

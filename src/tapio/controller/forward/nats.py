@@ -27,12 +27,18 @@ from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from yarl import URL
 
+from tapio.controller.forward import (
+    NATS_DEFAULT_DUPLICATE_WINDOW,
+    NATS_DEFAULT_MAX_AGE,
+    NATS_DEFAULT_MAX_BYTES,
+    NATS_DEFAULT_STREAM,
+)
 from tapio.controller.forward.record import SUBJECT_PREFIX, Record
 
-DEFAULT_STREAM: Final = "TAPIO_EVIDENCE"
-DEFAULT_MAX_AGE: Final = 7 * 24 * 3600.0
-DEFAULT_MAX_BYTES: Final = 1 << 30
-DEFAULT_DUPLICATE_WINDOW: Final = 600.0
+DEFAULT_STREAM: Final = NATS_DEFAULT_STREAM
+DEFAULT_MAX_AGE: Final = NATS_DEFAULT_MAX_AGE
+DEFAULT_MAX_BYTES: Final = NATS_DEFAULT_MAX_BYTES
+DEFAULT_DUPLICATE_WINDOW: Final = NATS_DEFAULT_DUPLICATE_WINDOW
 PUBLISH_TIMEOUT: Final = 5.0
 CONNECT_TIMEOUT: Final = 3.0
 NODE_HEADER: Final = "Tapio-Node"
