@@ -3,6 +3,10 @@
 50 refused connects become exactly 50 JetStream messages with the right subject, ``dst_port``
 and ``pid``; nats-server stopped for 10 s while 50 more are refused, then started again, gives
 those 50 as well, each exactly once, with zero drops on the agent and on the controller.
+
+Both processes authenticate with a bearer token from a file (the agent finds its file through
+``TAPIO_CONTROLLER_TOKEN_FILE``); the token is rotated between the two phases without a restart,
+and neither process ever writes either token to its logs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -67,12 +72,17 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
     nats_server.start()
     ctl_log = tmp_path / "controller.log"
     ctl_url = f"http://127.0.0.1:{cport}"
+    token_1, token_2 = "gw-token-" + "a1" * 16, "gw-token-" + "b2" * 16
+    ctl_token, agent_token = tmp_path / "ctl-token", tmp_path / "agent-token"
+    for f in (ctl_token, agent_token):
+        f.write_text(token_1 + "\n")
     agent: AgentProcess | None = None
     with open(ctl_log, "wb") as log:
         ctl = subprocess.Popen(
             [
                 *(sys.executable, "-m", "tapio", "controller", f"127.0.0.1:{cport}"),
                 *("--forward", nats_server.url, "--log-format", "json"),
+                *("--agent-token-file", str(ctl_token), "--log-level", "debug"),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -94,7 +104,10 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
             sinks=("controller",),
             config=config,
             extra_args=["--controller-endpoint", ctl_url, "--heartbeat-interval", "5"],
-            env={"TAPIO_NODE_NAME": "gw-kernel-node"},
+            env={
+                "TAPIO_NODE_NAME": "gw-kernel-node",
+                "TAPIO_CONTROLLER_TOKEN_FILE": str(agent_token),
+            },
         )
         agent.start()
         assert wait_until(
@@ -108,6 +121,19 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
         time.sleep(1.5)  # nothing more may arrive
         first = ours(nats_server.url, port_a)
         assert len(first) == 50
+
+        # Secret rotation: both files change, neither process restarts
+        for f in (ctl_token, agent_token):
+            tmp = f.with_suffix(".new")
+            tmp.write_text(token_2 + "\n")
+            tmp.replace(f)
+        time.sleep(2.5)  # the controller re-checks its file at most once a second
+        req = urllib.request.Request(
+            ctl_url + "/v1/status", headers={"Authorization": f"Bearer {token_1}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as old:
+            urllib.request.urlopen(req, timeout=5)
+        assert old.value.code == 401
 
         nats_server.stop()
         pid_b = refuse_from_child(port_b, 50)
@@ -139,10 +165,18 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
         assert metric(ctl_metrics, "tapio_controller_forward_dropped_total") == 0
         assert metric(ctl_metrics, "tapio_controller_events_refused_total") == 0
         assert metric(ctl_metrics, "tapio_controller_forward_retries_total") > 0
+        # every batch of the second phase was sent with the rotated token
+        assert metric(ctl_metrics, "tapio_controller_auth_failures_total") >= 1  # ours, above
         assert agent.stop() == 0
+        agent_stderr = agent.stderr_path.read_bytes()
+        agent_stdout = agent.stdout_path.read_bytes()
         agent = None
         ctl.terminate()
         assert ctl.wait(20) == 0
+        logs = ctl_log.read_bytes() + agent_stderr + agent_stdout
+        assert b"controller listening" in logs and b"agent started" in logs
+        for token in (token_1, token_2):
+            assert token.encode() not in logs
     finally:
         if agent is not None:
             agent.stop()
