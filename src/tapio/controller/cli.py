@@ -26,6 +26,7 @@ from aiohttp import web
 
 from tapio.controller.app import DEFAULT_STALE_AFTER, Controller
 from tapio.controller.auth import TOKEN_FILE_ENV, TokenFile, TokenFileError
+from tapio.controller.config import MAX_BATCH_EVENTS
 from tapio.controller.forward import (
     DEFAULT_DRAIN_GRACE,
     DEFAULT_QUEUE_MAX_EVENTS,
@@ -247,6 +248,10 @@ def main(argv: list[str]) -> int:
             ssl_context = _tls_context(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
             return _fail(f"cannot load --tls-cert/--tls-key: {exc}")
+    if args.queue_max_events is not None and args.queue_max_events < MAX_BATCH_EVENTS:
+        # a batch larger than the queue could never be accepted: 503 forever
+        sys.stderr.write(f"error: --queue-max-events must be at least {MAX_BATCH_EVENTS}\n")
+        return 2
     metrics = ControllerMetrics()
     watcher = None
     if args.kubernetes or args.kubeconfig:

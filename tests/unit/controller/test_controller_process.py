@@ -119,6 +119,7 @@ def test_https_token_config_file_forward_and_sigterm_drain(tmp_path: Path) -> No
         (["--tls-cert", "/nonexistent"], "--tls-cert and --tls-key go together"),
         (["--forward", "kafka://x:1"], "unsupported --forward scheme kafka://"),
         (["--forward", "nats://user:hunter2@"], "not a nats://HOST:PORT URL"),
+        (["--queue-max-events", "100"], "--queue-max-events must be at least 256"),
     ],
 )
 def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
