@@ -236,7 +236,19 @@ def main() -> int:
         wait_port(nport)
         nats_url = f"nats://127.0.0.1:{nport}"
         ctl = subprocess.Popen(
-            [sys.executable, "-m", "tapio", "controller", f"127.0.0.1:{cport}", "--forward", nats_url, "--log-level", "warning", "--queue-max-events", "50000"],
+            [
+                sys.executable,
+                "-m",
+                "tapio",
+                "controller",
+                f"127.0.0.1:{cport}",
+                "--forward",
+                nats_url,
+                "--log-level",
+                "warning",
+                "--queue-max-events",
+                "50000",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
