@@ -1,6 +1,6 @@
 """The data path: ring buffers → classification → fan-out → sinks, as anyio tasks.
 
-Channel items are batches, never single events (one channel item per event costs about 8x the CPU of one per batch).
+Channel items are batches, never single events (an item per event costs about 8x the CPU).
 Draining → classification applies backpressure (classification is CPU-only; if it falls behind,
 the kernel ring fills and the BPF side counts lost events). Fan-out → sinks never waits: each
 sink has its own bounded stream and a full stream is a counted ``queue_full`` drop, so a slow

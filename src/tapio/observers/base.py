@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import msgspec
-
 from tapio.bpf.abi import CStruct, TapioConfig
 from tapio.bpf.loader import BpfObject
 from tapio.occurrence import Occurrence
