@@ -143,6 +143,9 @@ class Agent:
                 OBSERVER_UP.labels(observer=name).set(0)
             else:
                 OBSERVER_UP.labels(observer=name).set(1)
+                # Exported from the start (at 0), so "nothing lost" is visible, not absent.
+                LOST_EVENTS.labels(observer=name)
+                CONFIG_ABI_MISMATCH.labels(observer=name)
                 for cap in observer.capabilities():
                     OBSERVER_CAPABILITY.labels(observer=name, capability=cap.name).set(
                         1 if cap.available else 0
