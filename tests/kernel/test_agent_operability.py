@@ -208,7 +208,7 @@ def test_readme_first_command_prints_one_json_line_and_sigint_exits_0(tmp_path: 
 
 def test_running_agent_answers_healthz_and_readyz(tmp_path: Path) -> None:
     """The probes the DaemonSet uses, asked of a real running agent (metrics server on a port
-    it picked itself): live, ready with every observer's state, and not ready while stopping."""
+    it picked itself): live, and ready with every observer's state."""
     require_kernel(("network",))
     config = '[metrics]\nenabled = true\nport = 0\nbind_address = "127.0.0.1"\n'
     with agent(tmp_path, config=config) as a:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
 import msgspec
 import structlog
 
@@ -155,7 +156,7 @@ def main(argv: Sequence[str]) -> int:
     _add_services(agent, args, settings)
     log.info("tapio agent starting", version=__version__, node=options.node_name)
     try:
-        return agent.run()
+        return anyio.run(agent.run)
     except PreflightError as exc:
         sys.stderr.write(f"tapio agent: {exc}\n")
         return 1

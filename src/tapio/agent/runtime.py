@@ -100,9 +100,10 @@ class Agent:
         #: Owned here and handed to the pipeline stages that count into it.
         self.stats = PipelineStats()
         self._stack = contextlib.ExitStack()
-        self._services_scope = anyio.CancelScope()
-        self._pipeline_scope = anyio.CancelScope()
-        self._flushed: anyio.Event | None = None  # made in serve(): events need a running loop
+        # Made in serve(): anyio's scopes and events belong to a running event loop.
+        self._services_scope: anyio.CancelScope | None = None
+        self._pipeline_scope: anyio.CancelScope | None = None
+        self._flushed: anyio.Event | None = None
         self._drainer: Drainer | None = None
         self._batches: (
             tuple[MemoryObjectSendStream[Batch], MemoryObjectReceiveStream[Batch]] | None
@@ -277,14 +278,14 @@ class Agent:
             await anyio.sleep(interval)
 
     # ---- lifetime: startup, serve, shutdown ------------------------------------------------
-    def run(self) -> int:
+    async def run(self) -> int:
         """The whole life: ``startup()``, then ``serve()`` until a signal, then ``shutdown()``.
 
         Returns the exit status: 1 when the host cannot run the agent or no observer started,
         0 after a signal (whether or not every sink finished within the grace period).
         """
         try:
-            if not self.startup():
+            if not await self.startup():
                 return 1
             # Everything imported and loaded so far lives for the whole run: move it out of the
             # collector's sight and collect the young generation less often. Occurrences are
@@ -292,12 +293,12 @@ class Agent:
             # pass every 700 allocations.
             gc.freeze()
             gc.set_threshold(50_000, 20, 50)
-            anyio.run(self.serve)
+            await self.serve()
         finally:
             self.detach()
         return 0
 
-    def startup(self) -> bool:
+    async def startup(self) -> bool:
         """Preflight, load and attach every observer, and wire the sinks' lanes.
 
         Raises :class:`PreflightError` when the host cannot run eBPF at all; returns False when
@@ -329,9 +330,11 @@ class Agent:
         running = [ro for ro in self.observers if ro.state == "running"]
         payload_sends: dict[str, MemoryObjectSendStream[bytes]] = {}
         self._flushed = flushed = anyio.Event()
+        self._services_scope = anyio.CancelScope()
+        self._pipeline_scope = pipeline_scope = anyio.CancelScope()
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch_signals)
-            with self._pipeline_scope:
+            with pipeline_scope:
                 async with anyio.create_task_group() as tg:
                     for lane, recv in self._lanes:
                         tg.start_soon(lane.sink.run, recv)
@@ -365,8 +368,8 @@ class Agent:
         period ends is cancelled (its undelivered occurrences are lost, and the log says so).
         """
         self.request_stop()
-        flushed = self._flushed
-        assert flushed is not None, "shutdown() runs inside serve()"
+        flushed, pipeline_scope = self._flushed, self._pipeline_scope
+        assert flushed is not None and pipeline_scope is not None, "shutdown() runs in serve()"
         grace = self.settings.agent.shutdown_grace_secs
         with anyio.move_on_after(grace):
             await flushed.wait()
@@ -374,7 +377,7 @@ class Agent:
             log.warning(
                 "shutdown grace period exceeded; exiting without waiting for sinks", grace=grace
             )
-            self._pipeline_scope.cancel()
+            pipeline_scope.cancel()
             with anyio.CancelScope(shield=True):
                 await flushed.wait()
         self.detach()
@@ -406,7 +409,8 @@ class Agent:
         if self._stopping:
             return
         self._stopping = True
-        self._services_scope.cancel()
+        if self._services_scope is not None:
+            self._services_scope.cancel()
         if self._drainer is not None:
             self._drainer.scope.cancel()
 
@@ -423,6 +427,7 @@ class Agent:
                 count_anomalies(name, batch, self.stats)
                 await emit_send.send(list(batch))
 
+        assert self._services_scope is not None
         async with emit_send:
             with self._services_scope:
                 async with anyio.create_task_group() as tg:
