@@ -1,7 +1,7 @@
 """Agent ↔ controller end to end: the real controller, the real agent, real BPF, real refusals.
 
-One scenario, in the order of the reference's ``smoke-agent-controller.sh`` (reference.md §11)
-plus runtime reconfiguration:
+One scenario, in the order an operator meets it (start, register, configure, restart), plus
+runtime reconfiguration:
 
 * A  registration, inert carriers before the first config, events accepted with the right
      ``dst_port`` and ``config_generation``;

@@ -1,4 +1,4 @@
-"""Lean gates (the reference's verify-lean.sh and dependency-boundary checks, reference.md §11).
+"""Lean gates: what the node agent may import, and the size budget of each BPF object.
 
 1. Import boundaries, checked in a clean interpreter: the node agent (standalone and controller
    mode, every observer, the default sinks) never imports the controller, the CLI readers, MCP,
