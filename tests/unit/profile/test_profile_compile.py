@@ -48,7 +48,9 @@ def test_production_default_bytes_and_hash() -> None:
     c = production_default()
     assert canonical_json(c) == PRODUCTION_DEFAULT_BYTES
     assert config_hash(c) == PRODUCTION_DEFAULT_HASH
-    assert "sha256:" + hashlib.sha256(PRODUCTION_DEFAULT_BYTES).hexdigest() == PRODUCTION_DEFAULT_HASH
+    assert (
+        "sha256:" + hashlib.sha256(PRODUCTION_DEFAULT_BYTES).hexdigest() == PRODUCTION_DEFAULT_HASH
+    )
     assert PRODUCTION_DEFAULT_HASH.endswith(
         "845b719f50052b222e79a6f0a9e091e4fe5cc62f8049f7a9089cf20175f5ddef"
     )
