@@ -159,13 +159,14 @@ class AgentProcess:
             return int(exc.code), exc.read().decode()
 
     def metrics_text(self, port: int | None = None, wait: float = 10.0) -> str:
-        """``/metrics`` of the agent (at the reported address unless ``port`` is given); the
+        """``/metrics`` of the agent (at the address it reported when ``port`` is None or 0,
+        i.e. configured as ``port = 0``); the
         server binds concurrently with "agent started", so a refused connection is retried for
         ``wait`` seconds (as long as the agent is alive)."""
         import urllib.error
         import urllib.request
 
-        base = f"http://127.0.0.1:{port}" if port is not None else self.metrics_url(wait)
+        base = f"http://127.0.0.1:{port}" if port else self.metrics_url(wait)
         deadline = time.monotonic() + wait
         while True:
             try:

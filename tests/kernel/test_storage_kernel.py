@@ -27,7 +27,6 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..ports import free_port
 from .harness import AgentProcess, require_kernel, run, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -172,7 +171,7 @@ def _mine(proc: AgentProcess, prefix: str, dev: FuseLoop, pid: int) -> list[dict
 
 @pytest.fixture()
 def storage_agent(tmp_path: Path, fuse_loop: FuseLoop) -> Iterator[tuple[AgentProcess, int]]:
-    port = free_port()
+    port = 0  # the metrics server binds a free port itself and logs it
     proc = AgentProcess(tmp_path, observers=("storage",), config=CONFIG.format(port=port))
     proc.start()
     try:
