@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tapio.cli import render
 from tapio.cli.store import (
@@ -28,6 +28,9 @@ from tapio.cli.store import (
     select,
     summarize,
 )
+
+if TYPE_CHECKING:
+    from tapio.status import AgentStatus
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -147,7 +150,7 @@ def cmd_recent(args: argparse.Namespace, con: Console, data_dir: str) -> int:
 # health
 
 
-def _agent_status_lines(status: Any, observer: str | None, now_ns: int) -> list[str]:
+def _agent_status_lines(status: AgentStatus | None, observer: str | None, now_ns: int) -> list[str]:
     """What the agent's status file adds: failed observers and anomaly types this node cannot
     produce (e.g. ipc_degradation without a hardware PMU). Nothing when there is no agent
     status next to the occurrences, so the table alone stays as it always was."""
@@ -168,7 +171,7 @@ def _agent_status_lines(status: Any, observer: str | None, now_ns: int) -> list[
     return lines if len(lines) > 2 else lines[:2]
 
 
-def _agent_json(status: Any, now_ns: int) -> dict[str, Any] | None:
+def _agent_json(status: AgentStatus | None, now_ns: int) -> dict[str, Any] | None:
     if status is None:
         return None
     return {
@@ -197,7 +200,8 @@ def cmd_health(args: argparse.Namespace, con: Console, data_dir: str) -> int:
         return EXIT_NO_DATA
     now = con.clock()
     try:
-        summary = summarize(select(iter_records(data_dir, con.warn), Filter(since_ns=now - HOUR_NS)))
+        window = Filter(since_ns=now - HOUR_NS)
+        summary = summarize(select(iter_records(data_dir, con.warn), window))
     except DataDirError as exc:
         con.error(f"no data: {exc}")
         return EXIT_NO_DATA
