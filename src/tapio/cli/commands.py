@@ -111,7 +111,7 @@ def _note_if_nothing_there(con: Console, data_dir: str) -> None:
     empty answer caused by a wrong ``--data-dir`` is not mistaken for a quiet node."""
     problem = data_dir_problem(data_dir)
     if problem is not None:
-        con.note(problem)
+        con.note(problem[1])
 
 
 def _json_lines(records: Sequence[Record]) -> list[str]:
@@ -195,8 +195,8 @@ def cmd_health(args: argparse.Namespace, con: Console, data_dir: str) -> int:
     from tapio.status import read_status
 
     problem = data_dir_problem(data_dir)
-    if problem is not None and problem.endswith("does not exist"):
-        con.error(f"no data: {problem}")
+    if problem is not None and problem[0] == "missing":
+        con.error(f"no data: {problem[1]}")
         return EXIT_NO_DATA
     now = con.clock()
     try:
@@ -206,7 +206,7 @@ def cmd_health(args: argparse.Namespace, con: Console, data_dir: str) -> int:
         con.error(f"no data: {exc}")
         return EXIT_NO_DATA
     if problem is not None:
-        con.note(problem)
+        con.note(problem[1])
     observer: str | None = args.observer
     agent = read_status(data_dir)
     failed = sorted(

@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "health",
         help="health of the last hour (exit 0 healthy, 1 not healthy, 3 no data)",
+        description="Health of the last hour. Exit status: 0 healthy, 1 not healthy (anomalies "
+        "in the last hour or a failed observer), 2 usage error, 3 no data (the data directory "
+        "is missing or unreadable).",
     )
     _add_common(p)
     _add_output(p, "one document")

@@ -48,19 +48,20 @@ class DataDirError(Exception):
     """The data directory exists but cannot be listed (not a directory, permission denied)."""
 
 
-def data_dir_problem(directory: str) -> str | None:
-    """Why ``directory`` holds no evidence at all (missing, or no occurrence file in it), naming
-    the directory so a wrong ``--data-dir`` is obvious; ``None`` when there is something to read
-    (or the directory cannot be listed: that is a ``DataDirError`` for the reader to raise)."""
+def data_dir_problem(directory: str) -> tuple[str, str] | None:
+    """Why ``directory`` holds no evidence at all, as ``(kind, message)`` with kind ``missing``
+    or ``empty`` and a message naming the directory, so a wrong ``--data-dir`` is obvious;
+    ``None`` when there is something to read (or the directory cannot be listed: that is a
+    ``DataDirError`` for the reader to raise)."""
     try:
         with os.scandir(directory) as it:
             if any(is_candidate(entry.name) for entry in it):
                 return None
     except FileNotFoundError:
-        return f"data directory {directory} does not exist"
+        return "missing", f"data directory {directory} does not exist"
     except OSError:
         return None
-    return f"data directory {directory} holds no occurrence files"
+    return "empty", f"data directory {directory} holds no occurrence files"
 
 
 class SkipFile(Exception):

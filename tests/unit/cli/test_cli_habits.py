@@ -80,8 +80,10 @@ def test_health_exit_codes(fixed_dir: Path, tmp_path: Path) -> None:
     f.write_text("x")
     r = run_cli(["health", "--data-dir", str(f)])
     assert (r.code, r.out, r.err) == (3, "", f"error: no data: {f}: Not a directory\n")
-    # usage errors
+    # usage errors; the codes are in the command's help
     assert run_cli(["health", "gpu", "--data-dir", d]).code == 2
+    help_text = " ".join(run_cli(["health", "--help"]).out.split())
+    assert "0 healthy, 1 not healthy" in help_text and "3 no data" in help_text
     assert run_cli(["health", "--bogus", "--data-dir", d]).code == 2
 
 
