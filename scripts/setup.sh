@@ -20,6 +20,7 @@ if [[ $want_test -eq 1 ]]; then
   pkgs+=(nftables iptables fuse3 libfuse3-dev pkg-config kmod procps)
   # scripts/image-test.sh: build and run the images (runc: crun refuses hybrid cgroup hosts).
   pkgs+=(podman runc containerd debootstrap)
+  pkgs+=(nats-server)  # the controller forwarding tests start a real JetStream server
 fi
 missing=()
 for p in "${pkgs[@]}"; do

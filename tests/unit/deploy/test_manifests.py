@@ -32,6 +32,15 @@ K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 ALLOWED_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"}
 
 Obj = dict[str, Any]
+# Kinds without a namespace (kustomize's `namespace:` leaves them alone).
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PriorityClass",
+    "StorageClass",
+}
 
 
 def load_yaml_documents(path: Path) -> list[Obj]:
@@ -137,7 +146,7 @@ def test_the_kustomization_installs_both_components(rendered: list[Obj]) -> None
     assert names["Service"] == {"tapio-controller"}
     assert len(names["ConfigMap"]) == 2, kinds
     for o in rendered:
-        if o["kind"] != "Namespace":
+        if o["kind"] not in CLUSTER_SCOPED:
             assert o["metadata"]["namespace"] == "tapio-system", o["metadata"]["name"]
         assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tapio"
 
