@@ -77,8 +77,8 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$ctd_pid" 2>/dev/null || break; sleep 0.2; done
     kill -9 "$ctd_pid" 2>/dev/null
     # shims outlive containerd by design; ours are found by their socket directory.
-    pkill_ours=$(grep -l -- "$work/containerd" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3)
-    for p in $pkill_ours; do kill -9 "$p" 2>/dev/null; done
+    shims=$(grep -l -- "$work/containerd" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3)
+    for p in $shims; do kill -9 "$p" 2>/dev/null; done
   fi
   grep -- " $work" /proc/mounts | awk '{print $2}' | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null
