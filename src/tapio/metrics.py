@@ -114,3 +114,27 @@ SINK_RETRIES = Counter(
     ["sink"],
     registry=REGISTRY,
 )
+
+# Observer and enrichment drop points (docs/observers/pipeline.md).
+OBSERVER_DROPS = Counter(
+    "tapio_observer_drops_total",
+    "Ring records userspace dropped before they became occurrences, by reason: "
+    "unknown_record_type (an event type or opcode this agent does not know), "
+    "not_an_anomaly (a record the kernel should have filtered), "
+    "classifier_error (the observer's classifier raised; the whole payload is dropped)",
+    ["observer", "reason"],
+    registry=REGISTRY,
+)
+ENRICHMENT_ERRORS = Counter(
+    "tapio_enrichment_errors_total",
+    "Occurrences delivered without cgroup/container facts because enrichment raised",
+    ["observer"],
+    registry=REGISTRY,
+)
+CGROUP_LOOKUPS = Counter(
+    "tapio_cgroup_lookups_total",
+    "cgroup id to path lookups: hit (cached), miss (needed a walk of the hierarchy, done in a "
+    "worker thread), unknown (no such cgroup: gone, or outside the walked tree)",
+    ["result"],
+    registry=REGISTRY,
+)

@@ -27,6 +27,7 @@ from tapio.agent.pipeline import (
     SinkLane,
     classify_loop,
     count_anomalies,
+    enricher_for,
     fanout_loop,
 )
 from tapio.agent.settings import AgentSettings
@@ -329,7 +330,7 @@ class Agent:
                 async with anyio.create_task_group() as tg:
                     for sink, r in sink_recvs:
                         tg.start_soon(sink.run, r)
-                    tg.start_soon(fanout_loop, batch_recv, lanes)
+                    tg.start_soon(fanout_loop, batch_recv, lanes, enricher_for(running))
                     for ro in running:
                         if ro.ring is None:
                             continue

@@ -4,6 +4,12 @@ An observer owns one BPF object (``<object_name>.bpf.o``) with an ``events`` rin
 fixed-size record type. The agent drains the ring in batches and hands the observer a payload of
 back-to-back records; ``classify`` turns them into occurrences. Observers that also watch
 non-BPF kernel facts (PSI, cgroup files) implement ``run``, which emits through the same path.
+
+An observer is parse + classify only: it reports what the kernel said (cgroup ids, pids, paths
+it watched). What the node's cgroup files say about those cgroups (path, container, pod) is
+added afterwards by the one enrichment stage (:mod:`tapio.observers.enrich`), as each observer
+declares in ``enrichment``. A record userspace drops is counted where it is dropped
+(:meth:`Observer.drop`, ``tapio_observer_drops_total{observer,reason}``).
 """
 
 from __future__ import annotations
@@ -11,13 +17,18 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import msgspec
+from prometheus_client import Counter
 
 from tapio.bpf.abi import CStruct, TapioConfig
 from tapio.bpf.loader import BpfObject
+from tapio.metrics import OBSERVER_DROPS
 from tapio.occurrence import Occurrence
+
+if TYPE_CHECKING:
+    from tapio.observers.enrich import Enrichment
 
 Emit = Callable[[Sequence[Occurrence]], Awaitable[None]]
 
@@ -69,7 +80,7 @@ class UserThresholds(msgspec.Struct, kw_only=True, frozen=True):
     cpu_some_pct: float = 50.0
     throttle_pct: float = 20.0
     hysteresis_pct: float = 50.0
-    # node: hardware counters (reference TOML keys)
+    # node: hardware counters
     stall_pct_warning: float = 20.0
     stall_pct_critical: float = 40.0
     ipc_degradation: float = 1.0
@@ -95,10 +106,20 @@ class Observer(abc.ABC):
     # Observer-specific tapio_metrics indices → (metric kind, reason); kind is "kernel_drop" or
     # "correlation_drop".
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {}
+    #: Anomaly type → what the enrichment stage adds to it (nothing when absent).
+    enrichment: ClassVar[dict[str, Enrichment]] = {}
 
     def __init__(self, ctx: ObserverContext) -> None:
         self.ctx = ctx
         self.degraded_reasons: list[str] = []
+        self._drops: dict[str, Counter] = {}
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` records dropped for ``reason`` (``tapio_observer_drops_total``)."""
+        counter = self._drops.get(reason)
+        if counter is None:
+            counter = self._drops[reason] = OBSERVER_DROPS.labels(observer=self.name, reason=reason)
+        counter.inc(n)
 
     def attach(self, obj: BpfObject) -> None:
         """Attach the object's programs (default: all of them, by section name)."""

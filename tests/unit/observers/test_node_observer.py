@@ -12,27 +12,22 @@ import pytest
 from tapio.bpf.abi import FLAG_NETWORK, FLAG_NODE, TapioConfig
 from tapio.observers import REGISTRY, observer_class
 from tapio.observers.base import ObserverContext, UserThresholds
-from tapio.observers.node import (
+from tapio.observers.cgroups import CgroupRoots, roots_from_mountinfo, walk_cgroups
+from tapio.observers.node import NodeObserver
+from tapio.observers.node.discovery import pick_cgroups
+from tapio.observers.node.psi import NODE, PsiLine, PsiReading
+from tapio.observers.node.runq import (
     RUNQ_HIST,
     RUNQ_SLOTS,
     RUNQ_WORST,
-    CgroupRoots,
-    CpuStat,
-    NodeObserver,
     RunqTotals,
-    ThrottleDelta,
     WorstWait,
-    discover_roots,
-    parse_cpu_stat,
     percentile_ns,
-    pick_cgroups,
     slot_upper_ns,
     sum_runq_hist,
-    throttle_delta,
-    walk_cgroups,
     worst_of,
 )
-from tapio.observers.psi import NODE, PsiLine, PsiReading
+from tapio.observers.node.throttle import CpuStat, ThrottleDelta, parse_cpu_stat, throttle_delta
 from tapio.occurrence import NODE_CPU_STALL, NODE_MEMORY_PRESSURE, Occurrence
 
 MS = 1_000_000
@@ -47,7 +42,8 @@ def make_observer(
     **user: object,
 ) -> NodeObserver:
     roots = CgroupRoots(
-        tmp_path / "unified" if tmp_path else None, tmp_path / "cpu" if tmp_path else None
+        unified=tmp_path / "unified" if tmp_path else None,
+        cpu=tmp_path / "cpu" if tmp_path else None,
     )
     obs = NodeObserver(ObserverContext(boot_offset_ns=0), roots=roots)
     obs.on_config(
@@ -344,12 +340,17 @@ def test_discover_roots_hybrid(tmp_path: Path) -> None:
         "32 25 0:28 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
         "33 25 0:29 /sub /mnt/cpu rw - cgroup cgroup rw,cpu\n"
     )
-    assert discover_roots(str(mi)) == CgroupRoots(
-        Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/cpu,cpuacct")
+    hybrid = roots_from_mountinfo(mi)
+    assert hybrid == CgroupRoots(
+        unified=Path("/sys/fs/cgroup/unified"),
+        memory=Path("/sys/fs/cgroup/memory"),
+        cpu=Path("/sys/fs/cgroup/cpu,cpuacct"),
     )
+    assert hybrid.cpu_v1 == Path("/sys/fs/cgroup/cpu,cpuacct")
     mi.write_text("30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
-    assert discover_roots(str(mi)) == CgroupRoots(Path("/sys/fs/cgroup"), None)
-    assert discover_roots(str(tmp_path / "missing")) == CgroupRoots(None, None)
+    pure = roots_from_mountinfo(mi)
+    assert pure.unified == Path("/sys/fs/cgroup") and pure.cpu_v1 is None
+    assert roots_from_mountinfo(tmp_path / "missing") == CgroupRoots()
 
 
 def test_layouts_are_struct_sized() -> None:

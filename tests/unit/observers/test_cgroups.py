@@ -1,5 +1,6 @@
-"""Attribution: cgroup paths → container id / runtime / pod UID, and id → path resolution over a
-fake cgroup tree (injectable roots), with bounded positive and negative caches."""
+"""The cgroup model: cgroup paths → container id / runtime / pod UID, root discovery (hybrid,
+pure cgroup2, a configured host root), and id → path resolution over a fake cgroup tree
+(injectable roots), with bounded positive and negative caches."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from tapio.observers.attribution import (
+from tapio.observers.cgroups import (
     U64_MAX,
     Attribution,
     CgroupResolver,
-    cgroup_facts,
+    CgroupRoots,
     discover_roots,
     parse_container,
     parse_proc_cgroup,
+    roots_at,
+    roots_from_mountinfo,
 )
+from tapio.observers.enrich import cgroup_facts
 
 CID = "0123456789abcdef" * 4
 UID = "0d5c1b0e-7a7f-4c39-9d4e-2b1f3c4d5e6f"
@@ -208,16 +212,14 @@ def test_discover_roots_from_mountinfo(tmp_path: Path) -> None:
         "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
         f"41 31 0:38 / {v2} rw,relatime - cgroup2 cgroup2 rw\n"
     )
-    assert discover_roots(mi) == {
-        "cpu": Path("/sys/fs/cgroup/cpu"),
-        "memory": Path("/sys/fs/cgroup/memory"),
-        "unified": v2,
-    }
+    assert discover_roots(mountinfo=mi) == CgroupRoots(
+        cpu=Path("/sys/fs/cgroup/cpu"), memory=Path("/sys/fs/cgroup/memory"), unified=v2
+    )
     pure = tmp_path / "pure"
     pure.mkdir()
     (pure / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     mi.write_text(f"30 23 0:26 / {pure} rw - cgroup2 cgroup2 rw\n")
-    assert discover_roots(mi) == {"unified": pure, "memory": pure, "cpu": pure}
+    assert discover_roots(mountinfo=mi) == CgroupRoots(unified=pure, memory=pure, cpu=pure)
 
 
 def test_proc_cgroup_outside_our_cgroup_namespace_is_unknown() -> None:
