@@ -12,7 +12,7 @@ import pytest
 from tapio.bpf.abi import FLAG_NETWORK, FLAG_NODE, TapioConfig
 from tapio.observers import REGISTRY, observer_class
 from tapio.observers.base import ObserverContext, UserThresholds
-from tapio.observers.cgroups import CgroupRoots, roots_from_mountinfo, walk_cgroups
+from tapio.observers.cgroups import CgroupRoots
 from tapio.observers.node import NodeObserver
 from tapio.observers.node.discovery import pick_cgroups
 from tapio.observers.node.psi import NODE, PsiLine, PsiReading
@@ -318,39 +318,9 @@ def test_throttling_state_dropped_when_cgroup_disappears(tmp_path: Path) -> None
 # ---- discovery --------------------------------------------------------------------------------
 
 
-def test_walk_is_bounded_and_breadth_first(tmp_path: Path) -> None:
-    for p in ("a/b/c/d", "e", "f/g"):
-        (tmp_path / p).mkdir(parents=True)
-    (tmp_path / "file").write_text("x")
-    assert list(walk_cgroups(tmp_path)) == ["/a", "/e", "/f", "/a/b", "/f/g", "/a/b/c", "/a/b/c/d"]
-    assert list(walk_cgroups(tmp_path, max_walk=2)) == ["/a", "/e"]
-    assert list(walk_cgroups(tmp_path, max_depth=1)) == ["/a", "/e", "/f"]
-
-
 def test_pick_cgroups_prefers_containers_and_caps() -> None:
     paths = ["/system.slice", "/user.slice", "/kubepods", "/kubepods/pod1/" + "b" * 64, "/x"]
     assert pick_cgroups(paths, 3) == ["/kubepods", "/kubepods/pod1/" + "b" * 64, "/system.slice"]
-
-
-def test_discover_roots_hybrid(tmp_path: Path) -> None:
-    mi = tmp_path / "mountinfo"
-    mi.write_text(
-        "30 25 0:26 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate\n"
-        "31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
-        "32 25 0:28 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
-        "33 25 0:29 /sub /mnt/cpu rw - cgroup cgroup rw,cpu\n"
-    )
-    hybrid = roots_from_mountinfo(mi)
-    assert hybrid == CgroupRoots(
-        unified=Path("/sys/fs/cgroup/unified"),
-        memory=Path("/sys/fs/cgroup/memory"),
-        cpu=Path("/sys/fs/cgroup/cpu,cpuacct"),
-    )
-    assert hybrid.cpu_v1 == Path("/sys/fs/cgroup/cpu,cpuacct")
-    mi.write_text("30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
-    pure = roots_from_mountinfo(mi)
-    assert pure.unified == Path("/sys/fs/cgroup") and pure.cpu_v1 is None
-    assert roots_from_mountinfo(tmp_path / "missing") == CgroupRoots()
 
 
 def test_layouts_are_struct_sized() -> None:
