@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 from prometheus_client import Counter
@@ -135,10 +135,20 @@ class Observer(abc.ABC):
         all-zero kernel config (controller mode, not yet configured) means: emit nothing.
         """
 
-    @abc.abstractmethod
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         """Decode ring frames (``record.iter_frames``: header length, then the record's fields)
         and return the anomalies among them."""
+        boot = self.ctx.boot_offset_ns
+        one = self.classify_one
+        return [
+            occ
+            for frame in self.record.iter_frames(payload)
+            if (occ := one(frame, boot)) is not None
+        ]
+
+    def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
+        """One ring frame → its occurrence, or None when it is dropped (and counted)."""
+        raise NotImplementedError(f"{type(self).__name__} has no ring records to classify")
 
     async def run(self, emit: Emit) -> None:  # noqa: B027 - optional hook
         """Long-running side task for non-BPF facts; returns when there is nothing to do."""

@@ -149,15 +149,6 @@ class ContainerObserver(Observer):
         super().__init__(ctx)
         self._comms = CStrings()
 
-    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
-        out: list[Occurrence] = []
-        boot = self.ctx.boot_offset_ns
-        for frame in CONTAINER_EVENT.iter_frames(payload):
-            occ = self.classify_one(frame, boot)
-            if occ is not None:
-                out.append(occ)
-        return out
-
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame: (header length, *record fields) → occurrence or None."""
         (

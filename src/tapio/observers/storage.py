@@ -177,15 +177,6 @@ class StorageObserver(Observer):
         self.devices = devices if devices is not None else DeviceNames()
         self._strs = CStrings()
 
-    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
-        out: list[Occurrence] = []
-        boot = self.ctx.boot_offset_ns
-        for frame in STORAGE_EVENT.iter_frames(payload):
-            occ = self.classify_one(frame, boot)
-            if occ is not None:
-                out.append(occ)
-        return out
-
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame: (header length, *record fields) → occurrence or None."""
         (

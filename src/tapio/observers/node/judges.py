@@ -27,6 +27,19 @@ from tapio.occurrence import (
 TICK_SECS = 1.0  # run-queue, throttling and PMU intervals
 
 
+def cpu_stall(severity: Severity, message: str, data: dict[str, object], now_ns: int) -> Occurrence:
+    """Every ``kernel.node.cpu_stall`` (its ``signal`` fact says which condition started)."""
+    return new_occurrence(
+        NODE_CPU_STALL,
+        severity,
+        "in_progress",
+        timestamp_ns=now_ns,
+        code="CPU_STALL",
+        message=message,
+        data=data,
+    )
+
+
 def target_facts(key: str) -> dict[str, object]:
     """``cgroup``/``scope`` of a PSI source: the node, or a cgroup2 directory."""
     if key == NODE:
@@ -83,14 +96,8 @@ def psi_occurrence(
         )
     data.update(signal="psi", threshold_some_pct=u.cpu_some_pct)
     severity: Severity = "critical" if r.some.avg10 >= min(100.0, 2 * u.cpu_some_pct) else "warning"
-    return new_occurrence(
-        NODE_CPU_STALL,
-        severity,
-        "in_progress",
-        timestamp_ns=now_ns,
-        code="CPU_STALL",
-        message=f"CPU pressure on {target} (some avg10={r.some.avg10:.2f}%)",
-        data=data,
+    return cpu_stall(
+        severity, f"CPU pressure on {target} (some avg10={r.some.avg10:.2f}%)", data, now_ns
     )
 
 
@@ -127,17 +134,14 @@ def runq_occurrence(
             worst_cpu=worst.cpu,
             worst_cgroup_id=worst.cgroup_id,
         )
-    return new_occurrence(
-        NODE_CPU_STALL,
+    return cpu_stall(
         "critical" if max_ns >= 4 * threshold_ns else "warning",
-        "in_progress",
-        timestamp_ns=now_ns,
-        code="CPU_STALL",
-        message=(
+        (
             f"Run-queue latency max {max_ns / 1e6:.1f}ms "
             f"({d.over} waits ≥ {threshold_ns / 1e6:g}ms in {TICK_SECS:g}s)"
         ),
-        data=data,
+        data,
+        now_ns,
     )
 
 
@@ -214,18 +218,14 @@ def pmu_stall_occurrence(
     sample: IntervalSample, stall: float, u: UserThresholds, generation: int, now_ns: int
 ) -> Occurrence:
     """Counter-based CPU stall (``signal: "pmu"``): backend-stalled share of cycles."""
-    severity: Severity = "critical" if stall >= u.stall_pct_critical else "warning"
-    return new_occurrence(
-        NODE_CPU_STALL,
-        severity,
-        "in_progress",
-        timestamp_ns=now_ns,
-        code="CPU_STALL",
-        message=f"Node CPU stall {stall:.1f}% (ipc={sample.ipc:.2f})",
-        data={
+    return cpu_stall(
+        "critical" if stall >= u.stall_pct_critical else "warning",
+        f"Node CPU stall {stall:.1f}% (ipc={sample.ipc:.2f})",
+        {
             **pmu_facts(sample, u, generation),
             "signal": "pmu",
             "threshold_pct": u.stall_pct_warning,
             "critical_pct": u.stall_pct_critical,
         },
+        now_ns,
     )
