@@ -272,9 +272,9 @@ def test_rescan_finds_quota_cgroups_and_psi_dirs(tmp_path: Path) -> None:
     _quota_tree(tmp_path)
     obs = make_observer(tmp_path)
     obs.rescan()
-    assert sorted(obs._quota) == [("cpu", "/job"), ("unified", "/svc")]
-    assert obs._psi_cgroups == ["/svc"]
-    assert obs._quota[("cpu", "/job")].quota_us == 10000
+    assert sorted(obs.throttle.quota) == [("cpu", "/job"), ("unified", "/svc")]
+    assert obs.psi.cgroups == ["/svc"]
+    assert obs.throttle.quota[("cpu", "/job")].quota_us == 10000
 
 
 def test_throttling_edge_from_cpu_stat_files(tmp_path: Path) -> None:
@@ -312,7 +312,7 @@ def test_throttling_state_dropped_when_cgroup_disappears(tmp_path: Path) -> None
     obs.rescan()
     (cg / "cpu.cfs_quota_us").write_text("-1\n")
     obs.rescan()
-    assert ("cpu", "/job") not in obs._quota
+    assert ("cpu", "/job") not in obs.throttle.quota
 
 
 # ---- discovery --------------------------------------------------------------------------------

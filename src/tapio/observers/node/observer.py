@@ -1,24 +1,12 @@
 """Node observer: memory pressure, CPU stall and (with hardware counters) IPC degradation.
 
-What the kernel offers without a PMU is enough for two of the three anomalies:
-
-* ``kernel.node.memory_pressure`` — memory PSI of the node (``/proc/pressure/memory``) and of
-  every watched cgroup2 directory (``memory.pressure``), ``some``/``full`` avg10 against
-  ``memory_some_pct``/``memory_full_pct``.
-* ``kernel.node.cpu_stall`` — three signals, each its own condition (fact ``signal``):
-  ``psi`` (CPU PSI ``some`` avg10 of the node or a cgroup against ``cpu_some_pct``),
-  ``runq_latency`` (run-queue waits measured by ``node.bpf.c`` and aggregated in kernel maps,
-  against ``runq_latency_threshold_ns``) and ``throttling`` (CFS bandwidth: the share of
-  ``cpu.stat`` periods that were throttled, against ``throttle_pct``, per cgroup with a quota).
-* ``kernel.node.ipc_degradation`` and the counter-based ``cpu_stall`` (``signal: "pmu"``) only
-  with hardware counters; otherwise the capability ``pmu`` is reported unavailable (metric,
-  one log line, ``degraded_reasons: ["no_pmu"]``) and the rest keeps working.
-
-Every condition is edge-triggered with hysteresis (:class:`~tapio.observers.node.board.Hysteresis`):
-one occurrence when it starts, none while it lasts, none when it clears (the clear is logged at
-info level); it clears when the value falls under ``threshold × hysteresis_pct / 100``. The
-occurrences themselves are built in :mod:`tapio.observers.node.judges`; the container a cgroup
-or the worst waiting task belongs to is added by the enrichment stage.
+Signals: PSI of the node and of watched cgroup2 directories (memory and cpu), run-queue latency
+aggregated in kernel maps by ``node.bpf.c``, CFS bandwidth throttling from ``cpu.stat``, and,
+only with hardware counters, IPC and backend stalls (otherwise the capability ``pmu`` is
+unavailable, ``degraded_reasons: ["no_pmu"]``, and the rest keeps working). Every condition is
+edge-triggered with hysteresis (:mod:`.board`): one occurrence when it starts (built in
+:mod:`.judges`), none while it lasts, a log line when it clears. docs/observers/node.md has the
+thresholds and facts; the container a cgroup or task belongs to is added by the enrichment stage.
 """
 
 from __future__ import annotations
@@ -50,9 +38,9 @@ from tapio.observers.node.board import (
     memory_judge,
 )
 from tapio.observers.node.discovery import Watched, discover
-from tapio.observers.node.psi import NODE, PsiReading, TriggerSet, read_psi
+from tapio.observers.node.psi import NODE, PsiReading, PsiWatch
 from tapio.observers.node.runq import RUNQ_HIST, RunqTotals, WorstWait, sum_runq_hist, worst_of
-from tapio.observers.node.throttle import QuotaCgroup, ThrottleDelta, parse_cpu_stat, throttle_delta
+from tapio.observers.node.throttle import ThrottleDelta, ThrottleWatch
 from tapio.occurrence import NODE_CPU_STALL, NODE_MEMORY_PRESSURE, Occurrence
 
 log = structlog.get_logger("tapio.observers.node")
@@ -63,7 +51,6 @@ PSI_SAMPLE_SECS = 2.0  # PSI sampling (a fired trigger samples at once)
 RESCAN_SECS = 10.0  # cgroup discovery
 MAX_TRIGGERS = 64  # PSI trigger fds per resource (memory, cpu)
 RUNQ_MIN_OVER = 3  # waits over the threshold in one interval before the condition starts
-THROTTLE_MIN_PERIODS = 5  # periods elapsed in an interval before a throttled share is judged
 PMU_MIN_CYCLES = 10_000_000  # cycles per interval before IPC means anything
 
 
@@ -87,21 +74,15 @@ class NodeObserver(Observer):
         self.user = UserThresholds()
         self.enabled = False
         self._obj: BpfObject | None = None
-        self._pmu_available = False
-        self._pmu_detail = "not probed"
-        self._pmu: pmu_mod.PmuSampler | None = None
-        self._pmu_prev: list[pmu_mod.CpuReadings | None] | None = None
+        self.pmu = pmu_mod.PmuWatch()
         self._mem_board = PressureBoard()
         self._cpu_board = PressureBoard()
         self._runq_edge = Hysteresis()
         self._runq_prev: RunqTotals | None = None
-        self._throttle_edges: dict[tuple[str, str], Hysteresis] = {}
-        self._quota: dict[tuple[str, str], QuotaCgroup] = {}
-        self._psi_cgroups: list[str] = []
+        self.throttle = ThrottleWatch()
+        self.psi = PsiWatch(self.roots.unified, MAX_TRIGGERS)
         self._ipc_edge = Hysteresis()
         self._stall_edge = Hysteresis()
-        self._triggers: TriggerSet | None = None
-        self._triggers_armed_for: tuple[float, float] | None = None
         self._last_scan = -1e9
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -110,10 +91,9 @@ class NodeObserver(Observer):
         for name in ("runq_hist", "runq_worst"):
             obj.map(name)  # fail early (BpfError) if the object is not ours
         obj.attach_all()
-        self._pmu_available, self._pmu_detail = pmu_mod.probe()
-        if not self._pmu_available:
+        if not self.pmu.probe():
             self._degrade_pmu()
-            self._pmu_detail += (
+            self.pmu.detail += (
                 "; kernel.node.ipc_degradation and the counter-based cpu_stall are unsupported, "
                 "memory_pressure and cpu_stall (PSI, run-queue latency, throttling) still work"
             )
@@ -123,7 +103,7 @@ class NodeObserver(Observer):
             self.degraded_reasons.append("no_pmu")
 
     def capabilities(self) -> list[Capability]:
-        caps = [Capability("pmu", self._pmu_available, self._pmu_detail)]
+        caps = [Capability("pmu", self.pmu.available, self.pmu.detail)]
         for name, probe, missing in (
             (
                 "runq_latency",
@@ -149,25 +129,18 @@ class NodeObserver(Observer):
         self._cpu_board.reset()
         self._runq_edge = Hysteresis()
         self._runq_prev = None
-        self._throttle_edges.clear()
-        for q in self._quota.values():
-            q.prev = None
+        self.throttle.reset()
         self._ipc_edge = Hysteresis()
         self._stall_edge = Hysteresis()
-        self._pmu_prev = None
+        self.pmu.forget()
 
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         """The node object has no ring buffer: everything is read from kernel maps in ``run``."""
         return []
 
     def close(self) -> None:
-        if self._triggers is not None:
-            self._triggers.close()
-            self._triggers = None
-            self._triggers_armed_for = None
-        if self._pmu is not None:
-            self._pmu.close()
-            self._pmu = None
+        self.psi.close()
+        self.pmu.close()
         self._obj = None
 
     async def run(self, emit: Emit) -> None:
@@ -185,58 +158,11 @@ class NodeObserver(Observer):
 
     def apply_scan(self, watched: Watched) -> None:
         self._last_scan = time.monotonic()
-        self._psi_cgroups = watched.psi_cgroups
-        for key in [k for k in self._quota if k not in watched.quotas]:
-            del self._quota[key]
-            self._throttle_edges.pop(key, None)
-        for key, (stat, quota, period) in watched.quotas.items():
-            cur = self._quota.get(key)
-            if cur is None:
-                self._quota[key] = QuotaCgroup(key[0], key[1], stat, quota, period)
-            else:
-                cur.quota_us, cur.period_us = quota, period
-
-    def _psi_path(self, key: str, resource: str) -> str:
-        if key == NODE:
-            return f"/proc/pressure/{resource}"
-        assert self.roots.unified is not None
-        return f"{self.roots.unified}{key}/{resource}.pressure"
-
-    # ---- PSI ------------------------------------------------------------------------------
-    def _sync_triggers(self) -> None:
-        """Arm triggers on the node and the watched cgroups (bounded); re-arm on new thresholds.
-
-        Paths that refused a trigger are not retried until the next rescan; they are sampled.
-        """
-        u = self.user
-        want = (min(u.memory_some_pct, u.memory_full_pct), u.cpu_some_pct)
-        if self._triggers is None or self._triggers_armed_for != want:
-            if self._triggers is not None:
-                self._triggers.close()
-            self._triggers = TriggerSet(2 * MAX_TRIGGERS)
-            self._triggers_armed_for = want
-        ts = self._triggers
-        wanted: dict[str, float] = {}
-        for resource, pct in (("memory", want[0]), ("cpu", want[1])):
-            for k in (NODE, *self._psi_cgroups):
-                wanted[self._psi_path(k, resource)] = pct
-        for stale in ts.paths - set(wanted):
-            ts.disarm(stale)
-        for path, pct in wanted.items():
-            if path not in ts.failures:
-                ts.arm(path, pct)
+        self.psi.cgroups = watched.psi_cgroups
+        self.throttle.apply(watched.quotas)
 
     def sample_psi(self) -> tuple[dict[str, PsiReading], dict[str, PsiReading]]:
-        mem: dict[str, PsiReading] = {}
-        cpu: dict[str, PsiReading] = {}
-        for key in (NODE, *self._psi_cgroups):
-            r = read_psi(self._psi_path(key, "memory"))
-            if r is not None:
-                mem[key] = r
-            r = read_psi(self._psi_path(key, "cpu"))
-            if r is not None:
-                cpu[key] = r
-        return mem, cpu
+        return self.psi.sample()
 
     def judge_psi(
         self, mem: dict[str, PsiReading], cpu: dict[str, PsiReading], now_ns: int
@@ -270,19 +196,21 @@ class NodeObserver(Observer):
         while True:
             if self.enabled and time.monotonic() - self._last_scan >= RESCAN_SECS:
                 self.apply_scan(await anyio.to_thread.run_sync(discover, self.roots))
-                if self._triggers is not None:
-                    self._triggers.failures.clear()
+                if self.psi.triggers is not None:
+                    self.psi.triggers.failures.clear()
             if self.enabled:
-                self._sync_triggers()
+                u = self.user
+                self.psi.sync(min(u.memory_some_pct, u.memory_full_pct), u.cpu_some_pct)
                 mem, cpu = self.sample_psi()
                 batch = self.judge_psi(mem, cpu, time.time_ns())
                 if batch:
                     await emit(batch)
             # Sleep until the next sample, or until an armed trigger fires.
             with anyio.move_on_after(PSI_SAMPLE_SECS):
-                if self.enabled and self._triggers is not None and self._triggers.paths:
-                    await anyio.wait_readable(self._triggers.fileno())
-                    self._triggers.fired()
+                ts = self.psi.triggers
+                if self.enabled and ts is not None and ts.paths:
+                    await anyio.wait_readable(ts.fileno())
+                    ts.fired()
                     await anyio.sleep(0.5)  # batch sibling triggers: at most 2 samples/s
                 else:
                     await anyio.sleep(PSI_SAMPLE_SECS)
@@ -347,22 +275,7 @@ class NodeObserver(Observer):
         return judges.runq_occurrence(d, worst, threshold, h, self.kernel.generation, now_ns)
 
     def read_throttling(self) -> dict[tuple[str, str], ThrottleDelta]:
-        out: dict[tuple[str, str], ThrottleDelta] = {}
-        for key, q in self._quota.items():
-            try:
-                stat = parse_cpu_stat(q.stat_file.read_text())
-            except OSError:
-                stat = None
-            if stat is None:
-                q.prev = None
-                continue
-            prev, q.prev = q.prev, stat
-            if prev is None:
-                continue
-            delta = throttle_delta(prev, stat)
-            if delta is not None:
-                out[key] = delta
-        return out
+        return self.throttle.read()
 
     def judge_throttling(
         self, deltas: dict[tuple[str, str], ThrottleDelta], now_ns: int
@@ -371,47 +284,24 @@ class NodeObserver(Observer):
             return []
         u = self.user
         out: list[Occurrence] = []
-        for key, d in deltas.items():
-            edge = self._throttle_edges.setdefault(key, Hysteresis())
-            if d.periods < THROTTLE_MIN_PERIODS:
-                starts, clears = False, d.periods == 0
-            else:
-                starts, clears = above(d.pct, u.throttle_pct, u.hysteresis_pct)
-            tr = edge.step(starts, clears)
+        for key, d, tr in self.throttle.step(deltas, u.throttle_pct, u.hysteresis_pct):
             hierarchy, path = key
             if tr is Transition.CLEAR:
                 log.info("cpu throttling cleared", cgroup=path, throttled_pct=round(d.pct, 1))
-            elif tr is Transition.START:
-                out.append(
-                    judges.throttle_occurrence(
-                        hierarchy, path, d, self._quota.get(key), u, self.kernel.generation, now_ns
-                    )
-                )
-        for key in [k for k in self._throttle_edges if k not in self._quota]:
-            del self._throttle_edges[key]
+                continue
+            q = self.throttle.quota.get(key)
+            gen = self.kernel.generation
+            out.append(judges.throttle_occurrence(hierarchy, path, d, q, u, gen, now_ns))
         return out
 
     def tick_pmu(self, now_ns: int) -> list[Occurrence]:
-        if not self._pmu_available or not self.user.node_pmc_enabled:
-            if self._pmu is not None:
-                self._pmu.close()
-                self._pmu = None
-                self._pmu_prev = None
+        try:
+            sample = self.pmu.tick(self.user.node_pmc_enabled)
+        except OSError:
+            self._degrade_pmu()
+            log.warning("hardware counters unavailable", detail=self.pmu.detail)
             return []
-        if self._pmu is None:
-            try:
-                self._pmu = pmu_mod.PmuSampler()
-            except OSError as exc:
-                self._pmu_available = False
-                self._pmu_detail = f"hardware counters could not be opened: {exc}"
-                self._degrade_pmu()
-                log.warning("hardware counters unavailable", detail=self._pmu_detail)
-                return []
-        cur = self._pmu.read()
-        prev, self._pmu_prev = self._pmu_prev, cur
-        if prev is None:
-            return []
-        return self.judge_pmu(pmu_mod.interval_sample(prev, cur), now_ns)
+        return self.judge_pmu(sample, now_ns)
 
     def judge_pmu(self, sample: pmu_mod.IntervalSample | None, now_ns: int) -> list[Occurrence]:
         """IPC and stall share of one interval (edge-triggered, hysteresis as everywhere)."""

@@ -16,6 +16,7 @@ import errno
 import os
 import select
 from dataclasses import dataclass
+from pathlib import Path
 
 NODE = "node"
 """The key of the node-wide PSI source; cgroup keys are paths starting with ``/``."""
@@ -159,3 +160,59 @@ class TriggerSet:
         for path in list(self._by_path):
             self.disarm(path)
         self._ep.close()
+
+
+class PsiWatch:
+    """The PSI sources the node observer reads: the node and watched cgroup2 directories, each
+    sampled, and armed with triggers (bounded) that are re-armed when the thresholds change."""
+
+    def __init__(self, unified: Path | None, max_triggers: int) -> None:
+        self.unified = unified
+        self.max_triggers = max_triggers
+        self.cgroups: list[str] = []
+        self.triggers: TriggerSet | None = None
+        self._armed_for: tuple[float, float] | None = None
+
+    def path(self, key: str, resource: str) -> str:
+        if key == NODE:
+            return f"/proc/pressure/{resource}"
+        assert self.unified is not None
+        return f"{self.unified}{key}/{resource}.pressure"
+
+    def sync(self, memory_pct: float, cpu_pct: float) -> None:
+        """Arm the node and the watched cgroups; paths that refused a trigger are not retried
+        until the next rescan (``triggers.failures`` is cleared then) and are sampled."""
+        want = (memory_pct, cpu_pct)
+        if self.triggers is None or self._armed_for != want:
+            if self.triggers is not None:
+                self.triggers.close()
+            self.triggers = TriggerSet(2 * self.max_triggers)
+            self._armed_for = want
+        ts = self.triggers
+        wanted: dict[str, float] = {}
+        for resource, pct in (("memory", memory_pct), ("cpu", cpu_pct)):
+            for k in (NODE, *self.cgroups):
+                wanted[self.path(k, resource)] = pct
+        for stale in ts.paths - set(wanted):
+            ts.disarm(stale)
+        for p, pct in wanted.items():
+            if p not in ts.failures:
+                ts.arm(p, pct)
+
+    def sample(self) -> tuple[dict[str, PsiReading], dict[str, PsiReading]]:
+        mem: dict[str, PsiReading] = {}
+        cpu: dict[str, PsiReading] = {}
+        for key in (NODE, *self.cgroups):
+            r = read_psi(self.path(key, "memory"))
+            if r is not None:
+                mem[key] = r
+            r = read_psi(self.path(key, "cpu"))
+            if r is not None:
+                cpu[key] = r
+        return mem, cpu
+
+    def close(self) -> None:
+        if self.triggers is not None:
+            self.triggers.close()
+            self.triggers = None
+            self._armed_for = None

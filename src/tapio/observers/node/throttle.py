@@ -11,6 +11,10 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from tapio.observers.node.board import Hysteresis, Transition, above
+
+THROTTLE_MIN_PERIODS = 5  # periods elapsed in an interval before a throttled share is judged
+
 
 def has_quota_v1(directory: Path) -> tuple[int, int] | None:
     try:
@@ -87,3 +91,68 @@ class QuotaCgroup:
     quota_us: int
     period_us: int
     prev: CpuStat | None = None
+
+
+Key = tuple[str, str]  # (hierarchy: "cpu" (v1) or "unified" (v2), cgroup path)
+
+
+class ThrottleWatch:
+    """The cgroups with a CPU quota, their last ``cpu.stat`` and one edge per cgroup."""
+
+    def __init__(self) -> None:
+        self.quota: dict[Key, QuotaCgroup] = {}
+        self.edges: dict[Key, Hysteresis] = {}
+
+    def apply(self, found: dict[Key, tuple[Path, int, int]]) -> None:
+        """Watch what a discovery pass found (``cpu.stat`` path, quota, period per cgroup)."""
+        for key in [k for k in self.quota if k not in found]:
+            del self.quota[key]
+            self.edges.pop(key, None)
+        for key, (stat, quota, period) in found.items():
+            cur = self.quota.get(key)
+            if cur is None:
+                self.quota[key] = QuotaCgroup(key[0], key[1], stat, quota, period)
+            else:
+                cur.quota_us, cur.period_us = quota, period
+
+    def reset(self) -> None:
+        self.edges.clear()
+        for q in self.quota.values():
+            q.prev = None
+
+    def read(self) -> dict[Key, ThrottleDelta]:
+        """Growth since the last read, per cgroup (none on the first read or after a reset)."""
+        out: dict[Key, ThrottleDelta] = {}
+        for key, q in self.quota.items():
+            try:
+                stat = parse_cpu_stat(q.stat_file.read_text())
+            except OSError:
+                stat = None
+            if stat is None:
+                q.prev = None
+                continue
+            prev, q.prev = q.prev, stat
+            if prev is None:
+                continue
+            delta = throttle_delta(prev, stat)
+            if delta is not None:
+                out[key] = delta
+        return out
+
+    def step(
+        self, deltas: dict[Key, ThrottleDelta], throttle_pct: float, hysteresis_pct: float
+    ) -> list[tuple[Key, ThrottleDelta, Transition]]:
+        """The transitions of this interval; too few periods to judge never starts."""
+        out: list[tuple[Key, ThrottleDelta, Transition]] = []
+        for key, d in deltas.items():
+            edge = self.edges.setdefault(key, Hysteresis())
+            if d.periods < THROTTLE_MIN_PERIODS:
+                starts, clears = False, d.periods == 0
+            else:
+                starts, clears = above(d.pct, throttle_pct, hysteresis_pct)
+            tr = edge.step(starts, clears)
+            if tr is not None:
+                out.append((key, d, tr))
+        for key in [k for k in self.edges if k not in self.quota]:
+            del self.edges[key]
+        return out
