@@ -53,7 +53,8 @@ SINK_WRITES = Counter(
 )
 SINK_DROPS = Counter(
     "tapio_sink_drops_total",
-    "Total sink events dropped by sink and reason",
+    "Total sink events dropped by sink and reason (queue_full: the agent's fan-out lane into "
+    "the sink was full; buffer_full: a network sink's own buffer; others: docs/sinks.md)",
     ["sink", "reason"],
     registry=REGISTRY,
 )

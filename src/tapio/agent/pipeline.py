@@ -15,8 +15,8 @@ Every drop here is counted where it happens, with its own reason:
 * ``tapio_observer_drops_total{observer,reason="classifier_error"}`` — the classifier raised,
   the payload's records are dropped (``unknown_record_type`` and ``not_an_anomaly`` are counted
   by the observers themselves, at the record);
-* ``tapio_sink_drops_total{sink,reason="fanout_queue_full"}`` — the fan-out lane into that sink
-  was full (the sink's own internal buffer counts ``queue_full``);
+* ``tapio_sink_drops_total{sink,reason="queue_full"}`` — the fan-out lane into that sink was
+  full (a network sink's own buffer is a different queue and counts ``buffer_full``);
 * ``tapio_sink_drops_total{sink,reason="sink_stopped"}`` — the sink's task is gone.
 """
 
@@ -171,8 +171,8 @@ class SinkLane:
     send: MemoryObjectSendStream[Batch]
 
 
-#: The drop reason of a full fan-out lane (distinct from a sink's own ``queue_full``).
-FANOUT_QUEUE_FULL = "fanout_queue_full"
+#: The drop reason of a full fan-out lane (a sink's own buffer counts ``buffer_full``).
+LANE_FULL = "queue_full"
 
 
 def enricher_for(observers: Sequence[RunningObserver]) -> Enricher:
@@ -199,7 +199,7 @@ async def fanout_loop(
                     try:
                         lane.send.send_nowait(batch)
                     except anyio.WouldBlock:
-                        lane.sink.stats.drop(FANOUT_QUEUE_FULL, len(batch))
+                        lane.sink.stats.drop(LANE_FULL, len(batch))
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                         lane.sink.stats.drop("sink_stopped", len(batch))
             tg.cancel_scope.cancel()  # the periodic cgroup index ends with the data path

@@ -14,7 +14,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tapio.agent.pipeline import (
-    FANOUT_QUEUE_FULL,
+    LANE_FULL,
     Drainer,
     RunningObserver,
     SinkLane,
@@ -91,9 +91,10 @@ def observer_drops(observer: str, reason: str) -> float:
 
 
 async def test_a_full_fanout_lane_is_its_own_drop_reason() -> None:
-    """The lane into a sink and the sink's own buffer are different queues: different reasons."""
+    """The lane into a sink and a sink's own buffer are different queues: different reasons
+    (``queue_full`` for the lane, ``buffer_full`` for the buffer)."""
     stalled = StalledSink()
-    before = sink_drops(stalled.name, "fanout_queue_full"), sink_drops(stalled.name, "queue_full")
+    before = sink_drops(stalled.name, "queue_full"), sink_drops(stalled.name, "buffer_full")
     occ = new_occurrence("kernel.network.connection_refused", "warning", "failure")
     in_send, in_recv = anyio.create_memory_object_stream[Batch](10)
     s, r = anyio.create_memory_object_stream[Batch](1)
@@ -104,12 +105,12 @@ async def test_a_full_fanout_lane_is_its_own_drop_reason() -> None:
             for _ in range(4):
                 await in_send.send([occ])
         with anyio.fail_after(5):
-            while sink_drops(stalled.name, FANOUT_QUEUE_FULL) - before[0] < 3:
+            while sink_drops(stalled.name, LANE_FULL) - before[0] < 3:
                 await anyio.sleep(0.01)
         stalled.release.set()
-    assert FANOUT_QUEUE_FULL == "fanout_queue_full"
-    assert sink_drops(stalled.name, "fanout_queue_full") - before[0] == 3
-    assert sink_drops(stalled.name, "queue_full") == before[1]
+    assert LANE_FULL == "queue_full"
+    assert sink_drops(stalled.name, "queue_full") - before[0] == 3
+    assert sink_drops(stalled.name, "buffer_full") == before[1]
 
 
 class FlakyObserver(NetworkObserver):
