@@ -126,13 +126,16 @@ def test_health_shows_what_this_node_cannot_observe(tmp_path: Path) -> None:
     with agent(tmp_path, observers=("node", "network")) as a:
         status = a.data_dir / ".tapio-agent-status"
         assert wait_until(status.exists, 15), a.stderr()[-2000:]
-        out = subprocess.run(
+        proc = subprocess.run(
             [sys.executable, "-m", "tapio", "health", "--data-dir", str(a.data_dir)],
             capture_output=True,
             text=True,
             timeout=60,
-            check=True,
-        ).stdout
+            check=False,
+        )
+    # health is a check: 0 healthy, 1 anomalies in the last hour (this host may have some)
+    out = proc.stdout
+    assert proc.returncode == (0 if "overall: healthy" in out else 1), (proc.returncode, out)
     assert out.startswith("Observer     Anomalies")
     pmu = Path("/sys/bus/event_source/devices/cpu").exists()
     if pmu:
