@@ -211,7 +211,9 @@ async def test_a_cgroup_lookup_miss_does_not_block_the_drain_timer(tmp_path: Pat
     assert finished - started >= 0.6  # the walk really was slow ...
     during = [t for t in drainer.ticks if started <= t <= finished]
     gaps = [b - a for a, b in itertools.pairwise(during)]
-    assert len(during) >= 20 and max(gaps) < 0.15  # ... and the timer kept ticking through it
+    # ... and the 20 ms timer kept ticking through it (an inline walk gives one 0.6 s gap; the
+    # bounds leave room for a loaded CI machine).
+    assert len(during) >= 10 and max(gaps) < 0.4, gaps
     [[got]] = sink.got
     assert got.data is not None and got.data["cgroup_path"] == "/system.slice/web.service"
     assert got.data["container_id"] == "web.service"
