@@ -63,17 +63,18 @@ class RunningObserver:
 
 @dataclass
 class PipelineStats:
-    """Totals for the shutdown log line (the Prometheus counters carry the same facts)."""
+    """Totals for the shutdown log line (the Prometheus counters carry the same facts).
+
+    One instance per running agent, created and owned by the runtime and handed to the stages
+    that count into it, so two agents in one process (tests) never share totals.
+    """
 
     events: int = 0
     anomalies: int = 0
 
 
-STATS = PipelineStats()
-
-
-def count_anomalies(observer: str, batch: Sequence[Occurrence]) -> None:
-    STATS.anomalies += len(batch)
+def count_anomalies(observer: str, batch: Sequence[Occurrence], stats: PipelineStats) -> None:
+    stats.anomalies += len(batch)
     by_type = Counter(occ.type for occ in batch)
     for anomaly_type, n in by_type.items():
         ANOMALIES.labels(observer=observer, anomaly_type=anomaly_type).inc(n)
@@ -87,12 +88,13 @@ class Drainer:
         observers: Sequence[RunningObserver],
         interval: float,
         max_per_tick: int,
+        stats: PipelineStats,
     ) -> None:
         self.observers = [o for o in observers if o.ring is not None]
         self.interval = interval
         self.max_per_tick = max_per_tick
         self.scope = anyio.CancelScope()
-        self.stats = STATS
+        self.stats = stats
         self._events = {o.name: EVENTS.labels(observer=o.name) for o in self.observers}
         self._malformed = {o.name: MALFORMED_EVENTS.labels(observer=o.name) for o in self.observers}
         self._cap = {o.name: DRAIN_CAP.labels(observer=o.name) for o in self.observers}
@@ -150,6 +152,7 @@ async def classify_loop(
     ro: RunningObserver,
     payloads: MemoryObjectReceiveStream[bytes],
     out: MemoryObjectSendStream[Batch],
+    stats: PipelineStats,
 ) -> None:
     observer = ro.observer
     async with payloads, out:
@@ -161,7 +164,7 @@ async def classify_loop(
                 observer.drop("classifier_error", len(payload) // observer.record.stride)
                 continue
             if batch:
-                count_anomalies(ro.name, batch)
+                count_anomalies(ro.name, batch, stats)
                 await out.send(batch)
 
 

@@ -16,6 +16,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from tapio.agent.pipeline import (
     LANE_FULL,
     Drainer,
+    PipelineStats,
     RunningObserver,
     SinkLane,
     classify_loop,
@@ -145,7 +146,7 @@ async def test_classifier_errors_and_unknown_record_types_are_counted_drops() ->
     p_send, p_recv = anyio.create_memory_object_stream[bytes](4)
     b_send, b_recv = anyio.create_memory_object_stream[Batch](4)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(classify_loop, ro, p_recv, b_send)
+        tg.start_soon(classify_loop, ro, p_recv, b_send, PipelineStats())
         async with p_send:
             await p_send.send(NETWORK_EVENT.framed(refused, refused, refused))  # raises
             await p_send.send(NETWORK_EVENT.framed(network_record(99), refused))
@@ -161,7 +162,7 @@ class TimedDrainer(Drainer):
     """The agent's drainer with its ring pass replaced by a clock reading: its drain timer."""
 
     def __init__(self, interval: float) -> None:
-        super().__init__([], interval, 1)
+        super().__init__([], interval, 1, PipelineStats())
         self.ticks: list[float] = []
 
     async def drain_once(self, senders: dict[str, MemoryObjectSendStream[bytes]]) -> bool:
