@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# The kernel matrix: run Tapio's kernel end-to-end tests on the kernels production nodes run.
+#   scripts/kernel-matrix.sh [5.10|6.1|6.12|host|all]...      (default: all)
+#
+# 5.10, 6.1 and 6.12 are Debian's generic kernels (bullseye, bookworm, trixie), fetched once into
+# a cache (scripts/kmatrix/fetch-kernel.sh) and booted with virtme-ng under QEMU/TCG, sharing
+# this machine's root read-only, so the guest runs this very checkout and its .venv. Each guest
+# is pure cgroup v2, as Kubernetes nodes are. "host" runs the same tests on the running kernel.
+# Every test that would skip fails (CI=true). Prints one summary line per kernel with its
+# duration and exits non-zero when any kernel failed.
+#
+# Environment:
+#   TAPIO_KERNEL_CACHE    kernel cache (default /var/cache/tapio/kernels)
+#   TAPIO_MATRIX_OUT      results: <out>/<kernel>/{console.log,junit.xml,rc} (default .matrix/)
+#   TAPIO_MATRIX_TIMEOUT  seconds one kernel's test run may take (default 900)
+#   TAPIO_MATRIX_TESTS    pytest node ids to run instead of the default subset
+set -uo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+usage() { echo "usage: scripts/kernel-matrix.sh [5.10|6.1|6.12|host|all]..." >&2; exit 2; }
+kernels=()
+for a in "${@:-all}"; do
+  case "$a" in
+    all) kernels+=(5.10 6.1 6.12 host) ;;
+    5.10|6.1|6.12|host) kernels+=("$a") ;;
+    -h|--help) usage ;;
+    *) echo "kernel-matrix.sh: unknown kernel '$a'" >&2; usage ;;
+  esac
+done
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "kernel-matrix.sh: run as root (it loads BPF programs and boots kernels)" >&2
+  exit 1
+fi
+
+out=${TAPIO_MATRIX_OUT:-$repo/.matrix}
+budget=${TAPIO_MATRIX_TIMEOUT:-900}
+mkdir -p "$out"
+
+# One test per anomaly type, sized for TCG: refused (v4 and v6) and timed-out connects,
+# retransmit spike, RTT degradation; OOM kill, abnormal exits (threads, signals) and the
+# Kubernetes cgroup attribution; read errors and latency spikes on the FUSE-backed loop device;
+# memory pressure and CPU stall (with the PMU degradation); the agent with all four observers.
+default_tests=(
+  tests/kernel/test_matrix_kernel.py
+  "tests/kernel/test_network_kernel.py::test_refused_ipv4_and_ipv6_exactly_one_each"
+  "tests/kernel/test_network_kernel.py::test_syn_timeout_gives_exactly_one_timeout_with_the_caller"
+  "tests/kernel/test_network_kernel.py::test_retransmit_spike_is_windowed_and_clean_transfer_is_silent"
+  "tests/kernel/test_network_kernel.py::test_rtt_degradation_reports_baseline_and_current"
+  "tests/kernel/test_container_kernel.py::test_oom_kill_reports_the_victim_its_usage_cgroup_and_limit"
+  "tests/kernel/test_container_kernel.py::test_abnormal_exits_once_per_process_with_code_signal_and_ignore_lists"
+  "tests/kernel/test_container_kernel.py::test_kubernetes_layouts_are_attributed_and_scope_filters_host_processes"
+  "tests/kernel/test_storage_kernel.py::test_read_errors_are_reported_with_the_reader_and_sectors"
+  "tests/kernel/test_storage_kernel.py::test_slow_reads_are_latency_spikes_by_threshold"
+  "tests/kernel/test_node_kernel.py::test_memory_pressure_from_page_cache_thrash"
+  "tests/kernel/test_node_kernel.py::test_cpu_stall_throttling_runq_latency_and_no_pmu"
+)
+if [[ -n ${TAPIO_MATRIX_TESTS:-} ]]; then
+  read -r -a tests <<<"$TAPIO_MATRIX_TESTS"
+else
+  tests=("${default_tests[@]}")
+fi
+
+# --- tools ----------------------------------------------------------------------------------
+need_vm=0
+for k in "${kernels[@]}"; do [[ $k != host ]] && need_vm=1; done
+if [[ ! -x .venv/bin/python ]]; then
+  scripts/setup.sh --test || exit 1
+fi
+if ((need_vm)); then
+  bash scripts/kmatrix/tools.sh || exit 1
+  export PATH="$repo/.venv-vng/bin:$PATH"
+fi
+
+# --- run ------------------------------------------------------------------------------------
+declare -A result detail took fetched
+overall=0
+summarize() {  # junit.xml -> "N passed, N failed, N skipped"
+  .venv/bin/python - "$1" <<'PY'
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    print("no test report"); raise SystemExit
+s = root if root.tag == "testsuite" else root.find("testsuite")
+t, f, e, sk = (int(s.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+bad = [c.get("name") for c in s.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+print(f"{t - f - e - sk} passed, {f + e} failed, {sk} skipped" + (f" ({', '.join(bad)})" if bad else ""))
+PY
+}
+
+run_vm() {
+  local tag=$1 dir=$2 t0 kdir vmlinuz rc
+  t0=$(date +%s)
+  if ! kdir=$(bash scripts/kmatrix/fetch-kernel.sh "$tag" 2>"$dir/fetch.log"); then
+    cat "$dir/fetch.log" >&2
+    result[$tag]=FAIL; detail[$tag]="kernel fetch failed (see $dir/fetch.log)"; return 1
+  fi
+  fetched[$tag]=$(( $(date +%s) - t0 ))
+  vmlinuz=$(readlink -f "$kdir/vmlinuz")  # the real path: virtme-ng finds lib/modules beside it
+  rm -f "$dir/rc" "$dir/junit.xml" "$dir/status.json"
+  t0=$(date +%s)
+  # TCG (nested KVM hangs on these machines); -v, or the guest's output is lost; psi=1 because
+  # some Debian kernels build PSI default-off and Kubernetes nodes switch it on; the kernel's
+  # directory is exported read-only because the guest hides the host's /var/cache.
+  timeout --signal=TERM --kill-after=30 $((budget + 240)) \
+    vng -r "$vmlinuz" --disable-kvm --force-9p -v --cpus 2 --memory 2G \
+      --append psi=1 --rodir="$kdir" --rwdir="$dir" \
+      --exec "$repo/scripts/kmatrix/guest.sh $dir $budget ${tests[*]}" \
+      </dev/null >"$dir/console.log" 2>&1
+  rc=$?
+  took[$tag]=$(( $(date +%s) - t0 ))
+  if [[ -s $dir/rc ]]; then
+    rc=$(<"$dir/rc")
+  elif ((rc == 124)); then
+    rc=124
+  else
+    rc=125
+  fi
+  case $rc in
+    0) result[$tag]=PASS ;;
+    124) result[$tag]=FAIL; detail[$tag]="timed out or guest setup failed; " ;;
+    125) result[$tag]=FAIL; detail[$tag]="the guest never finished (see console.log); " ;;
+    *) result[$tag]=FAIL ;;
+  esac
+  detail[$tag]="${detail[$tag]:-}$(summarize "$dir/junit.xml")"
+  [[ $rc -eq 0 ]]
+}
+
+run_host() {
+  local dir=$1 t0 rc
+  t0=$(date +%s)
+  # Host runs load BPF into the shared kernel: hold the kernel-test lock like every other.
+  CI=true flock /tmp/tapio-kernel.lock timeout --signal=TERM --kill-after=30 "$budget" \
+    .venv/bin/python -m pytest -p no:cacheprovider -q -rA --durations=0 \
+      --junitxml="$dir/junit.xml" "${tests[@]}" </dev/null >"$dir/console.log" 2>&1
+  rc=$?
+  took[host]=$(( $(date +%s) - t0 ))
+  result[host]=$([[ $rc -eq 0 ]] && echo PASS || echo FAIL)
+  detail[host]=$(summarize "$dir/junit.xml")
+  [[ $rc -eq 0 ]]
+}
+
+matrix_t0=$(date +%s)
+for k in "${kernels[@]}"; do
+  dir="$out/$k"
+  mkdir -p "$dir"
+  echo "== kernel-matrix: $k" >&2
+  if [[ $k == host ]]; then run_host "$dir"; else run_vm "$k" "$dir"; fi || overall=1
+  echo "== kernel-matrix: $k ${result[$k]} in ${took[$k]:-0} s: ${detail[$k]}" >&2
+  if [[ ${result[$k]} != PASS ]]; then
+    echo "-- last lines of $dir/console.log:" >&2
+    grep -v '^\[ *[0-9.]*\]' "$dir/console.log" 2>/dev/null | tail -n 40 >&2
+  fi
+done
+
+echo
+echo "kernel matrix (results in $out):"
+printf '  %-6s %-20s %-5s %8s %8s  %s\n' kernel release result fetch run tests
+for k in "${kernels[@]}"; do
+  if [[ $k == host ]]; then
+    rel="$(uname -r) (hybrid)"
+    [[ -f /sys/fs/cgroup/cgroup.controllers ]] && rel="$(uname -r) (v2)"
+  else
+    rel=$(cat "${TAPIO_KERNEL_CACHE:-/var/cache/tapio/kernels}/$k/release" 2>/dev/null || echo "?")
+  fi
+  printf '  %-6s %-20s %-5s %7ss %7ss  %s\n' "$k" "$rel" "${result[$k]}" \
+    "${fetched[$k]:--}" "${took[$k]:-0}" "${detail[$k]}"
+done
+echo "  total $(( $(date +%s) - matrix_t0 )) s"
+exit "$overall"
