@@ -14,6 +14,7 @@
 #   TAPIO_MATRIX_OUT      results: <out>/<kernel>/{console.log,junit.xml,rc} (default .matrix/)
 #   TAPIO_MATRIX_TIMEOUT  seconds one kernel's test run may take (default 900)
 #   TAPIO_MATRIX_TESTS    pytest node ids to run instead of the default subset
+#   TAPIO_MATRIX_TIME_SCALE  factor for the tests' waits inside a guest (default 4)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -36,6 +37,8 @@ fi
 
 out=${TAPIO_MATRIX_OUT:-$repo/.matrix}
 budget=${TAPIO_MATRIX_TIMEOUT:-900}
+# How much longer the tests' waits may take in a guest (TCG runs 10-30x slower than the host).
+scale=${TAPIO_MATRIX_TIME_SCALE:-4}
 mkdir -p "$out"
 
 # One test per anomaly type, sized for TCG: refused (v4 and v6) and timed-out connects,
@@ -106,8 +109,8 @@ run_vm() {
   # directory is exported read-only because the guest hides the host's /var/cache.
   timeout --signal=TERM --kill-after=30 $((budget + 240)) \
     vng -r "$vmlinuz" --disable-kvm --force-9p -v --cpus 2 --memory 2G \
-      --append psi=1 --rodir="$kdir" --rwdir="$dir" \
-      --exec "$repo/scripts/kmatrix/guest.sh $dir $budget ${tests[*]}" \
+      --append psi=1 --rodir="$kdir" --rwdir="$dir" --rodir="$out/.runtime" \
+      --exec "TAPIO_TEST_TIME_SCALE=$scale $repo/scripts/kmatrix/guest.sh $dir $out/.runtime/runtime $budget ${tests[*]}" \
       </dev/null >"$dir/console.log" 2>&1
   rc=$?
   took[$tag]=$(( $(date +%s) - t0 ))
@@ -141,6 +144,28 @@ run_host() {
   detail[host]=$(summarize "$dir/junit.xml")
   [[ $rc -eq 0 ]]
 }
+
+# The guest reads the host's files over 9p without a page cache, and under TCG every file
+# access is a slow round trip: one Python start costs ~30 s that way. So the interpreter's
+# library, the venv's site-packages (less the lint and schema tools the kernel tests never load)
+# and the checkout's src/ and tests/ go to the guest as one archive, unpacked into RAM and
+# mounted over the same paths (scripts/kmatrix/guest.sh).
+pack_runtime() {
+  local py_lib site
+  py_lib=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  mkdir -p "$out/.runtime"
+  tar -cf "$out/.runtime/runtime.tar" -P \
+    --exclude='__pycache__/*.opt-?.pyc' --exclude="$py_lib/test" --exclude="$py_lib/idlelib" \
+    --exclude="$py_lib/tkinter" --exclude="$py_lib/ensurepip" --exclude="$py_lib/lib2to3" \
+    --exclude="$site/kubernetes_validate*" --exclude="$site/*__mypyc*" --exclude="$site/mypy" \
+    --exclude="$site/mypyc" --exclude="$site/pip" --exclude="$site/pip-*" \
+    --exclude="$site/setuptools" --exclude="$site/pkg_resources" --exclude="$site/ruff*" \
+    --exclude="$site/cryptography" \
+    "$py_lib" "$site" "$repo/src" "$repo/tests"
+  printf '%s\n' "$py_lib" "$site" "$repo/src" "$repo/tests" >"$out/.runtime/runtime.paths"
+}
+((need_vm)) && pack_runtime
 
 matrix_t0=$(date +%s)
 for k in "${kernels[@]}"; do

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Runs INSIDE a kernel-matrix guest (virtme-ng, the host's root shared read-only over 9p):
-#   guest.sh OUT_DIR TIMEOUT_SECS PYTEST_ARGS...
+#   guest.sh OUT_DIR RUNTIME TIMEOUT_SECS PYTEST_ARGS...
+# RUNTIME.tar holds the Python runtime and checkout files to serve from RAM, RUNTIME.paths their
+# directories (see kernel-matrix.sh).
 # Prepares the guest the way a production node looks -- cgroup2 ONLY at /sys/fs/cgroup, tracefs,
 # bpffs, a block-backed scratch file system for page-cache tests -- then runs the kernel tests with CI=true
 # (a test that would skip fails). The exit status and the junit report are written to OUT_DIR,
 # a directory shared read-write with the host: virtme-ng does not pass the guest's exit code on.
 set -uo pipefail
 out=${1:?out dir}
-budget=${2:?timeout}
-shift 2
+runtime=${2:?runtime archive}
+budget=${3:?timeout}
+shift 3
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 echo 125 >"$out/rc"  # "never finished" until the tests ran
 
@@ -49,6 +52,16 @@ truncate -s 512M /run/tapio-scratch.img
 mkfs.ext4 -q -F /run/tapio-scratch.img >/dev/null || fail "mkfs.ext4 failed"
 mount -o loop /run/tapio-scratch.img "$scratch" || fail "cannot mount the scratch file system"
 export TAPIO_TEST_SCRATCH=$scratch
+
+# --- the Python runtime from RAM ----------------------------------------------------------
+t0=$(date +%s)
+mkdir -p /run/tapio-rt
+mount -t tmpfs -o size=1200m tapio-rt /run/tapio-rt || fail "cannot mount the runtime tmpfs"
+tar -xf "$runtime.tar" -C /run/tapio-rt 2>/dev/null || fail "cannot unpack $runtime.tar"
+while read -r p; do
+  mount --bind "/run/tapio-rt$p" "$p" || fail "cannot mount the runtime over $p"
+done <"$runtime.paths"
+echo "guest: Python runtime in RAM after $(( $(date +%s) - t0 )) s"
 
 # --- the tests ------------------------------------------------------------------------------
 export CI=true

@@ -265,8 +265,10 @@ def test_kubernetes_layouts_are_attributed_and_scope_filters_host_processes(
     require_roles("unified", "memory")
     lay = layout()
     with (
-        cgroup_dirs(("unified", "memory"), systemd_rel) as sd_dirs,
-        cgroup_dirs(("memory",), cgroupfs_rel) as fs_dirs,
+        # On pure v2 the memory and cpu controllers are delegated down to the container, as the
+        # kubelet does: a task's memory cgroup is then its cgroup2 cgroup.
+        cgroup_dirs(("unified", "memory"), systemd_rel, ("memory", "cpu")) as sd_dirs,
+        cgroup_dirs(("memory",), cgroupfs_rel, ("memory", "cpu")) as fs_dirs,
         agent(tmp_path, observers=("container",), config=config) as proc,
     ):
         uni_sd, mem_fs = sd_dirs["unified"], fs_dirs["memory"]
