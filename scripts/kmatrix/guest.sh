@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs INSIDE a kernel-matrix guest (virtme-ng, the host's root shared read-only over 9p):
-#   guest.sh OUT_DIR RUNTIME TIMEOUT_SECS PYTEST_ARGS...
+#   guest.sh OUT_DIR RUNTIME TIMEOUT_SECS       (the pytest node ids are in OUT_DIR/tests)
 # RUNTIME.tar holds the Python runtime and checkout files to serve from RAM, RUNTIME.paths their
 # directories (see kernel-matrix.sh).
 # Prepares the guest the way a production node looks -- cgroup2 ONLY at /sys/fs/cgroup, tracefs,
@@ -11,7 +11,7 @@ set -uo pipefail
 out=${1:?out dir}
 runtime=${2:?runtime archive}
 budget=${3:?timeout}
-shift 3
+mapfile -t tests <"$out/tests"
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 echo 125 >"$out/rc"  # "never finished" until the tests ran
 
@@ -71,7 +71,7 @@ cd "$repo"
 start=$(date +%s)
 timeout --signal=TERM --kill-after=30 "$budget" \
   "$repo/.venv/bin/python" -m pytest -p no:cacheprovider -q -rA --durations=0 \
-  --junitxml="$out/junit.xml" "$@"
+  --junitxml="$out/junit.xml" "${tests[@]}"
 rc=$?
 echo "guest: pytest exit $rc after $(( $(date +%s) - start )) s"
 sync
