@@ -141,7 +141,7 @@ run_vm() {
   timeout --signal=TERM --kill-after=30 $((budget + 240)) \
     vng -r "$vmlinuz" --disable-kvm --force-9p -v --cpus 2 --memory 2G \
       --append psi=1 --rodir="$kdir" --rwdir="$dir" --rodir="$out/.runtime" \
-      --exec "TAPIO_TEST_TIME_SCALE=$scale $repo/scripts/kmatrix/guest.sh $dir $out/.runtime/runtime $budget" \
+      --exec "TAPIO_TEST_TIME_SCALE=$scale TAPIO_FUSE_HELPER=$out/.runtime/fuse_helper $repo/scripts/kmatrix/guest.sh $dir $out/.runtime/runtime $budget" \
       </dev/null >"$dir/console.log" 2>&1
   rc=$?
   took[$tag]=$(( $(date +%s) - t0 ))
@@ -200,8 +200,15 @@ pack_runtime() {
     --exclude="$site/kubernetes_validate*" --exclude="$site/*__mypyc*" --exclude="$site/mypy" \
     --exclude="$site/mypyc" --exclude="$site/pip" --exclude="$site/pip-*" \
     --exclude="$site/setuptools" --exclude="$site/pkg_resources" --exclude="$site/ruff*" \
-    --exclude="$site/cryptography" \
+    --exclude="$site/cryptography" --exclude="$site/pygments" --exclude="$site/pydantic*" \
+    --exclude="$site/jsonschema*" --exclude="$site/referencing" --exclude="$site/rpds" \
+    --exclude="$site/mcp" --exclude="$site/mcp_types" --exclude="$site/starlette" \
+    --exclude="$site/sse_starlette" --exclude="$site/uvicorn" --exclude="$site/trustme" \
+    --exclude="$site/*-stubs" --exclude="$site/*.dist-info/RECORD" \
     "$py_lib" "$site" "$repo/src" "$repo/tests"
+  # The FUSE helper of the storage tests, compiled here (a compiler under TCG takes minutes).
+  gcc -O2 -Wall -o "$out/.runtime/fuse_helper" tests/kernel/fuse_helper.c \
+    $(pkg-config --cflags --libs fuse3)
   printf '%s\n' "$py_lib" "$site" "$repo/src" "$repo/tests" >"$out/.runtime/runtime.paths"
 }
 ((need_vm)) && pack_runtime
