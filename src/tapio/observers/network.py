@@ -18,7 +18,7 @@ from tapio.occurrence import (
     NETWORK_RETRANSMIT_SPIKE,
     NETWORK_RTT_DEGRADATION,
     Occurrence,
-    make_occurrence,
+    new_occurrence,
 )
 
 NETWORK_EVENT = CStruct(
@@ -175,7 +175,7 @@ class NetworkObserver(Observer):
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
         if ev_type == EV_CONN_REFUSED:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_CONNECTION_REFUSED,
                 "warning",
                 "failure",
@@ -198,9 +198,10 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
+                data_sorted=True,
             )
         if ev_type == EV_CONN_TIMEOUT:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_CONNECTION_TIMEOUT,
                 "error",
                 "failure",
@@ -225,9 +226,10 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
+                data_sorted=True,
             )
         if ev_type == EV_RETRANS_SPIKE:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_RETRANSMIT_SPIKE,
                 "warning",
                 "failure",
@@ -256,9 +258,10 @@ class NetworkObserver(Observer):
                     "total_retrans": total_retrans,
                     "window_ms": duration_ns // 1000 / 1000,
                 },
+                data_sorted=True,
             )
         if ev_type == EV_RTT_SPIKE:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_RTT_DEGRADATION,
                 "warning",
                 "in_progress",
@@ -288,5 +291,6 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
+                data_sorted=True,
             )
         return None
