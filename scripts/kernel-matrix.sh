@@ -200,7 +200,7 @@ pack_runtime() {
     --exclude="$site/kubernetes_validate*" --exclude="$site/*__mypyc*" --exclude="$site/mypy" \
     --exclude="$site/mypyc" --exclude="$site/pip" --exclude="$site/pip-*" \
     --exclude="$site/setuptools" --exclude="$site/pkg_resources" --exclude="$site/ruff*" \
-    --exclude="$site/cryptography" --exclude="$site/pygments" --exclude="$site/pydantic*" \
+    --exclude="$site/cryptography" --exclude="$site/pydantic*" \
     --exclude="$site/jsonschema*" --exclude="$site/referencing" --exclude="$site/rpds" \
     --exclude="$site/mcp" --exclude="$site/mcp_types" --exclude="$site/starlette" \
     --exclude="$site/sse_starlette" --exclude="$site/uvicorn" --exclude="$site/trustme" \
