@@ -6,7 +6,8 @@ those 50 as well, each exactly once, with zero drops on the agent and on the con
 
 Both processes authenticate with a bearer token from a file (the agent finds its file through
 ``TAPIO_CONTROLLER_TOKEN_FILE``); the token is rotated between the two phases without a restart,
-and neither process ever writes either token to its logs.
+and neither process ever writes either token to its logs. The controller also forwards to a
+``file://`` output, which holds the same occurrences once each.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
             [
                 *(sys.executable, "-m", "tapio", "controller", f"127.0.0.1:{cport}"),
                 *("--forward", nats_server.url, "--log-format", "json"),
+                *("--forward", f"file://{tmp_path / 'evidence'}"),
                 *("--agent-token-file", str(ctl_token), "--log-level", "debug"),
             ],
             stdout=log,
@@ -173,6 +175,13 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
         agent = None
         ctl.terminate()
         assert ctl.wait(20) == 0
+        # the file:// output got the same 100 occurrences, once each (it never went down)
+        lines = (tmp_path / "evidence" / "evidence.jsonl").read_bytes().splitlines()
+        docs = [json.loads(line) for line in lines]
+        mine = [d for d in docs if d["data"].get("dst_port") in (port_a, port_b)]
+        assert sorted(d["id"] for d in mine) == sorted(
+            m.headers["Nats-Msg-Id"] for m in first + second
+        )
         logs = ctl_log.read_bytes() + agent_stderr + agent_stdout
         assert b"controller listening" in logs and b"agent started" in logs
         for token in (token_1, token_2):

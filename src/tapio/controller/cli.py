@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         action="append",
         default=[],
-        help="forward accepted occurrences (nats://HOST:PORT, file:///DIR); repeatable",
+        help="forward accepted occurrences (nats://HOST:PORT, otlp+http(s)://HOST:PORT, "
+        "file:///DIR); repeatable",
     )
     p.add_argument("--queue-max-events", metavar="N", type=_positive_int, default=None)
     p.add_argument("--drain-grace", metavar="SECONDS", type=_positive_float, default=None)

@@ -147,7 +147,6 @@ def test_records_from_a_batch() -> None:
 def test_build_output_rejects_unknown_schemes() -> None:
     s = ForwardSettings()
     for url, message in [
-        ("otlp+http://x:4318", "not available"),
         ("http://x", "unsupported --forward scheme http://"),
         ("file://host/dir", "not a file:///DIR URL"),
         ("nats://", "not a nats://HOST:PORT URL"),

@@ -1,6 +1,7 @@
 """Forwarding accepted occurrences to downstream systems (``--forward URL``, repeatable).
 
-``nats://HOST:PORT`` publishes to NATS JetStream, ``file:///DIR`` writes JSON lines. See
+``nats://HOST:PORT`` publishes to NATS JetStream, ``otlp+http(s)://HOST:PORT`` sends OTLP/HTTP
+logs, ``file:///DIR`` writes JSON lines. See
 :mod:`tapio.controller.forward.engine` for the delivery guarantees (bounded queue, 503 when
 full, retries without duplicates, drain on SIGTERM).
 """
@@ -67,5 +68,7 @@ def build_output(url: str, settings: ForwardSettings, logger: Any = None) -> Out
             url, max_bytes=settings.file_max_bytes, max_files=settings.file_max_files
         )
     if scheme in ("otlp+http", "otlp+https"):
-        raise ValueError("otlp+http(s):// forwarding is not available in this version")
+        from tapio.controller.forward.otlp import OtlpOutput
+
+        return OtlpOutput(url)
     raise ValueError(f"unsupported --forward scheme {scheme + '://' if scheme else repr('')}")

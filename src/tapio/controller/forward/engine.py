@@ -36,13 +36,14 @@ RETRY_AFTER_SECONDS: Final = 1
 
 
 class Output(Protocol):
-    """A downstream. ``deliver`` returns, per record, whether the output now holds it."""
+    """A downstream. ``deliver`` returns, per record, True when the output now holds it, False
+    to retry it, None when the output will never take it (dropped, ``reason="rejected"``)."""
 
     name: str
 
     async def connect(self) -> None: ...
 
-    async def deliver(self, records: Sequence[Record]) -> list[bool]: ...
+    async def deliver(self, records: Sequence[Record]) -> Sequence[bool | None]: ...
 
     async def close(self) -> None: ...
 
@@ -114,15 +115,20 @@ class Lane:
                     await self._wake.wait()
                 while self.queue and len(self.inflight) < CHUNK:
                     self.inflight.append(self.queue.popleft())
+            results: Sequence[bool | None]
             try:
                 results = await self.output.deliver(self.inflight)
                 error: BaseException | None = None
             except Exception as exc:
                 results, error = [False] * len(self.inflight), exc
-            delivered = sum(results)
-            failed = [r for r, ok in zip(self.inflight, results, strict=True) if not ok]
+            delivered = sum(1 for ok in results if ok)
+            refused = sum(1 for ok in results if ok is None)
+            failed = [r for r, ok in zip(self.inflight, results, strict=True) if ok is False]
             self.inflight = failed
             self._metrics.forward_forwarded.labels(name).inc(delivered)
+            if refused:
+                self._metrics.forward_dropped.labels(name, "rejected").inc(refused)
+                self._log.error("output refused occurrences for good", output=name, count=refused)
             self._metrics.forward_queued.labels(name).set(len(self))
             if failed:
                 self._metrics.forward_retried.labels(name).inc(len(failed))
