@@ -68,7 +68,9 @@ def generate_vmlinux(btf: Path, arch_dir: str) -> Path:
     header.parent.mkdir(parents=True, exist_ok=True)
     tmp = header.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
-        subprocess.run([bpftool, "btf", "dump", "file", str(btf), "format", "c"], stdout=fh, check=True)
+        subprocess.run(
+            [bpftool, "btf", "dump", "file", str(btf), "format", "c"], stdout=fh, check=True
+        )
     tmp.replace(header)
     return header
 
@@ -144,9 +146,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.btf is not None:
-        print(
-            "build_bpf: --btf is ignored; building against the pinned vmlinux.h", file=sys.stderr
-        )
+        print("build_bpf: --btf is ignored; building against the pinned vmlinux.h", file=sys.stderr)
     if args.gen_vmlinux is not None:
         header = generate_vmlinux(args.gen_vmlinux, target_arch()[0])
         print(f"wrote {header.relative_to(ROOT)} ({header.stat().st_size} bytes)")

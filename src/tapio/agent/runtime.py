@@ -32,7 +32,6 @@ from tapio.agent.pipeline import (
 from tapio.agent.settings import AgentSettings
 from tapio.bpf.abi import METRIC_ABI_MISMATCH, METRIC_LOST, TapioConfig
 from tapio.bpf.libbpf import BpfError
-from tapio.bpf.loader import BpfObject
 from tapio.bpf.ringbuf import RingBuffer
 from tapio.metrics import (
     CONFIG_ABI_MISMATCH,
@@ -102,7 +101,7 @@ class Agent:
             path = self.options.ebpf_dir / f"{cls.object_name}.bpf.o"
             ro = RunningObserver(observer, None, None)
             try:
-                obj = stack.enter_context(BpfObject(path))
+                obj = stack.enter_context(observer.open_object(path))
                 ro.obj = obj
                 initial = self.options.initial_config
                 obj.map("tapio_config").update(
@@ -116,8 +115,9 @@ class Agent:
                     initial if initial is not None else TapioConfig(abi_version=0),
                     self.user_thresholds,
                 )
-                observer.attach(obj)
                 stack.callback(observer.close)
+                observer.attach(obj)
+                observer.note_programs(obj)
             except (BpfError, OSError, ValueError) as exc:
                 ro.state = "failed"
                 ro.error = str(exc)
@@ -198,6 +198,10 @@ class Agent:
                 for cap, anomaly in CAPABILITY_GATES.items()
                 if cap in caps and not caps[cap].available
             }
+            for cap in caps.values():
+                if not cap.available:
+                    for anomaly in cap.anomalies:
+                        unsupported.setdefault(anomaly, cap.detail or f"{cap.name} unavailable")
             observers[ro.name] = ObserverStatus(
                 state=ro.state,
                 error=ro.error,
@@ -310,8 +314,16 @@ class Agent:
         with contextlib.ExitStack() as stack:
             self.load_observers(stack)
             running = [ro for ro in self.observers if ro.state == "running"]
+            failed = {ro.name: ro.error for ro in self.observers if ro.state == "failed"}
             if not running:
-                log.error("no observer could start; exiting")
+                log.error("no observer could start; exiting", failed=failed)
+                return 1
+            if failed and not self.settings.agent.allow_degraded:
+                log.error(
+                    "observer could not start; exiting (run without it: --allow-missing-observer"
+                    " or [agent] allow_degraded = true)",
+                    failed=failed,
+                )
                 return 1
             a = self.settings.agent
             self._drainer = Drainer(running, a.drain_interval_ms / 1000, a.max_drain_per_tick)

@@ -32,6 +32,7 @@ import signal as _signal
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
+from tapio.bpf.features import ProgramSpec
 from tapio.observers.attribution import U64_MAX, CgroupResolver, cgroup_facts, scan_tree
 from tapio.observers.base import CStrings, Emit, Observer, ObserverContext
 from tapio.occurrence import (
@@ -116,6 +117,10 @@ class ContainerObserver(Observer):
         METRIC_OBSERVER_BASE + 0: ("kernel_drop", "oom_victim_exit"),
         METRIC_OBSERVER_BASE + 1: ("kernel_drop", "exit_ignored"),
     }
+    programs: ClassVar[tuple[ProgramSpec, ...]] = (
+        ProgramSpec("handle_mark_victim", "oom_mark_victim", (CONTAINER_OOM_KILL,)),
+        ProgramSpec("handle_process_exit", "process_exit", (CONTAINER_ABNORMAL_EXIT,)),
+    )
 
     def __init__(self, ctx: ObserverContext, resolver: CgroupResolver | None = None) -> None:
         super().__init__(ctx)

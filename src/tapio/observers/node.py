@@ -43,6 +43,7 @@ from tapio.bpf.abi import (
     CStruct,
     TapioConfig,
 )
+from tapio.bpf.features import ProgramSpec
 from tapio.bpf.libbpf import BpfError
 from tapio.bpf.loader import BpfObject
 from tapio.observers import pmu as pmu_mod
@@ -394,6 +395,12 @@ class NodeObserver(Observer):
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {
         METRIC_CLOCK_SKEW: ("kernel_drop", "runq_clock_skew"),
     }
+    # Two builds of one sched_switch hook: with task-local storage (throttled waits told apart)
+    # and without it (kernels < 5.11). cpu_stall also has PSI, so no anomaly type depends on it.
+    programs: ClassVar[tuple[ProgramSpec, ...]] = (
+        ProgramSpec("node_switch", "runq_hook", group="runq", maps=("runq_throttled",)),
+        ProgramSpec("node_switch_basic", "runq_hook", group="runq"),
+    )
 
     def __init__(self, ctx: ObserverContext, *, roots: CgroupRoots | None = None) -> None:
         super().__init__(ctx)
@@ -438,7 +445,7 @@ class NodeObserver(Observer):
             )
 
     def capabilities(self) -> list[Capability]:
-        caps = [Capability("pmu", self._pmu_available, self._pmu_detail)]
+        caps = [*super().capabilities(), Capability("pmu", self._pmu_available, self._pmu_detail)]
         for name, probe, missing in (
             (
                 "runq_latency",
