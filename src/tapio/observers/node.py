@@ -395,10 +395,11 @@ class NodeObserver(Observer):
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {
         METRIC_CLOCK_SKEW: ("kernel_drop", "runq_clock_skew"),
     }
-    # Two builds of one sched_switch hook: with task-local storage (throttled waits told apart)
-    # and without it (kernels < 5.11). cpu_stall also has PSI, so no anomaly type depends on it.
+    # Two builds of one sched_switch hook: with task-local storage (quota-throttled waits told
+    # apart) and without it (kernels < 5.11: runq_throttle_split reported unavailable).
+    # cpu_stall also has PSI, so no anomaly type depends on the hook alone.
     programs: ClassVar[tuple[ProgramSpec, ...]] = (
-        ProgramSpec("node_switch", "runq_hook", group="runq", maps=("runq_throttled",)),
+        ProgramSpec("node_switch", "runq_throttle_split", group="runq", maps=("runq_throttled",)),
         ProgramSpec("node_switch_basic", "runq_hook", group="runq"),
     )
 
