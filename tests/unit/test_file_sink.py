@@ -87,6 +87,7 @@ async def test_write_failure_is_counted_not_raised(tmp_path: Path) -> None:
     sink = FileSink(target, FileSinkSettings())
     await run_sink(sink, [occs(2)])
     assert sink.stats.err_total == 2 and sink.stats.ok_total == 0
+    assert sink.stats.dropped_total == 2  # counted as write_error drops (tests/unit/sinks)
 
 
 def test_bounds_must_be_positive(tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ def main(argv: Sequence[str]) -> int:
         sys.stderr.write("tapio agent: --sink controller requires --controller-endpoint\n")
         return 2
     if args.controller_endpoint:
-        from tapio.sinks._retry import parse_endpoint
+        from tapio.transport import parse_endpoint
 
         try:
             parse_endpoint(args.controller_endpoint, what="--controller-endpoint")

@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 
 from tapio import wire
-from tapio.sinks.controller import ControllerLink
+from tapio.transport import ControllerLink, describe_exc
 
 #: Response caps: the config carries the compiled profile (small, but allow growth); the rest
 #: are a few hundred bytes.
@@ -26,6 +26,7 @@ MAX_CONFIG_RESPONSE_BYTES: Final = 1024 * 1024
 MAX_SMALL_RESPONSE_BYTES: Final = 64 * 1024
 
 T = TypeVar("T")
+_A = TypeVar("_A", wire.HelloResponse, wire.HeartbeatResponse)
 
 
 class ControllerCallError(Exception):
@@ -127,29 +128,25 @@ class ControllerClient:
         except ControllerCallError:
             raise
         except Exception as exc:  # aiohttp errors, timeouts, OSError
-            raise ControllerCallError("transport", _describe(exc)) from None
+            raise ControllerCallError("transport", describe_exc(exc)) from None
+
+    async def _exchange(self, path: str, msg: object, answer_type: type[_A]) -> _A:
+        """POST ``msg``; a 2xx answer decoded as ``answer_type`` and validated."""
+        status, raw = await self._post(path, msg)
+        if not 200 <= status < 300:
+            raise ControllerCallError("status", _error_detail(status, raw))
+        answer = _decode(raw, answer_type)
+        try:
+            answer.validate()
+        except wire.WireError as exc:
+            raise ControllerCallError("invalid", exc.message) from None
+        return answer
 
     async def hello(self, req: wire.HelloRequest) -> wire.HelloResponse:
-        status, raw = await self._post("/v1/agents/hello", req)
-        if not 200 <= status < 300:
-            raise ControllerCallError("status", _error_detail(status, raw))
-        answer = _decode(raw, wire.HelloResponse)
-        try:
-            answer.validate()
-        except wire.WireError as exc:
-            raise ControllerCallError("invalid", exc.message) from None
-        return answer
+        return await self._exchange("/v1/agents/hello", req, wire.HelloResponse)
 
     async def heartbeat(self, req: wire.HeartbeatRequest) -> wire.HeartbeatResponse:
-        status, raw = await self._post("/v1/agents/heartbeat", req)
-        if not 200 <= status < 300:
-            raise ControllerCallError("status", _error_detail(status, raw))
-        answer = _decode(raw, wire.HeartbeatResponse)
-        try:
-            answer.validate()
-        except wire.WireError as exc:
-            raise ControllerCallError("invalid", exc.message) from None
-        return answer
+        return await self._exchange("/v1/agents/heartbeat", req, wire.HeartbeatResponse)
 
     async def fetch_config(self, etag: str | None) -> FetchedConfig | None:
         """The served config, or None on 304 Not Modified. Decoded, not validated."""
@@ -167,7 +164,7 @@ class ControllerClient:
         except ControllerCallError:
             raise
         except Exception as exc:
-            raise ControllerCallError("transport", _describe(exc)) from None
+            raise ControllerCallError("transport", describe_exc(exc)) from None
         if status == 304:
             return None
         if status != 200:
@@ -175,9 +172,3 @@ class ControllerClient:
         response = _decode(raw, wire.ConfigResponse)
         raw_config = bytes(_decode(raw, _ConfigEnvelope).config)
         return FetchedConfig(response=response, raw_config=raw_config, etag=got_etag)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name

@@ -1,8 +1,8 @@
-"""Agent controller mode (reference.md §7.3, docs/wire.md "Agent controller mode").
+"""Agent controller mode (docs/wire.md "Agent controller mode").
 
 ``controller_service(args)`` returns the service the agent runs in its task group when
 ``--controller-endpoint`` is given; ``make_controller_sink(args)`` builds ``--sink controller``.
-Both share one :class:`~tapio.sinks.controller.ControllerLink` per endpoint (identity and the
+Both share one :class:`~tapio.transport.ControllerLink` per endpoint (identity and the
 hello-derived batching).
 
 The service:
@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-import aiohttp
 import anyio
 import structlog
 
@@ -54,11 +53,12 @@ from tapio.metrics import (
     SINK_DROPS,
 )
 from tapio.profile.compiled import config_hash
-from tapio.sinks._retry import backoff_delay
 from tapio.sinks.base import Sink
-from tapio.sinks.controller import ControllerLink, ControllerSink, make_link
+from tapio.sinks.controller import ControllerSink
+from tapio.transport import ControllerLink, backoff_delay, make_link
 
 if TYPE_CHECKING:
+    import aiohttp
     from prometheus_client import Counter
 
     from tapio.agent.runtime import Agent
@@ -125,7 +125,7 @@ def _sum(counter: Counter) -> int:
 
 
 def counters() -> wire.AgentCounters:
-    """Sums over every label set of the agent's counters (reference.md §7.3)."""
+    """Sums over every label set of the agent's counters, as the heartbeat reports them."""
     return wire.AgentCounters(
         events_total=_sum(EVENTS),
         malformed_events_total=_sum(MALFORMED_EVENTS),
@@ -163,7 +163,7 @@ class ControllerSession:
     hello_max: float = HELLO_BACKOFF_MAX
     poll_backoff_max: float = POLL_BACKOFF_MAX
     connect_timeout: float = 5.0
-    request_timeout: float = 10.0
+    timeout: float = 10.0
     kubernetes: bool | None = None
     applied: Applied | None = None
     etag: str | None = None
@@ -402,16 +402,9 @@ class ControllerSession:
                 await self._poll_now.wait()
                 errors = 0
 
-    def _session(self) -> aiohttp.ClientSession:
-        timeout = aiohttp.ClientTimeout(
-            total=self.request_timeout,
-            connect=self.connect_timeout,
-            sock_connect=self.connect_timeout,
-            sock_read=self.request_timeout,
-        )
-        ctx = self.link.ssl_context
-        connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else True, limit=2)
-        return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
+    def http_session(self) -> aiohttp.ClientSession:
+        """The session of the hello, poll and heartbeat requests (this link's TLS)."""
+        return self.link.session(connect_timeout=self.connect_timeout, timeout=self.timeout)
 
     async def run(self, agent: Agent) -> None:
         self._registered = anyio.Event()
@@ -423,7 +416,7 @@ class ControllerSession:
             agent_id=self.link.agent_id,
             node_name=self.link.node_name,
         )
-        session = self._session()
+        session = self.http_session()
         try:
             client = ControllerClient(self.link, session)
             async with anyio.create_task_group() as tg:

@@ -4,6 +4,11 @@ Each occurrence becomes ``<data_dir>/<id>.json`` via a ``.<id>.json.tmp`` file a
 ``os.replace``, so a reader (``tapio watch``) never sees a partial file. Retention keeps at most
 ``max_files`` files and ``max_bytes`` bytes, deleting oldest first; ULID names sort by time, so
 "oldest" is the smallest name. I/O runs in a worker thread, never on the event loop.
+
+A write that fails (``ENOSPC`` on a full filesystem, ``EIO``) removes its temporary file, so a
+full disk never fills up further with empty temporaries; the occurrences written before it count
+as written, the failed ones as ``write_error`` drops, and every later batch is tried again, so
+the sink resumes by itself when space returns.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import msgspec
 import structlog
 
 from tapio.occurrence import encode_pretty
-from tapio.sinks.base import Batch, BatchWriterSink
+from tapio.sinks.base import Batch, BatchWriterSink, SinkError
 
 log = structlog.get_logger("tapio.sinks.file")
 
@@ -57,13 +62,10 @@ class FileSink(BatchWriterSink):
         self._bytes = sum(self._index.values())
         self._loaded = True
 
-    def _write_batch(self, batch: Batch) -> None:
-        if not self._loaded:
-            self._load_index()
-        for occ in batch:
-            name = f"{occ.id}.json"
-            data = encode_pretty(occ)
-            tmp = self.dir / f".{name}.tmp"
+    def _write_one(self, name: str, data: bytes) -> None:
+        """Write ``data`` to ``name`` atomically; on failure no temporary file is left."""
+        tmp = self.dir / f".{name}.tmp"
+        try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 view = memoryview(data)
@@ -72,10 +74,34 @@ class FileSink(BatchWriterSink):
             finally:
                 os.close(fd)
             os.replace(tmp, self.dir / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _write_batch(self, batch: Batch) -> None:
+        if not self._loaded:
+            self._load_index()
+        written = 0
+        first_error: OSError | None = None
+        for occ in batch:
+            name = f"{occ.id}.json"
+            data = encode_pretty(occ)
+            try:
+                self._write_one(name, data)
+            except OSError as exc:  # each occurrence is tried: a smaller one may still fit
+                first_error = first_error or exc
+                continue
+            written += 1
             old = self._index.pop(name, 0)
             self._index[name] = len(data)
             self._bytes += len(data) - old
         self._enforce_retention()
+        if first_error is not None:
+            raise SinkError(
+                f"{len(batch) - written} of {len(batch)} not written: {first_error}",
+                written=written,
+            ) from first_error
 
     def _enforce_retention(self) -> None:
         removed = 0

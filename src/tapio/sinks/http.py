@@ -1,8 +1,8 @@
 """HTTP sink: occurrences POSTed as a JSON array, batched, retried, bounded (docs/sinks.md).
 
-Unlike the reference (reference.md §5, §13 item 12) the sink never blocks the drain path, flushes
-on a timer, retries the *same* batch with backoff instead of dropping it, and counts every drop in
-``tapio_sink_drops_total{sink="http",reason=...}``.
+The sink never blocks the drain path, flushes on a timer, retries the *same* batch with backoff
+instead of dropping it, and counts every drop in ``tapio_sink_drops_total{sink="http",reason=...}``
+(the delivery engine in :mod:`tapio.sinks.delivery`).
 """
 
 from __future__ import annotations
@@ -10,53 +10,24 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import aiohttp
-import msgspec
 
 from tapio.occurrence import Occurrence, encode
-from tapio.sinks._retry import (
-    Attempt,
-    BearerToken,
-    BufferedNetworkSink,
-    classify_status,
-    delivery_config,
-    parse_endpoint,
-    read_bounded,
-    validate_delivery,
-)
+from tapio.sinks.delivery import DeliverySettings, DeliverySink
+from tapio.transport import Attempt, BearerToken, classify_status, parse_endpoint, read_bounded
 
 DEFAULT_PATH = "/v1/occurrences"
 
 
-class HttpSinkSettings(msgspec.Struct, kw_only=True):
-    """The ``[http]`` section of the agent configuration. Every field has a default.
+class HttpSinkSettings(DeliverySettings, kw_only=True):
+    """The ``[http]`` section of the agent configuration. Every field has a default; the
+    delivery knobs (batching, retries, timeouts, ``ca_file``) are :class:`DeliverySettings`.
 
-    Durations are seconds (floats accepted). ``bearer_token_file`` / ``bearer_token_env`` name
-    where the token lives; the token itself is never part of the settings, never logged.
+    ``bearer_token_file`` / ``bearer_token_env`` name where the token lives; the token itself is
+    never part of the settings, never logged.
     """
 
     #: ``http://`` or ``https://`` URL; with no path (or ``/``) the path is ``/v1/occurrences``.
     endpoint: str = "http://localhost:8765"
-    #: At most this many occurrences per POST.
-    batch_size: int = 100
-    #: At most this many bytes of JSON per POST (a single larger occurrence is sent alone).
-    max_batch_bytes: int = 1024 * 1024
-    #: The oldest buffered occurrence is sent at the latest after this long.
-    flush_interval_secs: float = 1.0
-    #: Occurrences held (buffered + in flight); beyond it the oldest are dropped (``buffer_full``).
-    buffer_max_events: int = 10_000
-    #: Retries of one batch after the first attempt (429, 5xx, transport errors, timeouts).
-    max_retries: int = 5
-    #: Exponential backoff: base * 2^n with equal jitter, capped (also caps ``Retry-After``).
-    backoff_base_secs: float = 0.5
-    backoff_max_secs: float = 30.0
-    #: TCP (and TLS) connect timeout.
-    connect_timeout_secs: float = 5.0
-    #: Whole-request timeout, also the timeout between two reads of the response.
-    timeout_secs: float = 10.0
-    #: Grace period for the final flush when the agent stops.
-    shutdown_timeout_secs: float = 4.0
-    #: PEM CA bundle used *instead of* the system store to verify an ``https://`` endpoint.
-    ca_file: str | None = None
     #: File holding a bearer token (re-read when it changes, e.g. a projected token).
     bearer_token_file: str | None = None
     #: Environment variable holding a bearer token, e.g. ``TAPIO_HTTP_TOKEN``.
@@ -64,7 +35,7 @@ class HttpSinkSettings(msgspec.Struct, kw_only=True):
 
     def __post_init__(self) -> None:
         parse_endpoint(self.endpoint, what="http")
-        validate_delivery("http", self)
+        self.validate_delivery("http")
         if self.bearer_token_file is not None and self.bearer_token_env is not None:
             raise ValueError("http: set bearer_token_file or bearer_token_env, not both")
 
@@ -76,7 +47,7 @@ class HttpSinkSettings(msgspec.Struct, kw_only=True):
         return str(url)
 
 
-class HttpSink(BufferedNetworkSink[bytes]):
+class HttpSink(DeliverySink[bytes]):
     """Batched JSON POSTs (``Content-Type: application/json``, body ``[occ, occ, ...]``).
 
     Construction fails (``ValueError``/``OSError``/``ssl.SSLError``) on a bad ``ca_file`` or a
@@ -91,7 +62,7 @@ class HttpSink(BufferedNetworkSink[bytes]):
         self._token = BearerToken(
             file=settings.bearer_token_file, env=settings.bearer_token_env, what="http"
         )
-        super().__init__(delivery_config(url, settings))
+        super().__init__(settings.delivery_config(url))
 
     def __repr__(self) -> str:
         return f"HttpSink(url={self._safe_url()!r}, token={self._token!r})"
@@ -102,10 +73,7 @@ class HttpSink(BufferedNetworkSink[bytes]):
 
     async def post(self, session: aiohttp.ClientSession, items: list[bytes]) -> Attempt:
         body = b"[" + b",".join(items) + b"]"
-        headers: dict[str, Any] = {"Content-Type": "application/json"}
-        token = self._token.get()
-        if token:
-            headers["Authorization"] = "Bearer " + token.reveal()
+        headers: dict[str, Any] = {"Content-Type": "application/json", **self._token.header()}
         async with session.post(
             self._cfg.url, data=body, headers=headers, allow_redirects=False
         ) as resp:

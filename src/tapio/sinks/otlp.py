@@ -1,10 +1,10 @@
 """OTLP sink: occurrences exported as OpenTelemetry log records over OTLP/HTTP (protobuf + gzip).
 
 The request is built with the official ``opentelemetry-proto`` classes (no hand encoding) and
-POSTed to ``<endpoint>/v1/logs``. Unlike the reference (reference.md §5, §13 items 12-13): host
-names resolve, ``https://`` works with certificate verification, every ``data`` fact is exported
-as a typed attribute (plus id, type, source, outcome and error code), severity numbers and texts
-follow the OpenTelemetry log data model, and batches are retried and bounded like the HTTP sink.
+POSTed to ``<endpoint>/v1/logs``. Host names resolve, ``https://`` works with certificate
+verification, every ``data`` fact is exported as a typed attribute (plus id, type, source,
+outcome and error code), severity numbers and texts follow the OpenTelemetry log data model, and
+batches are retried and bounded by the shared delivery engine (:mod:`tapio.sinks.delivery`).
 See docs/sinks.md for the mapping table.
 """
 
@@ -35,16 +35,14 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 import tapio
 from tapio.occurrence import Occurrence, parse_timestamp
-from tapio.sinks._retry import (
+from tapio.sinks.delivery import DeliverySettings, DeliverySink
+from tapio.transport import (
     Attempt,
-    BufferedNetworkSink,
     check_header,
     classify_status,
-    delivery_config,
     parse_endpoint,
     read_bounded,
     redacted_headers,
-    validate_delivery,
 )
 
 LOGS_PATH = "/v1/logs"
@@ -69,8 +67,9 @@ _MAX_DEPTH = 8
 _THREAD_GZIP_BYTES = 256 * 1024
 
 
-class OtlpSettings(msgspec.Struct, kw_only=True):
-    """The ``[otlp]`` section of the agent configuration (reference TOML keys keep their meaning).
+class OtlpSettings(DeliverySettings, kw_only=True):
+    """The ``[otlp]`` section of the agent configuration; the delivery knobs are
+    :class:`DeliverySettings` (OTLP batches more per request and flushes less often).
 
     ``auth_header`` is sent verbatim as ``Authorization``; it and every value of ``headers`` are
     redacted from ``repr`` and never logged.
@@ -82,19 +81,9 @@ class OtlpSettings(msgspec.Struct, kw_only=True):
     auth_header: str | None = None
     #: Extra request headers (e.g. a tenant id or API key); CR, LF and NUL rejected.
     headers: dict[str, str] = msgspec.field(default_factory=dict)
-    batch_size: int = 100
     #: At most this many bytes of (uncompressed) protobuf log records per request.
     max_batch_bytes: int = 4 * 1024 * 1024
     flush_interval_secs: float = 5.0
-    buffer_max_events: int = 10_000
-    max_retries: int = 5
-    backoff_base_secs: float = 0.5
-    backoff_max_secs: float = 30.0
-    connect_timeout_secs: float = 5.0
-    timeout_secs: float = 10.0
-    shutdown_timeout_secs: float = 4.0
-    #: PEM CA bundle used instead of the system store for an ``https://`` endpoint.
-    ca_file: str | None = None
 
     def __post_init__(self) -> None:
         parse_endpoint(self.endpoint, what="otlp")
@@ -106,7 +95,7 @@ class OtlpSettings(msgspec.Struct, kw_only=True):
             check_header(name, value, what="otlp.headers")
             if name.lower() in ("content-type", "content-encoding", "content-length", "host"):
                 raise ValueError(f"otlp.headers: {name!r} is set by the sink")
-        validate_delivery("otlp", self)
+        self.validate_delivery("otlp")
 
     def export_url(self) -> str:
         """``<endpoint>/v1/logs`` with the endpoint's trailing slashes stripped."""
@@ -236,7 +225,7 @@ def _gzip(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=6, mtime=0)
 
 
-class OtlpSink(BufferedNetworkSink[LogRecord]):
+class OtlpSink(DeliverySink[LogRecord]):
     """OTLP/HTTP logs exporter (``application/x-protobuf``, ``Content-Encoding: gzip``).
 
     Construction fails on invalid settings or an unreadable ``ca_file`` (start-up error).
@@ -258,7 +247,7 @@ class OtlpSink(BufferedNetworkSink[LogRecord]):
         if settings.auth_header is not None:
             headers["Authorization"] = settings.auth_header
         self._headers = headers
-        super().__init__(delivery_config(url, settings))
+        super().__init__(settings.delivery_config(url))
 
     def __repr__(self) -> str:
         return f"OtlpSink(url={self._safe_url()!r}, headers={redacted_headers(self._headers)!r})"

@@ -2,8 +2,8 @@
 
 The controller side is real: the ``tapio.controller`` aiohttp app on 127.0.0.1, or a recording
 aiohttp server for scripted failures. The agent side is a small stand-in exposing what
-``ControllerSession`` reads from ``tapio.agent.runtime.Agent`` (observers, sinks,
-``apply_config``).
+``ControllerSession`` reads from ``tapio.agent.runtime.Agent`` (observers, ``apply_config``);
+its sinks are real in-memory sinks.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from tapio.profile.compiled import (
     config_hash,
     production_default,
 )
-from tapio.sinks.controller import make_link
+from tapio.sinks.memory import MemorySink
+from tapio.transport import make_link
 
 from ...ports import free_port
 
@@ -82,14 +83,9 @@ class FakeRunning:
 
 
 @dataclass
-class FakeSink:
-    healthy: bool = True
-
-
-@dataclass
 class FakeAgent:
     observers: list[FakeRunning]
-    sinks: list[FakeSink] = field(default_factory=lambda: [FakeSink()])
+    sinks: list[MemorySink] = field(default_factory=lambda: [MemorySink()])
     applied_calls: list[tuple[TapioConfig, UserThresholds | None]] = field(default_factory=list)
     fail_on_apply: list[str] = field(default_factory=list)
 
@@ -129,7 +125,7 @@ def session_for(url: str, ca_file: str | None = None, **kw: Any) -> ControllerSe
         "hello_base": 0.05,
         "hello_max": 0.2,
         "connect_timeout": 2.0,
-        "request_timeout": 2.0,
+        "timeout": 2.0,
         "kubernetes": False,
     }
     opts.update(kw)
@@ -140,7 +136,7 @@ def session_for(url: str, ca_file: str | None = None, **kw: Any) -> ControllerSe
 async def client_for(session: ControllerSession) -> AsyncIterator[Any]:
     from tapio.agent.controller_client import ControllerClient
 
-    http = session._session()
+    http = session.http_session()
     try:
         yield ControllerClient(session.link, http)
     finally:
@@ -555,7 +551,7 @@ async def test_heartbeat_reports_abi_mismatch_sink_failure_and_fanout_failure(
     agent = fake_agent(tmp_path, "network", "container")
     agent.observers[0].observer.degraded_reasons.append("abi_mismatch")
     agent.fail_on_apply = ["container"]
-    agent.sinks.append(FakeSink(healthy=False))
+    agent.sinks.append(MemorySink(healthy=False))
     async with serve(ctl.build_app()) as url:
         session = session_for(url)
         async with client_for(session) as client:

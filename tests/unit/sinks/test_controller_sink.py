@@ -19,13 +19,12 @@ from tapio import wire
 from tapio.controller import Controller
 from tapio.occurrence import Occurrence, new_occurrence
 from tapio.sinks.controller import (
-    ControllerLink,
     ControllerSink,
     build_body,
-    make_link,
     timestamp_unix_nanos,
     to_wire_event,
 )
+from tapio.transport import ControllerLink, make_link
 
 from .conftest import Recorded, drops, occ, running, sample, stalled_receiver, start_receiver
 
@@ -49,10 +48,10 @@ def link_to(url: str, *, registered: bool = True, max_batch: int = 256) -> Contr
 
 def fast_sink(link: ControllerLink, **kw: object) -> ControllerSink:
     opts: dict[str, object] = {
-        "retry_base": 0.01,
-        "retry_cap": 0.02,
+        "backoff_base": 0.01,
+        "backoff_max": 0.02,
         "connect_timeout": 2.0,
-        "request_timeout": 2.0,
+        "timeout": 2.0,
         "shutdown_timeout": 2.0,
     }
     opts.update(kw)
@@ -224,7 +223,7 @@ async def test_exhausted_retries_drop_count_and_leave_a_gap() -> None:
         return (500, {}, b"") if n <= 3 else ok(n, rec)
 
     async with start_receiver(down_first) as rx:
-        sink = fast_sink(link_to(rx.url, max_batch=5), max_attempts=3)
+        sink = fast_sink(link_to(rx.url, max_batch=5), max_retries=2)
         async with running(sink) as send:
             send.send_nowait([occ(i) for i in range(5)])
             await rx.wait_for(3)
@@ -257,19 +256,22 @@ async def test_client_error_is_final_and_counted_as_rejected() -> None:
     assert not sink.healthy and sink.link.sink_error is not None
 
 
-async def test_queue_full_drops_are_counted_and_the_final_flush_delivers_the_rest() -> None:
-    before = drops("controller", "queue_full")
+async def test_buffer_full_drops_oldest_counted_and_the_final_flush_delivers_the_rest() -> None:
+    # One overflow policy for every network sink: the oldest held occurrences go, counted as
+    # ``buffer_full`` (``queue_full`` is the agent's fan-out lane, a different queue).
+    before, before_lane = drops("controller", "buffer_full"), drops("controller", "queue_full")
     async with start_receiver(ok) as rx:
         # Not registered: the sender holds everything, so the queue bound is what decides.
-        sink = fast_sink(link_to(rx.url, registered=False), queue_max_events=5)
+        sink = fast_sink(link_to(rx.url, registered=False), buffer_max_events=5)
         async with running(sink) as send:
             send.send_nowait([occ(i) for i in range(8)])
             await anyio.sleep(0.4)
             assert rx.requests == []  # nothing before the first accepted hello
             assert sink.held == 5
-    assert drops("controller", "queue_full") - before == 3
+    assert drops("controller", "buffer_full") - before == 3
+    assert drops("controller", "queue_full") == before_lane
     reqs = batches_of(rx.requests)  # the final flush ignores the registration gate
-    assert [seq_of(e) for r in reqs for e in r.events] == [0, 1, 2, 3, 4]
+    assert [seq_of(e) for r in reqs for e in r.events] == [3, 4, 5, 6, 7]
 
 
 async def test_sending_starts_when_registered() -> None:
@@ -287,7 +289,7 @@ async def test_sending_starts_when_registered() -> None:
 async def test_final_flush_is_bounded_by_the_shutdown_timeout() -> None:
     before = drops("controller", "shutdown")
     async with stalled_receiver() as url:
-        sink = fast_sink(link_to(url), shutdown_timeout=0.5, request_timeout=30.0)
+        sink = fast_sink(link_to(url), shutdown_timeout=0.5, timeout=30.0)
         t0 = time.monotonic()
         async with running(sink) as send:
             send.send_nowait([occ(i) for i in range(4)])

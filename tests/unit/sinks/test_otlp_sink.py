@@ -196,7 +196,7 @@ def test_header_injection_in_extra_headers_rejected() -> None:
         msgspec.convert({"headers": {"Bad Name": "v"}}, OtlpSettings)
 
 
-def test_defaults_match_reference_toml_keys() -> None:
+def test_documented_toml_keys_and_defaults() -> None:
     s = msgspec.convert(
         {"endpoint": "http://collector:4318/", "batch_size": 50, "flush_interval_secs": 2},
         OtlpSettings,

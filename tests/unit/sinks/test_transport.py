@@ -1,20 +1,26 @@
-"""Pure helpers of the delivery machinery: backoff, Retry-After, status classification."""
+"""The transport helpers: backoff, Retry-After, status classification, secrets, headers."""
 
 from __future__ import annotations
 
 import email.utils
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tapio.sinks._retry import (
+from tapio.transport import (
+    BearerToken,
+    RetryPolicy,
     Secret,
     backoff_delay,
     check_header,
     classify_status,
+    client_session,
+    parse_endpoint,
     parse_retry_after,
     retry_delay,
+    tls_for,
 )
 
 
@@ -99,3 +105,56 @@ def test_check_header() -> None:
             check_header("X-Ok", bad, what="t")
     with pytest.raises(ValueError):
         check_header("X:Bad", "v", what="t")
+
+
+def test_408_is_retried_like_429() -> None:
+    attempt = classify_status(408, "2")
+    assert (attempt.outcome, attempt.retry_after) == ("retry", 2.0)
+
+
+def test_retry_policy_is_the_backoff_with_retry_after_capped() -> None:
+    policy = RetryPolicy(max_retries=3, base=0.5, cap=30.0)
+    assert [policy.delay(n, None, lambda: 1.0) for n in range(3)] == [0.5, 1.0, 2.0]
+    assert policy.delay(0, 4000.0) == 30.0
+
+
+def test_secret_matches_in_constant_time_and_rejects_near_misses() -> None:
+    s = Secret("hunter2")
+    assert s.matches("hunter2") and s.matches(b"hunter2")
+    assert not s.matches("hunter3") and not s.matches("hunter") and not s.matches("")
+
+
+def test_bearer_token_file_is_reread_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("first\n")
+    token = BearerToken(file=str(path), env=None, what="t")
+    assert token.header() == {"Authorization": "Bearer first"}
+    path.write_text("second-token\n")  # rotated: another size (and mtime)
+    assert token.header() == {"Authorization": "Bearer second-token"}
+    assert "second" not in repr(token)
+    assert BearerToken(file=None, env=None, what="t").header() == {}
+
+
+def test_endpoint_rules() -> None:
+    assert str(parse_endpoint(" https://h.example:8443/x ", what="t")) == "https://h.example:8443/x"
+    for bad, why in [
+        ("", "empty"),
+        ("ftp://h/", "http:// or https://"),
+        ("http://", "no host"),
+        ("http://u:p@h/", "credentials"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_endpoint(bad, what="t")
+    assert tls_for(parse_endpoint("http://h", what="t"), None) is None
+    assert tls_for(parse_endpoint("https://h", what="t"), None) is not None
+
+
+async def test_client_session_never_uses_the_environment_and_bounds_every_request() -> None:
+    session = client_session(ssl_context=None, connect_timeout=1.5, timeout=7.0, limit=3)
+    try:
+        assert session.trust_env is False
+        assert (session.timeout.total, session.timeout.connect) == (7.0, 1.5)
+        assert (session.timeout.sock_connect, session.timeout.sock_read) == (1.5, 7.0)
+        assert session.connector is not None and session.connector.limit == 3
+    finally:
+        await session.close()

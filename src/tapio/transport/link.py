@@ -1,0 +1,76 @@
+"""The agent's link to one controller: endpoint, TLS, identity and the negotiated batching.
+
+The controller client (hello, config poll, heartbeat) and the controller sink (event batches)
+talk to the same controller; they share one :class:`ControllerLink` so that what the hello
+negotiates (batch size, send interval, registration) applies to the next event batch.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from yarl import URL
+
+from tapio.transport.endpoint import parse_endpoint, tls_for
+from tapio.transport.session import client_session
+
+DEFAULT_MAX_BATCH_EVENTS: Final = 256
+DEFAULT_SEND_INTERVAL_MS: Final = 1000
+
+
+@dataclass
+class ControllerLink:
+    """What the controller sink and the controller client share (one per endpoint).
+
+    The client writes the hello-derived batching and the registration state; the sink reads
+    them on every batch, so a re-hello that changes ``max_batch_events`` applies to the next
+    batch.
+    """
+
+    endpoint: URL
+    agent_id: str
+    node_name: str
+    ssl_context: ssl.SSLContext | None = None
+    max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS
+    send_interval_ms: int = DEFAULT_SEND_INTERVAL_MS
+    #: True once a hello was accepted by the controller (never reset: a re-hello is only needed
+    #: after a controller restart, which accepts unregistered senders' events anyway).
+    registered: bool = False
+    #: Set by the sink: why its last batch was given up (None: healthy). Heartbeats report it.
+    sink_error: str | None = None
+
+    def url(self, path: str) -> URL:
+        base = self.endpoint.path.rstrip("/")
+        return self.endpoint.with_path(base + path).with_query(None).with_fragment(None)
+
+    def apply_batching(self, send_interval_ms: int, max_batch_events: int) -> None:
+        # Floors at 1; ceilings keep a hostile answer from creating batches the body limit
+        # cannot hold or an interval that parks events for hours.
+        self.max_batch_events = max(1, min(int(max_batch_events), 100_000))
+        self.send_interval_ms = max(1, min(int(send_interval_ms), 60_000))
+
+    def session(
+        self, *, connect_timeout: float, timeout: float, limit: int = 2
+    ) -> aiohttp.ClientSession:
+        """A client session verifying this controller with the link's TLS context."""
+        return client_session(
+            ssl_context=self.ssl_context,
+            connect_timeout=connect_timeout,
+            timeout=timeout,
+            limit=limit,
+        )
+
+
+def make_link(
+    endpoint: str, agent_id: str, node_name: str, ca_file: str | None = None
+) -> ControllerLink:
+    """Validate ``endpoint`` (``http://`` or ``https://``, ``ValueError`` otherwise); an
+    ``https://`` endpoint gets a verifying context, against ``ca_file`` only when given
+    (``--controller-ca-file``)."""
+    url = parse_endpoint(endpoint, what="controller")
+    return ControllerLink(
+        endpoint=url, agent_id=agent_id, node_name=node_name, ssl_context=tls_for(url, ca_file)
+    )
