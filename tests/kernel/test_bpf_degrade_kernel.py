@@ -171,3 +171,15 @@ def test_an_observer_that_cannot_start_stops_the_agent_unless_allowed(tmp_path: 
         status = json.loads(status_path.read_text())["observers"]
         assert status["container"]["state"] == "failed"
         assert status["network"]["state"] == "running"
+
+    toml = tmp_path / "toml"
+    toml.mkdir()
+    with agent(
+        toml,
+        observers=("network", "container"),
+        config="[agent]\nallow_degraded = true\n",
+        extra_args=["--ebpf-dir", str(objects)],
+    ) as c:
+        assert any(
+            rec.get("event", "").startswith("container observer failed") for rec in c.logs()
+        ), c.stderr()[-2000:]

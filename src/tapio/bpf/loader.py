@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -314,7 +314,6 @@ class BpfObject:
             culprit, why = self._culprit(err_no)
             if culprit is None or culprit in failed:
                 self._raise_load_error(err_no)
-                return
             failed[culprit] = why
             log.warning(
                 "optional BPF program left out", object=self.path.name, program=culprit, why=why
@@ -351,7 +350,7 @@ class BpfObject:
         detail = _verifier_summary(self.verifier_log) or _last_failure(text) or strerror(err_no)
         return culprit, f"load failed: {detail}"[:240]
 
-    def _raise_load_error(self, err_no: int) -> None:
+    def _raise_load_error(self, err_no: int) -> NoReturn:
         detail = "\n".join(_recent_messages)
         err = BpfError(
             err_no,
