@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: python -m tapio [--data-dir DIR] <command> [options]
+USAGE = """usage: python -m tapio [--data-dir DIR] [--color WHEN] <command> [options]
 
 commands:
   agent        run the node agent (eBPF observers -> sinks)
@@ -30,7 +30,7 @@ def _first_command(argv: Sequence[str]) -> str | None:
         if skip:
             skip = False
             continue
-        if arg == "--data-dir":
+        if arg in ("--data-dir", "--color", "--colour"):  # options that take a value
             skip = True
             continue
         if arg.startswith("-"):

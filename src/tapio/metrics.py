@@ -1,4 +1,4 @@
-"""Agent self-metrics (reference.md §6 names and labels, plus Tapio's additions).
+"""Agent self-metrics: names and labels are a public interface (dashboards and alerts use them).
 
 One private registry so tests and embedders never collide with prometheus-client's global one.
 Hot paths increment once per batch, never once per event.

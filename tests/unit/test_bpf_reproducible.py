@@ -43,8 +43,6 @@ def _build(
 
 @pytest.mark.skipif(shutil.which("clang") is None, reason="clang is needed to build the objects")
 def test_two_differently_configured_builds_are_byte_identical(tmp_path: Path) -> None:
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        assert shutil.which("clang"), "CI must have clang (scripts/setup.sh installs it)"
     a = _checkout(tmp_path / "a")
     b = _checkout(tmp_path / "elsewhere" / "a-much-longer" / "checkout-path")
     # Host B: a bpftool that records being called, a foreign BTF file, another locale and zone.

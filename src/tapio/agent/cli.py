@@ -1,13 +1,14 @@
-"""``python -m tapio agent``: flags (reference.md §7.2 spellings), start-up checks, run.
+"""``python -m tapio agent``: parse the flags and the config, build the agent, call ``run``.
 
-A bad flag or config exits 2 with one line; a host that cannot run eBPF exits 1 with one line
-saying why; SIGTERM/SIGINT exit 0 after the sinks flush.
+Everything decided from the command line happens here, before anything touches the kernel: a
+bad flag or config exits 2 with one line. The agent's lifetime (``startup``, ``serve``,
+``shutdown``) is :class:`tapio.agent.runtime.Agent`'s: a host that cannot run eBPF exits 1 with
+one line saying why; SIGTERM/SIGINT exit 0 after the sinks flush.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import socket
 import sys
@@ -146,12 +147,6 @@ def main(argv: Sequence[str]) -> int:
         sys.stderr.write(f"tapio agent: {exc}\n")
         return 2
 
-    try:
-        run_preflight()
-    except PreflightError as exc:
-        sys.stderr.write(f"tapio agent: {exc}\n")
-        return 1
-
     from tapio.agent.kconfig import standalone_config, user_thresholds
     from tapio.agent.runtime import Agent, AgentOptions
 
@@ -162,18 +157,17 @@ def main(argv: Sequence[str]) -> int:
         initial_config=None if args.controller_endpoint else standalone_config(settings, observers),
         user_thresholds=user_thresholds(settings),
         status_dir=Path(args.data_dir) if "file" in sink_names else None,
+        preflight=run_preflight,
     )
     agent = Agent(settings, options, sinks)
     _add_services(agent, args, settings)
     log.info("tapio agent starting", version=__version__, node=options.node_name)
-    # Everything imported so far lives for the whole run: move it out of the collector's sight,
-    # and collect the young generation less often. Occurrences are gc=False structs; their
-    # short-lived data dicts would otherwise trigger a gen-0 pass every 700 allocations.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 50)
     try:
         return anyio.run(agent.run)
-    except KeyboardInterrupt:
+    except PreflightError as exc:
+        sys.stderr.write(f"tapio agent: {exc}\n")
+        return 1
+    except KeyboardInterrupt:  # SIGINT before the signal watcher took over
         return 0
 
 

@@ -1,6 +1,6 @@
 """The data path: ring buffers → classification → fan-out → sinks, as anyio tasks.
 
-Channel items are batches, never single events (performance.md: one item per event costs ~8x).
+Channel items are batches, never single events (an item per event costs about 8x the CPU).
 Draining → classification applies backpressure (classification is CPU-only; if it falls behind,
 the kernel ring fills and the BPF side counts lost events). Fan-out → sinks never waits: each
 sink has its own bounded stream and a full stream is a counted ``queue_full`` drop, so a slow
@@ -48,17 +48,18 @@ class RunningObserver:
 
 @dataclass
 class PipelineStats:
-    """Totals for the shutdown log line (the Prometheus counters carry the same facts)."""
+    """Totals for the shutdown log line (the Prometheus counters carry the same facts).
+
+    One instance per running agent, created and owned by the runtime and handed to the stages
+    that count into it, so two agents in one process (tests) never share totals.
+    """
 
     events: int = 0
     anomalies: int = 0
 
 
-STATS = PipelineStats()
-
-
-def count_anomalies(observer: str, batch: Sequence[Occurrence]) -> None:
-    STATS.anomalies += len(batch)
+def count_anomalies(observer: str, batch: Sequence[Occurrence], stats: PipelineStats) -> None:
+    stats.anomalies += len(batch)
     by_type = Counter(occ.type for occ in batch)
     for anomaly_type, n in by_type.items():
         ANOMALIES.labels(observer=observer, anomaly_type=anomaly_type).inc(n)
@@ -72,12 +73,13 @@ class Drainer:
         observers: Sequence[RunningObserver],
         interval: float,
         max_per_tick: int,
+        stats: PipelineStats,
     ) -> None:
         self.observers = [o for o in observers if o.ring is not None]
         self.interval = interval
         self.max_per_tick = max_per_tick
         self.scope = anyio.CancelScope()
-        self.stats = STATS
+        self.stats = stats
         self._events = {o.name: EVENTS.labels(observer=o.name) for o in self.observers}
         self._malformed = {o.name: MALFORMED_EVENTS.labels(observer=o.name) for o in self.observers}
         self._cap = {o.name: DRAIN_CAP.labels(observer=o.name) for o in self.observers}
@@ -135,6 +137,7 @@ async def classify_loop(
     ro: RunningObserver,
     payloads: MemoryObjectReceiveStream[bytes],
     out: MemoryObjectSendStream[Batch],
+    stats: PipelineStats,
 ) -> None:
     observer = ro.observer
     async with payloads, out:
@@ -147,7 +150,7 @@ async def classify_loop(
                 MALFORMED_EVENTS.labels(observer=ro.name).inc(n)
                 continue
             if batch:
-                count_anomalies(ro.name, batch)
+                count_anomalies(ro.name, batch, stats)
                 await out.send(batch)
 
 

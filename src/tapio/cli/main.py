@@ -1,9 +1,13 @@
-"""``python -m tapio [--data-dir DIR] status|watch|recent|health|mcp``.
+"""``python -m tapio [--data-dir DIR] [--color WHEN] status|watch|recent|health|mcp``.
 
 Reads the file sink's occurrence directory (``--data-dir``, ``TAPIO_DATA_DIR``, default
 ``.tapio/occurrences``); never talks to the agent. ``main(argv)`` receives the full argument list
-(the command word included) and returns the exit code: 0 success, 1 an unreadable data directory,
-2 a usage error, 130 interrupted (Ctrl-C; ``watch`` treats Ctrl-C as its normal end and exits 0).
+(the command word included) and returns the exit code: 0 success, 1 an unreadable data directory
+(``health``: the node is not healthy), 2 a usage error, 3 ``health`` found no data to judge, 130
+interrupted (Ctrl-C; ``watch`` treats Ctrl-C as its normal end and exits 0).
+
+Options shared by every command (``--data-dir``, ``--color``) are accepted before or after the
+command word; a bad option is reported with the usage of the command it was given to.
 """
 
 from __future__ import annotations
@@ -13,72 +17,50 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
-from tapio.cli import render
+from tapio.cli.commands import COMMANDS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Console
+from tapio.cli.render import COLOR_MODES
 from tapio.cli.store import (
     DEFAULT_DATA_DIR,
-    HOUR_NS,
+    KNOWN_TYPES,
     OBSERVERS,
     SEVERITIES,
     Clock,
     DataDirError,
-    Filter,
-    Record,
-    iter_records,
-    newest,
-    parse_duration,
-    select,
-    summarize,
+    parse_time,
     system_clock,
 )
 
 RECENT_LIMIT = 20
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 
-class Console:
-    """Where a command writes: stdout/stderr, colour decision and the clock (all injectable)."""
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: an option it does not know is *its* usage error (its own usage
+    line, exit 2), not the top-level parser's generic "unrecognized arguments"."""
 
-    def __init__(
-        self,
-        stdout: TextIO,
-        stderr: TextIO,
-        environ: Mapping[str, str],
-        clock: Clock,
-    ) -> None:
-        self.stdout = stdout
-        self.stderr = stderr
-        self.environ = environ
-        self.clock = clock
-        self.style = render.Style(render.colour_enabled(stdout, environ))
-
-    def out(self, lines: Sequence[str]) -> None:
-        if lines:
-            self.stdout.write("\n".join(lines) + "\n")
-        self.stdout.flush()
-
-    def warn(self, path: str, reason: str) -> None:
-        self.stderr.write(f"warning: skipped {path}: {reason}\n")
-        self.stderr.flush()
-
-    def error(self, message: str) -> None:
-        self.stderr.write(f"error: {message}\n")
-        self.stderr.flush()
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 # --------------------------------------------------------------------------------------------
-# argument parsing
+# argument types
 
 
-def _duration(text: str) -> int:
+def _time(text: str) -> str:
+    """Checked now (syntax), resolved against the clock when the command runs."""
     try:
-        return parse_duration(text)
+        parse_time(text, 0)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
 
 
 def _positive_int(text: str) -> int:
@@ -91,28 +73,86 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _csv(choices: Sequence[str] | None) -> Callable[[str], list[str]]:
+def _choice_error(value: str, what: str, choices: Sequence[str]) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(
+        f"invalid choice {value!r}: unknown {what} (choose from {', '.join(choices)})"
+    )
+
+
+def _csv(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         values = [v.strip().lower() for v in text.split(",") if v.strip()]
         if not values:
             raise argparse.ArgumentTypeError("expected at least one value")
-        if choices is not None:
-            bad = [v for v in values if v not in choices]
-            if bad:
-                raise argparse.ArgumentTypeError(
-                    f"invalid choice {bad[0]!r} (choose from {', '.join(choices)})"
-                )
+        bad = [v for v in values if v not in choices]
+        if bad:
+            raise _choice_error(bad[0], what, choices)
         return values
 
     return parse
 
 
-def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+def _observer(text: str) -> str:
+    value = text.strip().lower()
+    if value not in OBSERVERS:
+        raise _choice_error(value, "observer", OBSERVERS)
+    return value
+
+
+def _non_empty(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# the parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         metavar="DIR",
         default=argparse.SUPPRESS,
         help=f"occurrence directory (env TAPIO_DATA_DIR, default {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--color",
+        "--colour",
+        dest="color",
+        choices=COLOR_MODES,
+        default=argparse.SUPPRESS,
+        help="colour the text output: auto (a terminal without NO_COLOR), always, never",
+    )
+
+
+def _add_output(parser: argparse.ArgumentParser, json_help: str) -> None:
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help=f"output format (json: {json_help})",
+    )
+    parser.add_argument(
+        "--json", dest="output", action="store_const", const="json", help="same as -o json"
+    )
+
+
+def _add_window(parser: argparse.ArgumentParser) -> None:
+    when = "TIME"
+    parser.add_argument(
+        "--since",
+        type=_time,
+        metavar=when,
+        help="only from this time on: N s/m/h/d ago (15m, 2h) or RFC 3339 with offset",
+    )
+    parser.add_argument(
+        "--until",
+        type=_time,
+        metavar=when,
+        help="only up to this time (same forms as --since)",
     )
 
 
@@ -120,15 +160,23 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--observer",
         action="extend",
-        type=_csv(None),
+        type=_csv(OBSERVERS, "observer"),
         default=None,
         metavar="NAME[,NAME]",
-        help="only these observers (network, container, storage, node); repeatable",
+        help=f"only these observers ({', '.join(OBSERVERS)}); repeatable",
+    )
+    parser.add_argument(
+        "--type",
+        action="extend",
+        type=_csv(KNOWN_TYPES, "anomaly type"),
+        default=None,
+        metavar="TYPE[,TYPE]",
+        help="only these anomaly types (e.g. kernel.network.connection_refused); repeatable",
     )
     parser.add_argument(
         "--severity",
         action="extend",
-        type=_csv(SEVERITIES),
+        type=_csv(SEVERITIES, "severity"),
         default=None,
         metavar="LEVEL[,LEVEL]",
         help=f"only these severities ({', '.join(SEVERITIES)}); repeatable",
@@ -140,6 +188,18 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
         metavar="LEVEL",
         help="only this severity or worse",
     )
+    parser.add_argument(
+        "--container-id",
+        type=_non_empty,
+        metavar="ID",
+        help="only this container (full id or a prefix of at least 6 characters)",
+    )
+    parser.add_argument(
+        "--pod-uid",
+        type=_non_empty,
+        metavar="UID",
+        help="only this Kubernetes pod UID (dashes or underscores)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,26 +207,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tapio",
         description="Inspect the kernel anomaly evidence written by the Tapio agent's file sink.",
     )
-    _add_data_dir(parser)
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_CommandParser)
     sub.required = True
 
     p = sub.add_parser("status", help="per-observer counts and last seen (all time)")
-    _add_data_dir(p)
-    p.add_argument("--since", type=_duration, metavar="<N><unit>", help="only the last N s/m/h/d")
+    _add_common(p)
+    _add_output(p, "one document")
+    _add_window(p)
+    _add_filters(p)
 
     p = sub.add_parser("watch", help="follow new occurrences as they are written")
-    _add_data_dir(p)
-    p.add_argument("--json", action="store_true", help="compact JSON lines")
+    _add_common(p)
+    _add_output(p, "compact JSON lines")
     for name in OBSERVERS:
         p.add_argument(f"--{name}", action="store_true", help=f"{name} observer (OR-ed)")
     _add_filters(p)
     p.add_argument("--poll", action="store_true", help="poll every 200 ms instead of inotify")
 
     p = sub.add_parser("recent", help=f"the newest occurrences (at most {RECENT_LIMIT})")
-    _add_data_dir(p)
-    p.add_argument("--json", action="store_true", help="compact JSON lines, newest first")
-    p.add_argument("--since", type=_duration, metavar="<N><unit>", help="only the last N s/m/h/d")
+    _add_common(p)
+    _add_output(p, "compact JSON lines, newest first")
+    _add_window(p)
     p.add_argument(
         "--limit",
         "-n",
@@ -177,138 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_filters(p)
 
-    p = sub.add_parser("health", help="health summary of the last hour")
-    _add_data_dir(p)
-    p.add_argument("observer", nargs="?", help="one observer in detail")
+    p = sub.add_parser(
+        "health",
+        help="health of the last hour (exit 0 healthy, 1 not healthy, 3 no data)",
+        description="Health of the last hour. Exit status: 0 healthy, 1 not healthy (anomalies "
+        "in the last hour or a failed observer), 2 usage error, 3 no data (the data directory "
+        "is missing or unreadable).",
+    )
+    _add_common(p)
+    _add_output(p, "one document")
+    p.add_argument(
+        "observer", nargs="?", type=_observer, help=f"one observer ({', '.join(OBSERVERS)})"
+    )
 
     p = sub.add_parser("mcp", help="read-only MCP server on stdio")
-    _add_data_dir(p)
+    _add_common(p)
     return parser
-
-
-def _observer_set(args: argparse.Namespace, *, flags: bool) -> frozenset[str] | None:
-    chosen: set[str] = set(args.observer or ())
-    if flags:
-        chosen.update(name for name in OBSERVERS if getattr(args, name, False))
-    return frozenset(chosen) if chosen else None
-
-
-def _filter(args: argparse.Namespace, clock: Clock, *, flags: bool) -> Filter:
-    since = getattr(args, "since", None)
-    severities = getattr(args, "severity", None)
-    return Filter(
-        observers=_observer_set(args, flags=flags) if hasattr(args, "observer") else None,
-        severities=frozenset(severities) if severities else None,
-        min_severity=getattr(args, "min_severity", None),
-        since_ns=clock() - since if since is not None else None,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# commands
-
-
-def cmd_status(args: argparse.Namespace, con: Console, data_dir: str) -> int:
-    summary = summarize(
-        select(iter_records(data_dir, con.warn), _filter(args, con.clock, flags=False))
-    )
-    con.out(render.status_table(summary))
-    return EXIT_OK
-
-
-def _json_lines(records: Sequence[Record]) -> list[str]:
-    from tapio.occurrence import encode
-
-    return [encode(rec.occ).decode() for rec in records]
-
-
-def cmd_recent(args: argparse.Namespace, con: Console, data_dir: str) -> int:
-    flt = _filter(args, con.clock, flags=False)
-    records = newest(select(iter_records(data_dir, con.warn), flt), args.limit)
-    if not records:
-        con.out(["no anomalies recorded"])
-    elif args.json:
-        con.out(_json_lines(records))
-    else:
-        con.out(render.occurrence_lines(records, con.style))
-    return EXIT_OK
-
-
-def cmd_health(args: argparse.Namespace, con: Console, data_dir: str) -> int:
-    flt = Filter(since_ns=con.clock() - HOUR_NS)
-    summary = summarize(select(iter_records(data_dir, con.warn), flt))
-    observer = args.observer.strip().lower() if args.observer else None
-    if observer:
-        con.out(render.health_observer(summary.get(observer)))
-    else:
-        con.out(render.health_table(summary, con.style))
-    con.out(_agent_status_lines(data_dir, observer, con.clock()))
-    return EXIT_OK
-
-
-def _agent_status_lines(data_dir: str, observer: str | None, now_ns: int) -> list[str]:
-    """What the agent's status file adds: failed observers and anomaly types this node cannot
-    produce (e.g. ipc_degradation without a hardware PMU). Nothing when there is no agent
-    status next to the occurrences, so the reference output is unchanged."""
-    from tapio.status import read_status
-
-    status = read_status(data_dir)
-    if status is None:
-        return []
-    lines = [""]
-    age = max(0, now_ns // 1_000_000_000 - int(status.written_at_unix))
-    lines.append(f"agent: generation {status.config_generation}, status {age}s old")
-    for name, obs in sorted(status.observers.items()):
-        if observer and name != observer:
-            continue
-        if obs.state != "running":
-            lines.append(f"  {name}: {obs.state}" + (f" ({obs.error})" if obs.error else ""))
-        for anomaly, why in sorted(obs.unsupported.items()):
-            lines.append(f"  {name}: {anomaly} unsupported: {why}")
-        if obs.degraded_reasons:
-            lines.append(f"  {name}: degraded: {', '.join(obs.degraded_reasons)}")
-    return lines if len(lines) > 2 else lines[:2]
-
-
-def cmd_watch(args: argparse.Namespace, con: Console, data_dir: str) -> int:
-    from tapio.cli.watch import Watcher
-
-    flt = _filter(args, con.clock, flags=True)
-
-    def emit(records: list[Record]) -> None:
-        shown = [rec for rec in records if flt.matches(rec)]
-        if not shown:
-            return
-        if args.json:
-            con.out(_json_lines(shown))
-        else:
-            width = render.WATCH_TYPE_WIDTH
-            con.out([render.occurrence_line(rec, con.style, width) for rec in shown])
-
-    watcher = Watcher(data_dir, emit, con.warn, use_inotify=not args.poll)
-    try:
-        watcher.start()
-        watcher.run()
-    except KeyboardInterrupt:
-        return EXIT_OK
-    finally:
-        watcher.close()
-    return EXIT_OK  # pragma: no cover - run() only returns when stopped
-
-
-def cmd_mcp(args: argparse.Namespace, con: Console, data_dir: str) -> int:
-    from tapio.cli.mcp_server import run
-
-    return run(data_dir, clock=con.clock)
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace, Console, str], int]] = {
-    "status": cmd_status,
-    "watch": cmd_watch,
-    "recent": cmd_recent,
-    "health": cmd_health,
-    "mcp": cmd_mcp,
-}
 
 
 def main(
@@ -331,7 +277,8 @@ def main(
         except SystemExit as exc:  # --help or a usage error (already printed by argparse)
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         data_dir = getattr(args, "data_dir", None) or env.get("TAPIO_DATA_DIR") or DEFAULT_DATA_DIR
-        con = Console(out, err, env, clock)
+        opts: dict[str, Any] = vars(args)
+        con = Console(out, err, env, clock, opts.get("color", "auto"))
         try:
             return COMMANDS[args.command](args, con, data_dir)
         except DataDirError as exc:

@@ -2,26 +2,26 @@
 
 Transport: newline-delimited JSON-RPC 2.0 on stdin/stdout (one message per line, UTF-8, every
 response flushed); anything diagnostic goes to stderr. Implemented by hand so the node-side
-install stays lean (no ``mcp`` SDK, no pydantic).
+install stays lean (no ``mcp`` SDK, no pydantic); the tools themselves live in ``mcp_tools``.
 
 Lifecycle: ``initialize`` negotiates the protocol version (the client's if supported, else our
 latest), ``notifications/initialized`` and every other notification are never answered, ``ping``
-returns ``{}``. Tools: the reference's ``tapio_recent_anomalies``, ``tapio_node_health`` and
-``tapio_watch_stream`` (same names, descriptions and argument schemas) plus
-``tapio_container_anomalies``.
+returns ``{}``. Tools: ``tapio_recent_anomalies``, ``tapio_node_health``, ``tapio_watch_stream``
+and ``tapio_container_anomalies``, described as each negotiated revision knows them (annotations
+from 2025-03-26, ``title`` and ``outputSchema``/``structuredContent`` from 2025-06-18).
 
 Errors follow the JSON-RPC 2.0 and MCP specifications: -32700 parse error, -32600 invalid
 request, -32601 method not found, -32602 invalid params (malformed ``tools/call`` params and
 unknown tools). Argument validation errors are tool execution errors (``isError: true``) from
 protocol 2025-11-25 on, and -32602 protocol errors for older negotiated versions, as each
 revision of the specification says. Failures while reading the evidence are tool execution
-errors (``isError: true``).
+errors (``isError: true``). JSON-RPC batches are answered only under the revisions that have
+them (2024-11-05 and 2025-03-26); 2025-06-18 removed them, so from then on (and before any
+version is negotiated) a batch gets one -32600 error.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
@@ -29,19 +29,8 @@ from typing import Any, BinaryIO
 import msgspec
 
 from tapio import __version__
-from tapio.cli.store import (
-    HOUR_NS,
-    OBSERVERS,
-    DataDirError,
-    Filter,
-    Record,
-    Summary,
-    iter_records,
-    newest,
-    select,
-    system_clock,
-)
-from tapio.occurrence import Occurrence
+from tapio.cli.mcp_tools import HANDLERS, TOOL_NAMES, TOOLS, ToolInputError
+from tapio.cli.store import OBSERVERS, DataDirError, Record, iter_records, system_clock
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -54,94 +43,20 @@ SUPPORTED_VERSIONS: tuple[str, ...] = ("2024-11-05", "2025-03-26", "2025-06-18",
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 #: From this revision on, tool input validation errors are tool execution errors (SEP-1303).
 _ARGUMENT_ERRORS_IN_RESULT = frozenset({"2025-11-25"})
+#: Revisions with JSON-RPC batches (2025-06-18 removed them).
+BATCH_VERSIONS = frozenset({"2024-11-05", "2025-03-26"})
+#: Revisions that know tool annotations, and tool titles with output schemas.
+_ANNOTATION_VERSIONS = frozenset(SUPPORTED_VERSIONS[1:])
+_STRUCTURED_VERSIONS = frozenset(SUPPORTED_VERSIONS[2:])
 
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
 SERVER_NAME = "tapio"
 INSTRUCTIONS = (
     "Read-only access to the kernel anomaly evidence (occurrences) that the Tapio agent recorded "
-    "on this node. Timestamps are UTC; the observers are network, container, storage and node."
+    f"on this node. Timestamps are UTC; the observers are {', '.join(OBSERVERS)}. Lists are "
+    "bounded: when a result says truncated, pass its next_cursor back as cursor for the rest."
 )
-
-TOOLS: list[dict[str, Any]] = [
-    {
-        "name": "tapio_recent_anomalies",
-        "description": "Get recent kernel anomalies from the last N minutes",
-        "inputSchema": {
-            "type": "object",
-            "properties": {
-                "minutes": {
-                    "type": "number",
-                    "description": "Time window in minutes",
-                    "default": 5,
-                },
-                "observer": {
-                    "type": "string",
-                    "description": "Observer category to include",
-                    "enum": ["network", "container", "storage", "node", "all"],
-                    "default": "all",
-                },
-                "severity": {
-                    "type": "string",
-                    "description": "Severity to include",
-                    "enum": ["warning", "error", "critical", "all"],
-                    "default": "all",
-                },
-            },
-        },
-    },
-    {
-        "name": "tapio_node_health",
-        "description": "Get current node health summary across all observers",
-        "inputSchema": {"type": "object", "properties": {}},
-    },
-    {
-        "name": "tapio_watch_stream",
-        "description": "Get the most recent anomalies (snapshot, not streaming)",
-        "inputSchema": {
-            "type": "object",
-            "properties": {
-                "observer": {
-                    "type": "string",
-                    "description": "Observer category to include (network, container, storage, "
-                    "node); all when omitted",
-                },
-                "max_events": {
-                    "type": "number",
-                    "description": "Maximum number of anomalies to return",
-                    "default": 50,
-                },
-            },
-        },
-    },
-    {
-        "name": "tapio_container_anomalies",
-        "description": (
-            "Get kernel anomalies attributed to a container or pod in the last N minutes, "
-            "matched on the container_id and pod_uid facts of each anomaly"
-        ),
-        "inputSchema": {
-            "type": "object",
-            "properties": {
-                "container_id": {
-                    "type": "string",
-                    "description": "Container id, full or a prefix of at least 6 characters "
-                    "(e.g. the 12-character short id)",
-                },
-                "pod_uid": {
-                    "type": "string",
-                    "description": "Kubernetes pod UID (dashes or underscores)",
-                },
-                "minutes": {
-                    "type": "number",
-                    "description": "Time window in minutes",
-                    "default": 60,
-                },
-            },
-        },
-    },
-]
-_TOOL_NAMES = frozenset(tool["name"] for tool in TOOLS)
 
 
 class RpcError(Exception):
@@ -158,69 +73,7 @@ class RpcError(Exception):
         return err
 
 
-class ToolInputError(Exception):
-    """Arguments that do not satisfy the tool's input schema."""
-
-
-class ToolFailure(Exception):
-    """The tool could not read the evidence."""
-
-
 _encoder = msgspec.json.Encoder()
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _minutes(args: dict[str, Any], default: float) -> int:
-    """The ``minutes`` argument as a window in nanoseconds."""
-    value = args.get("minutes", default)
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise ToolInputError(f"minutes must be a positive number, got {json.dumps(value)}")
-    return int(value * 60_000_000_000)
-
-
-def _enum(args: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
-    value = args.get(key, "all")
-    if not isinstance(value, str) or value not in choices:
-        raise ToolInputError(f"{key} must be one of {', '.join(choices)}, got {json.dumps(value)}")
-    return value
-
-
-def _optional_str(args: dict[str, Any], key: str) -> str | None:
-    value = args.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ToolInputError(f"{key} must be a non-empty string, got {json.dumps(value)}")
-    return value.strip()
-
-
-def _occurrences_json(records: list[Record]) -> str:
-    occs: list[Occurrence] = [rec.occ for rec in records]
-    return _encoder.encode(occs).decode()
-
-
-def _norm_uid(value: str) -> str:
-    return value.strip().lower().replace("_", "-")
-
-
-def _container_matches(rec: Record, container_id: str | None, pod_uid: str | None) -> bool:
-    data = rec.occ.data or {}
-    if container_id is not None:
-        cid = data.get("container_id")
-        if not isinstance(cid, str) or not cid:
-            return False
-        want = container_id.lower()
-        have = cid.lower()
-        if have != want and not (len(want) >= 6 and have.startswith(want)):
-            return False
-    if pod_uid is not None:
-        uid = data.get("pod_uid")
-        if not isinstance(uid, str) or _norm_uid(uid) != _norm_uid(pod_uid):
-            return False
-    return True
 
 
 class McpServer:
@@ -238,6 +91,7 @@ class McpServer:
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.protocol_version = LATEST_VERSION
         self.initialized = False
+        self._negotiated = False
         self._warned: set[str] = set()
 
     # -- evidence ------------------------------------------------------------------------
@@ -252,71 +106,21 @@ class McpServer:
 
     # -- tools ---------------------------------------------------------------------------
 
-    def tool_recent_anomalies(self, args: dict[str, Any]) -> str:
-        window = _minutes(args, 5)
-        observer = _enum(args, "observer", (*OBSERVERS, "all"))
-        severity = _enum(args, "severity", ("warning", "error", "critical", "all"))
-        flt = Filter(
-            observers=None if observer == "all" else frozenset({observer}),
-            severities=None if severity == "all" else frozenset({severity}),
-            since_ns=self.clock() - window,
-        )
-        return _occurrences_json(newest(select(self._records(), flt), None))
-
-    def tool_node_health(self, args: dict[str, Any]) -> str:
-        summary = Summary()
-        for rec in select(self._records(), Filter(since_ns=self.clock() - HOUR_NS)):
-            summary.add(rec)
-        body = {
-            "status": summary.status,
-            "total_anomalies_1h": summary.total,
-            "total_critical_1h": summary.critical,
-            "observers": [
-                {"name": s.name, "anomalies": s.count, "critical": s.critical}
-                for s in summary.ordered(include_fixed=False)
-            ],
-        }
-        return json.dumps(body, indent=2, ensure_ascii=False)
-
-    def tool_watch_stream(self, args: dict[str, Any]) -> str:
-        observer = _optional_str(args, "observer")
-        value = args.get("max_events", 50)
-        if not _is_number(value) or not float(value).is_integer() or value < 0:
-            raise ToolInputError(
-                f"max_events must be a non-negative integer, got {json.dumps(value)}"
-            )
-        limit = int(value)
-        flt = Filter(
-            observers=None if observer in (None, "all") else frozenset({str(observer)}),
-        )
-        return _occurrences_json(newest(select(self._records(), flt), limit))
-
-    def tool_container_anomalies(self, args: dict[str, Any]) -> str:
-        container_id = _optional_str(args, "container_id")
-        pod_uid = _optional_str(args, "pod_uid")
-        if container_id is None and pod_uid is None:
-            raise ToolInputError("container_id or pod_uid is required")
-        window = _minutes(args, 60)
-        since = self.clock() - window
-        matched = (
-            rec
-            for rec in self._records()
-            if rec.ts_ns >= since and _container_matches(rec, container_id, pod_uid)
-        )
-        return _occurrences_json(newest(matched, None))
+    def tools(self) -> list[dict[str, Any]]:
+        """The tool list as the negotiated revision describes tools."""
+        drop: set[str] = set()
+        if self.protocol_version not in _STRUCTURED_VERSIONS:
+            drop |= {"title", "outputSchema"}
+        if self.protocol_version not in _ANNOTATION_VERSIONS:
+            drop.add("annotations")
+        return [{k: v for k, v in tool.items() if k not in drop} for tool in TOOLS]
 
     def call_tool(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        handlers: dict[str, Callable[[dict[str, Any]], str]] = {
-            "tapio_recent_anomalies": self.tool_recent_anomalies,
-            "tapio_node_health": self.tool_node_health,
-            "tapio_watch_stream": self.tool_watch_stream,
-            "tapio_container_anomalies": self.tool_container_anomalies,
-        }
-        handler = handlers.get(name)
+        handler = HANDLERS.get(name)
         if handler is None:
             raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
         try:
-            text = handler(args)
+            result = handler(self._records, self.clock(), args)
         except ToolInputError as exc:
             message = f"Invalid arguments for tool '{name}': {exc}"
             if self.protocol_version not in _ARGUMENT_ERRORS_IN_RESULT:
@@ -324,7 +128,13 @@ class McpServer:
             return _error_result(message)
         except (DataDirError, OSError) as exc:
             return _error_result(f"Tool call failed for '{name}': {exc}")
-        return {"content": [{"type": "text", "text": text}]}
+        content = [{"type": "text", "text": result.text}]
+        if result.note is not None:
+            content.append({"type": "text", "text": result.note})
+        out: dict[str, Any] = {"content": content}
+        if self.protocol_version in _STRUCTURED_VERSIONS:
+            out["structuredContent"] = result.structured
+        return out
 
     # -- methods -------------------------------------------------------------------------
 
@@ -333,6 +143,7 @@ class McpServer:
         if not isinstance(requested, str):
             raise RpcError(INVALID_PARAMS, "Invalid params: protocolVersion must be a string")
         self.protocol_version = requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
+        self._negotiated = True
         return {
             "protocolVersion": self.protocol_version,
             "capabilities": {"tools": {"listChanged": False}},
@@ -349,14 +160,14 @@ class McpServer:
             args = {}
         if not isinstance(args, dict):
             raise RpcError(INVALID_PARAMS, "Invalid params: arguments must be an object")
-        if name not in _TOOL_NAMES:
+        if name not in TOOL_NAMES:
             raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
         return self.call_tool(name, args)
 
     def _tools_list(self, params: dict[str, Any]) -> dict[str, Any]:
         if params.get("cursor") is not None:
             raise RpcError(INVALID_PARAMS, "Invalid params: unknown cursor")
-        return {"tools": TOOLS}
+        return {"tools": self.tools()}
 
     def dispatch(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "initialize":
@@ -423,12 +234,40 @@ class McpServer:
         except msgspec.DecodeError:
             return _encode(_error(None, PARSE_ERROR, "Parse error"))
         if isinstance(msg, list):
-            if not msg:
-                return _encode(_error(None, INVALID_REQUEST, "Invalid Request: empty batch"))
-            responses = [r for r in (self.handle_message(m) for m in msg) if r is not None]
-            return _encode(responses) if responses else None
+            return self._handle_batch(msg)
         response = self.handle_message(msg)
         return None if response is None else _encode(response)
+
+    def _handle_batch(self, batch: list[Any]) -> bytes | None:
+        if not batch:
+            return _encode(_error(None, INVALID_REQUEST, "Invalid Request: empty batch"))
+        if not self._negotiated or self.protocol_version not in BATCH_VERSIONS:
+            version = self.protocol_version if self._negotiated else "(none negotiated yet)"
+            return _encode(
+                _error(
+                    None,
+                    INVALID_REQUEST,
+                    f"Invalid Request: JSON-RPC batches are not supported in protocol version "
+                    f"{version} (only in {', '.join(sorted(BATCH_VERSIONS))})",
+                )
+            )
+        responses = []
+        for msg in batch:
+            if isinstance(msg, dict) and msg.get("method") == "initialize":
+                # the lifecycle forbids it: initialize must be a request of its own
+                rid = msg.get("id")
+                responses.append(
+                    _error(
+                        rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None,
+                        INVALID_REQUEST,
+                        "Invalid Request: initialize must not be part of a batch",
+                    )
+                )
+                continue
+            response = self.handle_message(msg)
+            if response is not None:
+                responses.append(response)
+        return _encode(responses) if responses else None
 
     def serve(self, stdin: BinaryIO, stdout: BinaryIO) -> int:
         """Answer requests until end of input."""

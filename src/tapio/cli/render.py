@@ -1,17 +1,22 @@
-"""Text rendering: the reference's tables and lines, aligned, optionally coloured.
+"""Text rendering: the status and health tables and the occurrence lines, aligned, optionally
+coloured, plus the JSON documents of ``status --json`` and ``health --json``.
 
-Colour is used only when the output stream is a terminal and ``NO_COLOR`` is not set (and
-``TERM`` is not ``dumb``). Text coming from the evidence (types, messages: ``comm`` is chosen by
-whatever process ran) is stripped of control characters so it cannot drive the terminal.
+Colour (``--color=auto``, the default) is used only when the output stream is a terminal,
+``NO_COLOR`` is unset or empty, and ``TERM`` is not ``dumb``; ``--color=always|never`` overrides
+all of that. Text coming from the evidence (types, messages, ``comm``: chosen by whatever process
+ran) is stripped of control characters so it cannot drive the terminal.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from tapio.cli.store import ObserverStats, Record, Summary, display_ts
+from tapio.occurrence import format_timestamp
+
+COLOR_MODES = ("auto", "always", "never")
 
 _RESET = "\x1b[0m"
 _SEVERITY_SGR = {
@@ -23,15 +28,18 @@ _SEVERITY_SGR = {
 }
 _STATUS_SGR = {"healthy": "\x1b[32m", "degraded": "\x1b[33m", "critical": "\x1b[1;31m"}
 
-#: Width of the type column in ``watch`` (the longest of the 11 standard types).
+#: Width of the type column in ``watch`` (the longest of the standard types).
 WATCH_TYPE_WIDTH = len("kernel.network.connection_timeout")
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def colour_enabled(stream: TextIO, environ: Mapping[str, str]) -> bool:
-    """True only for a terminal, without ``NO_COLOR`` (any value) and not ``TERM=dumb``."""
-    if "NO_COLOR" in environ or environ.get("TERM") == "dumb":
+def colour_enabled(stream: TextIO, environ: Mapping[str, str], mode: str = "auto") -> bool:
+    """``always``/``never`` as asked; ``auto``: only a terminal, with ``NO_COLOR`` unset or
+    empty (an empty value does not count, as no-color.org says) and not ``TERM=dumb``."""
+    if mode != "auto":
+        return mode == "always"
+    if environ.get("NO_COLOR") or environ.get("TERM") == "dumb":
         return False
     try:
         return stream.isatty()
@@ -63,16 +71,55 @@ class Style:
         return self._wrap("\x1b[1m", text)
 
 
+def _str_fact(data: Mapping[str, Any], *keys: str) -> str | None:
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def who(rec: Record) -> str:
+    """``pid=<n> comm=<c> pod=<ns>/<name>``: the facts that say which process (and pod) an
+    occurrence is about, those present in the evidence only; empty when none is."""
+    occ = rec.occ
+    data = occ.data or {}
+    parts = []
+    pid = data.get("pid")
+    if isinstance(pid, int) and not isinstance(pid, bool):
+        parts.append(f"pid={pid}")
+    comm = _str_fact(data, "comm")
+    if comm is not None:
+        parts.append(f"comm={clean(comm)}")
+    pod = _str_fact(data, "pod_name", "k8s_pod_name", "pod")
+    namespace = _str_fact(data, "namespace", "pod_namespace", "k8s_namespace")
+    ctx = occ.context
+    if ctx is not None:
+        namespace = namespace or ctx.namespace
+        for entity in ctx.entities or ():
+            if pod is None and entity.kind.lower() == "pod":
+                pod = entity.name or entity.id
+    if pod is not None:
+        parts.append(f"pod={clean(namespace + '/' if namespace else '')}{clean(pod)}")
+    elif namespace is not None:
+        parts.append(f"namespace={clean(namespace)}")
+    return " ".join(parts)
+
+
 def occurrence_line(rec: Record, style: Style, type_width: int = 0) -> str:
-    """``<ts[..19]> <SEVERITY padded 8>  <type>[  <error.message>]``; the type is padded to
-    ``type_width`` when a message follows so messages line up."""
+    """``<ts[..19]> <SEVERITY padded 8>  <type>[  <error.message>][  pid=.. comm=.. pod=..]``;
+    the type is padded to ``type_width`` when more follows so messages line up."""
     occ = rec.occ
     severity = style.severity(occ.severity, occ.severity.upper().ljust(8))
     type_ = clean(occ.type)
     line = f"{display_ts(rec.ts_ns)} {severity}  "
     message = occ.error.message if occ.error is not None else ""
-    if message:
-        return f"{line}{type_.ljust(type_width)}  {clean(message)}"
+    tail = [clean(message)] if message else []
+    facts = who(rec)
+    if facts:
+        tail.append(facts)
+    if tail:
+        return f"{line}{type_.ljust(type_width)}  " + "  ".join(tail)
     return line + type_
 
 
@@ -82,7 +129,7 @@ def occurrence_lines(records: Sequence[Record], style: Style) -> list[str]:
 
 
 def status_table(summary: Summary) -> list[str]:
-    """The reference's ``status`` table (rows sorted by observer name)."""
+    """The ``status`` table (rows sorted by observer name)."""
     if summary.total == 0:
         return ["no anomalies recorded"]
     rows = [summary.observers[name] for name in sorted(summary.observers)]
@@ -143,3 +190,32 @@ def health_observer(stats: ObserverStats) -> list[str]:
     width = max(len(clean(t)) for t, _ in types)
     lines += [f"  {clean(t).ljust(width)}  ({n})" for t, n in types]
     return lines
+
+
+# --------------------------------------------------------------------------------------------
+# JSON documents (``--json``): the same facts as the tables, with full RFC 3339 timestamps
+
+
+def _ts(ns: int | None) -> str | None:
+    return None if ns is None else format_timestamp(ns)
+
+
+def status_json(summary: Summary) -> dict[str, Any]:
+    return {
+        "total": summary.total,
+        "observers": [
+            {"name": s.name, "count": s.count, "last_seen": _ts(s.last_ns)}
+            for s in (summary.observers[n] for n in sorted(summary.observers))
+        ],
+    }
+
+
+def observer_json(stats: ObserverStats) -> dict[str, Any]:
+    return {
+        "name": stats.name,
+        "anomalies": stats.count,
+        "critical": stats.critical,
+        "status": stats.status,
+        "last_seen": _ts(stats.last_ns),
+        "types": dict(stats.types_by_count()),
+    }

@@ -19,13 +19,16 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from tapio.occurrence import Occurrence, decode, parse_timestamp
+from tapio.occurrence import ANOMALY_TYPES, Occurrence, decode, parse_timestamp
 
 NS_PER_SECOND = 1_000_000_000
 HOUR_NS = 3600 * NS_PER_SECOND
 
-#: The observer categories, in the order the reference prints them.
-OBSERVERS: tuple[str, ...] = ("network", "container", "storage", "node")
+#: Every anomaly type Tapio can record, straight from the occurrence registry, so a type (or a
+#: whole observer) added there is known to the CLI and MCP filters without touching them.
+KNOWN_TYPES: tuple[str, ...] = ANOMALY_TYPES
+#: The observer categories (second segment of each known type), in registry order.
+OBSERVERS: tuple[str, ...] = tuple(dict.fromkeys(t.split(".")[1] for t in KNOWN_TYPES))
 SEVERITIES: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 
@@ -43,6 +46,22 @@ Warn = Callable[[str, str], None]
 
 class DataDirError(Exception):
     """The data directory exists but cannot be listed (not a directory, permission denied)."""
+
+
+def data_dir_problem(directory: str) -> tuple[str, str] | None:
+    """Why ``directory`` holds no evidence at all, as ``(kind, message)`` with kind ``missing``
+    or ``empty`` and a message naming the directory, so a wrong ``--data-dir`` is obvious;
+    ``None`` when there is something to read (or the directory cannot be listed: that is a
+    ``DataDirError`` for the reader to raise)."""
+    try:
+        with os.scandir(directory) as it:
+            if any(is_candidate(entry.name) for entry in it):
+                return None
+    except FileNotFoundError:
+        return "missing", f"data directory {directory} does not exist"
+    except OSError:
+        return None
+    return "empty", f"data directory {directory} holds no occurrence files"
 
 
 class SkipFile(Exception):
@@ -167,6 +186,54 @@ def parse_duration(text: str) -> int:
     return value * _UNIT_NS[m.group(2)]
 
 
+_ABSOLUTE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def parse_time(text: str, now_ns: int) -> int:
+    """A point in time as Unix nanoseconds: a duration before ``now_ns`` (``15m``, ``2h``) or an
+    absolute RFC 3339 / ISO 8601 time with a UTC offset (``2024-01-15T00:10:00Z``,
+    ``2024-01-15T01:10:00+01:00``). A time without an offset is refused rather than guessed."""
+    text = text.strip()
+    if _ABSOLUTE_RE.match(text):
+        try:
+            return parse_timestamp(text)
+        except ValueError:
+            raise ValueError(
+                f"invalid time {text!r}: expected RFC 3339 with a UTC offset"
+                " (e.g. 2024-01-15T00:10:00Z or 2024-01-15T01:10:00+01:00)"
+            ) from None
+    try:
+        return now_ns - parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc}, or an RFC 3339 time with a UTC offset (e.g. 2024-01-15T00:10:00Z)"
+        ) from None
+
+
+def normalize_uid(value: str) -> str:
+    """Pod UIDs appear with dashes (API) or underscores (systemd cgroup names)."""
+    return value.strip().lower().replace("_", "-")
+
+
+def container_matches(rec: Record, container_id: str | None, pod_uid: str | None) -> bool:
+    """The ``container_id`` fact equals ``container_id`` or starts with it (a prefix of at
+    least 6 characters, e.g. the 12-character short id); ``pod_uid`` equal in either spelling."""
+    data = rec.occ.data or {}
+    if container_id is not None:
+        cid = data.get("container_id")
+        if not isinstance(cid, str) or not cid:
+            return False
+        want = container_id.strip().lower()
+        have = cid.lower()
+        if have != want and not (len(want) >= 6 and have.startswith(want)):
+            return False
+    if pod_uid is not None:
+        uid = data.get("pod_uid")
+        if not isinstance(uid, str) or normalize_uid(uid) != normalize_uid(pod_uid):
+            return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     """Which occurrences a command shows. ``None`` means "no restriction"."""
@@ -175,14 +242,26 @@ class Filter:
     severities: frozenset[str] | None = None
     min_severity: str | None = None
     since_ns: int | None = None  # absolute cutoff (Unix ns): keep timestamps >= since_ns
+    until_ns: int | None = None  # absolute cutoff (Unix ns): keep timestamps <= until_ns
+    types: frozenset[str] | None = None
+    container_id: str | None = None
+    pod_uid: str | None = None
 
     def matches(self, rec: Record) -> bool:
         if self.since_ns is not None and rec.ts_ns < self.since_ns:
             return False
+        if self.until_ns is not None and rec.ts_ns > self.until_ns:
+            return False
         if self.observers is not None and rec.observer not in self.observers:
+            return False
+        if self.types is not None and rec.occ.type not in self.types:
             return False
         sev = rec.occ.severity
         if self.severities is not None and sev not in self.severities:
+            return False
+        if (self.container_id is not None or self.pod_uid is not None) and not (
+            container_matches(rec, self.container_id, self.pod_uid)
+        ):
             return False
         return self.min_severity is None or (
             SEVERITY_RANK.get(sev, -1) >= SEVERITY_RANK[self.min_severity]
@@ -230,6 +309,10 @@ class ObserverStats:
             return None
         name, count = min(self.types.items(), key=lambda kv: (-kv[1], kv[0]))
         return name, count
+
+    @property
+    def status(self) -> str:
+        return health_status(self.count, self.critical)
 
     def types_by_count(self) -> list[tuple[str, int]]:
         return sorted(self.types.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -285,7 +368,8 @@ def health_status(total: int, critical: int) -> str:
 
 
 def display_ts(ns: int) -> str:
-    """``YYYY-MM-DDTHH:MM:SS`` in UTC (the reference's 19-character cut of a ``+00:00`` stamp)."""
+    """``YYYY-MM-DDTHH:MM:SS`` in UTC: the first 19 characters of the ``+00:00`` stamp, short
+    enough for a table column and still sortable."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // NS_PER_SECOND))
 
 

@@ -52,7 +52,7 @@ WATCH_MASK = (
 _EVENT_HEADER = struct.Struct("iIII")
 
 POLL_INTERVAL = 0.2
-"""Polling fallback period (the reference polls every 200 ms)."""
+"""Polling fallback period: new files show up within a fifth of a second."""
 RESCAN_INTERVAL = 5.0
 """Safety rescan period while inotify is active."""
 SETTLE_SECONDS = 2.0

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import msgspec
-
 from tapio.bpf.abi import CStruct, TapioConfig
 from tapio.bpf.features import ProgramSpec
 from tapio.bpf.libbpf import BpfError
 from tapio.bpf.loader import BpfObject
 from tapio.occurrence import Occurrence
+from tapio.thresholds import Thresholds
 
 Emit = Callable[[Sequence[Occurrence]], Awaitable[None]]
 
@@ -63,23 +62,10 @@ class ObserverContext:
     settings: dict[str, object] = field(default_factory=dict)
 
 
-class UserThresholds(msgspec.Struct, kw_only=True, frozen=True):
-    """Thresholds judged in userspace (not in the kernel ABI). Built by the agent from its TOML
-    (standalone) or from the controller's compiled profile, and pushed with ``on_config``."""
-
-    # node: PSI (percent of time over avg10), cgroup throttling, hysteresis
-    memory_some_pct: float = 10.0
-    memory_full_pct: float = 5.0
-    cpu_some_pct: float = 50.0
-    throttle_pct: float = 20.0
-    hysteresis_pct: float = 50.0
-    # node: hardware counters (reference TOML keys)
-    stall_pct_warning: float = 20.0
-    stall_pct_critical: float = 40.0
-    ipc_degradation: float = 1.0
-    node_pmc_enabled: bool = True
-    # container
-    exit_scope: str = "auto"  # resolved scope is in TapioConfig.exit_flags
+#: The thresholds the observers judge with in userspace; the agent's one thresholds type,
+#: built from the TOML (standalone) or the controller's compiled profile, pushed with
+#: ``on_config``.
+UserThresholds = Thresholds
 
 
 @dataclass

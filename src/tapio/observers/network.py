@@ -19,7 +19,7 @@ from tapio.occurrence import (
     NETWORK_RETRANSMIT_SPIKE,
     NETWORK_RTT_DEGRADATION,
     Occurrence,
-    make_occurrence,
+    new_occurrence,
 )
 
 NETWORK_EVENT = CStruct(
@@ -187,7 +187,7 @@ class NetworkObserver(Observer):
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
         if ev_type == EV_CONN_REFUSED:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_CONNECTION_REFUSED,
                 "warning",
                 "failure",
@@ -210,9 +210,10 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
+                data_sorted=True,
             )
         if ev_type == EV_CONN_TIMEOUT:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_CONNECTION_TIMEOUT,
                 "error",
                 "failure",
@@ -237,9 +238,10 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
+                data_sorted=True,
             )
         if ev_type == EV_RETRANS_SPIKE:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_RETRANSMIT_SPIKE,
                 "warning",
                 "failure",
@@ -268,9 +270,10 @@ class NetworkObserver(Observer):
                     "total_retrans": total_retrans,
                     "window_ms": duration_ns // 1000 / 1000,
                 },
+                data_sorted=True,
             )
         if ev_type == EV_RTT_SPIKE:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_RTT_DEGRADATION,
                 "warning",
                 "in_progress",
@@ -300,5 +303,6 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
+                data_sorted=True,
             )
         return None

@@ -164,8 +164,8 @@ class DeliverySink(Sink, Generic[T], abc.ABC):
         self._inflight = 0
         self._closing = False
         self._wake = anyio.Event()
-        self._depth = SINK_QUEUE_DEPTH.labels(sink=self.name)
-        self._retries = SINK_RETRIES.labels(sink=self.name)
+        self._depth = SINK_QUEUE_DEPTH.labels(sink=self.label)
+        self._retries = SINK_RETRIES.labels(sink=self.label)
         self._depth.set(0)
         self._last_overflow_log = -1e9
         #: Why the last batch was given up, until a later batch is delivered (None: healthy).
@@ -225,7 +225,7 @@ class DeliverySink(Sink, Generic[T], abc.ABC):
     def _log(self) -> Any:
         # Bound per use (logging is rare here) so a structlog configuration made after the
         # sink was constructed still applies.
-        return log.bind(sink=self.name, endpoint=self._safe_url())
+        return log.bind(sink=self.label, endpoint=self._safe_url())
 
     # -- the contract --------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ Each occurrence becomes ``<data_dir>/<id>.json`` via a ``.<id>.json.tmp`` file a
 "oldest" is the smallest name. I/O runs in a worker thread, never on the event loop.
 
 A write that fails (``ENOSPC`` on a full filesystem, ``EIO``) removes its temporary file, so a
-full disk never fills up further with empty temporaries; the occurrences written before it count
-as written, the failed ones as ``write_error`` drops, and every later batch is tried again, so
-the sink resumes by itself when space returns.
+full disk never fills up further with empty temporaries. Every occurrence of a batch is tried
+(a smaller one may still fit): those written count as written, the others as ``write_error``
+drops, and every later batch is tried again, so the sink resumes by itself when space returns.
 """
 
 from __future__ import annotations

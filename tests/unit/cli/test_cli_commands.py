@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tapio.cli.store import health_status, parse_duration
-from tapio.occurrence import decode, format_timestamp, parse_timestamp
+from tapio.occurrence import ANOMALY_TYPES, decode, format_timestamp, parse_timestamp
 
 from .conftest import (
     HOUR,
@@ -239,7 +239,8 @@ overall: degraded (5 anomalies, 2 critical in last hour)
 
 def test_health_exact(fixed_dir: Path) -> None:
     r = run_cli(["health", "--data-dir", str(fixed_dir)])
-    assert (r.code, r.out, r.err) == (0, HEALTH_FIXED, "")
+    # degraded (anomalies in the last hour): not healthy, so exit 1 (a usable check)
+    assert (r.code, r.out, r.err) == (1, HEALTH_FIXED, "")
 
 
 HEALTH_NETWORK = """\
@@ -256,7 +257,7 @@ Observer: network
 
 def test_health_observer_exact(fixed_dir: Path) -> None:
     r = run_cli(["health", "network", "--data-dir", str(fixed_dir)])
-    assert (r.code, r.out, r.err) == (0, HEALTH_NETWORK, "")
+    assert (r.code, r.out, r.err) == (1, HEALTH_NETWORK, "")
     # --data-dir before the command and the observer after it
     r = run_cli(["--data-dir", str(fixed_dir), "health", "network"])
     assert r.out == HEALTH_NETWORK
@@ -266,6 +267,7 @@ def test_health_observer_outside_window(fixed_dir: Path) -> None:
     # The container anomalies are 80 minutes and two days old.
     r = run_cli(["health", "container", "--data-dir", str(fixed_dir)])
     assert r.out == "Observer: container\n\n  no anomalies in last hour\n"
+    assert r.code == 0  # this observer is healthy even though the node is not
 
 
 def test_health_status_rule() -> None:
@@ -288,10 +290,12 @@ def test_health_critical_and_healthy(tmp_path: Path) -> None:
             ),
         )
     r = run_cli(["health", "--data-dir", str(tmp_path)])
+    assert r.code == 1
     assert r.out.splitlines()[-1] == "overall: critical (3 anomalies, 3 critical in last hour)"
     assert "storage      3          2024-01-15T00:12:00  kernel.storage.io_error (3)" in r.out
     # two hours later nothing is in the window
     r = run_cli(["health", "--data-dir", str(tmp_path)], now=NOW + 2 * HOUR)
+    assert r.code == 0
     assert r.out.splitlines()[-1] == "overall: healthy (0 anomalies, 0 critical in last hour)"
 
 
@@ -340,9 +344,14 @@ def test_corrupt_partial_invalid_files_are_skipped_with_warnings(fixed_dir: Path
     assert len(warnings) == len(junk)
     for line, (name, reason) in zip(warnings, sorted(junk.items()), strict=True):
         assert line.startswith(f"warning: skipped {fixed_dir / name}: {reason}")
-    for cmd in (["recent"], ["health"], ["health", "node"], ["recent", "--json"]):
+    for cmd, code in (
+        (["recent"], 0),
+        (["health"], 1),
+        (["health", "node"], 1),
+        (["recent", "--json"], 0),
+    ):
         r = run_cli([*cmd, "--data-dir", str(fixed_dir)])
-        assert r.code == 0
+        assert r.code == code
         assert len(r.err.splitlines()) == len(junk)
     assert run_cli(["recent", "--data-dir", str(fixed_dir)]).out == RECENT_FIXED
 
@@ -389,7 +398,8 @@ def test_colour_only_on_a_tty_and_never_with_no_color(fixed_dir: Path) -> None:
 
     assert re.sub(r"\x1b\[[0-9;]*m", "", coloured.out) == plain.out
     assert "\x1b[" not in run_cli(["recent", *d], tty=True, env={"NO_COLOR": "1"}).out
-    assert "\x1b[" not in run_cli(["recent", *d], tty=True, env={"NO_COLOR": ""}).out
+    # NO_COLOR counts only when non-empty (no-color.org): an empty value leaves colour on
+    assert run_cli(["recent", *d], tty=True, env={"NO_COLOR": ""}).out == coloured.out
     assert "\x1b[" not in run_cli(["recent", *d], tty=True, env={"TERM": "dumb"}).out
     health = run_cli(["health", *d], tty=True)
     assert "overall: \x1b[33mdegraded\x1b[0m" in health.out
@@ -495,7 +505,7 @@ def test_100k_files_bounded_memory(tmp_path: Path) -> None:
         shutil.rmtree(d)  # do not leave 100k files for pytest's temp-dir rotation
     result = json.loads(proc.stdout)
     (rc1, status), (rc2, recent), (rc3, health) = result["outs"]
-    assert (rc1, rc2, rc3) == (0, 0, 0)
+    assert (rc1, rc2, rc3) == (0, 0, 1)  # health: 100k warnings in the hour is critical
     assert status.splitlines()[-1] == f"total        {n}"
     got = [json.loads(line)["id"] for line in recent.splitlines()]
     assert got == [f"01HM{i:022d}" for i in range(n - 1, n - 21, -1)]
@@ -505,8 +515,8 @@ def test_100k_files_bounded_memory(tmp_path: Path) -> None:
 
 
 def test_generated_fixture_covers_every_type(big: Generated) -> None:
-    assert Counter(o.type for o in big.occurrences) == Counter(
-        {t: 60 for t in {o.type for o in big.occurrences}}
-    )
-    assert len({o.type for o in big.occurrences}) == 11
+    assert Counter(o.type for o in big.occurrences) == Counter({t: 60 for t in ANOMALY_TYPES})
+    # ... and each one is on disk under its id, decoding to exactly what was generated.
+    for o in big.occurrences:
+        assert decode((big.directory / f"{o.id}.json").read_bytes()) == o
     assert any(not o.timestamp.endswith("+00:00") for o in big.occurrences)

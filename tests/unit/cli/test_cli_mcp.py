@@ -320,8 +320,10 @@ def test_jsonrpc_errors_and_notifications(tmp_path: Path) -> None:
 
 
 def test_batches(tmp_path: Path) -> None:
+    """Batches exist in 2024-11-05 and 2025-03-26 only (2025-06-18 removed them)."""
     s, _ = make_server(tmp_path)
     assert rpc(s, [])["error"]["code"] == -32600
+    rpc(s, req("initialize", {"protocolVersion": "2025-03-26", "capabilities": {}}))
     r = rpc(
         s,
         [
@@ -339,6 +341,23 @@ def test_batches(tmp_path: Path) -> None:
     assert len(r[3]["result"]["tools"]) == 4
     # a batch of notifications only gets no answer at all
     assert rpc(s, [{"jsonrpc": "2.0", "method": "notifications/initialized"}]) is None
+    # initialize may not hide in a batch
+    r = rpc(s, [req("initialize", {"protocolVersion": "2025-03-26"}, id_=8), req("ping", id_=9)])
+    assert [(x["id"], x.get("error", {}).get("code")) for x in r] == [(8, -32600), (9, None)]
+
+
+@pytest.mark.parametrize("version", ["2025-06-18", "2025-11-25", None])
+def test_batches_rejected_where_the_revision_has_none(tmp_path: Path, version: str | None) -> None:
+    s, _ = make_server(tmp_path)
+    if version is not None:
+        rpc(s, req("initialize", {"protocolVersion": version, "capabilities": {}}))
+    r = rpc(s, [req("ping", id_=1), req("tools/list", id_=2)])
+    assert isinstance(r, dict), r  # one error, not a batch answer
+    assert r["id"] is None and r["error"]["code"] == -32600
+    assert "batches are not supported" in r["error"]["message"]
+    assert str(version or "none negotiated") in r["error"]["message"]
+    # the server keeps working after the rejection
+    assert rpc(s, req("ping", id_=3)) == {"jsonrpc": "2.0", "id": 3, "result": {}}
 
 
 def test_argument_errors_follow_the_negotiated_revision(tmp_path: Path) -> None:
@@ -414,15 +433,25 @@ def test_frozen_clock_node_health_and_offsets(fixed_dir: Path) -> None:
 
 def test_tools_schema_shape() -> None:
     for tool in TOOLS:
-        assert set(tool) == {"name", "description", "inputSchema"}
+        assert set(tool) == {
+            "name",
+            "title",
+            "description",
+            "inputSchema",
+            "outputSchema",
+            "annotations",
+        }
         assert tool["inputSchema"]["type"] == "object"
+        assert tool["outputSchema"]["type"] == "object"
+        assert tool["annotations"]["readOnlyHint"] is True
+        assert tool["annotations"]["title"] == tool["title"]
         mt.Tool.model_validate(tool)
 
 
 def test_stdio_framing_subprocess(fixed_dir: Path) -> None:
     """One response line per request, flushed, in order; EOF ends the server with 0."""
     lines = [
-        json.dumps(req("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}})),
+        json.dumps(req("initialize", {"protocolVersion": "2025-03-26", "capabilities": {}})),
         json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}),
         "",
         "garbage",
@@ -438,8 +467,24 @@ def test_stdio_framing_subprocess(fixed_dir: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     out = [json.loads(line) for line in proc.stdout.decode().splitlines()]
-    assert out[0]["result"]["protocolVersion"] == "2025-06-18"
+    assert out[0]["result"]["protocolVersion"] == "2025-03-26"
     assert out[1]["error"]["code"] == -32700
     assert out[2]["id"] == 2
     assert [x["id"] for x in out[3]] == [3, 4]
     assert len(out) == 4
+    # the same batch under 2025-06-18 (no batches any more): one error line, then service
+    lines[0] = json.dumps(req("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}}))
+    lines.append(json.dumps(req("ping", id_=5)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tapio", "mcp", "--data-dir", str(fixed_dir)],
+        input=("\n".join(lines) + "\n").encode(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert out[0]["result"]["protocolVersion"] == "2025-06-18"
+    assert out[3]["error"]["code"] == -32600 and out[3]["id"] is None
+    assert out[4] == {"jsonrpc": "2.0", "id": 5, "result": {}}
+    assert len(out) == 5

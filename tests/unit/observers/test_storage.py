@@ -136,11 +136,38 @@ def test_issuer_cgroup_attribution(obs: StorageObserver, tmp_path: Path) -> None
     assert occ.data["cgroup_id"] == os.stat(d).st_ino
 
 
-def test_correlation_drop_counters_are_exported() -> None:
-    assert StorageObserver.kernel_metrics == {
-        METRIC_AMBIGUOUS: ("correlation_drop", "ambiguous_inflight_io"),
-        METRIC_UNMATCHED: ("correlation_drop", "unmatched_completion"),
-    }
+def test_correlation_drop_counters_are_exported(obs: StorageObserver) -> None:
+    """The kernel's per-CPU drop counts reach tapio_correlation_drops_total with their reasons
+    (read through the runtime's metrics poll, as in the running agent), as deltas."""
+    from tapio.agent.pipeline import RunningObserver
+    from tapio.agent.runtime import Agent, AgentOptions
+    from tapio.agent.settings import AgentSettings
+    from tapio.metrics import REGISTRY
+    from tapio.sinks.stdout import StdoutSink
+
+    counts = {METRIC_AMBIGUOUS: 3, METRIC_UNMATCHED: 2}
+
+    class Metrics:
+        def percpu_u64_sum(self, index: int) -> int:
+            return counts.get(index, 0)
+
+    class Obj:
+        def map(self, name: str) -> Metrics:
+            assert name == "tapio_metrics"
+            return Metrics()
+
+    def value(reason: str) -> float:
+        labels = {"observer": "storage", "reason": reason}
+        return REGISTRY.get_sample_value("tapio_correlation_drops_total", labels) or 0.0
+
+    agent = Agent(AgentSettings(), AgentOptions(ebpf_dir=Path("."), observers=[]), [StdoutSink()])
+    agent.observers = [RunningObserver(obs, Obj(), None)]  # type: ignore[arg-type]
+    before = value("ambiguous_inflight_io"), value("unmatched_completion")
+    agent.poll_kernel_metrics()
+    counts[METRIC_AMBIGUOUS] = 10
+    agent.poll_kernel_metrics()
+    after = value("ambiguous_inflight_io"), value("unmatched_completion")
+    assert (after[0] - before[0], after[1] - before[1]) == (10, 2)
 
 
 def test_short_records_are_malformed(obs: StorageObserver) -> None:

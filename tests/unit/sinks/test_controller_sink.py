@@ -368,3 +368,28 @@ async def test_real_controller_accepts_batches_with_clean_sequence() -> None:
         assert st.sequence.last_seen == 2
         assert (st.sequence.gaps_total, st.sequence.regressions_total) == (0, 0)
         assert json.loads(wire.encode(st))["sequence"]["last_seen"] == 2
+
+
+async def test_occurrence_larger_than_a_batch_is_dropped_as_too_large() -> None:
+    before = drops("controller", "too_large")
+    async with start_receiver(ok) as rx:
+        sink = fast_sink(link_to(rx.url), max_batch_bytes=4096)
+        async with running(sink) as send:
+            send.send_nowait([occ(0, padding="x" * 5000), occ(1)])
+            await rx.wait_for(1)
+    assert drops("controller", "too_large") - before == 1
+    assert [seq_of(e) for r in batches_of(rx.requests) for e in r.events] == [1]
+
+
+async def test_retry_after_is_honoured_within_the_backoff_cap() -> None:
+    def busy_once(n: int, rec: Recorded) -> tuple[int, dict[str, str], bytes]:
+        return (503, {"Retry-After": "1"}, b"") if n == 1 else ok(n, rec)
+
+    async with start_receiver(busy_once) as rx:
+        # Backoff alone would retry within 20 ms; the controller asked for 1 s (cap 5 s).
+        sink = fast_sink(link_to(rx.url), backoff_max=5.0)
+        async with running(sink) as send:
+            send.send_nowait([occ(0)])
+            await rx.wait_for(2)
+    assert 0.95 <= rx.requests[1].at - rx.requests[0].at < 3.0
+    assert [r.sequence for r in batches_of(rx.requests)] == [1, 1]
