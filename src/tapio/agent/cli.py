@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="CA bundle that verifies an https:// controller instead of the system store",
     )
+    p.add_argument(
+        "--controller-token-file",
+        metavar="FILE",
+        default=os.environ.get("TAPIO_CONTROLLER_TOKEN_FILE") or None,
+        help="bearer token sent to the controller (env TAPIO_CONTROLLER_TOKEN_FILE); "
+        "re-read when the file changes",
+    )
     p.add_argument("--config-poll-interval", type=interval, default=30, metavar="SECONDS")
     p.add_argument("--heartbeat-interval", type=interval, default=30, metavar="SECONDS")
     p.add_argument(
@@ -75,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def node_name() -> str:
     return os.environ.get("TAPIO_NODE_NAME") or socket.gethostname() or "unknown-node"
+
+
+def _token_error(path: str) -> bool:
+    """True when ``path`` cannot serve as the controller token (to name the right flag)."""
+    from tapio.transport import BearerToken
+
+    try:
+        BearerToken(file=path, env=None, what="--controller-token-file")
+    except (OSError, ValueError):
+        return True
+    return False
 
 
 def main(argv: Sequence[str]) -> int:
@@ -110,9 +128,10 @@ def main(argv: Sequence[str]) -> int:
         except ValueError as exc:
             sys.stderr.write(f"tapio agent: {exc}\n")
             return 2
-    if args.controller_ca_file:
+    if args.controller_ca_file or args.controller_token_file:
         if not args.controller_endpoint:
-            sys.stderr.write("tapio agent: --controller-ca-file requires --controller-endpoint\n")
+            flag = "--controller-ca-file" if args.controller_ca_file else "--controller-token-file"
+            sys.stderr.write(f"tapio agent: {flag} requires --controller-endpoint\n")
             return 2
         import ssl
 
@@ -120,11 +139,12 @@ def main(argv: Sequence[str]) -> int:
 
         try:
             link_for(args)  # builds the shared link (and its TLS context) once, here
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            sys.stderr.write(
-                f"tapio agent: --controller-ca-file {args.controller_ca_file}: {reason}\n"
-            )
+            what = f"--controller-ca-file {args.controller_ca_file}"
+            if args.controller_token_file and _token_error(args.controller_token_file):
+                what = f"--controller-token-file {args.controller_token_file}"
+            sys.stderr.write(f"tapio agent: {what}: {reason}\n")
             return 2
 
     from tapio.bpf.loader import objects_dir
