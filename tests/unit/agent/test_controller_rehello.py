@@ -61,7 +61,7 @@ async def session_running(link: ControllerLink, agent: FakeAgent) -> AsyncIterat
         link, poll_interval=60.0, heartbeat_interval=60.0, hello_base=0.05, hello_max=0.2
     )
     async with anyio.create_task_group() as tg:
-        tg.start_soon(session.run, agent)
+        tg.start_soon(session.run, agent)  # type: ignore[arg-type]
         try:
             yield
         finally:
