@@ -30,6 +30,7 @@ from tapio.agent.pipeline import (
     SinkLane,
     classify_loop,
     count_anomalies,
+    enricher_for,
     fanout_loop,
 )
 from tapio.agent.settings import AgentSettings
@@ -338,7 +339,8 @@ class Agent:
                 async with anyio.create_task_group() as tg:
                     for lane, recv in self._lanes:
                         tg.start_soon(lane.sink.run, recv)
-                    tg.start_soon(fanout_loop, batch_recv, [lane for lane, _ in self._lanes])
+                    lanes = [lane for lane, _ in self._lanes]
+                    tg.start_soon(fanout_loop, batch_recv, lanes, enricher_for(running))
                     for ro in running:
                         if ro.ring is None:
                             continue

@@ -126,15 +126,6 @@ class NetworkObserver(Observer):
             self._addr_cache[key] = text
         return text
 
-    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
-        boot = self.ctx.boot_offset_ns
-        one = self.classify_one
-        return [
-            occ
-            for frame in NETWORK_EVENT.iter_frames(payload)
-            if (occ := one(frame, boot)) is not None
-        ]
-
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame: (header_len, *network_event fields) → occurrence or None.
 
@@ -293,4 +284,5 @@ class NetworkObserver(Observer):
                 },
                 data_sorted=True,
             )
+        self.drop("unknown_record_type")  # a newer BPF object than this agent knows
         return None
