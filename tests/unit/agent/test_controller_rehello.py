@@ -90,6 +90,11 @@ async def test_controller_restart_mid_stream_loses_and_duplicates_nothing(tmp_pa
             send2 = await outer.enter_async_context(running(sink2, within=35))
             send2.send_nowait([occ(i) for i in range(300)])
             await wait_accepted(first, 300)
+            # The last answer is read too (else the restart could cut it and the retry would
+            # legitimately deliver that batch twice, once per controller).
+            with anyio.fail_after(5):
+                while sink2.held:
+                    await anyio.sleep(0.01)
             # Restart: the old controller goes away, a fresh one (no agents) takes the port.
             await srv1.aclose()
             await outer.enter_async_context(serve(second, port))
