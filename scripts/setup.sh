@@ -18,6 +18,7 @@ pkgs=(clang llvm libbpf-dev libbpf1 bpftool gcc libc6-dev python3 python3-venv p
       iproute2 util-linux)
 if [[ $want_test -eq 1 ]]; then
   pkgs+=(nftables iptables fuse3 libfuse3-dev pkg-config kmod procps)
+  pkgs+=(nats-server)  # the controller forwarding tests start a real JetStream server
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,4 +1,4 @@
-"""Agent self-metrics (reference.md §6 names and labels, plus Tapio's additions).
+"""Agent self-metrics: names and labels are a public interface (dashboards and alerts use them).
 
 One private registry so tests and embedders never collide with prometheus-client's global one.
 Hot paths increment once per batch, never once per event.
@@ -53,7 +53,8 @@ SINK_WRITES = Counter(
 )
 SINK_DROPS = Counter(
     "tapio_sink_drops_total",
-    "Total sink events dropped by sink and reason",
+    "Total sink events dropped by sink and reason (queue_full: the agent's fan-out lane into "
+    "the sink was full; buffer_full: a network sink's own buffer; others: docs/sinks.md)",
     ["sink", "reason"],
     registry=REGISTRY,
 )
@@ -112,5 +113,29 @@ SINK_RETRIES = Counter(
     "tapio_sink_retries_total",
     "Batch delivery attempts that failed and were scheduled for another try",
     ["sink"],
+    registry=REGISTRY,
+)
+
+# Observer and enrichment drop points (docs/observers/pipeline.md).
+OBSERVER_DROPS = Counter(
+    "tapio_observer_drops_total",
+    "Ring records userspace dropped before they became occurrences, by reason: "
+    "unknown_record_type (an event type or opcode this agent does not know), "
+    "not_an_anomaly (a record the kernel should have filtered), "
+    "classifier_error (the observer's classifier raised; the whole payload is dropped)",
+    ["observer", "reason"],
+    registry=REGISTRY,
+)
+ENRICHMENT_ERRORS = Counter(
+    "tapio_enrichment_errors_total",
+    "Occurrences delivered without cgroup/container facts because enrichment raised",
+    ["observer"],
+    registry=REGISTRY,
+)
+CGROUP_LOOKUPS = Counter(
+    "tapio_cgroup_lookups_total",
+    "cgroup id to path lookups: hit (cached), miss (needed a walk of the hierarchy, done in a "
+    "worker thread), unknown (no such cgroup: gone, or outside the walked tree)",
+    ["result"],
     registry=REGISTRY,
 )

@@ -1,7 +1,8 @@
 """The occurrence schema: the one JSON document every observer emits and every sink carries.
 
-Wire-compatible with the reference (reference.md §4): field order, ULID ids, ``+00:00`` timestamps
-with nine fraction digits, sorted ``data`` keys. Never carries reasoning or remediation fields.
+The format is a public contract that consumers parse: fixed field order, ULID ids, ``+00:00``
+timestamps with nine fraction digits, sorted ``data`` keys. It carries evidence only, never
+reasoning or remediation.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ Outcome = Literal["success", "failure", "timeout", "in_progress", "unknown"]
 SOURCE = "tapio"
 PROTOCOL_VERSION = "1.0"
 
-# The 11 anomaly types (reference.md §3.3); strings are part of the public contract.
+# The 11 anomaly types; the strings are part of the public contract.
 NETWORK_CONNECTION_REFUSED = "kernel.network.connection_refused"
 NETWORK_CONNECTION_TIMEOUT = "kernel.network.connection_timeout"
 NETWORK_RETRANSMIT_SPIKE = "kernel.network.retransmit_spike"
@@ -109,50 +110,31 @@ def new_occurrence(
     type_: str,
     severity: Severity,
     outcome: Outcome,
-    *,
     timestamp_ns: int | None = None,
     code: str | None = None,
     message: str | None = None,
     data: dict[str, Any] | None = None,
     data_sorted: bool = False,
 ) -> Occurrence:
-    """Build an occurrence with a fresh ULID; ``data`` keys are sorted as the contract requires
-    (callers on hot paths that already build ``data`` in key order pass ``data_sorted=True``)."""
+    """Build an occurrence with a fresh ULID: the one constructor every observer uses.
+
+    ``timestamp_ns`` defaults to now; ``code``/``message`` make the ``error`` block. ``data`` keys
+    are sorted as the schema requires; a hot path that already builds ``data`` in key order
+    passes ``data_sorted=True`` and skips the copy. Positional construction of the Struct keeps
+    the call cheap enough for the network observer's per-record path.
+    """
     now_ns = time.time_ns() if timestamp_ns is None else timestamp_ns
     return Occurrence(
-        id=new_ulid(now_ns // 1_000_000),
-        timestamp=format_timestamp(now_ns),
-        source=SOURCE,
-        type=type_,
-        severity=severity,
-        outcome=outcome,
-        protocol_version=PROTOCOL_VERSION,
-        error=OccurrenceError(code, message or "") if code is not None else None,
-        data=data if data is None or data_sorted else dict(sorted(data.items())),
-    )
-
-
-def make_occurrence(
-    type_: str,
-    severity: Severity,
-    outcome: Outcome,
-    timestamp_ns: int,
-    code: str,
-    message: str,
-    data: dict[str, Any],
-) -> Occurrence:
-    """Hot-path constructor: positional, ``data`` already in sorted key order."""
-    return Occurrence(
-        new_ulid(timestamp_ns // 1_000_000),
-        format_timestamp(timestamp_ns),
+        new_ulid(now_ns // 1_000_000),
+        format_timestamp(now_ns),
         SOURCE,
         type_,
         severity,
         outcome,
         PROTOCOL_VERSION,
-        OccurrenceError(code, message),
+        OccurrenceError(code, message or "") if code is not None else None,
         None,
-        data,
+        data if data is None or data_sorted else dict(sorted(data.items())),
     )
 
 

@@ -1,20 +1,20 @@
 """tapio-wire/v1: every message between agent and controller as msgspec Structs.
 
-Compatible with the reference (reference.md §8) in both directions, with its gaps fixed:
+Both directions stay compatible with peers of other versions of the protocol:
 
 * Unknown JSON fields are ignored (forward compatibility); missing required fields and wrong
   types fail decoding and surface as ``MALFORMED_JSON``.
 * Enumerations that a newer peer may extend have a catch-all: an unknown observer status,
   event severity or degraded reason decodes as ``unknown`` instead of failing the payload.
 * The reasoning-field scan descends into arrays as well as objects; the reported path is
-  ``$.a[2].root_cause``. Keys are visited in sorted order (as serde_json's default map does), so
-  the first hit, and so the message, is the same as the reference's where both find one.
+  ``$.a[2].root_cause``. Keys are visited in sorted order, so the first hit, and so the
+  message, does not depend on the order a peer serialized its keys in.
 * Additive fields only: ``AgentStatus.reported_config_hash`` and
   ``StatusResponse.stale_agents`` / ``unconverged_agents``; ``CompiledConfig`` may carry Tapio's
   extra knobs, which are omitted when default (see :mod:`tapio.profile.compiled`).
 
 ``validate()`` methods raise :class:`WireError`, which carries the HTTP status, the error code
-and the message of reference.md §8.1, ready for the ``{"error":{"code","message"}}`` envelope.
+and the message (docs/wire.md, errors), ready for the ``{"error":{"code","message"}}`` envelope.
 """
 
 from __future__ import annotations
@@ -239,7 +239,8 @@ class ConfigResponse(_Msg, kw_only=True):
     batching: Batching
 
     def validate(self) -> None:
-        """The checks of reference.md §8.2; an empty hash is left for the agent to refuse."""
+        """Version, required fields, hash syntax, exit scope; an empty hash is left for the agent
+        to refuse."""
         _check_version(self.wire_version)
         _required("version", self.version)
         storage = self.config.storage

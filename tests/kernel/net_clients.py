@@ -33,7 +33,7 @@ def refuse(host: str, port: int, count: int) -> None:
 
 
 def timeout(host: str, port: int) -> None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     t0 = time.monotonic()
     try:
         s.connect((host, port))

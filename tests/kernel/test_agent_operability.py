@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .harness import require_kernel, wait_until
+from ..ports import closed_port
+from .harness import agent, require_kernel, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -74,10 +79,7 @@ def test_mounts_tracefs_itself_when_missing(tmp_path: Path) -> None:
     require_kernel()
     if shutil.which("unshare") is None:
         pytest.skip("unshare (util-linux) not installed")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = closed_port()
     data = tmp_path / "occ"
     script = (
         "umount -l /sys/kernel/tracing 2>/dev/null; "
@@ -119,9 +121,8 @@ def test_mounts_tracefs_itself_when_missing(tmp_path: Path) -> None:
 
 def test_health_shows_what_this_node_cannot_observe(tmp_path: Path) -> None:
     """No hardware PMU here: `tapio health` says ipc_degradation is unsupported (from the
-    agent's status file), while the occurrence table stays the reference's."""
+    agent's status file), while the occurrence table keeps its usual header."""
     require_kernel(("node",))
-    from .harness import agent
 
     with agent(tmp_path, observers=("node", "network")) as a:
         status = a.data_dir / ".tapio-agent-status"
@@ -143,3 +144,80 @@ def test_health_shows_what_this_node_cannot_observe(tmp_path: Path) -> None:
     else:
         assert "node: kernel.node.ipc_degradation unsupported:" in out, out
         assert "node: degraded: no_pmu" in out
+
+
+def test_readme_first_command_prints_one_json_line_and_sigint_exits_0(tmp_path: Path) -> None:
+    """``python -m tapio agent --sink=stdout``, exactly as the README says, default observers
+    and no config file: one refused connect gives exactly one JSON line on stdout with the
+    facts of that connect, and SIGINT flushes and exits 0 within the grace period."""
+    require_kernel(("network", "container", "storage", "node"))
+    port = closed_port()
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    cmd = [sys.executable, "-m", "tapio", "agent", "--sink=stdout"]
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=tmp_path)
+        try:
+            started = wait_until(
+                lambda: "agent started" in err_path.read_text() or proc.poll() is not None, 30
+            )
+            assert started and proc.poll() is None, err_path.read_text()[-3000:]
+            client = socket.socket()
+            client.bind(("127.0.0.1", 0))
+            src_port = client.getsockname()[1]
+            try:
+                client.connect(("127.0.0.1", port))
+            except ConnectionRefusedError:
+                pass
+            else:
+                raise AssertionError("the closed port accepted a connection")
+            finally:
+                client.close()
+
+            def mine() -> list[dict[str, Any]]:
+                lines = [json.loads(x) for x in out_path.read_text().splitlines() if x.strip()]
+                return [o for o in lines if (o.get("data") or {}).get("dst_port") == port]
+
+            wait_until(mine, 10)
+            time.sleep(0.5)  # a duplicate would arrive within a drain interval
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(20)
+            stop_secs = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    assert rc == 0, err_path.read_text()[-3000:]
+    assert stop_secs < 5.0 + 2.0  # the default 5 s grace, plus interpreter exit
+    lines = out_path.read_text().splitlines()
+    assert all(json.loads(x) for x in lines)  # stdout carries occurrences only, one per line
+    got = mine()
+    assert len(got) == 1, got
+    occ = got[0]
+    assert occ["type"] == "kernel.network.connection_refused" and occ["source"] == "tapio"
+    assert occ["severity"] == "warning" and occ["outcome"] == "failure"
+    d = occ["data"]
+    assert (d["dst_ip"], d["src_ip"], d["src_port"]) == ("127.0.0.1", "127.0.0.1", src_port)
+    assert d["pid"] == os.getpid() and d["family"] == "ipv4" and d["reason"] == "rst"
+    assert occ["error"] == {
+        "code": "RST_RECEIVED",
+        "message": f"TCP RST 127.0.0.1:{src_port} → 127.0.0.1:{port}",
+    }
+    logs = [json.loads(x) for x in err_path.read_text().splitlines() if x.startswith("{")]
+    assert any(e.get("event") == "shutting down" and e.get("signal") == "SIGINT" for e in logs)
+    stopped = [e for e in logs if e.get("event") == "agent stopped"]
+    assert len(stopped) == 1 and stopped[0]["sinks"]["stdout"]["ok"] >= 1, stopped
+
+
+def test_running_agent_answers_healthz_and_readyz(tmp_path: Path) -> None:
+    """The probes the DaemonSet uses, asked of a real running agent (metrics server on a port
+    it picked itself): live, and ready with every observer's state."""
+    require_kernel(("network",))
+    config = '[metrics]\nenabled = true\nport = 0\nbind_address = "127.0.0.1"\n'
+    with agent(tmp_path, config=config) as a:
+        assert a.http_get("/healthz") == (200, "ok\n")
+        status, body = a.http_get("/readyz")
+        assert status == 200, body
+        assert json.loads(body) == {"ready": True, "reasons": {"network": "running"}}
+        metrics = a.metrics_text()
+        assert 'tapio_observer_up{observer="network"} 1.0' in metrics

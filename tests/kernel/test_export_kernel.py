@@ -17,7 +17,8 @@ import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..ports import free_port, refuse
+from ..ports import closed_port as held_closed_port
+from ..ports import refuse
 from .harness import agent, require_kernel, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -104,8 +105,8 @@ def _otlp_refusals(rx: _Recorder, port: int) -> list[tuple[Any, dict[str, Any]]]
 
 def test_connection_refusal_reaches_http_and_otlp_receivers(tmp_path: Path) -> None:
     require_kernel(("network",))
-    metrics_port = free_port()
-    closed_port = free_port()
+    metrics_port = 0  # the metrics server binds a free port itself and logs it
+    closed_port = held_closed_port()
     with recorder() as http_rx, recorder() as otlp_rx:
         config = f"""
 [metrics]

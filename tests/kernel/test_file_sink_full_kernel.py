@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..ports import free_port, refuse
+from ..ports import closed_port as held_closed_port
+from ..ports import refuse
 from .harness import AgentProcess, agent, require_kernel, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -88,8 +89,8 @@ def complete_files(d: Path) -> list[dict[str, Any]]:
 
 def test_full_filesystem_counts_every_occurrence_and_recovers(tmp_path: Path) -> None:
     require_kernel(("network",))
-    metrics_port = free_port()
-    closed_port = free_port()
+    metrics_port = 0  # the metrics server binds a free port itself and logs it
+    closed_port = held_closed_port()
     config = f"""
 [metrics]
 enabled = true

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from ..ports import free_port
-from .harness import agent, require_kernel, wait_until
+from ..ports import closed_port
+from .harness import AgentProcess, agent, require_kernel, wait_until
 from .netns import NsPair, netns_snmp, ns_pair, sh
 
 pytestmark = pytest.mark.kernel
@@ -40,21 +40,21 @@ def client(mode: str, comm: str, *args: object, ns: str | None = None) -> list[s
 
 
 def test_refused_ipv4_and_ipv6_exactly_one_each(tmp_path: Path) -> None:
-    p4 = free_port(socket.AF_INET, "127.0.0.1")
-    p6 = free_port(socket.AF_INET6, "::1")
+    p4 = closed_port(socket.AF_INET, "127.0.0.1")
+    p6 = closed_port(socket.AF_INET6, "::1")
     with agent(tmp_path) as a:
-        c4 = subprocess.run(
+        c4 = subprocess.Popen(
             client("refuse", "tapio-refuse4", "127.0.0.1", p4, 200),
-            capture_output=True,
+            stdout=subprocess.PIPE,
             text=True,
-            timeout=60,
-            check=True,
         )
+        out4, _ = c4.communicate(timeout=60)
         c6 = subprocess.Popen(
             client("refuse", "tapio-refuse6", "::1", p6, 200), stdout=subprocess.PIPE, text=True
         )
         out6, _ = c6.communicate(timeout=60)
-        assert c4.stdout.split() == ["200"] and out6.split() == ["200"]
+        assert c4.returncode == 0 and c6.returncode == 0
+        assert out4.split() == ["200"] and out6.split() == ["200"]
 
         def mine() -> list[dict[str, object]]:
             return [
@@ -80,7 +80,7 @@ def test_refused_ipv4_and_ipv6_exactly_one_each(tmp_path: Path) -> None:
     assert timeouts == []
     for o in refused4:
         d = o["data"]
-        assert d["pid"] == c4_pid(o) and d["comm"] == "tapio-refuse4"
+        assert d["pid"] == c4.pid and d["comm"] == "tapio-refuse4"
         assert d["dst_ip"] == "127.0.0.1" and d["family"] == "ipv4"
         assert d["pid_source"] == "connect" and d["reason"] == "rst"
         assert o["severity"] == "warning" and o["outcome"] == "failure"
@@ -92,13 +92,8 @@ def test_refused_ipv4_and_ipv6_exactly_one_each(tmp_path: Path) -> None:
     assert len({o["data"]["src_port"] for o in refused4}) == 200  # one per connect
 
 
-def c4_pid(o: dict[str, object]) -> int:
-    # The IPv4 client ran via subprocess.run; its pid is the one every v4 record agrees on.
-    return int(o["data"]["pid"])  # type: ignore[index]
-
-
 def test_refused_pid_is_the_connecting_process(tmp_path: Path) -> None:
-    port = free_port(socket.AF_INET, "127.0.0.1")
+    port = closed_port(socket.AF_INET, "127.0.0.1")
     with agent(tmp_path) as a:
         proc = subprocess.Popen(
             client("refuse", "tapio-pidchk", "127.0.0.1", port, 3),
@@ -121,9 +116,11 @@ def test_refused_pid_is_the_connecting_process(tmp_path: Path) -> None:
     assert {o["data"]["tid"] for o in occs} == {proc.pid}
 
 
-def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path, family: str) -> None:
     with ns_pair() as p:
-        p.in_a("sysctl -qw net.ipv4.tcp_syn_retries=1")
+        dst, src = (p.ip_b, p.ip_a) if family == "ipv4" else (p.ip6_b, p.ip6_a)
+        p.in_a("sysctl -qw net.ipv4.tcp_syn_retries=1")  # TCP's SYN retries, v4 and v6 alike
         p.in_b(
             "nft -f - <<'EOF'\n"
             "table inet tapio_test { chain input { type filter hook input priority 0; "
@@ -131,7 +128,7 @@ def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path) -
         )
         with agent(tmp_path) as a:
             proc = subprocess.Popen(
-                client("timeout", "tapio-synto", p.ip_b, 8081, ns=p.a),
+                client("timeout", "tapio-synto", dst, 8081, ns=p.a),
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -147,14 +144,14 @@ def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path) -
             occs = [o for o in a.occurrences("kernel.network.") if o["data"]["dst_port"] == 8081]
     assert [o["type"] for o in occs] == ["kernel.network.connection_timeout"]
     d = occs[0]["data"]
-    assert d["dst_ip"] == p.ip_b and d["src_ip"] == p.ip_a
+    assert d["dst_ip"] == dst and d["src_ip"] == src and d["family"] == family
     assert d["pid"] == proc.pid and d["comm"] == "tapio-synto"
     assert d["pid_source"] == "connect"
     assert d["old_state"] == "SYN_SENT" and d["new_state"] == "CLOSE"
     assert d["error"] == "ETIMEDOUT"
     assert 2000 <= d["connect_duration_ms"] <= 10000  # 1 s + 2 s of SYN retries
     assert occs[0]["severity"] == "error" and occs[0]["error"]["code"] == "SYN_TIMEOUT"
-    assert occs[0]["error"]["message"] == f"Connection timeout to {p.ip_b}:8081 (SYN_SENT→CLOSE)"
+    assert occs[0]["error"]["message"] == f"Connection timeout to {dst}:8081 (SYN_SENT→CLOSE)"
 
 
 def _transfer(p: NsPair, port: int, nbytes: int, comm: str) -> None:
@@ -239,12 +236,12 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
                 text=True,
             )
             assert cli.stdout is not None and cli.stdin is not None
-            steady_rtts = []
             while True:
                 line = cli.stdout.readline()
                 if "steady-done" in line or not line:
                     break
-            steady_rtts.append(_ss_rtt_us(p, port))
+            assert "steady-done" in line, "the client ended before its steady phase finished"
+            steady_rtt = _ss_rtt_us(p, port)
             # A steady flow gives nothing.
             assert [
                 o
@@ -289,8 +286,11 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
     assert len(occs) == 1, occs
     d = occs[0]["data"]
     assert d["comm"] == "tapio-rtt" and d["dst_ip"] == p.ip_b
-    # The baseline was learned from the steady phase (tens of microseconds on a veth).
-    assert d["baseline_us"] < 2000, d
+    # The baseline was learned from the steady phase (tens of microseconds on a veth), when
+    # ss -ti showed the same order of magnitude.
+    assert steady_rtt is not None, "ss showed no RTT for the steady flow"
+    assert steady_rtt < 2000 and d["baseline_us"] < 2000, (steady_rtt, d)
+    assert d["current_us"] >= 2 * steady_rtt, (steady_rtt, d)
     assert d["current_us"] >= 2 * d["baseline_us"] and d["current_us"] >= d["baseline_us"] + 5000
     # The current value is the kernel's smoothed RTT at detection time: ss -ti must have shown
     # a value of the same size around then (sampled every 20 ms; srtt moves between samples).
@@ -317,11 +317,8 @@ def _prog_map_id(logs: list[dict[str, object]], prog: str, map_name: str) -> int
 
 @pytest.mark.parametrize("abi_version", [0, 99])
 def test_inert_or_wrong_abi_config_emits_nothing(tmp_path: Path, abi_version: int) -> None:
-    port = free_port(socket.AF_INET, "127.0.0.1")
-    mport = free_port()
-    config = (
-        f"[metrics]\nenabled = true\nport = {mport}\n[agent]\nkernel_metrics_interval_secs = 0.2\n"
-    )
+    port = closed_port(socket.AF_INET, "127.0.0.1")
+    config = "[metrics]\nenabled = true\nport = 0\n[agent]\nkernel_metrics_interval_secs = 0.2\n"
     with agent(tmp_path, config=config) as a:
         map_id = _prog_map_id(a.logs(), "handle_set_state", "tapio_config")
         value = bytearray(256)
@@ -338,28 +335,29 @@ def test_inert_or_wrong_abi_config_emits_nothing(tmp_path: Path, abi_version: in
         )
         time.sleep(1.0)
         occs = [o for o in a.occurrences() if o["data"].get("dst_port") == port]
-        metrics = a.metrics_text(mport)
+        metrics = a.metrics_text()
     assert occs == []
     m = re.search(r'tapio_config_abi_mismatch_total\{observer="network"\} ([0-9.e+]+)', metrics)
+    # The counter is exported from start-up (at 0), so a missing line is a failure too.
+    assert m is not None, metrics
     if abi_version == 0:
-        assert m is None or float(m.group(1)) == 0  # all-zeros is inert and silent
+        assert float(m.group(1)) == 0  # all-zeros is inert and silent
     else:
         assert m is not None and float(m.group(1)) >= 20, metrics
 
 
 def test_sigterm_during_burst_flushes_everything_drained(tmp_path: Path) -> None:
-    port = free_port(socket.AF_INET, "127.0.0.1")
+    port = closed_port(socket.AF_INET, "127.0.0.1")
     # The subject is shutdown, not overload: the sink stream and the grace period are sized so
     # the burst fits (overload drops are counted and tested in the sink tests). Without this a
     # slow disk turns part of the burst into queue_full drops before SIGTERM is even sent.
-    a = agent(
+    proc = AgentProcess(
         tmp_path,
         config=(
             "[agent]\nchannel_batches = 100000\nshutdown_grace_secs = 60\n"
             "[file]\nmax_files = 1000000\nmax_bytes = 4000000000\n"
         ),
-    )
-    proc = a.__enter__()
+    ).start()
     burst = subprocess.Popen(
         client("refuse", "tapio-burst", "127.0.0.1", port, 10000), stdout=subprocess.PIPE, text=True
     )
@@ -371,6 +369,7 @@ def test_sigterm_during_burst_flushes_everything_drained(tmp_path: Path) -> None
     finally:
         burst.kill()
         burst.wait(5)
+        proc.stop()  # kills the agent if it outlived its wait; closes its log files
     assert proc.proc is not None and proc.proc.returncode == 0, proc.stderr()[-3000:]
     stopped = [e for e in proc.logs() if e.get("event") == "agent stopped"]
     assert stopped, proc.stderr()[-3000:]
@@ -385,10 +384,9 @@ def test_sigterm_during_burst_flushes_everything_drained(tmp_path: Path) -> None
 def test_ring_overflow_is_counted_as_lost_and_nothing_else_is_missing(tmp_path: Path) -> None:
     """A stalled consumer: the kernel counts every record it could not reserve, so occurrences
     written plus lost events add up to exactly the failed connects; the drain cap is counted."""
-    port = free_port(socket.AF_INET, "127.0.0.1")
-    mport = free_port()
+    port = closed_port(socket.AF_INET, "127.0.0.1")
     config = (
-        f"[metrics]\nenabled = true\nport = {mport}\n"
+        "[metrics]\nenabled = true\nport = 0\n"
         "[agent]\nkernel_metrics_interval_secs = 0.2\nmax_drain_per_tick = 256\n"
     )
     with agent(tmp_path, config=config) as a:
@@ -408,7 +406,7 @@ def test_ring_overflow_is_counted_as_lost_and_nothing_else_is_missing(tmp_path: 
 
         def lost() -> float:
             m = re.search(
-                r'tapio_lost_events_total\{observer="network"\} ([0-9.e+]+)', a.metrics_text(mport)
+                r'tapio_lost_events_total\{observer="network"\} ([0-9.e+]+)', a.metrics_text()
             )
             return float(m.group(1)) if m else 0.0
 
@@ -423,7 +421,7 @@ def test_ring_overflow_is_counted_as_lost_and_nothing_else_is_missing(tmp_path: 
 
         wait_until(lambda: mine() + lost() >= 5000, 20, interval=0.2)
         written, dropped = mine(), lost()
-        metrics = a.metrics_text(mport)
+        metrics = a.metrics_text()
     assert written + dropped == 5000, (written, dropped)
     assert 1500 <= written <= 2048 + 100 and dropped > 0
     cap = re.search(r'tapio_drain_cap_total\{observer="network"\} ([0-9.e+]+)', metrics)

@@ -27,8 +27,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..ports import free_port
-from .harness import AgentProcess, require_kernel, run, skip_or_fail, wait_until
+from .harness import AgentProcess, require_kernel, run, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -92,13 +91,13 @@ def fuse_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuseLoop]:
     require_kernel(("storage",))
     for tool in ("gcc", "losetup", "pkg-config"):
         if shutil.which(tool) is None:
-            skip_or_fail(f"{tool} not installed")
+            pytest.skip(f"{tool} not installed")
     if not Path("/dev/fuse").exists():
-        skip_or_fail("no /dev/fuse")
+        pytest.skip("no /dev/fuse")
     tmp = tmp_path_factory.mktemp("fuse")
     flags = run(["pkg-config", "--cflags", "--libs", "fuse3"], check=False)
     if flags.returncode != 0:
-        skip_or_fail("libfuse3 development files not installed")
+        pytest.skip("libfuse3 development files not installed")
     exe = tmp / "fuse_helper"
     run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / "fuse_helper.c"), *flags.stdout.split()])
     mnt = tmp / "mnt"
@@ -172,7 +171,7 @@ def _mine(proc: AgentProcess, prefix: str, dev: FuseLoop, pid: int) -> list[dict
 
 @pytest.fixture()
 def storage_agent(tmp_path: Path, fuse_loop: FuseLoop) -> Iterator[tuple[AgentProcess, int]]:
-    port = free_port()
+    port = 0  # the metrics server binds a free port itself and logs it
     proc = AgentProcess(tmp_path, observers=("storage",), config=CONFIG.format(port=port))
     proc.start()
     try:

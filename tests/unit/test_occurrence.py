@@ -15,7 +15,7 @@ from tapio.occurrence import (
 )
 
 
-def test_timestamp_format_matches_reference() -> None:
+def test_timestamp_format_is_the_contract_format() -> None:
     assert format_timestamp(0) == "1970-01-01T00:00:00+00:00"
     assert format_timestamp(1705314600_123456789) == "2024-01-15T10:30:00.123456789+00:00"
     assert format_timestamp(1705314600_000000001) == "2024-01-15T10:30:00.000000001+00:00"

@@ -1,13 +1,14 @@
-"""``python -m tapio agent``: flags (reference.md §7.2 spellings), start-up checks, run.
+"""``python -m tapio agent``: parse the flags and the config, build the agent, call ``run``.
 
-A bad flag or config exits 2 with one line; a host that cannot run eBPF exits 1 with one line
-saying why; SIGTERM/SIGINT exit 0 after the sinks flush.
+Everything decided from the command line happens here, before anything touches the kernel: a
+bad flag or config exits 2 with one line. The agent's lifetime (``startup``, ``serve``,
+``shutdown``) is :class:`tapio.agent.runtime.Agent`'s: a host that cannot run eBPF exits 1 with
+one line saying why; SIGTERM/SIGINT exit 0 after the sinks flush.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import socket
 import sys
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="CA bundle that verifies an https:// controller instead of the system store",
     )
+    p.add_argument(
+        "--controller-token-file",
+        metavar="FILE",
+        default=os.environ.get("TAPIO_CONTROLLER_TOKEN_FILE") or None,
+        help="bearer token sent to the controller (env TAPIO_CONTROLLER_TOKEN_FILE); "
+        "re-read when the file changes",
+    )
     p.add_argument("--config-poll-interval", type=interval, default=30, metavar="SECONDS")
     p.add_argument("--heartbeat-interval", type=interval, default=30, metavar="SECONDS")
     p.add_argument(
@@ -69,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def node_name() -> str:
     return os.environ.get("TAPIO_NODE_NAME") or socket.gethostname() or "unknown-node"
+
+
+def _token_error(path: str) -> bool:
+    """True when ``path`` cannot serve as the controller token (to name the right flag)."""
+    from tapio.transport import BearerToken
+
+    try:
+        BearerToken(file=path, env=None, what="--controller-token-file")
+    except (OSError, ValueError):
+        return True
+    return False
 
 
 def main(argv: Sequence[str]) -> int:
@@ -102,9 +121,10 @@ def main(argv: Sequence[str]) -> int:
         except ValueError as exc:
             sys.stderr.write(f"tapio agent: {exc}\n")
             return 2
-    if args.controller_ca_file:
+    if args.controller_ca_file or args.controller_token_file:
         if not args.controller_endpoint:
-            sys.stderr.write("tapio agent: --controller-ca-file requires --controller-endpoint\n")
+            flag = "--controller-ca-file" if args.controller_ca_file else "--controller-token-file"
+            sys.stderr.write(f"tapio agent: {flag} requires --controller-endpoint\n")
             return 2
         import ssl
 
@@ -112,11 +132,12 @@ def main(argv: Sequence[str]) -> int:
 
         try:
             link_for(args)  # builds the shared link (and its TLS context) once, here
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            sys.stderr.write(
-                f"tapio agent: --controller-ca-file {args.controller_ca_file}: {reason}\n"
-            )
+            what = f"--controller-ca-file {args.controller_ca_file}"
+            if args.controller_token_file and _token_error(args.controller_token_file):
+                what = f"--controller-token-file {args.controller_token_file}"
+            sys.stderr.write(f"tapio agent: {what}: {reason}\n")
             return 2
 
     from tapio.bpf.loader import objects_dir
@@ -139,12 +160,6 @@ def main(argv: Sequence[str]) -> int:
         sys.stderr.write(f"tapio agent: {exc}\n")
         return 2
 
-    try:
-        run_preflight()
-    except PreflightError as exc:
-        sys.stderr.write(f"tapio agent: {exc}\n")
-        return 1
-
     from tapio.agent.kconfig import standalone_config, user_thresholds
     from tapio.agent.runtime import Agent, AgentOptions
 
@@ -155,18 +170,17 @@ def main(argv: Sequence[str]) -> int:
         initial_config=None if args.controller_endpoint else standalone_config(settings, observers),
         user_thresholds=user_thresholds(settings),
         status_dir=Path(args.data_dir) if "file" in sink_names else None,
+        preflight=run_preflight,
     )
     agent = Agent(settings, options, sinks)
     _add_services(agent, args, settings)
     log.info("tapio agent starting", version=__version__, node=options.node_name)
-    # Everything imported so far lives for the whole run: move it out of the collector's sight,
-    # and collect the young generation less often. Occurrences are gc=False structs; their
-    # short-lived data dicts would otherwise trigger a gen-0 pass every 700 allocations.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 50)
     try:
         return anyio.run(agent.run)
-    except KeyboardInterrupt:
+    except PreflightError as exc:
+        sys.stderr.write(f"tapio agent: {exc}\n")
+        return 1
+    except KeyboardInterrupt:  # SIGINT before the signal watcher took over
         return 0
 
 

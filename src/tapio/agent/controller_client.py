@@ -121,7 +121,7 @@ class ControllerClient:
             async with self.session.post(
                 self.link.url(path),
                 data=wire.encode(msg),
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", **self.link.auth_headers()},
                 allow_redirects=False,
             ) as resp:
                 return resp.status, await _read_capped(resp, MAX_SMALL_RESPONSE_BYTES)
@@ -157,6 +157,7 @@ class ControllerClient:
             {"agent_id": self.link.agent_id, "node_name": self.link.node_name}
         )
         try:
+            headers.update(self.link.auth_headers())
             async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
                 status = resp.status
                 got_etag = resp.headers.get("ETag")

@@ -86,7 +86,11 @@ def link_for(args: argparse.Namespace) -> ControllerLink:
     if link is None:
         ident = identity_from_env()
         link = make_link(
-            endpoint, ident.agent_id, ident.node_name, getattr(args, "controller_ca_file", None)
+            endpoint,
+            ident.agent_id,
+            ident.node_name,
+            getattr(args, "controller_ca_file", None),
+            getattr(args, "controller_token_file", None),
         )
         _LINKS[endpoint] = link
     return link

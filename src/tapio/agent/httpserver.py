@@ -1,6 +1,6 @@
 """The agent's one HTTP server: ``/metrics``, ``/healthz`` and ``/readyz`` (docs/sinks.md).
 
-Unlike the reference (reference.md §6, §13 item 15), one slow or broken client cannot stop it:
+One slow or broken client cannot stop it (a probe that hangs must not take the metrics down):
 every connection is its own task, idle or half-sent connections are closed after
 ``keepalive_timeout_secs`` (aiohttp starts that timer when the connection opens), request lines,
 headers and bodies are small and bounded, and handlers never block.
@@ -54,7 +54,7 @@ _server_logger.addFilter(_DropBadRequestTracebacks())
 
 
 class MetricsServerSettings(msgspec.Struct, kw_only=True):
-    """The ``[metrics]`` section (reference TOML keys ``enabled``, ``port``, ``bind_address``)."""
+    """The ``[metrics]`` TOML section: ``enabled``, ``port``, ``bind_address`` and the limits."""
 
     enabled: bool = False
     #: TCP port; 0 picks a free port (tests).

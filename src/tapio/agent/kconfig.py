@@ -15,8 +15,8 @@ from tapio.bpf.abi import (
     MAX_IGNORE_EXIT_CODES,
     TapioConfig,
 )
-from tapio.observers.base import UserThresholds
 from tapio.profile.compiled import CompiledConfig
+from tapio.thresholds import Thresholds
 
 OBSERVER_FLAGS = {
     "network": FLAG_NETWORK,
@@ -74,26 +74,16 @@ def standalone_config(
     )
 
 
-def user_thresholds(settings: AgentSettings) -> UserThresholds:
-    t = settings.thresholds
-    return UserThresholds(
-        memory_some_pct=t.memory_some_pct,
-        memory_full_pct=t.memory_full_pct,
-        cpu_some_pct=t.cpu_some_pct,
-        throttle_pct=t.throttle_pct,
-        hysteresis_pct=t.hysteresis_pct,
-        stall_pct_warning=t.stall_pct_warning,
-        stall_pct_critical=t.stall_pct_critical,
-        ipc_degradation=t.ipc_degradation,
-        exit_scope=settings.container.exit_scope,
-    )
+def user_thresholds(settings: AgentSettings) -> Thresholds:
+    """Standalone: the TOML thresholds (their exit scope already taken from ``[container]``)."""
+    return settings.thresholds
 
 
 def from_compiled(
     compiled: CompiledConfig, generation: int, *, kubernetes: bool | None = None
-) -> tuple[TapioConfig, UserThresholds]:
+) -> tuple[TapioConfig, Thresholds]:
     """Controller mode: a served ``CompiledConfig`` (+ its ``version`` as ``generation``) as the
-    kernel ``tapio_config`` and the userspace thresholds (reference.md §2, config sources).
+    kernel ``tapio_config`` and the thresholds the observers judge with in userspace.
 
     ``flags`` come from each block's ``enabled`` (``node.enabled`` drives the node observer's
     bit; ``node_pmc.enabled`` only gates its hardware-counter part, a userspace threshold).
@@ -143,7 +133,7 @@ def from_compiled(
         ignore_signal_mask=signal_mask(list(con.ignore_signals)),
         runq_latency_threshold_ns=node.runq_latency_ns,
     )
-    user = UserThresholds(
+    user = Thresholds(
         memory_some_pct=node.memory_some_permille / 10,
         memory_full_pct=node.memory_full_permille / 10,
         cpu_some_pct=node.cpu_some_permille / 10,
@@ -153,6 +143,6 @@ def from_compiled(
         stall_pct_critical=pmc.stall_critical_permille / 10,
         ipc_degradation=pmc.ipc_degradation_milli / 1000,
         node_pmc_enabled=pmc.enabled,
-        exit_scope=scope,
+        exit_scope=scope,  # type: ignore[arg-type]  # checked by ConfigResponse.validate
     )
     return kernel, user

@@ -1,13 +1,16 @@
-"""The agent's lifetime: load observers, write the config carrier, run the pipeline, shut down.
+"""The agent's lifetime in three named steps: ``startup()``, ``serve()``, ``shutdown()``.
 
-Everything opened here is closed on every exit path: BPF objects and rings through an
-ExitStack, tasks through task groups. SIGTERM/SIGINT stop draining (after one final pass over
-the rings), let every sink flush within ``shutdown_grace_secs``, detach, and return 0.
+``startup`` checks the host, loads and attaches every observer (writing its ``tapio_config``
+carrier) and wires the sinks' lanes; ``serve`` runs the data path and the services as one task
+group; ``shutdown``, on SIGTERM/SIGINT, stops draining (after one final pass over the rings),
+lets every sink flush within ``shutdown_grace_secs`` and detaches. Everything opened is closed
+on every exit path: BPF objects and rings through one ExitStack, tasks through task groups.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -18,7 +21,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tapio.agent.pipeline import (
     Drainer,
@@ -27,6 +30,7 @@ from tapio.agent.pipeline import (
     SinkLane,
     classify_loop,
     count_anomalies,
+    enricher_for,
     fanout_loop,
 )
 from tapio.agent.settings import AgentSettings
@@ -44,10 +48,11 @@ from tapio.metrics import (
     OBSERVER_UP,
 )
 from tapio.observers import observer_class
-from tapio.observers.base import ObserverContext, UserThresholds
+from tapio.observers.base import ObserverContext
 from tapio.occurrence import Occurrence
 from tapio.sinks.base import Batch, Sink
 from tapio.status import AgentStatus, ObserverStatus, write_status
+from tapio.thresholds import Thresholds
 
 log = structlog.get_logger("tapio.agent")
 
@@ -71,8 +76,10 @@ class AgentOptions:
     initial_config: TapioConfig | None = None
     #: Directory for the local status file read by ``tapio health`` (the file sink's dir).
     status_dir: Path | None = None
-    user_thresholds: UserThresholds = field(default_factory=UserThresholds)
+    user_thresholds: Thresholds = field(default_factory=Thresholds)
     extra_services: list[Callable[[Agent], object]] = field(default_factory=list)
+    #: Checks the host before anything is loaded; raises ``PreflightError`` with the reason.
+    preflight: Callable[[], object] | None = None
 
 
 class Agent:
@@ -89,10 +96,20 @@ class Agent:
         self.user_thresholds = options.user_thresholds
         self.ctx = ObserverContext(boot_offset_ns=boot_offset_ns(), node_name=options.node_name)
         self._stopping = False
-        self._services_scope: anyio.CancelScope | None = None
-        self._drainer: Drainer | None = None
         self._started = False
+        self._detached = False
+        #: Owned here and handed to the pipeline stages that count into it.
         self.stats = PipelineStats()
+        self._stack = contextlib.ExitStack()
+        # Made in serve(): anyio's scopes and events belong to a running event loop.
+        self._services_scope: anyio.CancelScope | None = None
+        self._pipeline_scope: anyio.CancelScope | None = None
+        self._flushed: anyio.Event | None = None
+        self._drainer: Drainer | None = None
+        self._batches: (
+            tuple[MemoryObjectSendStream[Batch], MemoryObjectReceiveStream[Batch]] | None
+        ) = None
+        self._lanes: list[tuple[SinkLane, MemoryObjectReceiveStream[Batch]]] = []
 
     # ---- loading -------------------------------------------------------------------------
     def load_observers(self, stack: contextlib.ExitStack) -> None:
@@ -128,6 +145,9 @@ class Agent:
                 OBSERVER_UP.labels(observer=name).set(0)
             else:
                 OBSERVER_UP.labels(observer=name).set(1)
+                # Exported from the start (at 0), so "nothing lost" is visible, not absent.
+                LOST_EVENTS.labels(observer=name)
+                CONFIG_ABI_MISMATCH.labels(observer=name)
                 for cap in observer.capabilities():
                     OBSERVER_CAPABILITY.labels(observer=name, capability=cap.name).set(
                         1 if cap.available else 0
@@ -145,7 +165,7 @@ class Agent:
             self.applied = self.options.initial_config
             CONFIG_GENERATION.set(self.applied.generation)
 
-    def apply_config(self, cfg: TapioConfig, user: UserThresholds | None = None) -> list[str]:
+    def apply_config(self, cfg: TapioConfig, user: Thresholds | None = None) -> list[str]:
         """Write ``cfg`` into every carrier, one syscall each; returns the observers that failed."""
         value = cfg.pack()
         if user is not None:
@@ -258,7 +278,135 @@ class Agent:
             self.poll_kernel_metrics()
             await anyio.sleep(interval)
 
-    # ---- lifetime ---------------------------------------------------------------------------
+    # ---- lifetime: startup, serve, shutdown ------------------------------------------------
+    async def run(self) -> int:
+        """The whole life: ``startup()``, then ``serve()`` until a signal, then ``shutdown()``.
+
+        Returns the exit status: 1 when the host cannot run the agent or no observer started,
+        0 after a signal (whether or not every sink finished within the grace period).
+        """
+        try:
+            if not await self.startup():
+                return 1
+            # Everything imported and loaded so far lives for the whole run: move it out of the
+            # collector's sight and collect the young generation less often. Occurrences are
+            # gc=False structs; their short-lived data dicts would otherwise trigger a gen-0
+            # pass every 700 allocations.
+            gc.freeze()
+            gc.set_threshold(50_000, 20, 50)
+            await self.serve()
+        finally:
+            self.detach()
+        return 0
+
+    async def startup(self) -> bool:
+        """Preflight, load and attach every observer, and wire the sinks' lanes.
+
+        Raises :class:`PreflightError` when the host cannot run eBPF at all; returns False when
+        no observer could start (each failure already logged with its reason).
+        """
+        if self.options.preflight is not None:
+            self.options.preflight()
+        self.load_observers(self._stack)
+        running = [ro for ro in self.observers if ro.state == "running"]
+        if not running:
+            log.error("no observer could start; exiting")
+            return False
+        a = self.settings.agent
+        self._drainer = Drainer(
+            running, a.drain_interval_ms / 1000, a.max_drain_per_tick, self.stats
+        )
+        self._batches = anyio.create_memory_object_stream[Batch](a.channel_batches)
+        for sink in self.sinks:
+            send, recv = anyio.create_memory_object_stream[Batch](a.channel_batches)
+            self._lanes.append((SinkLane(sink, send), recv))
+        return True
+
+    async def serve(self) -> None:
+        """Run the data path (drain → classify → fan-out → sinks) and the services, until a
+        signal makes the watcher call :meth:`shutdown` and the pipeline has flushed."""
+        assert self._drainer is not None and self._batches is not None
+        a = self.settings.agent
+        batch_send, batch_recv = self._batches
+        running = [ro for ro in self.observers if ro.state == "running"]
+        payload_sends: dict[str, MemoryObjectSendStream[bytes]] = {}
+        self._flushed = flushed = anyio.Event()
+        self._services_scope = anyio.CancelScope()
+        self._pipeline_scope = pipeline_scope = anyio.CancelScope()
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._watch_signals)
+            with pipeline_scope:
+                async with anyio.create_task_group() as tg:
+                    for lane, recv in self._lanes:
+                        tg.start_soon(lane.sink.run, recv)
+                    lanes = [lane for lane, _ in self._lanes]
+                    tg.start_soon(fanout_loop, batch_recv, lanes, enricher_for(running))
+                    for ro in running:
+                        if ro.ring is None:
+                            continue
+                        ps, pr = anyio.create_memory_object_stream[bytes](a.channel_batches)
+                        payload_sends[ro.name] = ps
+                        tg.start_soon(classify_loop, ro, pr, batch_send.clone(), self.stats)
+                    tg.start_soon(self._services, batch_send.clone())
+                    batch_send.close()
+                    tg.start_soon(self._drainer.run, payload_sends)
+                    self._started = True
+                    log.info(
+                        "agent started",
+                        observers=[ro.name for ro in running],
+                        sinks=[s.name for s in self.sinks],
+                        config_generation=self.applied.generation if self.applied else 0,
+                    )
+            flushed.set()
+            if not self._stopping:  # the pipeline ended on its own: nothing left to wait for
+                outer.cancel_scope.cancel()
+
+    async def shutdown(self) -> None:
+        """Stop draining (after one last pass over the rings), let every sink flush what it
+        holds within ``shutdown_grace_secs``, then detach from the kernel.
+
+        The drainer's end closes the channels stage by stage, so each sink sees its stream end
+        only after everything before it was delivered to it. A sink still busy when the grace
+        period ends is cancelled (its undelivered occurrences are lost, and the log says so).
+        """
+        self.request_stop()
+        flushed, pipeline_scope = self._flushed, self._pipeline_scope
+        assert flushed is not None and pipeline_scope is not None, "shutdown() runs in serve()"
+        grace = self.settings.agent.shutdown_grace_secs
+        with anyio.move_on_after(grace):
+            await flushed.wait()
+        if not flushed.is_set():
+            log.warning(
+                "shutdown grace period exceeded; exiting without waiting for sinks", grace=grace
+            )
+            pipeline_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await flushed.wait()
+        self.detach()
+
+    def detach(self) -> None:
+        """Read the kernel counters one last time, close every BPF object and ring (idempotent)."""
+        if self._detached:
+            return
+        self._detached = True
+        if any(ro.obj is not None for ro in self.observers):
+            self.poll_kernel_metrics()
+        self._stack.close()
+        if self._started:
+            log.info(
+                "agent stopped",
+                events=self.stats.events,
+                anomalies=self.stats.anomalies,
+                sinks={
+                    s.name: {
+                        "ok": s.stats.ok_total,
+                        "err": s.stats.err_total,
+                        "dropped": s.stats.dropped_total,
+                    }
+                    for s in self.sinks
+                },
+            )
+
     def request_stop(self) -> None:
         if self._stopping:
             return
@@ -268,23 +416,17 @@ class Agent:
         if self._drainer is not None:
             self._drainer.scope.cancel()
 
-    async def _watch_signals(self, outer: anyio.CancelScope) -> None:
+    async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("shutting down", signal=signal.Signals(signum).name)
-                self.request_stop()
                 break
-        grace = self.settings.agent.shutdown_grace_secs
-        await anyio.sleep(grace)
-        log.warning(
-            "shutdown grace period exceeded; exiting without waiting for sinks", grace=grace
-        )
-        outer.cancel()
+        await self.shutdown()
 
     async def _services(self, emit_send: anyio.abc.ObjectSendStream[Batch]) -> None:
         async def emit_for(name: str, batch: Sequence[Occurrence]) -> None:
             if batch:
-                count_anomalies(name, batch)
+                count_anomalies(name, batch, self.stats)
                 await emit_send.send(list(batch))
 
         assert self._services_scope is not None
@@ -304,61 +446,3 @@ class Agent:
                             tg.start_soon(ro.observer.run, emit)
                     for service in self.options.extra_services:
                         tg.start_soon(service, self)  # type: ignore[arg-type]
-
-    async def run(self) -> int:
-        self._services_scope = anyio.CancelScope()
-        with contextlib.ExitStack() as stack:
-            self.load_observers(stack)
-            running = [ro for ro in self.observers if ro.state == "running"]
-            if not running:
-                log.error("no observer could start; exiting")
-                return 1
-            a = self.settings.agent
-            self._drainer = Drainer(running, a.drain_interval_ms / 1000, a.max_drain_per_tick)
-            self.stats = self._drainer.stats
-            batch_send, batch_recv = anyio.create_memory_object_stream[Batch](a.channel_batches)
-            lanes = []
-            sink_recvs = []
-            for sink in self.sinks:
-                s, r = anyio.create_memory_object_stream[Batch](a.channel_batches)
-                lanes.append(SinkLane(sink, s))
-                sink_recvs.append((sink, r))
-            payload_sends: dict[str, MemoryObjectSendStream[bytes]] = {}
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(self._watch_signals, outer.cancel_scope)
-                async with anyio.create_task_group() as tg:
-                    for sink, r in sink_recvs:
-                        tg.start_soon(sink.run, r)
-                    tg.start_soon(fanout_loop, batch_recv, lanes)
-                    for ro in running:
-                        if ro.ring is None:
-                            continue
-                        ps, pr = anyio.create_memory_object_stream[bytes](a.channel_batches)
-                        payload_sends[ro.name] = ps
-                        tg.start_soon(classify_loop, ro, pr, batch_send.clone())
-                    tg.start_soon(self._services, batch_send.clone())
-                    batch_send.close()
-                    tg.start_soon(self._drainer.run, payload_sends)
-                    self._started = True
-                    log.info(
-                        "agent started",
-                        observers=[ro.name for ro in running],
-                        sinks=[s.name for s in self.sinks],
-                        config_generation=self.applied.generation if self.applied else 0,
-                    )
-                outer.cancel_scope.cancel()
-            self.poll_kernel_metrics()
-            log.info(
-                "agent stopped",
-                events=self.stats.events,
-                anomalies=self.stats.anomalies,
-                sinks={
-                    s.name: {
-                        "ok": s.stats.ok_total,
-                        "err": s.stats.err_total,
-                        "dropped": s.stats.dropped_total,
-                    }
-                    for s in self.sinks
-                },
-            )
-        return 0

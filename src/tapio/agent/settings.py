@@ -1,4 +1,4 @@
-"""The agent's TOML configuration (reference.md §7.1 keys, plus Tapio's additions).
+"""The agent's TOML configuration: ``[thresholds]``, ``[container]``, ``[agent]``, sinks, metrics.
 
 A missing file means all defaults; unknown keys are ignored (forward compatibility); a parse
 error or a value of the wrong type stops the agent with the offending key in the message.
@@ -10,45 +10,18 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
 from tapio.sinks.file import FileSinkSettings
+from tapio.thresholds import ExitScope, PosInt, Thresholds
 
-#: Non-negative numbers; the kernel-side ones are packed into u32/u64 fields of tapio_config.
-NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
-NonNegNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-Pct = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
-PosInt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 PosSecs = Annotated[float, msgspec.Meta(gt=0.0, le=3600.0)]
 
 
-class Thresholds(msgspec.Struct, kw_only=True):
-    # Reference keys (reference.md §7.1).
-    stall_pct_warning: Pct = 20.0
-    stall_pct_critical: Pct = 40.0
-    ipc_degradation: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
-    rtt_spike_ratio: NonNegInt = 2
-    rtt_spike_abs_us: NonNegInt = 500_000
-    io_latency_warning_ns: NonNegNs = 50_000_000
-    io_latency_critical_ns: NonNegNs = 200_000_000
-    # Tapio additions.
-    retransmit_threshold: NonNegInt = 5
-    retransmit_window_ms: PosInt = 1000
-    rtt_min_baseline_samples: NonNegInt = 5
-    rtt_min_delta_us: NonNegInt = 5000
-    rtt_sample_interval_us: NonNegInt = 100_000
-    runq_latency_ms: NonNegInt = 50
-    memory_some_pct: Pct = 10.0
-    memory_full_pct: Pct = 5.0
-    cpu_some_pct: Pct = 50.0
-    throttle_pct: Pct = 20.0
-    hysteresis_pct: Pct = 50.0
-
-
 class ContainerSettings(msgspec.Struct, kw_only=True):
-    exit_scope: Literal["auto", "containers", "all"] = "auto"
+    exit_scope: ExitScope = "auto"
     ignore_exit_codes: list[int] = []
     ignore_signals: list[int] = []
 
@@ -101,6 +74,11 @@ def load_settings(path: str | Path | None) -> AgentSettings:
 
 def parse_settings(doc: dict[str, object], origin: str = "<config>") -> AgentSettings:
     try:
-        return msgspec.convert(doc, AgentSettings)
+        settings = msgspec.convert(doc, AgentSettings)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid config {origin}: {exc}") from exc
+    # The exit scope is configured in [container]; the thresholds carry it to the observers.
+    settings.thresholds = msgspec.structs.replace(
+        settings.thresholds, exit_scope=settings.container.exit_scope
+    )
+    return settings

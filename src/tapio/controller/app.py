@@ -1,11 +1,16 @@
 """The tapio-wire/v1 controller as an aiohttp application.
 
-Request discipline, in order: route and method (404/405 with the JSON envelope, ``Allow`` kept),
+Request discipline, in order: the bearer token on ``/v1/*`` when one is configured (401, before
+anything else is looked at), route and method (404/405 with the JSON envelope, ``Allow`` kept),
 ``Content-Type: application/json`` on POST bodies, the 262144-byte body limit (checked against
 Content-Length before reading, then while reading, so a liar cannot stream more), JSON decoding
 into the wire Struct (any failure is ``MALFORMED_JSON``), then ``validate()``. State is touched
 only after all of that passed. Every error, including the router's and unexpected exceptions,
 leaves as ``{"error":{"code","message"}}``.
+
+Events are accepted only from agents that said hello (409 ``UNKNOWN_AGENT`` otherwise) and,
+with ``--forward``, only once the whole batch sits in every output's bounded queue (503 with
+``Retry-After`` when it does not fit, so the agent keeps the batch and retries).
 """
 
 from __future__ import annotations
@@ -14,89 +19,39 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tapio import wire
+from tapio.controller.auth import TokenFile, is_protected, unauthorized
 from tapio.controller.config import ActiveConfig, ConfigStore, ReloadOutcome, ReloadResult
+from tapio.controller.forward import Forwarder, build_records
+from tapio.controller.forward.engine import RETRY_AFTER_SECONDS
+from tapio.controller.httputil import (
+    CODES_BY_STATUS,
+    JSON_CONTENT_TYPE,
+    error_response,
+    if_none_match,
+    json_response,
+    read_json_body,
+)
+from tapio.controller.k8s import Enricher
 from tapio.controller.metrics import ControllerMetrics
 from tapio.controller.state import ControllerState
 from tapio.profile import ProfileError
+
+if TYPE_CHECKING:  # kubernetes_asyncio is imported only when --kubernetes is used
+    from tapio.controller.k8s.watch import PodWatcher
 
 CONTROLLER_ID: Final = "tapio-controller/default"
 DEFAULT_MAX_AGENTS: Final = 10_000
 DEFAULT_STALE_AFTER: Final = 90.0
 RELOAD_POLL_SECONDS: Final = 2.0
-JSON_CONTENT_TYPE: Final = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-_CODES_BY_STATUS: Final = {
-    400: "MALFORMED_JSON",
-    404: "UNKNOWN_ENDPOINT",
-    405: "METHOD_NOT_ALLOWED",
-    413: "PAYLOAD_TOO_LARGE",
-}
-
-
-def error_response(err: wire.WireError, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=err.status,
-        body=wire.encode(err.envelope()),
-        content_type=JSON_CONTENT_TYPE,
-        headers=headers,
-    )
-
-
-def _json(msg: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=wire.encode(msg), content_type=JSON_CONTENT_TYPE, headers=headers
-    )
-
-
-def _is_json_content_type(header: str | None) -> bool:
-    if header is None:
-        return False
-    mime = header.split(";", 1)[0].strip().lower()
-    return mime == JSON_CONTENT_TYPE or (mime.startswith("application/") and mime.endswith("+json"))
-
-
-async def read_json_body(request: web.Request, limit: int = wire.MAX_BODY_BYTES) -> bytes:
-    if not _is_json_content_type(request.headers.get("Content-Type")):
-        raise wire.WireError.malformed_json(
-            "Expected request with `Content-Type: application/json`"
-        )
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise wire.WireError.payload_too_large(limit)
-    body = bytearray()
-    while True:
-        chunk = await request.content.read(65_536)
-        if not chunk:
-            break
-        body += chunk
-        if len(body) > limit:
-            raise wire.WireError.payload_too_large(limit)
-    return bytes(body)
-
-
-def if_none_match(header: str | None, etag: str) -> bool:
-    """RFC 9110 weak comparison over a list, plus ``*``; the reference agent's exact quoted hash
-    is the common case."""
-    if header is None:
-        return False
-    for candidate in header.split(","):
-        tag = candidate.strip()
-        if tag == "*":
-            return True
-        if tag.startswith("W/"):
-            tag = tag[2:]
-        if tag == etag:
-            return True
-    return False
 
 
 class Controller:
@@ -110,11 +65,19 @@ class Controller:
         max_agents: int = DEFAULT_MAX_AGENTS,
         reload_poll_seconds: float = RELOAD_POLL_SECONDS,
         logger: Any = None,
+        token: TokenFile | None = None,
+        metrics: ControllerMetrics | None = None,
+        forwarder: Forwarder | None = None,
+        pod_watcher: PodWatcher | None = None,
     ) -> None:
         self.log = logger if logger is not None else structlog.get_logger("tapio.controller")
+        self.token = token
+        self.forwarder = forwarder
+        self.pod_watcher = pod_watcher
         self.config = ConfigStore(profile_path)
         self.state = ControllerState(max_agents=max_agents, stale_after=stale_after)
-        self.metrics = ControllerMetrics()
+        self.metrics = metrics if metrics is not None else ControllerMetrics()
+        self.enrich = Enricher(pod_watcher.index, self.metrics) if pod_watcher is not None else None
         self.metrics.config_generation.set(self.config.active.generation)
         self.started_at_unix = int(time.time())
         self.reload_poll_seconds = reload_poll_seconds
@@ -140,18 +103,29 @@ class Controller:
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
         if self.config.profile_path is not None:
             app.cleanup_ctx.append(self._profile_watcher)
+        if self.forwarder is not None:
+            app.cleanup_ctx.append(self._forwarding)
+        if self.pod_watcher is not None:
+            app.cleanup_ctx.append(self._kubernetes)
         return app
 
     @web.middleware
     async def _error_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         response: web.StreamResponse
         try:
+            if self.token is not None and is_protected(request.path):
+                refusal = self.token.verify(request.headers.get("Authorization"))
+                if refusal is not None:
+                    self.metrics.auth_failures.labels(refusal).inc()
+                    raise unauthorized(f"{refusal} bearer token")
             response = await handler(request)
         except wire.WireError as err:
             self.log.debug("request rejected", path=request.path, code=err.code, reason=err.message)
-            response = error_response(err)
+            extra = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+            response = error_response(err, extra)
         except web.HTTPMethodNotAllowed as exc:
             allowed = ", ".join(sorted(exc.allowed_methods))
             response = error_response(
@@ -162,7 +136,7 @@ class Controller:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            code = _CODES_BY_STATUS.get(
+            code = CODES_BY_STATUS.get(
                 exc.status, "INTERNAL_ERROR" if exc.status >= 500 else "BAD_REQUEST"
             )
             response = error_response(wire.WireError(exc.status, code, exc.reason))
@@ -195,7 +169,7 @@ class Controller:
         self.metrics.hellos.labels("accepted").inc()
         self.log.info("agent registered", agent_id=msg.agent_id, node_name=msg.node_name)
         active = self.active
-        return _json(
+        return json_response(
             wire.HelloResponse(
                 wire_version=wire.WIRE_VERSION,
                 accepted=True,
@@ -227,7 +201,7 @@ class Controller:
         self.metrics.heartbeats.labels("accepted" if accepted else "unknown_agent").inc()
         if not accepted:
             self.log.info("heartbeat from unregistered agent", agent_id=msg.agent_id)
-        return _json(
+        return json_response(
             wire.HeartbeatResponse(
                 wire_version=wire.WIRE_VERSION,
                 accepted=accepted,
@@ -246,6 +220,21 @@ class Controller:
             self.metrics.batches.labels("rejected").inc()
             raise
         count = len(batch.events)
+        if batch.agent_id not in self.state.agents:
+            self.metrics.events_refused.labels("unknown_agent").inc(count)
+            self.metrics.batches.labels("unknown_agent").inc()
+            raise wire.WireError(
+                409, "UNKNOWN_AGENT", "agent is not registered; POST /v1/agents/hello first"
+            )
+        if self.forwarder is not None and not self.forwarder.offer(
+            build_records(batch, self.enrich)
+        ):
+            self.metrics.events_refused.labels("queue_full").inc(count)
+            self.metrics.batches.labels("queue_full").inc()
+            return error_response(
+                wire.WireError(503, "QUEUE_FULL", "forwarding queue full; retry later"),
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         gap, regression = self.state.accept_batch(batch)
         self.metrics.events_accepted.inc(count)
         self.metrics.batches.labels("accepted").inc()
@@ -253,7 +242,7 @@ class Controller:
             self.metrics.sequence_gaps.inc(gap)
         if regression:
             self.metrics.sequence_regressions.inc()
-        return _json(
+        return json_response(
             wire.EventBatchResponse(
                 wire_version=wire.WIRE_VERSION,
                 accepted=count,
@@ -283,7 +272,7 @@ class Controller:
         )
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(self.status_response())
+        return json_response(self.status_response())
 
     async def prometheus(self, request: web.Request) -> web.Response:
         now = time.monotonic()
@@ -298,6 +287,36 @@ class Controller:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"ok"}', content_type=JSON_CONTENT_TYPE)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready when every output's last connect or delivery succeeded (always, without
+        outputs): a controller that cannot forward should not get new agents' traffic."""
+        outputs = self.forwarder.reachability() if self.forwarder is not None else {}
+        ready = all(outputs.values())
+        body: dict[str, Any] = {"outputs": outputs}
+        if self.pod_watcher is not None:
+            body["kubernetes_synced"] = self.pod_watcher.synced
+            ready = ready and self.pod_watcher.synced
+        body["status"] = "ready" if ready else "not_ready"
+        return json_response(body, status=200 if ready else 503)
+
+    async def _forwarding(self, app: web.Application) -> AsyncIterator[None]:
+        assert self.forwarder is not None
+        self.forwarder.start()
+        yield
+        # Runs after the listening sockets closed: no new batch can arrive while draining.
+        pending = self.forwarder.pending()
+        if pending:
+            self.log.info("draining forwarding queue", pending=pending)
+        await self.forwarder.drain()
+
+    async def _kubernetes(self, app: web.Application) -> AsyncIterator[None]:
+        assert self.pod_watcher is not None
+        task = asyncio.get_running_loop().create_task(self.pod_watcher.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     # -- profile reload ------------------------------------------------------------------------
 

@@ -81,3 +81,59 @@ class ControllerMetrics:
         self.config_generation = Gauge(
             "tapio_controller_config_generation", "Generation of the served config", registry=r
         )
+        self.auth_failures = Counter(
+            "tapio_controller_auth_failures_total",
+            "Requests to /v1 refused for a missing or invalid bearer token",
+            ["reason"],
+            registry=r,
+        )
+        self.events_refused = Counter(
+            "tapio_controller_events_refused_total",
+            "Events in valid batches not accepted (unknown_agent: no hello yet; queue_full: "
+            "forwarding queue full, answered 503)",
+            ["reason"],
+            registry=r,
+        )
+        self.forward_forwarded = Counter(
+            "tapio_controller_forwarded_total",
+            "Occurrences delivered to an output (stored/acknowledged downstream)",
+            ["output"],
+            registry=r,
+        )
+        self.forward_retried = Counter(
+            "tapio_controller_forward_retries_total",
+            "Occurrence deliveries that failed and are retried",
+            ["output"],
+            registry=r,
+        )
+        self.forward_dropped = Counter(
+            "tapio_controller_forward_dropped_total",
+            "Occurrences given up for an output, by reason",
+            ["output", "reason"],
+            registry=r,
+        )
+        self.forward_queued = Gauge(
+            "tapio_controller_forward_queued",
+            "Occurrences waiting for (or in flight to) an output",
+            ["output"],
+            registry=r,
+        )
+        self.output_up = Gauge(
+            "tapio_controller_output_up",
+            "1 when the output's last connect or delivery succeeded",
+            ["output"],
+            registry=r,
+        )
+        self.enrichment = Counter(
+            "tapio_controller_enrichment_total",
+            "Kubernetes enrichment lookups by result (hit, unknown pod, no_ids in the occurrence)",
+            ["result"],
+            registry=r,
+        )
+        self.k8s_watch_restarts = Counter(
+            "tapio_controller_k8s_watch_restarts_total",
+            "Pod watch restarts (gone: 410 relist, error: reconnect with backoff)",
+            ["reason"],
+            registry=r,
+        )
+        self.k8s_pods = Gauge("tapio_controller_k8s_pods", "Live pods in the index", registry=r)

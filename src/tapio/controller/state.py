@@ -7,7 +7,7 @@ retries with backoff) rather than silently forgetting a live agent.
 Sequences are tracked only for registered agents: a hello resets the tracker anyway, so state
 kept for unregistered senders could never be observed and would only be an unbounded map.
 Every mutator is called only after the request was fully validated, so a rejected request
-cannot change anything here except the reference's rejection totals.
+cannot change anything here except the rejection totals reported in ``/v1/status``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ An observer owns one BPF object (``<object_name>.bpf.o``) with an ``events`` rin
 fixed-size record type. The agent drains the ring in batches and hands the observer a payload of
 back-to-back records; ``classify`` turns them into occurrences. Observers that also watch
 non-BPF kernel facts (PSI, cgroup files) implement ``run``, which emits through the same path.
+
+An observer is parse + classify only: it reports what the kernel said (cgroup ids, pids, paths
+it watched). What the node's cgroup files say about those cgroups (path, container, pod) is
+added afterwards by the one enrichment stage (:mod:`tapio.observers.enrich`), as each observer
+declares in ``enrichment``. A record userspace drops is counted where it is dropped
+(:meth:`Observer.drop`, ``tapio_observer_drops_total{observer,reason}``).
 """
 
 from __future__ import annotations
@@ -11,13 +17,18 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import msgspec
+from prometheus_client import Counter
 
 from tapio.bpf.abi import CStruct, TapioConfig
 from tapio.bpf.loader import BpfObject
+from tapio.metrics import OBSERVER_DROPS
 from tapio.occurrence import Occurrence
+from tapio.thresholds import Thresholds
+
+if TYPE_CHECKING:
+    from tapio.observers.enrich import Enrichment
 
 Emit = Callable[[Sequence[Occurrence]], Awaitable[None]]
 
@@ -59,23 +70,10 @@ class ObserverContext:
     settings: dict[str, object] = field(default_factory=dict)
 
 
-class UserThresholds(msgspec.Struct, kw_only=True, frozen=True):
-    """Thresholds judged in userspace (not in the kernel ABI). Built by the agent from its TOML
-    (standalone) or from the controller's compiled profile, and pushed with ``on_config``."""
-
-    # node: PSI (percent of time over avg10), cgroup throttling, hysteresis
-    memory_some_pct: float = 10.0
-    memory_full_pct: float = 5.0
-    cpu_some_pct: float = 50.0
-    throttle_pct: float = 20.0
-    hysteresis_pct: float = 50.0
-    # node: hardware counters (reference TOML keys)
-    stall_pct_warning: float = 20.0
-    stall_pct_critical: float = 40.0
-    ipc_degradation: float = 1.0
-    node_pmc_enabled: bool = True
-    # container
-    exit_scope: str = "auto"  # resolved scope is in TapioConfig.exit_flags
+#: The thresholds the observers judge with in userspace; the agent's one thresholds type,
+#: built from the TOML (standalone) or the controller's compiled profile, pushed with
+#: ``on_config``.
+UserThresholds = Thresholds
 
 
 @dataclass
@@ -95,10 +93,20 @@ class Observer(abc.ABC):
     # Observer-specific tapio_metrics indices → (metric kind, reason); kind is "kernel_drop" or
     # "correlation_drop".
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {}
+    #: Anomaly type → what the enrichment stage adds to it (nothing when absent).
+    enrichment: ClassVar[dict[str, Enrichment]] = {}
 
     def __init__(self, ctx: ObserverContext) -> None:
         self.ctx = ctx
         self.degraded_reasons: list[str] = []
+        self._drops: dict[str, Counter] = {}
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` records dropped for ``reason`` (``tapio_observer_drops_total``)."""
+        counter = self._drops.get(reason)
+        if counter is None:
+            counter = self._drops[reason] = OBSERVER_DROPS.labels(observer=self.name, reason=reason)
+        counter.inc(n)
 
     def attach(self, obj: BpfObject) -> None:
         """Attach the object's programs (default: all of them, by section name)."""
@@ -114,10 +122,20 @@ class Observer(abc.ABC):
         all-zero kernel config (controller mode, not yet configured) means: emit nothing.
         """
 
-    @abc.abstractmethod
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
         """Decode ring frames (``record.iter_frames``: header length, then the record's fields)
         and return the anomalies among them."""
+        boot = self.ctx.boot_offset_ns
+        one = self.classify_one
+        return [
+            occ
+            for frame in self.record.iter_frames(payload)
+            if (occ := one(frame, boot)) is not None
+        ]
+
+    def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
+        """One ring frame → its occurrence, or None when it is dropped (and counted)."""
+        raise NotImplementedError(f"{type(self).__name__} has no ring records to classify")
 
     async def run(self, emit: Emit) -> None:  # noqa: B027 - optional hook
         """Long-running side task for non-BPF facts; returns when there is nothing to do."""

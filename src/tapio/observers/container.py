@@ -12,28 +12,29 @@ The kernel already decided what happened and filtered the rest (bpf/container.bp
   are applied in the kernel.
 
 Cgroups: the record carries the task's cgroup2 id and its v1 memory and cpu cgroup ids (on a
-pure cgroup2 host all three name the same cgroup). ``cgroup_id`` is the id of the cgroup that
-describes the process best: for an OOM kill the memory cgroup (whose limit is reported), for an
-exit the cgroup2 cgroup, each falling back to the next hierarchy where the task is not in the
-root. The raw ids are facts too (``cgroup2_id``, ``memory_cgroup_id``, ``cpu_cgroup_id``). When
-the OOM victim was not the task running the tracepoint, its cgroups are read from
-``/proc/<pid>/cgroup`` if it still exists (``cgroup_source: "proc"``), else they are unknown
-(``cgroup_source: "unknown"``, ``cgroup_path: null``) — never guessed.
-
-Attribution (container id, runtime, pod UID) comes from :mod:`tapio.observers.attribution`; the
-cgroup tree is indexed at start and every ``REFRESH_SECS`` so that a container whose cgroup is
-removed right after its last process died is still attributed.
+pure cgroup2 host all three name the same cgroup); they are facts (``cgroup2_id``,
+``memory_cgroup_id``, ``cpu_cgroup_id``). The enrichment stage (:mod:`tapio.observers.enrich`)
+turns them into ``cgroup_path``, ``cgroup_id`` — the id of the cgroup that describes the process
+best: for an OOM kill the memory cgroup (whose limit is reported), for an exit the cgroup2 cgroup,
+each falling back to the next hierarchy where the task is not in the root — and the container id,
+runtime and pod UID. When the OOM victim was not the task running the tracepoint, the kernel did
+not see its cgroups: the observer says ``cgroup_source: "unknown"`` and the enricher reads
+``/proc/<pid>/cgroup`` if the process still exists (``cgroup_source: "proc"``); otherwise they stay
+unknown (``cgroup_path: null``) — never guessed. A limit the kernel did not report is read from
+the memory cgroup's limit file by the enricher too.
 """
 
 from __future__ import annotations
 
 import os
 import signal as _signal
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
-from tapio.observers.attribution import U64_MAX, CgroupResolver, cgroup_facts, scan_tree
-from tapio.observers.base import CStrings, Emit, Observer, ObserverContext
+from tapio.observers.base import CStrings, Observer, ObserverContext
+from tapio.observers.cgroups import U64_MAX
+from tapio.observers.enrich import ByCgroupId, Enrichment
 from tapio.occurrence import (
     CONTAINER_ABNORMAL_EXIT,
     CONTAINER_OOM_KILL,
@@ -81,7 +82,6 @@ FLAG_LIMIT_VALID = 1 << 4
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PAGE_COUNTER_MAX = (2**63 - 1) // PAGE_SIZE  # the kernel's "max" for a page_counter
 
-REFRESH_SECS = 10.0
 _MB = 1 << 20
 
 SIGNAL_NAMES: dict[int, str] = {}
@@ -108,6 +108,21 @@ def limit_bytes_from_pages(pages: int) -> int:
     return pages * PAGE_SIZE
 
 
+def oom_message(data: Mapping[str, Any]) -> str:
+    """The OOM kill's message, from its facts (re-rendered when enrichment finds the limit)."""
+    usage = data.get("memory_usage_bytes") or 0
+    limit = data.get("memory_limit_bytes") or 0
+    return f"OOM kill pid={data['pid']} (usage={usage // _MB}MB, limit={limit // _MB}MB)"
+
+
+def _primary_id(ids: dict[str, int], order: tuple[str, ...]) -> int:
+    """Before enrichment: the first id the kernel gave, in the occurrence's hierarchy order."""
+    for h in order:
+        if ids[h]:
+            return ids[h]
+    return 0
+
+
 class ContainerObserver(Observer):
     name = "container"
     object_name = "container"
@@ -117,64 +132,22 @@ class ContainerObserver(Observer):
         METRIC_OBSERVER_BASE + 1: ("kernel_drop", "exit_ignored"),
     }
 
-    def __init__(self, ctx: ObserverContext, resolver: CgroupResolver | None = None) -> None:
+    enrichment: ClassVar[dict[str, Enrichment]] = {
+        CONTAINER_OOM_KILL: ByCgroupId(
+            ("unified", "memory", "cpu"),
+            _OOM_ORDER,
+            proc_fallback=True,
+            memory_limit=True,
+            message=oom_message,
+        ),
+        CONTAINER_ABNORMAL_EXIT: ByCgroupId(
+            ("unified", "memory", "cpu"), _EXIT_ORDER, proc_fallback=True, memory_limit=True
+        ),
+    }
+
+    def __init__(self, ctx: ObserverContext) -> None:
         super().__init__(ctx)
-        self.resolver = resolver if resolver is not None else CgroupResolver()
         self._comms = CStrings()
-
-    # ---- lifetime --------------------------------------------------------------------------
-    def refresh_cgroups(self) -> None:
-        """Index every cgroup directory now (bounded by the resolver's cache)."""
-        for root in self.resolver.distinct_roots():
-            self.resolver.merge(root, scan_tree(root))
-
-    async def run(self, emit: Emit) -> None:
-        import anyio
-
-        # The scan runs in a worker thread and touches no shared state; the merge into the
-        # resolver's caches happens here, on the event loop that also classifies.
-        while True:
-            for root in self.resolver.distinct_roots():
-                entries = await anyio.to_thread.run_sync(scan_tree, root)
-                self.resolver.merge(root, entries)
-            await anyio.sleep(REFRESH_SECS)
-
-    # ---- decoding ----------------------------------------------------------------------------
-
-    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
-        out: list[Occurrence] = []
-        boot = self.ctx.boot_offset_ns
-        for frame in CONTAINER_EVENT.iter_frames(payload):
-            occ = self.classify_one(frame, boot)
-            if occ is not None:
-                out.append(occ)
-        return out
-
-    def _cgroups(
-        self, pid: int, flags: int, ids: dict[str, int], order: tuple[str, ...]
-    ) -> tuple[dict[str, object], str | None]:
-        """Cgroup facts and the memory cgroup path (for the limit fallback)."""
-        resolver = self.resolver
-        paths: dict[str, str | None] = {}
-        source = "task"
-        if flags & FLAG_TASK_CGROUPS:
-            for h, cid in ids.items():
-                paths[h] = resolver.path_for_id(h, cid)
-        else:
-            by_pid = resolver.paths_for_pid(pid)
-            if by_pid:
-                source = "proc"
-                for h in ids:
-                    p = by_pid.get(h)
-                    paths[h] = p
-                    ids[h] = resolver.id_for_path(h, p) if p is not None else 0
-            else:
-                source = "unknown"
-                for h in ids:
-                    paths[h] = None
-        facts = cgroup_facts(resolver, ids, paths, order)
-        facts["cgroup_source"] = source
-        return facts, paths.get("memory")
 
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame: (header length, *record fields) → occurrence or None."""
@@ -203,23 +176,25 @@ class ContainerObserver(Observer):
             comm,
         ) = frame
         if ev_type not in (EV_OOM_KILL, EV_EXIT):
+            self.drop("unknown_record_type")  # a newer BPF object than this agent knows
             return None
-        ids: dict[str, int] = {"unified": cg2, "memory": memcg, "cpu": cpucg}
         order = _OOM_ORDER if ev_type == EV_OOM_KILL else _EXIT_ORDER
-        cg_facts, mem_path = self._cgroups(pid, flags, ids, order)
-        limit: int | None = None
-        if flags & FLAG_LIMIT_VALID:
-            limit = limit_bytes_from_pages(limit_pages)
-        elif mem_path is not None:
-            limit = self.resolver.memory_limit(mem_path)
+        task = bool(flags & FLAG_TASK_CGROUPS)
+        ids = {"unified": cg2, "memory": memcg, "cpu": cpucg}
+        limit = limit_bytes_from_pages(limit_pages) if flags & FLAG_LIMIT_VALID else None
         data: dict[str, object] = {
+            "cgroup2_id": cg2,
+            "cgroup_id": _primary_id(ids, order),
+            "cgroup_path": None,  # the enricher's
+            "cgroup_source": "task" if task else "unknown",
             "comm": self._comms.decode(comm),
             "config_generation": generation,
+            "cpu_cgroup_id": cpucg,
+            "memory_cgroup_id": memcg,
             "memory_limit_bytes": limit,
             "pid": pid,
             "tid": tid,
             "timestamp_ns": ts,
-            **cg_facts,
         }
         when = boot_offset_ns + ts
         if ev_type == EV_OOM_KILL:
@@ -241,10 +216,7 @@ class ContainerObserver(Observer):
                 "failure",
                 timestamp_ns=when,
                 code="OOM_KILL",
-                message=(
-                    f"OOM kill pid={pid} (usage={usage // _MB if usage_known else 0}MB, "
-                    f"limit={(limit or 0) // _MB}MB)"
-                ),
+                message=oom_message(data),
                 data=data,
             )
         data["memory_usage_bytes"] = None  # not sampled at exit

@@ -18,7 +18,7 @@ from tapio.occurrence import (
     NETWORK_RETRANSMIT_SPIKE,
     NETWORK_RTT_DEGRADATION,
     Occurrence,
-    make_occurrence,
+    new_occurrence,
 )
 
 NETWORK_EVENT = CStruct(
@@ -126,15 +126,6 @@ class NetworkObserver(Observer):
             self._addr_cache[key] = text
         return text
 
-    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
-        boot = self.ctx.boot_offset_ns
-        one = self.classify_one
-        return [
-            occ
-            for frame in NETWORK_EVENT.iter_frames(payload)
-            if (occ := one(frame, boot)) is not None
-        ]
-
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame: (header_len, *network_event fields) → occurrence or None.
 
@@ -175,7 +166,7 @@ class NetworkObserver(Observer):
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
         if ev_type == EV_CONN_REFUSED:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_CONNECTION_REFUSED,
                 "warning",
                 "failure",
@@ -198,9 +189,10 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
+                data_sorted=True,
             )
         if ev_type == EV_CONN_TIMEOUT:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_CONNECTION_TIMEOUT,
                 "error",
                 "failure",
@@ -225,9 +217,10 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
+                data_sorted=True,
             )
         if ev_type == EV_RETRANS_SPIKE:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_RETRANSMIT_SPIKE,
                 "warning",
                 "failure",
@@ -256,9 +249,10 @@ class NetworkObserver(Observer):
                     "total_retrans": total_retrans,
                     "window_ms": duration_ns // 1000 / 1000,
                 },
+                data_sorted=True,
             )
         if ev_type == EV_RTT_SPIKE:
-            return make_occurrence(
+            return new_occurrence(
                 NETWORK_RTT_DEGRADATION,
                 "warning",
                 "in_progress",
@@ -288,5 +282,7 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
+                data_sorted=True,
             )
+        self.drop("unknown_record_type")  # a newer BPF object than this agent knows
         return None

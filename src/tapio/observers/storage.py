@@ -14,6 +14,9 @@ was issued twice while inflight is dropped as
 ``tapio_correlation_drops_total{observer="storage",reason="ambiguous_inflight_io"}``; a completion
 without an issue record (evicted, issued before attach, partial completion) as
 ``reason="unmatched_completion"``.
+
+The issuer's cgroup ids are facts (``cgroup2_id``, ``memory_cgroup_id``); the enrichment stage
+(:mod:`tapio.observers.enrich`) adds the cgroup path and the container it names.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
-from tapio.observers.attribution import CgroupResolver, cgroup_facts
 from tapio.observers.base import CStrings, Observer, ObserverContext
+from tapio.observers.enrich import ByCgroupId, Enrichment
 from tapio.occurrence import (
     STORAGE_IO_ERROR,
     STORAGE_LATENCY_SPIKE,
@@ -101,7 +104,7 @@ METRIC_UNMATCHED = METRIC_OBSERVER_BASE + 1
 
 _CACHE_MAX = 4096
 _NEGATIVE_TTL = 5.0
-_ORDER = ("unified", "memory")
+_ORDER = ("unified", "memory")  # hierarchies the record names, best first
 
 
 def dev_major(dev: int) -> int:
@@ -164,44 +167,15 @@ class StorageObserver(Observer):
         METRIC_UNMATCHED: ("correlation_drop", "unmatched_completion"),
     }
 
-    def __init__(
-        self,
-        ctx: ObserverContext,
-        resolver: CgroupResolver | None = None,
-        devices: DeviceNames | None = None,
-    ) -> None:
+    enrichment: ClassVar[dict[str, Enrichment]] = {
+        STORAGE_IO_ERROR: ByCgroupId(_ORDER, _ORDER),
+        STORAGE_LATENCY_SPIKE: ByCgroupId(_ORDER, _ORDER),
+    }
+
+    def __init__(self, ctx: ObserverContext, devices: DeviceNames | None = None) -> None:
         super().__init__(ctx)
-        self.resolver = resolver if resolver is not None else CgroupResolver()
         self.devices = devices if devices is not None else DeviceNames()
         self._strs = CStrings()
-        self._cg_cache: dict[tuple[int, int], dict[str, object]] = {}
-        self._cg_cache_at = time.monotonic()
-
-    def _cgroups(self, cg2: int, memcg: int) -> dict[str, object]:
-        # Memoized per id pair; refreshed every few seconds so a cgroup that disappears (or an
-        # id that is reused) is not described by stale facts for long.
-        now = time.monotonic()
-        if now - self._cg_cache_at > _NEGATIVE_TTL or len(self._cg_cache) >= _CACHE_MAX:
-            self._cg_cache.clear()
-            self._cg_cache_at = now
-        key = (cg2, memcg)
-        facts = self._cg_cache.get(key)
-        if facts is None:
-            ids = {"unified": cg2, "memory": memcg, "cpu": 0}
-            paths = {h: self.resolver.path_for_id(h, i) for h, i in ids.items() if i}
-            facts = cgroup_facts(self.resolver, ids, paths, _ORDER)
-            del facts["cpu_cgroup_id"]
-            self._cg_cache[key] = facts
-        return facts
-
-    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
-        out: list[Occurrence] = []
-        boot = self.ctx.boot_offset_ns
-        for frame in STORAGE_EVENT.iter_frames(payload):
-            occ = self.classify_one(frame, boot)
-            if occ is not None:
-                out.append(occ)
-        return out
 
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame: (header length, *record fields) → occurrence or None."""
@@ -227,13 +201,18 @@ class StorageObserver(Observer):
         ) = frame
         op = OP_NAMES.get(opcode)
         if op is None:
-            return None  # the kernel only sends reads and writes
+            self.drop("unknown_record_type")  # the kernel only sends reads and writes
+            return None
         if error_code == 0 and severity not in (SEV_WARNING, SEV_CRITICAL):
+            self.drop("not_an_anomaly")  # neither failed nor slow: the kernel filters these
             return None
         device = self.devices.name(major, minor)
         latency_ms = latency_ns / 1e6
         data: dict[str, object] = {
             "bytes": nbytes,
+            "cgroup2_id": cg2,
+            "cgroup_id": cg2 or memcg,  # the enricher names the cgroup that describes it best
+            "cgroup_path": None,
             "comm": self._strs.decode(comm),
             "config_generation": generation,
             "dev_major": major,
@@ -242,6 +221,7 @@ class StorageObserver(Observer):
             "error_code": error_code,
             "latency_ms": latency_ms,
             "latency_ns": latency_ns,
+            "memory_cgroup_id": memcg,
             "nr_sector": nr_sector,
             "opcode": op,
             "pid": pid,
@@ -250,7 +230,6 @@ class StorageObserver(Observer):
             "sector": sector,
             "tid": tid,
             "timestamp_ns": ts,
-            **self._cgroups(cg2, memcg),
         }
         when = boot_offset_ns + ts
         if error_code != 0:

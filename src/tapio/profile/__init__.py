@@ -7,17 +7,18 @@ Pipeline and error policy:
   level, ``null`` = not set, so a ``null`` block is an empty block); ``validate`` checks ranges
   and cross-field rules; ``compile_profile`` is infallible and deterministic once validation
   passed.
-* **First error wins.** Like the reference there is no accumulation: one
+* **First error wins.** There is no accumulation: one
   :class:`ProfileError` with a dotted ``path`` and a message, e.g.
   ``overrides.network.rtt_spike.ratio: value 0 out of range 1..=100`` or
   ``overrides.network.bogus: unknown field``. Structural errors (types, unknown fields) are
-  found first, in the document's key order; then semantic errors in the reference's order
-  (apiVersion, kind, base, network, storage, container, node_pmc, then Tapio's node block).
+  found first, in the document's key order; then semantic errors in a fixed order
+  (apiVersion, kind, base, network, storage, container, node_pmc, then the node block).
   Reporting one error keeps messages stable and the reload log readable; the operator fixes
   and retries.
 * **Canonical hash.** ``config_hash`` = ``"sha256:" + hex(sha256(canonical_json))``, compact
   JSON in declared field order. Tapio's new fields are emitted only when they differ from their
-  default (omit-if-default), so an untouched profile hashes exactly like the reference
+  default (omit-if-default), so an untouched profile keeps the hash it has always had and
+  that other agents and controllers of the same protocol compute
   (``production-default`` -> ``sha256:845b719f…5ddef``).
 
 Importing this package does not import PyYAML; only ``load_profile`` does, on first use.

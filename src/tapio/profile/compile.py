@@ -14,20 +14,10 @@ from tapio.profile.compiled import (
     NodeConfig,
     NodePmcConfig,
     StorageConfig,
+    permille,
+    round_half_away,
 )
 from tapio.profile.validate import Resolved
-
-
-def round_half_away(value: float) -> int:
-    """Rust's ``f64::round`` (half away from zero); Python's ``round`` is banker's rounding."""
-    whole = int(value // 1)
-    if value - whole >= 0.5:
-        whole += 1
-    return whole
-
-
-def _permille(pct: float) -> int:
-    return round_half_away(pct * 10.0)
 
 
 def compile_resolved(r: Resolved) -> CompiledConfig:
@@ -57,17 +47,17 @@ def compile_resolved(r: Resolved) -> CompiledConfig:
         ),
         node_pmc=NodePmcConfig(
             enabled=r.node_pmc_enabled,
-            stall_warning_permille=_permille(r.stall_warning_pct),
-            stall_critical_permille=_permille(r.stall_critical_pct),
+            stall_warning_permille=permille(r.stall_warning_pct),
+            stall_critical_permille=permille(r.stall_critical_pct),
             ipc_degradation_milli=round_half_away(r.ipc_degradation * 1000.0),
         ),
         node=NodeConfig(
             enabled=r.node_enabled,
-            memory_some_permille=_permille(r.memory_some_pct),
-            memory_full_permille=_permille(r.memory_full_pct),
-            cpu_some_permille=_permille(r.cpu_some_pct),
+            memory_some_permille=permille(r.memory_some_pct),
+            memory_full_permille=permille(r.memory_full_pct),
+            cpu_some_permille=permille(r.cpu_some_pct),
             runq_latency_ns=r.runq_latency_ms * 1_000_000,
-            throttle_permille=_permille(r.throttle_pct),
-            hysteresis_permille=_permille(r.hysteresis_pct),
+            throttle_permille=permille(r.throttle_pct),
+            hysteresis_permille=permille(r.hysteresis_pct),
         ),
     )

@@ -4,13 +4,15 @@ This module is deliberately light (msgspec only, no YAML, hashlib imported on de
 the node agent decodes ``ConfigResponse.config`` into these Structs and must not pay for the
 profile loader.
 
-Declared field order is the hashing order (reference.md §8.2/§8.3). The reference fields are
-required and always encoded. Tapio's additional fields all carry defaults, and ``omit_defaults``
-drops them from the JSON whenever they equal their default ("omit-if-default"): a profile that
-does not touch the new knobs therefore compiles to the reference bytes and the reference hash,
-and a reference agent or controller never sees a field it does not know. The ``node`` block is
+Declared field order is the hashing order. The protocol's original fields are required and
+always encoded. Fields added later all carry defaults, and ``omit_defaults`` drops them from
+the JSON whenever they equal their default ("omit-if-default"): a profile that does not touch
+the newer knobs therefore compiles to the same bytes and the same hash as before they existed,
+and an older agent or controller never sees a field it does not know. The ``node`` block is
 omitted as a whole when it equals its default; when it is present, its default-valued inner
 fields are omitted by the same rule.
+
+Every default value comes from :data:`tapio.thresholds.DEFAULTS`, converted to wire units.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
+from tapio.thresholds import DEFAULTS, EXIT_SCOPES
+
 U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
 # msgspec bounds must fit an int64; every compiled u64 (nanoseconds derived from bounded
 # profile ranges) is far below 2**63, so the tighter bound loses nothing.
@@ -26,12 +30,28 @@ U64 = Annotated[int, msgspec.Meta(ge=0, le=0x7FFF_FFFF_FFFF_FFFF)]
 I32 = Annotated[int, msgspec.Meta(ge=-0x8000_0000, le=0x7FFF_FFFF)]
 Signal = Annotated[int, msgspec.Meta(ge=1, le=64)]
 
-EXIT_SCOPES: Final = ("auto", "containers", "all")
 
-DEFAULT_RETRANSMIT_THRESHOLD: Final = 5
-DEFAULT_RETRANSMIT_WINDOW_NS: Final = 1_000_000_000
-DEFAULT_RTT_MIN_DELTA_US: Final = 5_000
-DEFAULT_RTT_SAMPLE_INTERVAL_US: Final = 100_000
+_D: Final = DEFAULTS
+DEFAULT_RETRANSMIT_THRESHOLD: Final = _D.retransmit_threshold
+DEFAULT_RETRANSMIT_WINDOW_NS: Final = _D.retransmit_window_ms * 1_000_000
+DEFAULT_RTT_MIN_DELTA_US: Final = _D.rtt_min_delta_us
+DEFAULT_RTT_SAMPLE_INTERVAL_US: Final = _D.rtt_sample_interval_us
+
+
+__all__ = ["EXIT_SCOPES"]
+
+
+def round_half_away(value: float) -> int:
+    """Round half away from zero (Python's ``round`` is banker's rounding)."""
+    whole = int(value // 1)
+    if value - whole >= 0.5:
+        whole += 1
+    return whole
+
+
+def permille(pct: float) -> int:
+    """Percent to the wire's integer permille."""
+    return round_half_away(pct * 10.0)
 
 
 def _adopt_defaults(obj: msgspec.Struct) -> None:
@@ -98,12 +118,12 @@ class NodeConfig(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     """PSI / run-queue / throttling thresholds of the node observer (Tapio addition)."""
 
     enabled: bool = True
-    memory_some_permille: U32 = 100
-    memory_full_permille: U32 = 50
-    cpu_some_permille: U32 = 500
-    runq_latency_ns: U64 = 50_000_000
-    throttle_permille: U32 = 200
-    hysteresis_permille: U32 = 500
+    memory_some_permille: U32 = permille(_D.memory_some_pct)
+    memory_full_permille: U32 = permille(_D.memory_full_pct)
+    cpu_some_permille: U32 = permille(_D.cpu_some_pct)
+    runq_latency_ns: U64 = _D.runq_latency_ms * 1_000_000
+    throttle_permille: U32 = permille(_D.throttle_pct)
+    hysteresis_permille: U32 = permille(_D.hysteresis_pct)
 
 
 NODE_DEFAULT: Final = NodeConfig()
@@ -169,21 +189,23 @@ def production_default() -> CompiledConfig:
     return CompiledConfig(
         network=NetworkConfig(
             enabled=True,
-            rtt_spike_ratio=2,
-            rtt_spike_abs_us=500_000,
-            rtt_min_baseline_samples=5,
+            rtt_spike_ratio=_D.rtt_spike_ratio,
+            rtt_spike_abs_us=_D.rtt_spike_abs_us,
+            rtt_min_baseline_samples=_D.rtt_min_baseline_samples,
             conn_refused_window_ns=0,
             conn_refused_min_count=0,
         ),
         storage=StorageConfig(
-            enabled=True, slow_io_warning_ns=50_000_000, slow_io_critical_ns=200_000_000
+            enabled=True,
+            slow_io_warning_ns=_D.io_latency_warning_ns,
+            slow_io_critical_ns=_D.io_latency_critical_ns,
         ),
         container=ContainerConfig(enabled=True, ignore_exit_codes=[]),
         node_pmc=NodePmcConfig(
-            enabled=True,
-            stall_warning_permille=200,
-            stall_critical_permille=400,
-            ipc_degradation_milli=1000,
+            enabled=_D.node_pmc_enabled,
+            stall_warning_permille=permille(_D.stall_pct_warning),
+            stall_critical_permille=permille(_D.stall_pct_critical),
+            ipc_degradation_milli=round_half_away(_D.ipc_degradation * 1000.0),
         ),
     )
 

@@ -1,4 +1,4 @@
-"""The Evidence Profile document (reference.md §9 plus Tapio's knobs) as msgspec Structs.
+"""The Evidence Profile document (``docs/profile.md``) as msgspec Structs.
 
 Every field is optional: an absent (or ``null``) field inherits from the base profile, field by
 field. The Structs are built by :mod:`tapio.profile.schema`, which rejects unknown fields and

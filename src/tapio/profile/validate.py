@@ -1,12 +1,13 @@
-"""Semantic pass: ranges and cross-field rules, in the reference's order (reference.md §9).
+"""Semantic pass: ranges and cross-field rules, in a fixed order.
 
-Only the first error is reported (no accumulation), exactly like the reference: the order is
+Only the first error is reported (no accumulation), so messages stay stable: the order is
 apiVersion, kind, base (present, name syntax, known), then network, storage, container,
 node_pmc and finally Tapio's ``node`` block, each field in declared order, and an order check
 (critical >= warning) right after the two fields it relates, against the *merged* values.
 
-Messages mirror the reference's Display forms: ranges rendered ``1..=100`` / ``0.0..=100.0``,
-floats printed like Rust's ``{}`` (``20`` rather than ``20.0``) and strings like Rust's ``{:?}``.
+Messages keep one stable textual form that operators and other controllers match on: ranges
+rendered ``1..=100`` / ``0.0..=100.0``, floats printed like Rust's ``{}`` (``20`` rather than
+``20.0``) and strings like Rust's ``{:?}``.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ from tapio.profile.model import (
     StallPct,
     StorageOverrides,
 )
+from tapio.thresholds import DEFAULTS, EXIT_SCOPES
 
 API_VERSION: Final = "tapio.false.systems/v0"
 KIND: Final = "EvidenceProfile"
 PRODUCTION_DEFAULT: Final = "production-default"
 KNOWN_BASES: Final = (PRODUCTION_DEFAULT,)
-EXIT_SCOPES: Final = ("auto", "containers", "all")
 MAX_IGNORE_EXIT_CODES: Final = 16
 MAX_IGNORE_SIGNALS: Final = 64
 
@@ -48,36 +49,43 @@ _T = TypeVar("_T")
 _BASE_NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
+_D = DEFAULTS
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """A base merged with overrides, still in profile units (ms, percent)."""
+    """A base merged with overrides, still in profile units (ms, percent).
+
+    The defaults (the ``production-default`` base) are the agent's own threshold defaults
+    (:data:`tapio.thresholds.DEFAULTS`) converted to profile units, so a value is written once.
+    """
 
     network_enabled: bool = True
-    rtt_spike_ratio: int = 2
-    rtt_spike_abs_ms: int = 500
-    retransmit_threshold: int = 5
-    retransmit_window_ms: int = 1000
-    rtt_min_samples: int = 5
-    rtt_min_delta_ms: int = 5
-    rtt_sample_interval_ms: int = 100
+    rtt_spike_ratio: int = _D.rtt_spike_ratio
+    rtt_spike_abs_ms: int = _D.rtt_spike_abs_us // 1000
+    retransmit_threshold: int = _D.retransmit_threshold
+    retransmit_window_ms: int = _D.retransmit_window_ms
+    rtt_min_samples: int = _D.rtt_min_baseline_samples
+    rtt_min_delta_ms: int = _D.rtt_min_delta_us // 1000
+    rtt_sample_interval_ms: int = _D.rtt_sample_interval_us // 1000
     storage_enabled: bool = True
-    slow_io_warning_ms: int = 50
-    slow_io_critical_ms: int = 200
+    slow_io_warning_ms: int = _D.io_latency_warning_ns // 1_000_000
+    slow_io_critical_ms: int = _D.io_latency_critical_ns // 1_000_000
     container_enabled: bool = True
     ignore_exit_codes: tuple[int, ...] = ()
-    exit_scope: str = "auto"
+    exit_scope: str = _D.exit_scope
     ignore_signals: tuple[int, ...] = ()
-    node_pmc_enabled: bool = True
-    stall_warning_pct: float = 20.0
-    stall_critical_pct: float = 40.0
-    ipc_degradation: float = 1.0
+    node_pmc_enabled: bool = _D.node_pmc_enabled
+    stall_warning_pct: float = _D.stall_pct_warning
+    stall_critical_pct: float = _D.stall_pct_critical
+    ipc_degradation: float = _D.ipc_degradation
     node_enabled: bool = True
-    memory_some_pct: float = 10.0
-    memory_full_pct: float = 5.0
-    cpu_some_pct: float = 50.0
-    runq_latency_ms: int = 50
-    throttle_pct: float = 20.0
-    hysteresis_pct: float = 50.0
+    memory_some_pct: float = _D.memory_some_pct
+    memory_full_pct: float = _D.memory_full_pct
+    cpu_some_pct: float = _D.cpu_some_pct
+    runq_latency_ms: int = _D.runq_latency_ms
+    throttle_pct: float = _D.throttle_pct
+    hysteresis_pct: float = _D.hysteresis_pct
 
 
 BASES: Final = {PRODUCTION_DEFAULT: Resolved()}

@@ -224,7 +224,10 @@ class ControllerSink(DeliverySink[bytes]):
     async def post(self, session: aiohttp.ClientSession, items: list[bytes]) -> Attempt:
         body = build_body(self.link, self._sequence, time.time_ns(), items)
         async with session.post(
-            self._cfg.url, data=body, headers=_HEADERS, allow_redirects=False
+            self._cfg.url,
+            data=body,
+            headers={**_HEADERS, **self.link.auth_headers()},
+            allow_redirects=False,
         ) as resp:
             raw = await read_bounded(resp, MAX_EVENTS_RESPONSE_BYTES)
             attempt = classify_status(resp.status, resp.headers.get("Retry-After"))

@@ -14,6 +14,7 @@ from typing import Final
 import aiohttp
 from yarl import URL
 
+from tapio.transport.credentials import BearerToken
 from tapio.transport.endpoint import parse_endpoint, tls_for
 from tapio.transport.session import client_session
 
@@ -41,6 +42,13 @@ class ControllerLink:
     registered: bool = False
     #: Set by the sink: why its last batch was given up (None: healthy). Heartbeats report it.
     sink_error: str | None = None
+    #: ``--controller-token-file``: sent as ``Authorization: Bearer`` on every request, re-read
+    #: when the file changes (a rotated Secret needs no restart).
+    token: BearerToken | None = None
+
+    def auth_headers(self) -> dict[str, str]:
+        """The Authorization header for the next request (empty without a token)."""
+        return self.token.header() if self.token is not None else {}
 
     def url(self, path: str) -> URL:
         base = self.endpoint.path.rstrip("/")
@@ -65,12 +73,26 @@ class ControllerLink:
 
 
 def make_link(
-    endpoint: str, agent_id: str, node_name: str, ca_file: str | None = None
+    endpoint: str,
+    agent_id: str,
+    node_name: str,
+    ca_file: str | None = None,
+    token_file: str | None = None,
 ) -> ControllerLink:
     """Validate ``endpoint`` (``http://`` or ``https://``, ``ValueError`` otherwise); an
     ``https://`` endpoint gets a verifying context, against ``ca_file`` only when given
-    (``--controller-ca-file``)."""
+    (``--controller-ca-file``). ``token_file`` is read now (``OSError``/``ValueError`` when it
+    is missing or not a token), then again whenever it changes."""
     url = parse_endpoint(endpoint, what="controller")
+    token = (
+        BearerToken(file=token_file, env=None, what="--controller-token-file")
+        if token_file
+        else None
+    )
     return ControllerLink(
-        endpoint=url, agent_id=agent_id, node_name=node_name, ssl_context=tls_for(url, ca_file)
+        endpoint=url,
+        agent_id=agent_id,
+        node_name=node_name,
+        ssl_context=tls_for(url, ca_file),
+        token=token,
     )

@@ -16,7 +16,7 @@ def test_missing_file_is_all_defaults(tmp_path: Path) -> None:
     assert s.metrics == {} and s.agent.drain_interval_ms == 100
 
 
-def test_reference_keys_and_unknown_keys_ignored(tmp_path: Path) -> None:
+def test_documented_keys_and_unknown_keys_ignored(tmp_path: Path) -> None:
     p = tmp_path / "t.toml"
     p.write_text(
         "[thresholds]\nrtt_spike_ratio = 3\nio_latency_critical_ns = 1000\nfuture_key = 1\n"

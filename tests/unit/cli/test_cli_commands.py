@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tapio.cli.store import health_status, parse_duration
-from tapio.occurrence import decode, format_timestamp, parse_timestamp
+from tapio.occurrence import ANOMALY_TYPES, decode, format_timestamp, parse_timestamp
 
 from .conftest import (
     HOUR,
@@ -515,8 +515,8 @@ def test_100k_files_bounded_memory(tmp_path: Path) -> None:
 
 
 def test_generated_fixture_covers_every_type(big: Generated) -> None:
-    assert Counter(o.type for o in big.occurrences) == Counter(
-        {t: 60 for t in {o.type for o in big.occurrences}}
-    )
-    assert len({o.type for o in big.occurrences}) == 11
+    assert Counter(o.type for o in big.occurrences) == Counter({t: 60 for t in ANOMALY_TYPES})
+    # ... and each one is on disk under its id, decoding to exactly what was generated.
+    for o in big.occurrences:
+        assert decode((big.directory / f"{o.id}.json").read_bytes()) == o
     assert any(not o.timestamp.endswith("+00:00") for o in big.occurrences)

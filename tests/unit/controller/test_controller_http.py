@@ -302,9 +302,19 @@ async def test_events_accept_and_sequence_tracking(client: Client) -> None:
         "gaps_total": 0,
         "regressions_total": 0,
     }
-    # events from an unregistered agent count but create no agent
-    assert (await client.post("/v1/events", batch("stranger", sequence=3)))[0] == 200
-    assert [a["agent_id"] for a in (await client.status())["agents"]] == ["agent-1"]
+    # events from an agent that never said hello are refused: no agent, no totals moved
+    before = await client.status()
+    code, body, _ = await client.post("/v1/events", batch("stranger", sequence=3))
+    assert code == 409
+    assert body == {
+        "error": {
+            "code": "UNKNOWN_AGENT",
+            "message": "agent is not registered; POST /v1/agents/hello first",
+        }
+    }
+    after = await client.status()
+    assert [a["agent_id"] for a in after["agents"]] == ["agent-1"]
+    assert after["totals"] == before["totals"]
 
 
 def _without_rejections(status: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from tapio.controller.cli import build_parser as controller_parser
 from tapio.controller.cli import parse_address
 from tapio.profile import compile_profile, load_profile
 
-from .kustomize import KustomizeError, config_map_hash, load_yaml_documents, render
+from .kustomize import CLUSTER_SCOPED, KustomizeError, config_map_hash, load_yaml_documents, render
 
 ROOT = Path(__file__).resolve().parents[3]
 BASE = ROOT / "deploy" / "kubernetes"
@@ -105,7 +105,7 @@ def test_the_kustomization_installs_both_components(rendered: list[Obj]) -> None
     assert names["Service"] == {"tapio-controller"}
     assert len(names["ConfigMap"]) == 2, kinds
     for o in rendered:
-        if o["kind"] != "Namespace":
+        if o["kind"] not in CLUSTER_SCOPED:
             assert o["metadata"]["namespace"] == "tapio-system", o["metadata"]["name"]
         assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tapio"
 

@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from tapio.bpf.ringbuf import RingBuffer
-from tapio.observers.attribution import U64_MAX, CgroupResolver
+from tapio.metrics import REGISTRY
 from tapio.observers.base import ObserverContext
+from tapio.observers.cgroups import U64_MAX, CgroupResolver
 from tapio.observers.container import (
     CONTAINER_EVENT,
     EV_EXIT,
@@ -24,6 +26,8 @@ from tapio.observers.container import (
     PAGE_SIZE,
     ContainerObserver,
 )
+from tapio.observers.enrich import Enricher
+from tapio.occurrence import Occurrence
 
 BOOT = 1_700_000_000_000_000_000
 CID = "ab" * 32
@@ -60,9 +64,27 @@ def tree(tmp_path: Path) -> dict[str, Path]:
     return roots
 
 
-def observer(tree: dict[str, Path]) -> ContainerObserver:
-    resolver = CgroupResolver(tree, proc=tree["unified"].parent / "proc")
-    return ContainerObserver(ObserverContext(boot_offset_ns=BOOT), resolver)
+class Pipeline:
+    """The observer and the enrichment stage, as the agent runs them: classify, then enrich."""
+
+    def __init__(self, tree: dict[str, Path]) -> None:
+        self.observer = ContainerObserver(ObserverContext(boot_offset_ns=BOOT))
+        resolver = CgroupResolver(tree, proc=tree["unified"].parent / "proc")
+        self.enricher = Enricher.for_specs([ContainerObserver.enrichment], resolver)
+
+    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
+        batch = self.observer.classify(payload)
+        anyio.run(self.enricher.enrich, batch)
+        return batch
+
+
+def observer(tree: dict[str, Path]) -> Pipeline:
+    return Pipeline(tree)
+
+
+def drops(reason: str) -> float:
+    labels = {"observer": "container", "reason": reason}
+    return REGISTRY.get_sample_value("tapio_observer_drops_total", labels) or 0.0
 
 
 def test_oom_kill_from_the_victims_task(tree: dict[str, Path]) -> None:
@@ -220,7 +242,19 @@ def test_root_cgroups_have_no_attribution(tree: dict[str, Path]) -> None:
 
 
 def test_unknown_event_types_are_dropped(tree: dict[str, Path]) -> None:
+    before = drops("unknown_record_type")
     assert observer(tree).classify(CONTAINER_EVENT.framed(record(event_type=9))) == []
+    assert drops("unknown_record_type") - before == 1
+
+
+def test_classified_but_not_enriched_keeps_the_same_keys(tree: dict[str, Path]) -> None:
+    """The observer alone already writes every cgroup key the enricher fills in."""
+    payload = CONTAINER_EVENT.framed(record(event_type=EV_EXIT, pid=5, exit_code=1))
+    [raw] = observer(tree).observer.classify(payload)
+    [enriched] = observer(tree).classify(payload)
+    assert raw.data is not None and enriched.data is not None
+    assert list(raw.data) == list(enriched.data)
+    assert raw.data["cgroup_source"] == "unknown" and raw.data["cgroup_path"] is None
 
 
 def test_short_records_are_malformed_and_never_classified(tree: dict[str, Path]) -> None:

@@ -12,27 +12,22 @@ import pytest
 from tapio.bpf.abi import FLAG_NETWORK, FLAG_NODE, TapioConfig
 from tapio.observers import REGISTRY, observer_class
 from tapio.observers.base import ObserverContext, UserThresholds
-from tapio.observers.node import (
+from tapio.observers.cgroups import CgroupRoots
+from tapio.observers.node import NodeObserver
+from tapio.observers.node.discovery import pick_cgroups
+from tapio.observers.node.psi import NODE, PsiLine, PsiReading
+from tapio.observers.node.runq import (
     RUNQ_HIST,
     RUNQ_SLOTS,
     RUNQ_WORST,
-    CgroupRoots,
-    CpuStat,
-    NodeObserver,
     RunqTotals,
-    ThrottleDelta,
     WorstWait,
-    discover_roots,
-    parse_cpu_stat,
     percentile_ns,
-    pick_cgroups,
     slot_upper_ns,
     sum_runq_hist,
-    throttle_delta,
-    walk_cgroups,
     worst_of,
 )
-from tapio.observers.psi import NODE, PsiLine, PsiReading
+from tapio.observers.node.throttle import CpuStat, ThrottleDelta, parse_cpu_stat, throttle_delta
 from tapio.occurrence import NODE_CPU_STALL, NODE_MEMORY_PRESSURE, Occurrence
 
 MS = 1_000_000
@@ -47,7 +42,8 @@ def make_observer(
     **user: object,
 ) -> NodeObserver:
     roots = CgroupRoots(
-        tmp_path / "unified" if tmp_path else None, tmp_path / "cpu" if tmp_path else None
+        unified=tmp_path / "unified" if tmp_path else None,
+        cpu=tmp_path / "cpu" if tmp_path else None,
     )
     obs = NodeObserver(ObserverContext(boot_offset_ns=0), roots=roots)
     obs.on_config(
@@ -276,9 +272,9 @@ def test_rescan_finds_quota_cgroups_and_psi_dirs(tmp_path: Path) -> None:
     _quota_tree(tmp_path)
     obs = make_observer(tmp_path)
     obs.rescan()
-    assert sorted(obs._quota) == [("cpu", "/job"), ("unified", "/svc")]
-    assert obs._psi_cgroups == ["/svc"]
-    assert obs._quota[("cpu", "/job")].quota_us == 10000
+    assert sorted(obs.throttle.quota) == [("cpu", "/job"), ("unified", "/svc")]
+    assert obs.psi.cgroups == ["/svc"]
+    assert obs.throttle.quota[("cpu", "/job")].quota_us == 10000
 
 
 def test_throttling_edge_from_cpu_stat_files(tmp_path: Path) -> None:
@@ -316,40 +312,15 @@ def test_throttling_state_dropped_when_cgroup_disappears(tmp_path: Path) -> None
     obs.rescan()
     (cg / "cpu.cfs_quota_us").write_text("-1\n")
     obs.rescan()
-    assert ("cpu", "/job") not in obs._quota
+    assert ("cpu", "/job") not in obs.throttle.quota
 
 
 # ---- discovery --------------------------------------------------------------------------------
 
 
-def test_walk_is_bounded_and_breadth_first(tmp_path: Path) -> None:
-    for p in ("a/b/c/d", "e", "f/g"):
-        (tmp_path / p).mkdir(parents=True)
-    (tmp_path / "file").write_text("x")
-    assert list(walk_cgroups(tmp_path)) == ["/a", "/e", "/f", "/a/b", "/f/g", "/a/b/c", "/a/b/c/d"]
-    assert list(walk_cgroups(tmp_path, max_walk=2)) == ["/a", "/e"]
-    assert list(walk_cgroups(tmp_path, max_depth=1)) == ["/a", "/e", "/f"]
-
-
 def test_pick_cgroups_prefers_containers_and_caps() -> None:
     paths = ["/system.slice", "/user.slice", "/kubepods", "/kubepods/pod1/" + "b" * 64, "/x"]
     assert pick_cgroups(paths, 3) == ["/kubepods", "/kubepods/pod1/" + "b" * 64, "/system.slice"]
-
-
-def test_discover_roots_hybrid(tmp_path: Path) -> None:
-    mi = tmp_path / "mountinfo"
-    mi.write_text(
-        "30 25 0:26 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate\n"
-        "31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
-        "32 25 0:28 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
-        "33 25 0:29 /sub /mnt/cpu rw - cgroup cgroup rw,cpu\n"
-    )
-    assert discover_roots(str(mi)) == CgroupRoots(
-        Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/cpu,cpuacct")
-    )
-    mi.write_text("30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
-    assert discover_roots(str(mi)) == CgroupRoots(Path("/sys/fs/cgroup"), None)
-    assert discover_roots(str(tmp_path / "missing")) == CgroupRoots(None, None)
 
 
 def test_layouts_are_struct_sized() -> None:

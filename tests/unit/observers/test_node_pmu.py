@@ -8,10 +8,10 @@ import struct
 import pytest
 
 from tapio.bpf.abi import FLAG_NODE, TapioConfig
-from tapio.observers import pmu
 from tapio.observers.base import ObserverContext, UserThresholds
-from tapio.observers.node import CgroupRoots, NodeObserver
-from tapio.observers.pmu import IntervalSample, Reading, interval_sample, scaled_delta
+from tapio.observers.cgroups import CgroupRoots
+from tapio.observers.node import NodeObserver, pmu
+from tapio.observers.node.pmu import IntervalSample, Reading, interval_sample, scaled_delta
 from tapio.occurrence import NODE_CPU_STALL, NODE_IPC_DEGRADATION
 
 
@@ -90,7 +90,7 @@ def test_probe_reports_a_reason() -> None:
 
 
 def _observer(**user: object) -> NodeObserver:
-    obs = NodeObserver(ObserverContext(boot_offset_ns=0), roots=CgroupRoots(None, None))
+    obs = NodeObserver(ObserverContext(boot_offset_ns=0), roots=CgroupRoots())
     obs.on_config(
         TapioConfig(generation=2, flags=FLAG_NODE),
         UserThresholds(**user),  # type: ignore[arg-type]

@@ -7,21 +7,23 @@ from pathlib import Path
 
 import pytest
 
-from tapio.observers.psi import (
-    NODE,
+from tapio.observers.node.board import (
     Hysteresis,
     PressureBoard,
-    PsiLine,
-    PsiReading,
     Transition,
-    TriggerSet,
     above,
     below,
     cpu_judge,
     is_ancestor,
     memory_judge,
+)
+from tapio.observers.node.judges import psi_facts
+from tapio.observers.node.psi import (
+    NODE,
+    PsiLine,
+    PsiReading,
+    TriggerSet,
     parse_psi,
-    psi_facts,
     read_psi,
     trigger_spec,
 )

@@ -1,4 +1,4 @@
-"""Compile and canonical hash: reference bytes, omit-if-default, determinism, unit conversions."""
+"""Compile and canonical hash: pinned bytes, omit-if-default, determinism, unit conversions."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tapio.profile import (
 )
 from tapio.profile.compile import round_half_away
 
-REFERENCE_BYTES = (
+PRODUCTION_DEFAULT_BYTES = (
     b'{"network":{"enabled":true,"rtt_spike_ratio":2,"rtt_spike_abs_us":500000,'
     b'"rtt_min_baseline_samples":5,"conn_refused_window_ns":0,"conn_refused_min_count":0},'
     b'"storage":{"enabled":true,"slow_io_warning_ns":50000000,"slow_io_critical_ns":200000000},'
@@ -46,19 +46,21 @@ def compiled(overrides: dict[str, Any]) -> CompiledConfig:
 
 def test_production_default_bytes_and_hash() -> None:
     c = production_default()
-    assert canonical_json(c) == REFERENCE_BYTES
+    assert canonical_json(c) == PRODUCTION_DEFAULT_BYTES
     assert config_hash(c) == PRODUCTION_DEFAULT_HASH
-    assert "sha256:" + hashlib.sha256(REFERENCE_BYTES).hexdigest() == PRODUCTION_DEFAULT_HASH
+    assert (
+        "sha256:" + hashlib.sha256(PRODUCTION_DEFAULT_BYTES).hexdigest() == PRODUCTION_DEFAULT_HASH
+    )
     assert PRODUCTION_DEFAULT_HASH.endswith(
         "845b719f50052b222e79a6f0a9e091e4fe5cc62f8049f7a9089cf20175f5ddef"
     )
     from_yaml = compile_profile(load_profile(text=DEFAULT_PROFILE_YAML))
-    assert canonical_json(from_yaml) == REFERENCE_BYTES
+    assert canonical_json(from_yaml) == PRODUCTION_DEFAULT_BYTES
     # plain msgspec encoding agrees with the canonical walk (what the wire sends)
-    assert msgspec.json.encode(from_yaml) == REFERENCE_BYTES
+    assert msgspec.json.encode(from_yaml) == PRODUCTION_DEFAULT_BYTES
 
 
-def test_overriding_with_default_values_keeps_reference_hash() -> None:
+def test_overriding_with_default_values_keeps_the_pinned_hash() -> None:
     c = compiled(
         {
             "network": {
@@ -78,9 +80,9 @@ def test_overriding_with_default_values_keeps_reference_hash() -> None:
             },
         }
     )
-    assert canonical_json(c) == REFERENCE_BYTES
+    assert canonical_json(c) == PRODUCTION_DEFAULT_BYTES
     assert config_hash(c) == PRODUCTION_DEFAULT_HASH
-    assert msgspec.json.encode(c) == REFERENCE_BYTES
+    assert msgspec.json.encode(c) == PRODUCTION_DEFAULT_BYTES
 
 
 def test_new_knobs_compile_and_appear_only_when_changed() -> None:
@@ -125,7 +127,7 @@ def test_node_block_after_node_pmc_and_defaults_inside_omitted() -> None:
     assert c.node == NodeConfig(enabled=False)
 
 
-def test_reference_knobs_and_unit_conversions() -> None:
+def test_original_knobs_and_unit_conversions() -> None:
     c = compiled(
         {
             "network": {"enabled": False, "rtt_spike": {"ratio": 100, "abs_ms": 600000}},
@@ -170,7 +172,7 @@ def test_canonical_json_is_value_based_after_mutation() -> None:
     c = production_default()
     c.network.retransmit_window_ns = 2_000_000_000
     c.network.retransmit_window_ns = 1000 * 1_000_000  # back to default, a distinct int object
-    assert canonical_json(c) == REFERENCE_BYTES
+    assert canonical_json(c) == PRODUCTION_DEFAULT_BYTES
 
 
 def test_decode_round_trip_of_extended_config() -> None:
@@ -178,8 +180,8 @@ def test_decode_round_trip_of_extended_config() -> None:
     back = msgspec.json.decode(canonical_json(c), type=CompiledConfig)
     assert back == c
     assert canonical_json(back) == canonical_json(c)
-    # a reference controller's config (no new fields) decodes with Tapio defaults
-    ref = msgspec.json.decode(REFERENCE_BYTES, type=CompiledConfig)
+    # an older controller's config (none of the newer fields) decodes with the defaults
+    ref = msgspec.json.decode(PRODUCTION_DEFAULT_BYTES, type=CompiledConfig)
     assert ref == production_default()
     assert ref.network.retransmit_threshold == 5 and ref.node.enabled
 

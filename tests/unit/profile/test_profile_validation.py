@@ -1,4 +1,4 @@
-"""Evidence Profile: closed schema, ranges, error paths and messages (reference.md §9)."""
+"""Evidence Profile: closed schema, ranges, error paths and messages (docs/profile.md)."""
 
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ def test_header_errors(document: dict[str, Any], message: str) -> None:
     assert str(error_of(document)) == message
 
 
-def test_first_error_wins_in_reference_order() -> None:
+def test_first_error_wins_in_the_documented_order() -> None:
     # network is checked before storage, ratio before abs_ms, header before everything.
     both = {
         "network": {"rtt_spike": {"abs_ms": 0, "ratio": 0}},

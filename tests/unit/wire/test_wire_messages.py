@@ -385,8 +385,8 @@ def test_hello_and_heartbeat_responses() -> None:
     )
 
 
-def test_status_response_additive_fields_default_for_reference_payloads() -> None:
-    reference_status = {
+def test_status_response_additive_fields_default_for_older_payloads() -> None:
+    older_status = {
         "wire_version": "tapio-wire/v1",
         "controller_id": "tapio-controller/default",
         "started_at_unix": 1,
@@ -411,7 +411,7 @@ def test_status_response_additive_fields_default_for_reference_payloads() -> Non
             }
         ],
     }
-    msg = dec(reference_status, wire.StatusResponse)
+    msg = dec(older_status, wire.StatusResponse)
     assert msg.stale_agents == [] and msg.unconverged_agents == []
     assert msg.agents[0].reported_config_hash == ""
     assert wire.decode(wire.encode(msg), wire.StatusResponse) == msg

@@ -262,3 +262,45 @@ class PmuSampler:
             for fd in fds:
                 if fd is not None:
                     os.close(fd)
+
+
+class PmuWatch:
+    """The counters as the node observer uses them: probed at attach, opened on first use,
+    closed when disabled, one interval sample per tick."""
+
+    def __init__(self) -> None:
+        self.available = False
+        self.detail = "not probed"
+        self._sampler: PmuSampler | None = None
+        self._prev: list[CpuReadings | None] | None = None
+
+    def probe(self) -> bool:
+        self.available, self.detail = probe()
+        return self.available
+
+    def forget(self) -> None:
+        """Drop the previous reading (the next tick only starts a new interval)."""
+        self._prev = None
+
+    def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
+        self._prev = None
+
+    def tick(self, wanted: bool) -> IntervalSample | None:
+        """This interval's sample; None while there is none (first tick, disabled, no PMU).
+        Raises OSError (and becomes unavailable) when the counters cannot be opened."""
+        if not self.available or not wanted:
+            self.close()
+            return None
+        if self._sampler is None:
+            try:
+                self._sampler = PmuSampler()
+            except OSError as exc:
+                self.available = False
+                self.detail = f"hardware counters could not be opened: {exc}"
+                raise
+        cur = self._sampler.read()
+        prev, self._prev = self._prev, cur
+        return interval_sample(prev, cur) if prev is not None else None

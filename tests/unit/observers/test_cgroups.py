@@ -1,23 +1,32 @@
-"""Attribution: cgroup paths → container id / runtime / pod UID, and id → path resolution over a
-fake cgroup tree (injectable roots), with bounded positive and negative caches."""
+"""The cgroup model: cgroup paths → container id / runtime / pod UID, root discovery (hybrid,
+pure cgroup2, a configured host root), and id → path resolution over a fake cgroup tree
+(injectable roots), with bounded positive and negative caches."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tapio.observers.attribution import (
+from tapio.metrics import REGISTRY
+from tapio.observers.cgroups import (
+    MISS,
     U64_MAX,
     Attribution,
     CgroupResolver,
-    cgroup_facts,
+    CgroupRoots,
     discover_roots,
     parse_container,
     parse_proc_cgroup,
+    roots_at,
+    roots_from_mountinfo,
+    scan_tree,
+    walk_cgroups,
 )
+from tapio.observers.enrich import cgroup_facts
 
 CID = "0123456789abcdef" * 4
 UID = "0d5c1b0e-7a7f-4c39-9d4e-2b1f3c4d5e6f"
@@ -208,16 +217,14 @@ def test_discover_roots_from_mountinfo(tmp_path: Path) -> None:
         "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
         f"41 31 0:38 / {v2} rw,relatime - cgroup2 cgroup2 rw\n"
     )
-    assert discover_roots(mi) == {
-        "cpu": Path("/sys/fs/cgroup/cpu"),
-        "memory": Path("/sys/fs/cgroup/memory"),
-        "unified": v2,
-    }
+    assert discover_roots(mountinfo=mi) == CgroupRoots(
+        cpu=Path("/sys/fs/cgroup/cpu"), memory=Path("/sys/fs/cgroup/memory"), unified=v2
+    )
     pure = tmp_path / "pure"
     pure.mkdir()
     (pure / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     mi.write_text(f"30 23 0:26 / {pure} rw - cgroup2 cgroup2 rw\n")
-    assert discover_roots(mi) == {"unified": pure, "memory": pure, "cpu": pure}
+    assert discover_roots(mountinfo=mi) == CgroupRoots(unified=pure, memory=pure, cpu=pure)
 
 
 def test_proc_cgroup_outside_our_cgroup_namespace_is_unknown() -> None:
@@ -225,3 +232,133 @@ def test_proc_cgroup_outside_our_cgroup_namespace_is_unknown() -> None:
     # namespace root and cannot be placed in the host tree, so it is not used.
     text = "4:memory:/../../kubepods/x\n0::/../../kubepods.slice/a.scope\n1:cpu:/..foo/ok\n"
     assert parse_proc_cgroup(text) == {"cpu": "/..foo/ok"}
+
+
+# ---- roots: mountinfo, a configured host root, pure cgroup2 and hybrid layouts ------------------
+
+
+def test_discover_roots_hybrid_mountinfo(tmp_path: Path) -> None:
+    mi = tmp_path / "mountinfo"
+    mi.write_text(
+        "30 25 0:26 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate\n"
+        "31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        "32 25 0:28 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+        "33 25 0:29 /sub /mnt/cpu rw - cgroup cgroup rw,cpu\n"  # not a tree's root: ignored
+    )
+    roots = roots_from_mountinfo(mi)
+    assert roots == CgroupRoots(
+        unified=Path("/sys/fs/cgroup/unified"),
+        memory=Path("/sys/fs/cgroup/memory"),
+        cpu=Path("/sys/fs/cgroup/cpu,cpuacct"),
+    )
+    assert roots.cpu_v1 == Path("/sys/fs/cgroup/cpu,cpuacct")
+    assert len(roots.distinct()) == 3
+    mi.write_text("30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+    pure = roots_from_mountinfo(mi)
+    assert pure.unified == Path("/sys/fs/cgroup") and pure.cpu_v1 is None
+    assert roots_from_mountinfo(tmp_path / "missing") == CgroupRoots()
+
+
+def _pure_v2(base: Path) -> Path:
+    base.mkdir(parents=True)
+    (base / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (base / "cgroup.procs").write_text("")
+    return base
+
+
+def test_roots_at_a_pure_cgroup2_host_root(tmp_path: Path) -> None:
+    host = _pure_v2(tmp_path / "host" / "sys" / "fs" / "cgroup")
+    roots = roots_at(host)
+    assert roots == CgroupRoots(unified=host, memory=host, cpu=host)
+    assert roots.cpu_v1 is None and roots.distinct() == [host]
+
+
+def test_roots_at_a_hybrid_host_root(tmp_path: Path) -> None:
+    host = tmp_path / "cgroup"
+    for name in ("unified", "memory", "cpu,cpuacct"):
+        (host / name).mkdir(parents=True)
+        (host / name / "cgroup.procs").write_text("")
+    (host / "unified" / "cgroup.controllers").write_text("")  # controller-less cgroup2
+    roots = roots_at(host)
+    assert roots == CgroupRoots(
+        unified=host / "unified", memory=host / "memory", cpu=host / "cpu,cpuacct"
+    )
+    assert roots.cpu_v1 == host / "cpu,cpuacct"
+    assert roots_at(tmp_path / "nothing") == CgroupRoots()
+
+
+def test_a_configured_root_wins_over_mountinfo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = _pure_v2(tmp_path / "host-cgroup")
+    mi = tmp_path / "mountinfo"
+    mi.write_text("30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+    assert discover_roots(host, mountinfo=mi).unified == host
+    monkeypatch.setenv("TAPIO_CGROUP_ROOT", str(host))
+    assert discover_roots(mountinfo=mi).unified == host
+    monkeypatch.delenv("TAPIO_CGROUP_ROOT")
+    assert discover_roots(mountinfo=mi).unified == Path("/sys/fs/cgroup")
+
+
+def test_ids_resolve_in_the_host_tree_whatever_our_cgroup_namespace(tmp_path: Path) -> None:
+    """An agent in a pod: /proc shows host cgroups outside its namespace (unknown), but the
+    kernel's cgroup id is the directory's inode in the host tree, which is always found."""
+    host = _pure_v2(tmp_path / "host" / "sys" / "fs" / "cgroup")
+    rel = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice"
+    scope = host / rel / f"cri-containerd-{CID}.scope"
+    scope.mkdir(parents=True)
+    proc = tmp_path / "proc"
+    (proc / "321").mkdir(parents=True)
+    (proc / "321" / "cgroup").write_text(f"0::/../../{rel}/cri-containerd-{CID}.scope\n")
+    r = CgroupResolver(roots_at(host), proc=proc)
+    assert r.paths_for_pid(321) == {}  # outside our namespace: never guessed
+    path = r.path_for_id("unified", os.stat(scope).st_ino)
+    assert path == f"/{rel}/cri-containerd-{CID}.scope"
+    assert r.attribution(path) == Attribution(CID, "containerd", UID)
+    assert r.path_for_id("memory", os.stat(scope).st_ino) == path  # pure v2: one tree
+
+
+# ---- walking, and misses resolved off the event loop --------------------------------------------
+
+
+def test_walk_is_bounded_and_breadth_first(tmp_path: Path) -> None:
+    for p in ("a/b/c/d", "e", "f/g"):
+        (tmp_path / p).mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    assert list(walk_cgroups(tmp_path)) == ["/a", "/e", "/f", "/a/b", "/f/g", "/a/b/c", "/a/b/c/d"]
+    assert list(walk_cgroups(tmp_path, max_walk=2)) == ["/a", "/e"]
+    assert list(walk_cgroups(tmp_path, max_depth=1)) == ["/a", "/e", "/f"]
+    scanned = scan_tree(tmp_path, limit=3)
+    assert scanned[0] == (os.stat(tmp_path).st_ino, "/")
+    assert scanned[1:] == [
+        (os.stat(tmp_path / "a").st_ino, "/a"),
+        (os.stat(tmp_path / "e").st_ino, "/e"),
+    ]
+
+
+def misses() -> float:
+    return REGISTRY.get_sample_value("tapio_cgroup_lookups_total", {"result": "miss"}) or 0.0
+
+
+async def test_resolve_walks_in_a_worker_thread_once_and_counts_misses(tmp_path: Path) -> None:
+    roots = _tree(tmp_path)
+    a, b = roots["unified"] / "a", roots["unified"] / "b"
+    a.mkdir()
+    b.mkdir()
+    threads: list[int] = []
+
+    def scan(root: Path, limit: int) -> list[tuple[int, str]]:
+        threads.append(threading.get_ident())
+        return scan_tree(root, limit)
+
+    r = CgroupResolver(roots, scan=scan)
+    ia, ib = os.stat(a).st_ino, os.stat(b).st_ino
+    assert r.lookup("unified", ia) is MISS
+    before = misses()
+    await r.resolve([("unified", ia), ("unified", ib), ("unified", 999_999_999)])
+    assert misses() - before == 3 and r.walks == 1
+    assert threads and threads[0] != threading.get_ident()  # not the event loop's thread
+    assert r.lookup("unified", ia) == "/a" and r.lookup("unified", ib) == "/b"
+    assert r.lookup("unified", 999_999_999) is None  # gone: remembered as unknown
+    await r.resolve([("unified", ia), ("unified", 999_999_999)])
+    assert r.walks == 1  # answered from the caches

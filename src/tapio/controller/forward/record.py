@@ -1,0 +1,134 @@
+"""The document the controller forwards for each accepted event, and its delivery key.
+
+Agents send ``WireEvent``s; Tapio agents carry the occurrence's ``id``, ``outcome`` and
+``error`` inside ``facts`` (``occurrence_id``, ``outcome``, ``error_code``, ``error_message``).
+The controller turns each event back into an occurrence-shaped JSON document, adds who sent it
+(``node_name``, ``agent_id``), and encodes it once; every output ships the same bytes.
+
+The occurrence id is the de-duplication key downstream (JetStream ``Nats-Msg-Id``, the file
+output's recent-id set). An event without one (an agent that does not send it) gets an id
+derived from its content, so a retried batch still maps to the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+
+from tapio import wire
+
+SUBJECT_PREFIX: Final = "tapio.evidence."
+_EXTRA_FACTS: Final = ("occurrence_id", "outcome", "error_code", "error_message")
+_SUBJECT_TOKEN_BAD = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_ID_CHARS: Final = 128
+
+
+class ForwardedError(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+
+
+class ForwardedOccurrence(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    timestamp: str
+    timestamp_unix_nanos: int
+    source: str
+    type: str
+    severity: str
+    outcome: str
+    observer: str
+    node_name: str
+    agent_id: str
+    data: dict[str, Any]
+    error: ForwardedError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One forwardable occurrence: key, routing and the encoded document."""
+
+    id: str
+    type: str
+    node_name: str
+    body: bytes
+
+    @property
+    def subject(self) -> str:
+        return subject_for(self.type)
+
+
+def subject_for(event_type: str) -> str:
+    """``tapio.evidence.<type>``; characters NATS gives a meaning to (space, ``*``, ``>``) and
+    empty tokens are replaced so a strange type can never become a wildcard or a bad subject."""
+    tokens = [_SUBJECT_TOKEN_BAD.sub("_", t) or "_" for t in event_type.split(".")]
+    return SUBJECT_PREFIX + ".".join(tokens)
+
+
+def rfc3339_nanos(nanos: int) -> str:
+    seconds, frac = divmod(nanos, 1_000_000_000)
+    head = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{head}.{frac:09d}+00:00"
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _content_id(batch: wire.EventBatchRequest, event: wire.WireEvent) -> str:
+    digest = hashlib.sha256()
+    for part in (batch.agent_id, batch.node_name, event.type, str(event.timestamp_unix_nanos)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    digest.update(msgspec.json.encode(event.facts, order="deterministic"))
+    return "sha256-" + digest.hexdigest()[:32]
+
+
+#: Adds fields to an occurrence's data (Kubernetes enrichment); never overwrites agent facts.
+Enrich = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def build_record(
+    batch: wire.EventBatchRequest, event: wire.WireEvent, enrich: Enrich | None = None
+) -> Record:
+    facts = event.facts if isinstance(event.facts, dict) else {"value": event.facts}
+    occurrence_id = _text(facts.get("occurrence_id"))
+    if occurrence_id is None or len(occurrence_id) > _MAX_ID_CHARS:
+        occurrence_id = _content_id(batch, event)
+    data = {k: v for k, v in facts.items() if k not in _EXTRA_FACTS}
+    if enrich is not None:
+        for key, value in enrich(data).items():
+            data.setdefault(key, value)
+    error = None
+    code, message = _text(facts.get("error_code")), _text(facts.get("error_message"))
+    if code is not None:
+        error = ForwardedError(code=code, message=message or "")
+    doc = ForwardedOccurrence(
+        id=occurrence_id,
+        timestamp=rfc3339_nanos(event.timestamp_unix_nanos),
+        timestamp_unix_nanos=event.timestamp_unix_nanos,
+        source="tapio",
+        type=event.type,
+        severity=event.severity.value,
+        outcome=_text(facts.get("outcome")) or "unknown",
+        observer=event.observer,
+        node_name=batch.node_name,
+        agent_id=batch.agent_id,
+        data=data,
+        error=error,
+    )
+    return Record(
+        id=occurrence_id,
+        type=event.type,
+        node_name=batch.node_name,
+        body=msgspec.json.encode(doc, order="deterministic"),
+    )
+
+
+def build_records(batch: wire.EventBatchRequest, enrich: Enrich | None = None) -> list[Record]:
+    return [build_record(batch, event, enrich) for event in batch.events]

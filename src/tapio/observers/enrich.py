@@ -1,0 +1,243 @@
+"""Enrichment: the one stage between classification and fan-out that adds cgroup facts.
+
+An observer reports what the kernel said: a task's cgroup ids (container, storage), a pid, or
+the path of a cgroup it watched (node). The enricher adds what the node's own cgroup files say
+about that cgroup: its path and the container id, runtime and pod UID the path names
+(:mod:`tapio.observers.cgroups`). Keeping this out of the observers means one place resolves
+cgroups for everyone, with one bounded cache, and a lookup that misses walks the hierarchy in a
+worker thread instead of blocking the event loop that drains the rings.
+
+Each observer declares per anomaly type what to enrich (``Observer.enrichment``):
+
+* :class:`ByCgroupId` — the occurrence carries ``cgroup2_id`` / ``memory_cgroup_id`` /
+  ``cpu_cgroup_id`` facts; they become ``cgroup_path`` and ``cgroup_id`` (the id that describes
+  the occurrence best, in the declared hierarchy order) plus the attribution facts. With
+  ``proc_fallback`` an occurrence whose ``cgroup_source`` is ``"unknown"`` (the kernel did not
+  see the task's own cgroups) is resolved through ``/proc/<pid>/cgroup`` while the process
+  exists (``cgroup_source: "proc"``). With ``memory_limit`` a ``memory_limit_bytes`` the kernel
+  did not report is read from the memory cgroup's limit file.
+* :class:`ByCgroupPath` — the occurrence names a watched cgroup by path (``cgroup`` with
+  ``scope: "cgroup"``) and/or a task by pid (``worst_pid`` → ``worst_cgroup``).
+
+Enrichment never costs the evidence: if it raises, the occurrence is delivered as classified
+and ``tapio_enrichment_errors_total`` counts it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+
+from tapio.metrics import ENRICHMENT_ERRORS
+from tapio.observers.cgroups import HIERARCHIES, CgroupResolver, Miss
+from tapio.occurrence import Occurrence, OccurrenceError
+
+log = structlog.get_logger("tapio.observers.enrich")
+
+#: The fact naming each hierarchy's cgroup id.
+ID_KEYS = {"unified": "cgroup2_id", "memory": "memory_cgroup_id", "cpu": "cpu_cgroup_id"}
+REFRESH_SECS = 10.0  # full re-index of the trees while some observer reports cgroup ids
+MEMO_TTL_SECS = 5.0  # facts for one id tuple are reused this long (ids can be reused)
+MEMO_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ByCgroupId:
+    """Enrich from the task's cgroup ids (see the module docstring)."""
+
+    hierarchies: tuple[str, ...]
+    order: tuple[str, ...]
+    proc_fallback: bool = False
+    memory_limit: bool = False
+    #: Re-renders ``error.message`` when enrichment filled in a fact the message shows.
+    message: Callable[[Mapping[str, Any]], str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ByCgroupPath:
+    """Enrich from a watched cgroup's path and/or a task's pid (see the module docstring)."""
+
+    path_key: str = "cgroup"
+    pid_key: str = "worst_pid"
+    pid_path_key: str = "worst_cgroup"
+
+
+Enrichment = ByCgroupId | ByCgroupPath
+
+
+def cgroup_facts(
+    resolver: CgroupResolver,
+    ids: Mapping[str, int],
+    paths: Mapping[str, str | None],
+    order: tuple[str, ...],
+    hierarchies: tuple[str, ...] = HIERARCHIES,
+) -> dict[str, object]:
+    """The ``data`` facts describing a task's cgroups.
+
+    ``ids``/``paths`` are per hierarchy; ``order`` says which hierarchy describes the event
+    best. ``cgroup_id`` is the id of the first hierarchy (in that order) where the task is not
+    in the root, or of the first known id; ``cgroup_path`` is its path (``None`` when the cgroup
+    is gone or unknown). Container id, runtime and pod UID are added only when a non-root path
+    holds them, and then that path's hierarchy names ``cgroup_id``/``cgroup_path``.
+    """
+    facts: dict[str, object] = {ID_KEYS[h]: ids.get(h, 0) for h in hierarchies}
+    primary: str | None = None
+    for h in order:
+        p = paths.get(h)
+        if p is not None and p != "/":
+            primary = h
+            break
+    if primary is None:
+        for h in order:
+            if ids.get(h):
+                primary = h
+                break
+    facts["cgroup_id"] = ids.get(primary, 0) if primary is not None else 0
+    cgroup_path = paths.get(primary) if primary is not None else None
+    for h in order:
+        p = paths.get(h)
+        if p is None or p == "/":
+            continue
+        attr = resolver.attribution(p)
+        if attr.container_id is not None or attr.pod_uid is not None:
+            cgroup_path = p
+            facts["cgroup_id"] = ids.get(h, 0)
+            facts.update(attr.facts())
+            break
+    facts["cgroup_path"] = cgroup_path
+    return facts
+
+
+class Enricher:
+    """Adds cgroup facts to occurrences, per anomaly type, from one shared resolver."""
+
+    def __init__(self, resolver: CgroupResolver, specs: Mapping[str, Enrichment]) -> None:
+        self.resolver = resolver
+        self.specs = dict(specs)
+        self._memo: dict[tuple[object, ...], tuple[dict[str, object], str | None]] = {}
+        self._memo_at = time.monotonic()
+
+    @classmethod
+    def for_specs(
+        cls, specs: Iterable[Mapping[str, Enrichment]], resolver: CgroupResolver | None = None
+    ) -> Enricher:
+        merged: dict[str, Enrichment] = {}
+        for s in specs:
+            merged.update(s)
+        return cls(resolver if resolver is not None else CgroupResolver(), merged)
+
+    @property
+    def needs_ids(self) -> bool:
+        return any(isinstance(s, ByCgroupId) for s in self.specs.values())
+
+    async def run(self) -> None:
+        """Index the cgroup trees now and every ``REFRESH_SECS`` while ids are enriched."""
+        if not self.needs_ids:
+            return
+        while True:
+            try:
+                await self.resolver.index()
+            except Exception:  # an indexing bug must not stop the pipeline
+                log.exception("cgroup index failed")
+            await anyio.sleep(REFRESH_SECS)
+
+    async def enrich(self, batch: Sequence[Occurrence]) -> None:
+        """Enrich ``batch`` in place; ids the cache does not know are walked for off-loop."""
+        todo: list[tuple[Occurrence, Enrichment]] = []
+        missing: set[tuple[str, int]] = set()
+        lookup = self.resolver.lookup
+        for occ in batch:
+            spec = self.specs.get(occ.type)
+            if spec is None or occ.data is None:
+                continue
+            todo.append((occ, spec))
+            if isinstance(spec, ByCgroupId) and occ.data.get("cgroup_source", "task") == "task":
+                for h in spec.hierarchies:
+                    cid = occ.data.get(ID_KEYS[h], 0)
+                    if isinstance(lookup(h, cid), Miss):
+                        missing.add((h, cid))
+        if not todo:
+            return
+        if missing:
+            try:
+                await self.resolver.resolve(missing)
+            except Exception:  # unresolved ids are reported unknown below
+                log.exception("cgroup walk failed")
+        for occ, spec in todo:
+            try:
+                if isinstance(spec, ByCgroupId):
+                    self._by_id(occ, spec)
+                else:
+                    self._by_path(occ, spec)
+            except Exception:
+                ENRICHMENT_ERRORS.labels(observer=occ.observer).inc()
+                log.exception("enrichment failed; occurrence kept as classified", type=occ.type)
+
+    def _by_id(self, occ: Occurrence, spec: ByCgroupId) -> None:
+        data = occ.data
+        assert data is not None
+        r = self.resolver
+        ids = {h: int(data.get(ID_KEYS[h], 0)) for h in spec.hierarchies}
+        if spec.proc_fallback and data.get("cgroup_source") == "unknown":
+            by_pid = r.paths_for_pid(int(data.get("pid", 0)))
+            paths: dict[str, str | None] = {h: by_pid.get(h) for h in ids}
+            if by_pid:
+                data["cgroup_source"] = "proc"
+                ids = {h: r.id_for_path(h, p) if p is not None else 0 for h, p in paths.items()}
+            facts = cgroup_facts(r, ids, paths, spec.order, spec.hierarchies)
+            mem_path = paths.get("memory")
+        else:
+            facts, mem_path = self._memoized(occ.type, spec, ids)
+        data.update(facts)
+        if spec.memory_limit and data.get("memory_limit_bytes") is None and mem_path is not None:
+            limit = r.memory_limit(mem_path)
+            if limit is not None:
+                data["memory_limit_bytes"] = limit
+                if spec.message is not None and occ.error is not None:
+                    occ.error = OccurrenceError(occ.error.code, spec.message(data))
+        occ.data = dict(sorted(data.items()))
+
+    def _memoized(
+        self, type_: str, spec: ByCgroupId, ids: dict[str, int]
+    ) -> tuple[dict[str, object], str | None]:
+        # The same few cgroups produce most events; their facts are reused for a few seconds
+        # so a cgroup that disappears (or an id that is reused) is not described stale for long.
+        now = time.monotonic()
+        if now - self._memo_at > MEMO_TTL_SECS or len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+            self._memo_at = now
+        key = (type_, *ids.values())
+        hit = self._memo.get(key)
+        if hit is None:
+            paths = {h: self.resolver.cached(h, cid) for h, cid in ids.items()}
+            facts = cgroup_facts(self.resolver, ids, paths, spec.order, spec.hierarchies)
+            hit = (facts, paths.get("memory"))
+            if all(not isinstance(self.resolver.lookup(h, c), Miss) for h, c in ids.items()):
+                self._memo[key] = hit
+        return hit
+
+    def _by_path(self, occ: Occurrence, spec: ByCgroupPath) -> None:
+        data = occ.data
+        assert data is not None
+        r = self.resolver
+        changed = False
+        path = data.get(spec.path_key)
+        if data.get("scope") == "cgroup" and isinstance(path, str):
+            facts = r.attribution(path).facts()
+            data.update(facts)
+            changed = bool(facts)
+        pid = data.get(spec.pid_key)
+        if isinstance(pid, int) and pid > 0:
+            paths = r.paths_for_pid(pid)
+            p = paths.get("cpu") or paths.get("unified")
+            if p is not None:
+                data[spec.pid_path_key] = p
+                data.update(r.attribution(p).facts())
+                changed = True
+        if changed:
+            occ.data = dict(sorted(data.items()))
