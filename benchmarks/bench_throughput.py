@@ -97,17 +97,16 @@ class Probe(NamedTuple):
     ok: bool  # every produced record delivered, no lost event, no sink drop
     produced: int
     delivered: int
-    cpu_pct: float  # the agent's CPU while producing, % of one core
+    cpu_us: float  # the agent's CPU per delivered occurrence, until the last was delivered
 
 
 def probe(agent: Agent, producer: Producer, rate: float, secs: float) -> Probe:
     """Run ``rate`` for ``secs`` and count what came out."""
     m0 = agent.metrics()
-    c0, t0 = cpu_seconds(agent.proc.pid), time.monotonic()
+    c0 = cpu_seconds(agent.proc.pid)
     ok0 = total(m0, "tapio_sink_writes_total", sink="stdout", result="ok")
     bad0 = total(m0, "tapio_sink_drops_total") + total(m0, "tapio_lost_events_total")
     produced = producer.run(rate, secs)
-    cpu_pct = (cpu_seconds(agent.proc.pid) - c0) / (time.monotonic() - t0) * 100
     deadline = time.monotonic() + 10
     delivered = 0
     while time.monotonic() < deadline:
@@ -116,10 +115,11 @@ def probe(agent: Agent, producer: Producer, rate: float, secs: float) -> Probe:
         if delivered >= produced:
             break
         time.sleep(0.2)
+    cpu_us = (cpu_seconds(agent.proc.pid) - c0) / max(delivered, 1) * 1e6
     time.sleep(6.0)  # one kernel-metrics interval: lost events reach /metrics
     m = agent.metrics()
     bad = total(m, "tapio_sink_drops_total") + total(m, "tapio_lost_events_total") - bad0
-    return Probe(bad == 0 and delivered >= produced, produced, delivered, cpu_pct)
+    return Probe(bad == 0 and delivered >= produced, produced, delivered, cpu_us)
 
 
 def main() -> int:
@@ -158,7 +158,7 @@ def main() -> int:
                 p = probe(agent, producer, frac * top, args.probe_secs)
                 print(
                     f"probe {frac:.0%} of 1/floor ({frac * top:.0f}/s): produced {p.produced}"
-                    f" delivered {p.delivered}, agent CPU {p.cpu_pct:.0f} % of a core,"
+                    f" delivered {p.delivered}, agent CPU {p.cpu_us:.2f} us/occurrence,"
                     f" {'ok' if p.ok else 'LOSS'}",
                     flush=True,
                 )
@@ -172,7 +172,7 @@ def main() -> int:
                 p = probe(agent, producer, frac * top, args.hold_secs)
                 print(
                     f"hold {frac:.0%} for {args.hold_secs:.0f} s: produced {p.produced}"
-                    f" delivered {p.delivered}, agent CPU {p.cpu_pct:.0f} % of a core,"
+                    f" delivered {p.delivered}, agent CPU {p.cpu_us:.2f} us/occurrence,"
                     f" {'ok' if p.ok else 'LOSS'}",
                     flush=True,
                 )
