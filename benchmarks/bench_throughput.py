@@ -80,14 +80,17 @@ class Producer:
         load = ["bpftool", "prog", "load", str(obj), str(self.pin), "type", "xdp", *reuse]
         subprocess.run(load, check=True)
 
-    def run(self, rate: float, secs: float) -> int:
+    def run(self, rate: float, secs: float) -> tuple[int, float]:
+        """Records produced and the seconds it took (longer than ``secs`` when the runner could
+        not keep the rate: the rate reached is then what counts)."""
         out = subprocess.run(
             [str(self.runner), str(self.pin), f"{rate:.0f}", f"{secs}", "1"],
             check=True,
             capture_output=True,
             text=True,
         )
-        return int(out.stdout.split()[0])
+        done, took = out.stdout.split()
+        return int(done), float(took)
 
     def close(self) -> None:
         self.pin.unlink(missing_ok=True)
@@ -96,6 +99,7 @@ class Producer:
 class Probe(NamedTuple):
     ok: bool  # every produced record delivered, no lost event, no sink drop
     produced: int
+    rate: float  # records/s actually produced
     delivered: int
     cpu_us: float  # the agent's CPU per delivered occurrence, until the last was delivered
 
@@ -106,7 +110,7 @@ def probe(agent: Agent, producer: Producer, rate: float, secs: float) -> Probe:
     c0 = cpu_seconds(agent.proc.pid)
     ok0 = total(m0, "tapio_sink_writes_total", sink="stdout", result="ok")
     bad0 = total(m0, "tapio_sink_drops_total") + total(m0, "tapio_lost_events_total")
-    produced = producer.run(rate, secs)
+    produced, took = producer.run(rate, secs)
     deadline = time.monotonic() + 10
     delivered = 0
     while time.monotonic() < deadline:
@@ -119,7 +123,7 @@ def probe(agent: Agent, producer: Producer, rate: float, secs: float) -> Probe:
     time.sleep(6.0)  # one kernel-metrics interval: lost events reach /metrics
     m = agent.metrics()
     bad = total(m, "tapio_sink_drops_total") + total(m, "tapio_lost_events_total") - bad0
-    return Probe(bad == 0 and delivered >= produced, produced, delivered, cpu_us)
+    return Probe(bad == 0 and delivered >= produced, produced, produced / took, delivered, cpu_us)
 
 
 def main() -> int:
@@ -158,6 +162,7 @@ def main() -> int:
                 p = probe(agent, producer, frac * top, args.probe_secs)
                 print(
                     f"probe {frac:.0%} of 1/floor ({frac * top:.0f}/s): produced {p.produced}"
+                    f" at {p.rate:.0f}/s"
                     f" delivered {p.delivered}, agent CPU {p.cpu_us:.2f} us/occurrence,"
                     f" {'ok' if p.ok else 'LOSS'}",
                     flush=True,
@@ -165,6 +170,9 @@ def main() -> int:
                 if not p.ok:
                     break
                 best = frac
+                if p.rate < 0.95 * frac * top:
+                    print("the producer cannot go faster on this machine", flush=True)
+                    break
             held = 0.0
             rate = 0.0
             frac = best
@@ -172,12 +180,14 @@ def main() -> int:
                 p = probe(agent, producer, frac * top, args.hold_secs)
                 print(
                     f"hold {frac:.0%} for {args.hold_secs:.0f} s: produced {p.produced}"
+                    f" at {p.rate:.0f}/s"
                     f" delivered {p.delivered}, agent CPU {p.cpu_us:.2f} us/occurrence,"
                     f" {'ok' if p.ok else 'LOSS'}",
                     flush=True,
                 )
                 if p.ok:
-                    held, rate = frac, p.produced / args.hold_secs
+                    rate = p.rate
+                    held = rate / top
                     break
                 frac = round(frac - 0.15, 2)
         finally:
