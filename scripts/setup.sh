@@ -18,6 +18,8 @@ pkgs=(clang llvm libbpf-dev libbpf1 bpftool gcc libc6-dev python3 python3-venv p
       iproute2 util-linux)
 if [[ $want_test -eq 1 ]]; then
   pkgs+=(nftables iptables fuse3 libfuse3-dev pkg-config kmod procps)
+  # scripts/image-test.sh: build and run the images (runc: crun refuses hybrid cgroup hosts).
+  pkgs+=(podman runc containerd debootstrap)
   pkgs+=(nats-server)  # the controller forwarding tests start a real JetStream server
 fi
 missing=()
@@ -28,6 +30,12 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The manifest tests render with `kubectl kustomize`; Debian has no kubectl package, so it must
+# come with the machine (it fails those tests, not this script, when missing).
+if [[ $want_test -eq 1 ]] && ! command -v kubectl >/dev/null; then
+  echo "setup.sh: kubectl not found: tests/unit/deploy/test_manifests.py will fail" >&2
 fi
 
 # tracefs: the agent mounts it itself too, but the tests use it directly.

@@ -143,6 +143,8 @@ class DegradedReason(enum.Enum):
     UNCONFIGURED = "unconfigured"
     CONFIG_ABI_MISMATCH = "config_abi_mismatch"
     PMC_UNSUPPORTED = "pmc_unsupported"
+    #: the kernel lacks a hook, helper or map type one anomaly type needs (``no_<capability>``)
+    KERNEL_UNSUPPORTED = "kernel_unsupported"
     OBSERVER_FAILED = "observer_failed"
     SINK_FAILING = "sink_failing"
     UNKNOWN = "unknown"

@@ -22,6 +22,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 OBJECTS = REPO / "src" / "tapio" / "bpf" / "objects"
+# Waits are stretched by this factor where the CPU is emulated (the kernel matrix boots kernels
+# under QEMU/TCG, 10-30x slower than a real CPU); never shortened.
+TIME_SCALE = max(1.0, float(os.environ.get("TAPIO_TEST_TIME_SCALE", "1")))
 
 
 def require_kernel(objects: Sequence[str] = ("network",)) -> None:
@@ -35,7 +38,7 @@ def require_kernel(objects: Sequence[str] = ("network",)) -> None:
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * TIME_SCALE
     while True:
         value = pred()
         if value:
@@ -84,7 +87,7 @@ class AgentProcess:
         self.proc = proc
         ok = wait_until(
             lambda: "agent started" in self.stderr() or proc.poll() is not None, timeout
-        )
+        )  # (stretched by TIME_SCALE like every wait)
         if not ok or proc.poll() is not None:
             self.stop()
             raise AssertionError(f"agent did not start:\n{self.stderr()}")
@@ -185,7 +188,7 @@ class AgentProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(timeout * TIME_SCALE)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)

@@ -2,8 +2,10 @@
 
 The agent runs as a user would run it (``python -m tapio agent --observer container``); the
 test's own children are identified by pid, since the host has other processes. Cgroups are
-created under a test-owned directory in the v1 memory tree and the cgroup2 tree (this host is
-hybrid) and removed on every exit path.
+created under a test-owned directory in whatever layout the host has -- pure cgroup v2 (memory
+limit in ``memory.max``, the memory controller delegated through ``cgroup.subtree_control``) or
+hybrid (the v1 memory tree plus the controller-less cgroup2 tree) -- and removed on every exit
+path.
 """
 
 from __future__ import annotations
@@ -21,39 +23,34 @@ from typing import Any
 
 import pytest
 
+from .cgroups import (
+    cgroup_dirs,
+    layout,
+    memory_events,
+    memory_peak,
+    missing,
+    set_memory_limit,
+)
 from .harness import AgentProcess, agent, require_kernel, wait_until
 
 pytestmark = pytest.mark.kernel
 
 OOM = "kernel.container.oom_kill"
 EXIT = "kernel.container.abnormal_exit"
-MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
-UNIFIED_ROOT = Path("/sys/fs/cgroup/unified")
 LIMIT = 64 << 20
 
 
-def _rmtree_cgroup(path: Path) -> None:
-    """rmdir a cgroup subtree deepest first (cgroup dirs only hold virtual files)."""
-    if not path.is_dir():
-        return
-    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        with contextlib.suppress(OSError):
-            child.rmdir()
-    with contextlib.suppress(OSError):
-        path.rmdir()
-
-
 @contextlib.contextmanager
-def cgroup_dir(root: Path, rel: str) -> Iterator[Path]:
-    if not (root / "cgroup.procs").exists():
-        pytest.skip(f"no cgroup hierarchy at {root}")
-    top = root / rel.split("/")[0]
-    path = root / rel
-    try:
-        path.mkdir(parents=True)
-        yield path
-    finally:
-        _rmtree_cgroup(top)
+def cgroup_dir(role: str, rel: str, controllers: tuple[str, ...] = ()) -> Iterator[Path]:
+    """``rel`` in the hierarchy that plays ``role`` (on pure v2: the one cgroup2 tree)."""
+    require_roles(role)
+    with cgroup_dirs((role,), rel, controllers) as dirs:
+        yield dirs[role]
+
+
+def require_roles(*roles: str) -> None:
+    if missing(roles):
+        pytest.skip(f"no cgroup hierarchy for {', '.join(missing(roles))}")
 
 
 def _mine(proc: AgentProcess, prefix: str, pid: int) -> list[dict[str, Any]]:
@@ -104,14 +101,12 @@ def test_oom_kill_reports_the_victim_its_usage_cgroup_and_limit(tmp_path: Path) 
     require_kernel(("container",))
     rel = f"tapio-test-{uuid.uuid4().hex[:8]}"
     with (
-        cgroup_dir(MEMORY_ROOT, rel) as cg,
+        cgroup_dir("memory", rel, ("memory",)) as cg,
         agent(
             tmp_path, observers=("container",), config='[container]\nexit_scope = "all"\n'
         ) as proc,
     ):
-        (cg / "memory.limit_in_bytes").write_text(str(LIMIT))
-        with contextlib.suppress(OSError):
-            (cg / "memory.swappiness").write_text("0")
+        set_memory_limit(cg, LIMIT)
         cg_ino = os.stat(cg).st_ino
         victim = subprocess.Popen(
             [
@@ -124,12 +119,14 @@ def test_oom_kill_reports_the_victim_its_usage_cgroup_and_limit(tmp_path: Path) 
         )
         rc = _wait(victim, 40)
         assert rc == -9, f"the allocator was not OOM-killed (rc={rc})"
-        max_usage = int((cg / "memory.max_usage_in_bytes").read_text())
+        max_usage = memory_peak(cg, LIMIT)
+        events = memory_events(cg)
         hits = wait_until(lambda: _mine(proc, OOM, victim.pid), 10)
         time.sleep(1.0)  # any (wrong) abnormal_exit for the victim would be in by now
         exits = _mine(proc, EXIT, victim.pid)
         hits = _mine(proc, OOM, victim.pid)
 
+    assert events["oom_kill"] == 1, f"the kernel counted {events} for the cgroup"
     assert len(hits) == 1, f"expected exactly one oom_kill: {hits}"
     assert exits == [], f"the OOM victim's death was reported again: {exits}"
     occ = hits[0]
@@ -266,16 +263,21 @@ def test_kubernetes_layouts_are_attributed_and_scope_filters_host_processes(
     )
     cgroupfs_rel = f"{top}/kubepods/besteffort/pod{POD_UID}/{CID_CGROUPFS}"
     config = '[container]\nexit_scope = "containers"\n'
+    require_roles("unified", "memory")
+    lay = layout()
     with (
-        cgroup_dir(UNIFIED_ROOT, systemd_rel) as uni_sd,
-        cgroup_dir(MEMORY_ROOT, systemd_rel) as mem_sd,
-        cgroup_dir(MEMORY_ROOT, cgroupfs_rel) as mem_fs,
+        # On pure v2 the memory and cpu controllers are delegated down to the container, as the
+        # kubelet does: a task's memory cgroup is then its cgroup2 cgroup.
+        cgroup_dirs(("unified", "memory"), systemd_rel, ("memory", "cpu")) as sd_dirs,
+        cgroup_dirs(("memory",), cgroupfs_rel, ("memory", "cpu")) as fs_dirs,
         agent(tmp_path, observers=("container",), config=config) as proc,
     ):
-        sd = _move_and_exit([uni_sd, mem_sd], 5)
+        uni_sd, mem_fs = sd_dirs["unified"], fs_dirs["memory"]
+        # On pure v2 both roles are one directory: the process is moved once.
+        sd = _move_and_exit(list(dict.fromkeys(sd_dirs.values())), 5)
         fs = _move_and_exit([mem_fs], 6)
         # A host process: the root cgroup of every hierarchy the scope looks at.
-        host = _move_and_exit([MEMORY_ROOT, UNIFIED_ROOT, Path("/sys/fs/cgroup/cpu")], 9)
+        host = _move_and_exit(lay.roots(("memory", "unified", "cpu")), 9)
         assert [_wait(p) for p in (sd, fs, host)] == [5, 6, 9]
         wait_until(lambda: _mine(proc, EXIT, sd.pid) and _mine(proc, EXIT, fs.pid), 10)
         time.sleep(1.0)

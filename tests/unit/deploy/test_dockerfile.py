@@ -209,3 +209,26 @@ def test_the_parser_sees_bad_practice() -> None:
         test_apt_hygiene(stage)
     with pytest.raises(AssertionError):
         test_no_add_of_urls_and_copy_is_used(stage)
+
+
+def test_pip_steps_take_the_ca_bundle_as_an_optional_build_secret(stages: dict[str, Stage]) -> None:
+    """Behind a TLS-intercepting proxy: `--secret id=pipcert,src=<CA bundle>` reaches every pip
+    call as PIP_CERT, without landing in a layer; without the secret pip uses its defaults."""
+    text = DOCKERFILE.read_text()
+    assert "--secret id=pipcert,src=" in text  # documented in the header
+    pip_runs = [r for r in stages["build"].runs() if " -m pip " in r]
+    assert pip_runs
+    for run in pip_runs:
+        assert run.startswith("--mount=type=secret,id=pipcert,required=false"), run
+        assert "export PIP_CERT=/run/secrets/pipcert" in run
+    assert not any("pipcert" in i.args for i in stages["build"].instructions if i.cmd == "ENV")
+
+
+def test_the_runtime_stage_has_no_pip_and_labels_name_no_foreign_repository(
+    stages: dict[str, Stage],
+) -> None:
+    final_build_run = stages["build"].runs()[-1]
+    assert "pip uninstall -q -y pip setuptools" in final_build_run
+    labels = " ".join(i.args for s in stages.values() for i in s.instructions if i.cmd == "LABEL")
+    assert "org.opencontainers.image.licenses" in labels
+    assert "://" not in labels, labels  # no source URL: the image names no hosting service

@@ -1,8 +1,11 @@
-"""deploy/kubernetes: schema validation (raw files and the rendered kustomization) and the
-facts the agent and controller depend on (capabilities, mounts, probes, flags, config)."""
+"""deploy/kubernetes and deploy/overlays: schema validation (raw files and what `kubectl
+kustomize` renders) and the facts the agent and controller depend on (capabilities, seccomp,
+mounts, probes, flags, config, scheduling, images)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,16 +22,43 @@ from tapio.controller.cli import build_parser as controller_parser
 from tapio.controller.cli import parse_address
 from tapio.profile import compile_profile, load_profile
 
-from .kustomize import CLUSTER_SCOPED, KustomizeError, config_map_hash, load_yaml_documents, render
-
 ROOT = Path(__file__).resolve().parents[3]
 BASE = ROOT / "deploy" / "kubernetes"
+PRODUCTION = ROOT / "deploy" / "overlays" / "production"
+SECCOMP = ROOT / "deploy" / "seccomp"
 # The oldest Kubernetes release we promise (CAP_BPF/PERFMON-era nodes, `labels` in kustomize)
 # and the newest schema bundled with kubernetes-validate.
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 ALLOWED_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"}
 
 Obj = dict[str, Any]
+# Kinds without a namespace (kustomize's `namespace:` leaves them alone).
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PriorityClass",
+    "StorageClass",
+}
+
+
+def load_yaml_documents(path: Path) -> list[Obj]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def render(path: Path) -> list[Obj]:
+    """`kubectl kustomize <path>`: the renderer `kubectl apply -k` uses (kubectl is on every
+    machine of this project; a missing one is a failure, not a skip)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl not found: the manifest tests render with `kubectl kustomize`")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 0:
+        pytest.fail(f"kubectl kustomize {path} failed: {done.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(done.stdout) if d is not None]
 
 
 def validate(obj: Obj, version: str) -> None:
@@ -49,6 +79,11 @@ def manifest_files() -> list[Path]:
 @pytest.fixture(scope="module")
 def rendered() -> list[Obj]:
     return render(BASE)
+
+
+@pytest.fixture(scope="module")
+def production() -> list[Obj]:
+    return render(PRODUCTION)
 
 
 def one(objs: list[Obj], kind: str, name: str) -> Obj:
@@ -79,6 +114,12 @@ def test_every_manifest_file_validates(path: Path, version: str) -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_rendered_kustomization_validates(rendered: list[Obj], version: str) -> None:
     for obj in rendered:
+        validate(obj, version)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_production_overlay_validates(production: list[Obj], version: str) -> None:
+    for obj in production:
         validate(obj, version)
 
 
@@ -171,10 +212,17 @@ def test_agent_host_mounts(rendered: list[Obj]) -> None:
     pod = ds["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in container(ds)["volumeMounts"]}
-    for path in ("/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/cgroup"):
+    for path in ("/sys/kernel/btf", "/sys/kernel/tracing"):
         m = mounts[path]
         assert m.get("readOnly") is True, path
         assert volumes[m["name"]]["hostPath"]["path"] == path
+    # The host's cgroupfs beside the container's own view, and the agent told where it is.
+    cg = mounts["/host/sys/fs/cgroup"]
+    assert cg.get("readOnly") is True
+    assert volumes[cg["name"]]["hostPath"]["path"] == "/sys/fs/cgroup"
+    env = {e["name"]: e.get("value") for e in container(ds)["env"]}
+    assert env["TAPIO_CGROUP_ROOT"] == cg["mountPath"]
+    assert "/sys/fs/cgroup" not in mounts
     data = mounts["/var/lib/tapio"]
     assert not data.get("readOnly", False)
     assert volumes[data["name"]]["hostPath"]["path"] == "/var/lib/tapio"
@@ -265,10 +313,92 @@ def test_controller_profile_config_map_compiles(rendered: list[Obj]) -> None:
     compile_profile(load_profile(text=text))
 
 
-# ---- the renderer itself ------------------------------------------------------------------------
+# ---- scheduling, seccomp, images, overlays -------------------------------------------------------
 
 
-def test_renderer_hashes_config_maps_and_rewrites_references(tmp_path: Path) -> None:
+def test_agent_is_node_critical_and_both_run_on_linux_nodes(rendered: list[Obj]) -> None:
+    agent = one(rendered, "DaemonSet", "tapio-agent")["spec"]["template"]["spec"]
+    assert agent["priorityClassName"] == "system-node-critical"
+    controller = one(rendered, "Deployment", "tapio-controller")["spec"]["template"]["spec"]
+    for pod in (agent, controller):
+        assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+
+
+def test_agent_runs_under_the_shipped_seccomp_profile(rendered: list[Obj]) -> None:
+    """Not Unconfined, not privileged: the Localhost profile deploy/seccomp ships."""
+    ds = one(rendered, "DaemonSet", "tapio-agent")
+    pod = ds["spec"]["template"]["spec"]
+    sc = container(ds)["securityContext"]
+    assert sc["seccompProfile"]["type"] == "Localhost"
+    shipped = Path(sc["seccompProfile"]["localhostProfile"])
+    assert shipped.parts[0] == "profiles"
+    assert (SECCOMP / shipped.name).is_file(), shipped
+    assert "seccompProfile" not in pod.get("securityContext", {})  # no pod-wide override
+    for obj in rendered:
+        if obj["kind"] in {"DaemonSet", "Deployment"}:
+            spec = obj["spec"]["template"]["spec"]
+            for c in spec["containers"]:
+                assert c["securityContext"].get("privileged", False) is False
+            assert spec.get("securityContext", {}).get("seccompProfile", {}).get("type") not in {
+                "Unconfined"
+            }
+
+
+def test_image_names_and_tags_are_set_in_one_place(rendered: list[Obj]) -> None:
+    """The manifests name untagged images; the kustomization's `images:` sets every name and
+    tag, so an overlay (or `kustomize edit set image`) changes them in one place."""
+    k = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    images = {i["name"]: i for i in k["images"]}
+    raw = [
+        c["image"]
+        for path in manifest_files()
+        for doc in load_yaml_documents(path)
+        if doc["kind"] in {"DaemonSet", "Deployment"}
+        for c in doc["spec"]["template"]["spec"]["containers"]
+    ]
+    assert sorted(raw) == sorted(images), raw
+    for name in raw:
+        assert ":" not in name and "@" not in name, f"{name}: tag it in kustomization.yaml"
+        assert images[name].get("newName") and images[name].get("newTag")
+    got = sorted(
+        container(o)["image"] for o in rendered if o["kind"] in {"DaemonSet", "Deployment"}
+    )
+    assert got == sorted(f"{i['newName']}:{i['newTag']}" for i in images.values())
+
+
+def test_production_overlay_changes_images_and_sizing_only(
+    rendered: list[Obj], production: list[Obj]
+) -> None:
+    k = yaml.safe_load((PRODUCTION / "kustomization.yaml").read_text())
+    overlay_images = {i["name"]: i for i in k["images"]}
+    assert set(overlay_images) == {"tapio/agent", "tapio/controller"}
+    base = {(o["kind"], o["metadata"]["name"]): o for o in rendered}
+    prod = {(o["kind"], o["metadata"]["name"]): o for o in production}
+    assert base.keys() == prod.keys()
+    for kind, name in (("DaemonSet", "tapio-agent"), ("Deployment", "tapio-controller")):
+        want = overlay_images[f"tapio/{name.removeprefix('tapio-')}"]
+        image = container(prod[(kind, name)])["image"]
+        assert image == f"{want['newName']}:{want['newTag']}"
+        assert image != container(base[(kind, name)])["image"]
+    ds_base, ds_prod = base[("DaemonSet", "tapio-agent")], prod[("DaemonSet", "tapio-agent")]
+    assert container(ds_prod)["resources"]["limits"]["memory"] == "384Mi"
+    assert ds_prod["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    # What makes the agent work is the base's, untouched by the overlay.
+    for key in ("securityContext", "volumeMounts", "args", "env", "livenessProbe"):
+        assert container(ds_prod)[key] == container(ds_base)[key], key
+    for key in ("priorityClassName", "nodeSelector", "hostPID", "volumes", "tolerations"):
+        assert ds_prod["spec"]["template"]["spec"][key] == ds_base["spec"]["template"]["spec"][key]
+    for key, obj in base.items():
+        if key[0] not in {"DaemonSet", "Deployment"}:
+            assert prod[key] == obj, key
+
+
+# ---- what the tests rely on from kustomize -------------------------------------------------------
+
+
+def test_kustomize_hashes_config_maps_and_rewrites_references(tmp_path: Path) -> None:
+    """A changed agent config renames its ConfigMap, and the pod spec follows: that is what
+    rolls the DaemonSet on a config change."""
     (tmp_path / "a.txt").write_text("x = 1\n")
     (tmp_path / "pod.yaml").write_text(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: c, image: img}]\n"
@@ -278,17 +408,12 @@ def test_renderer_hashes_config_maps_and_rewrites_references(tmp_path: Path) -> 
         "resources: [pod.yaml]\nnamespace: ns\nconfigMapGenerator:\n- name: cfg\n  files: [a.txt]\n"
         "images:\n- name: img\n  newName: reg/img\n  newTag: '1.2'\n"
     )
-    objs = render(tmp_path)
-    cm, pod = objs
+    cm, pod = sorted(render(tmp_path), key=lambda o: str(o["kind"]))
     assert cm["metadata"]["name"].startswith("cfg-") and len(cm["metadata"]["name"]) == 14
     assert pod["spec"]["volumes"][0]["configMap"]["name"] == cm["metadata"]["name"]
     assert pod["spec"]["containers"][0]["image"] == "reg/img:1.2"
     assert pod["metadata"]["namespace"] == "ns"
-    changed = {**cm, "data": {"a.txt": "x = 2\n"}, "metadata": {"name": "cfg"}}
-    assert config_map_hash(changed) != cm["metadata"]["name"][4:]
-
-
-def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text("resources: []\npatches: []\n")
-    with pytest.raises(KustomizeError, match="patches"):
-        render(tmp_path)
+    (tmp_path / "a.txt").write_text("x = 2\n")
+    cm2, pod2 = sorted(render(tmp_path), key=lambda o: str(o["kind"]))
+    assert cm2["metadata"]["name"] != cm["metadata"]["name"]
+    assert pod2["spec"]["volumes"][0]["configMap"]["name"] == cm2["metadata"]["name"]

@@ -3,6 +3,7 @@ cgroup discovery and the occurrences it builds."""
 
 from __future__ import annotations
 
+import importlib
 import struct
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from tapio.observers.node.runq import (
 )
 from tapio.observers.node.throttle import CpuStat, ThrottleDelta, parse_cpu_stat, throttle_delta
 from tapio.occurrence import NODE_CPU_STALL, NODE_MEMORY_PRESSURE, Occurrence
+
+from ..test_lean import declared_maps
 
 MS = 1_000_000
 
@@ -74,7 +77,8 @@ def worst(ms: float, pid: int = 42) -> WorstWait:
 
 
 def test_registered() -> None:
-    assert REGISTRY["node"] == "tapio.observers.node:NodeObserver"
+    module, _, attr = REGISTRY["node"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is NodeObserver
     assert observer_class("node") is NodeObserver
     assert NodeObserver.ring_map is None
 
@@ -324,5 +328,10 @@ def test_pick_cgroups_prefers_containers_and_caps() -> None:
 
 
 def test_layouts_are_struct_sized() -> None:
-    assert RUNQ_HIST.size == 232 and RUNQ_WORST.size == 56
+    """The mirrors have the size of the map values the compiled node object declares."""
+    obj = Path(__file__).resolve().parents[3] / "src/tapio/bpf/objects/node.bpf.o"
+    if not obj.is_file():
+        pytest.skip("node.bpf.o is not built (run `python build_bpf.py`)")
+    sizes = {m.name: m.value_size for m in declared_maps(obj)}
+    assert (RUNQ_HIST.size, RUNQ_WORST.size) == (sizes["runq_hist"], sizes["runq_worst"])
     assert struct.calcsize("<5Q24Q") == RUNQ_HIST.size
