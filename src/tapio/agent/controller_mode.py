@@ -250,7 +250,14 @@ class ControllerSession:
             if states.get(ro.name) != wire.ObserverStatus.DEGRADED:
                 continue  # disabled observers' reasons do not degrade the node
             for text in ro.observer.degraded_reasons:
-                add(REASON_MAP.get(text, wire.DegradedReason.UNKNOWN))
+                add(
+                    REASON_MAP.get(text)
+                    or (
+                        wire.DegradedReason.KERNEL_UNSUPPORTED
+                        if text.startswith("no_")
+                        else wire.DegradedReason.UNKNOWN
+                    )
+                )
         for sink in agent.sinks:
             healthy = getattr(sink, "healthy", True)
             if healthy is False:
