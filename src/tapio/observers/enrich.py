@@ -122,9 +122,14 @@ class Enricher:
         resolver: CgroupResolver,
         specs: Mapping[str, Enrichment],
         watcher: CgroupWatcher | None = None,
+        *,
+        watch: bool = True,
     ) -> None:
+        """``watch=False`` leaves cgroups to the periodic re-index and miss walks alone."""
         self.resolver = resolver
-        self.watcher = watcher if watcher is not None else CgroupWatcher(resolver)
+        self.watcher: CgroupWatcher | None = None
+        if watch:
+            self.watcher = watcher if watcher is not None else CgroupWatcher(resolver)
         self.specs = dict(specs)
         self._memo: dict[tuple[object, ...], tuple[dict[str, object], str | None]] = {}
         self._memo_at = time.monotonic()
@@ -149,12 +154,13 @@ class Enricher:
         if not self.needs_ids:
             return
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch)
+            if self.watcher is not None:
+                tg.start_soon(self._watch, self.watcher)
             await self._reindex()
 
-    async def _watch(self) -> None:
+    async def _watch(self, watcher: CgroupWatcher) -> None:
         try:
-            await self.watcher.run()
+            await watcher.run()
         except OSError as e:  # no inotify here: the periodic index still runs
             log.warning("cgroup watch unavailable; periodic re-index only", error=str(e))
         except Exception:  # a watch bug must not stop the pipeline

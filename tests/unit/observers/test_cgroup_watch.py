@@ -170,7 +170,8 @@ async def test_the_enricher_runs_the_watch_and_attributes_a_removed_container(
     e = Enricher(r, {"t": spec})
     async with anyio.create_task_group() as tg:
         tg.start_soon(e.run)
-        await until(lambda: e.watcher.watches == 1)
+        assert e.watcher is not None
+        await until(lambda: e.watcher is not None and e.watcher.watches == 1)
         leaf = roots["unified"] / POD.lstrip("/") / CID
         leaf.mkdir(parents=True)
         ino = os.stat(leaf).st_ino
@@ -203,7 +204,7 @@ def test_no_inotify_leaves_the_periodic_index(
         async with anyio.create_task_group() as tg:
             tg.start_soon(e.run)
             await until(lambda: r.lookup("unified", ino) == "/a")  # the index, not the watch
-            assert e.watcher.watches == 0
+            assert e.watcher is not None and e.watcher.watches == 0
             tg.cancel_scope.cancel()
 
     anyio.run(main)
