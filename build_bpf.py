@@ -1,10 +1,19 @@
 #!/usr/bin/env python3
 """Compile every ``bpf/*.bpf.c`` into a CO-RE object shipped inside the ``tapio`` package.
 
-``vmlinux.h`` is generated from the build host's BTF (``/sys/kernel/btf/vmlinux``) with bpftool;
-CO-RE relocations make the resulting objects load on any kernel >= 5.8 with BTF, so the objects
-can be built once and installed anywhere. ``--check`` rebuilds into a temporary directory and
-fails if the packaged objects differ from what the sources produce.
+The objects are built against the kernel types pinned in the repository
+(``bpf/vmlinux/<arch>/vmlinux.h``), never against the build host's running kernel: two builds
+of one checkout with the same toolchain give byte-identical objects wherever they run (a laptop,
+CI, an image build without ``/sys/kernel/btf``). CO-RE relocations, resolved by libbpf against
+the *target* kernel's BTF at load time, make the objects load on every kernel >= 5.10 with BTF.
+
+Everything that could leak the build host into an object is pinned: the header, the source paths
+(compiled relative to the repository, with the repository directory mapped to ``.`` in the debug
+info), the flags, and the environment the compiler sees (locale, ``SOURCE_DATE_EPOCH``).
+
+``--check`` rebuilds into a temporary directory and fails if the packaged objects differ from what
+the sources produce. ``--gen-vmlinux BTF`` regenerates the pinned header from a BTF file (done
+rarely, on purpose, and committed).
 """
 
 from __future__ import annotations
@@ -22,12 +31,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "bpf"
 OUT = ROOT / "src" / "tapio" / "bpf" / "objects"
-BUILD = ROOT / "build" / "bpf"
+VMLINUX = SRC / "vmlinux"
 
-ARCHES = {"x86_64": "x86", "amd64": "x86", "aarch64": "arm64", "arm64": "arm64"}
+# machine name -> (pinned header directory, clang's __TARGET_ARCH_ suffix)
+ARCHES = {
+    "x86_64": ("x86_64", "x86"),
+    "amd64": ("x86_64", "x86"),
+    "aarch64": ("aarch64", "arm64"),
+    "arm64": ("aarch64", "arm64"),
+}
 
 
-def target_arch() -> str:
+def target_arch() -> tuple[str, str]:
     machine = os.environ.get("TAPIO_BPF_ARCH") or platform.machine()
     try:
         return ARCHES[machine]
@@ -35,21 +50,41 @@ def target_arch() -> str:
         sys.exit(f"build_bpf: unsupported architecture {machine!r}")
 
 
-def vmlinux_header(btf: Path) -> Path:
-    BUILD.mkdir(parents=True, exist_ok=True)
-    header = BUILD / "vmlinux.h"
-    if header.exists() and header.stat().st_mtime >= btf.stat().st_mtime:
-        return header
-    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
-    with open(header.with_suffix(".tmp"), "wb") as fh:
-        subprocess.run(
-            [bpftool, "btf", "dump", "file", str(btf), "format", "c"], stdout=fh, check=True
+def pinned_header(arch_dir: str) -> Path:
+    """The committed ``vmlinux.h`` for ``arch_dir``; exits with a hint when there is none."""
+    header = VMLINUX / arch_dir / "vmlinux.h"
+    if not header.is_file():
+        sys.exit(
+            f"build_bpf: no pinned {header.relative_to(ROOT)}; generate it once from a BTF file "
+            f"of that architecture: python build_bpf.py --gen-vmlinux <btf> (and commit it)"
         )
-    header.with_suffix(".tmp").replace(header)
     return header
 
 
-def compile_one(src: Path, out: Path, include: Path, arch: str, clang: str) -> None:
+def generate_vmlinux(btf: Path, arch_dir: str) -> Path:
+    """Write ``bpf/vmlinux/<arch>/vmlinux.h`` from ``btf`` with bpftool (an explicit step)."""
+    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    header = VMLINUX / arch_dir / "vmlinux.h"
+    header.parent.mkdir(parents=True, exist_ok=True)
+    tmp = header.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        subprocess.run(
+            [bpftool, "btf", "dump", "file", str(btf), "format", "c"], stdout=fh, check=True
+        )
+    tmp.replace(header)
+    return header
+
+
+def _toolchain_env() -> dict[str, str]:
+    """A fixed environment for clang: nothing of the caller's locale, paths or epochs leaks in."""
+    keep = {k: os.environ[k] for k in ("PATH",) if k in os.environ}
+    return {**keep, "LC_ALL": "C", "TZ": "UTC", "SOURCE_DATE_EPOCH": "0"}
+
+
+def compile_one(src: Path, out: Path, arch_dir: str, arch: str, clang: str) -> None:
+    """Compile one source; paths are given relative to the repository so they do not vary."""
+    include = pinned_header(arch_dir).parent
+    rel = os.path.relpath
     cmd = [
         clang,
         "-O2",
@@ -60,46 +95,65 @@ def compile_one(src: Path, out: Path, include: Path, arch: str, clang: str) -> N
         "-Wall",
         "-Werror",
         "-Wno-unused-function",
+        f"-fdebug-prefix-map={ROOT}=.",
+        "-fno-ident",
         "-I",
-        str(include),
+        rel(include, ROOT),
         "-I",
-        str(SRC),
+        rel(SRC, ROOT),
         "-c",
-        str(src),
+        rel(src, ROOT),
         "-o",
-        str(out),
+        str(out.resolve()),
     ]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_toolchain_env())
     # Strip DWARF but keep BTF/.BTF.ext: CO-RE needs BTF, nobody needs line tables at runtime.
     llvm_strip = shutil.which("llvm-strip") or shutil.which("llvm-strip-14")
     if llvm_strip:
-        subprocess.run([llvm_strip, "-g", str(out)], check=True)
+        subprocess.run([llvm_strip, "-g", str(out)], check=True, env=_toolchain_env())
 
 
-def build(out_dir: Path, btf: Path) -> list[Path]:
+def build(out_dir: Path) -> list[Path]:
     clang = os.environ.get("CLANG") or shutil.which("clang") or "clang"
-    arch = target_arch()
-    include = vmlinux_header(btf).parent
+    arch_dir, arch = target_arch()
     out_dir.mkdir(parents=True, exist_ok=True)
     built = []
     for src in sorted(SRC.glob("*.bpf.c")):
         out = out_dir / (src.name.removesuffix(".bpf.c") + ".bpf.o")
-        compile_one(src, out, include, arch, clang)
+        compile_one(src, out, arch_dir, arch, clang)
         built.append(out)
     return built
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT, help="output directory")
-    parser.add_argument("--btf", type=Path, default=Path("/sys/kernel/btf/vmlinux"))
+    parser.add_argument(
+        "--btf",
+        type=Path,
+        default=None,
+        help="ignored: the objects build against the pinned bpf/vmlinux/<arch>/vmlinux.h "
+        "(kept so older build scripts keep working)",
+    )
+    parser.add_argument(
+        "--gen-vmlinux",
+        type=Path,
+        metavar="BTF",
+        help="regenerate the pinned vmlinux.h of the target architecture from this BTF file",
+    )
     parser.add_argument(
         "--check", action="store_true", help="verify the packaged objects match the sources"
     )
     args = parser.parse_args()
+    if args.btf is not None:
+        print("build_bpf: --btf is ignored; building against the pinned vmlinux.h", file=sys.stderr)
+    if args.gen_vmlinux is not None:
+        header = generate_vmlinux(args.gen_vmlinux, target_arch()[0])
+        print(f"wrote {header.relative_to(ROOT)} ({header.stat().st_size} bytes)")
+        return 0
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            fresh = build(Path(tmp), args.btf)
+            fresh = build(Path(tmp))
             stale = [
                 p.name
                 for p in fresh
@@ -111,8 +165,8 @@ def main() -> int:
             return 1
         print("build_bpf: objects match sources")
         return 0
-    for obj in build(args.out, args.btf):
-        print(f"built {obj.relative_to(ROOT)} ({obj.stat().st_size} bytes)")
+    for obj in build(args.out):
+        print(f"built {obj} ({obj.stat().st_size} bytes)")
     return 0
 
 

@@ -85,20 +85,6 @@ struct {
 /* A destination re-reports an RTT spike at most this often even if it flaps. */
 #define RTT_REPORT_INTERVAL_NS (1000ULL * 1000 * 1000)
 
-static __always_inline void copy_addrs(struct network_event *e, __u16 family, const __u8 *s4,
-				       const __u8 *d4, const __u8 *s6, const __u8 *d6)
-{
-	/* Tracepoint ctx pointers may not be offset by a variable: copy through probe reads. */
-	e->family = family;
-	if (family == AF_INET6) {
-		bpf_probe_read_kernel(e->saddr, 16, s6);
-		bpf_probe_read_kernel(e->daddr, 16, d6);
-	} else {
-		bpf_probe_read_kernel(e->saddr, 4, s4);
-		bpf_probe_read_kernel(e->daddr, 4, d4);
-	}
-}
-
 static __always_inline void fill_owner(struct network_event *e, const struct conn_info *ci)
 {
 	if (!ci)
@@ -119,7 +105,6 @@ static __always_inline void read_tcp_counters(struct network_event *e, const voi
 }
 
 /* The local port: inet_sport survives inet_put_port() on close (skc_num is zeroed). */
-
 /* Copy a socket's addresses (tp_btf programs see the struct sock itself). */
 static __always_inline void sk_addrs(struct network_event *e, const struct sock *sk, __u16 family)
 {
@@ -228,32 +213,22 @@ int BPF_PROG(handle_receive_reset, struct sock *sk)
 	return 0;
 }
 
-static __always_inline void dest_key_from(struct dest_key *k, __u16 family, const __u8 *d4,
-					  const __u8 *d6, __u16 dport)
+/*
+ * The retransmit hook is a BTF-typed raw tracepoint: its arguments (sock, skb) are the same on
+ * every kernel >= 5.10, whereas the classic tracepoint's record changed type (tcp_event_sk_skb
+ * until 6.9, its own tcp_retransmit_skb with an "err" field from 6.10). 6.10+ also fires it for
+ * attempts that were not sent (third argument err != 0); the CO-RE check below is resolved by
+ * libbpf at load, so older kernels never see the access to an argument they do not have.
+ */
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(handle_retransmit, const struct sock *sk, const struct sk_buff *skb)
 {
-	__builtin_memset(k, 0, sizeof(*k));
-	k->family = family;
-	k->dport = dport;
-	if (family == AF_INET6)
-		bpf_probe_read_kernel(k->daddr, 16, d6);
-	else
-		bpf_probe_read_kernel(k->daddr, 4, d4);
-}
-
-SEC("tracepoint/tcp/tcp_retransmit_skb")
-int handle_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
-{
-	/* Read ctx scalars first: the verifier rejects loads through a ctx pointer clang offset. */
-	__u64 sk = (__u64)ctx->skaddr;
-	__u64 skbaddr = (__u64)ctx->skbaddr;
-	int tcp_state = ctx->state;
-	__u16 sport = ctx->sport, dport = ctx->dport, family = ctx->family;
-	int err = 0;
-	if (bpf_core_field_exists(ctx->err)) /* >= 6.10 also traces failed attempts */
-		err = ctx->err;
 	struct tapio_config cfg;
-	if (err != 0) /* not sent (e.g. -EBUSY: the original is still in a qdisc): no retransmit */
-		return 0;
+	if (bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb, err)) {
+		int err = (int)ctx[2];
+		if (err != 0) /* not sent (e.g. -EBUSY: the original is still in a qdisc) */
+			return 0;
+	}
 	if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK))
 		return 0;
 	if (cfg.retransmit_threshold == 0 || cfg.retransmit_window_ns == 0)
@@ -265,12 +240,20 @@ int handle_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
 	 */
 	__u16 segs = 0;
 	const struct tcp_skb_cb *cb =
-		(const void *)(skbaddr + bpf_core_field_offset(struct sk_buff, cb));
+		(const void *)((__u64)skb + bpf_core_field_offset(struct sk_buff, cb));
 	if (bpf_core_read(&segs, sizeof(segs), &cb->tcp_gso_segs) != 0 || segs == 0)
 		segs = 1;
 
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	struct dest_key key;
-	dest_key_from(&key, family, ctx->daddr, ctx->daddr_v6, dport);
+	__builtin_memset(&key, 0, sizeof(key));
+	key.family = family;
+	key.dport = dport;
+	if (family == AF_INET6)
+		BPF_CORE_READ_INTO(&key.daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	else
+		BPF_CORE_READ_INTO((__u32 *)key.daddr, sk, __sk_common.skc_daddr);
 	__u64 now = bpf_ktime_get_ns();
 	struct retrans_state *st = bpf_map_lookup_elem(&retrans, &key);
 	if (!st) {
@@ -285,7 +268,7 @@ int handle_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
 		st->count = 0;
 		st->reported = 0;
 	}
-	__sync_fetch_and_add(&st->count, segs); /* no fetch variant: keeps -mcpu=v1 (kernel >= 5.8) */
+	__sync_fetch_and_add(&st->count, segs); /* no fetch variant: keeps -mcpu=v1 */
 	__u32 count = st->count;
 	if (count < cfg.retransmit_threshold || st->reported)
 		return 0;
@@ -294,18 +277,20 @@ int handle_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
 	struct network_event *e = TAPIO_RESERVE(&events, struct network_event);
 	if (!e)
 		return 0;
+	int tcp_state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	e->timestamp_ns = now;
 	e->config_generation = cfg.generation;
 	e->event_type = NET_EV_RETRANS_SPIKE;
 	e->old_state = tcp_state;
 	e->new_state = tcp_state;
-	e->sport = sport;
+	e->sport = bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
 	e->dport = dport;
 	e->retrans_count = count;
 	e->duration_ns = cfg.retransmit_window_ns;
-	copy_addrs(e, family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
+	sk_addrs(e, sk, family);
 	read_tcp_counters(e, (const void *)sk);
-	fill_owner(e, bpf_map_lookup_elem(&conns, &sk));
+	__u64 skey = (__u64)sk;
+	fill_owner(e, bpf_map_lookup_elem(&conns, &skey));
 	tapio_submit(&events, e);
 	return 0;
 }

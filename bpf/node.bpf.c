@@ -92,8 +92,13 @@ static __always_inline __u32 log2_slot(__u64 v)
 	return r < RUNQ_SLOTS ? r : RUNQ_SLOTS - 1;
 }
 
-SEC("tp_btf/sched_switch")
-int BPF_PROG(node_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+/*
+ * The body of both sched_switch programs. ``split_throttle`` is a compile-time constant: the
+ * basic variant (kernels without task-local storage, < 5.11) has no task storage call and no
+ * reference to runq_throttled, so throttled waits count as run-queue waits there.
+ */
+static __always_inline int runq_switch(bool preempt, struct task_struct *prev,
+				       struct task_struct *next, const int split_throttle)
 {
 	__u32 zero = 0;
 
@@ -130,7 +135,7 @@ int BPF_PROG(node_switch, bool preempt, struct task_struct *prev, struct task_st
 	__u64 now = rq->clock;
 
 	/* Switched out runnable because of a quota throttle: remember when. */
-	if ((preempt || task_state(prev) == 0) && task_throttled(prev)) {
+	if (split_throttle && (preempt || task_state(prev) == 0) && task_throttled(prev)) {
 		__u64 *mark = bpf_task_storage_get(&runq_throttled, prev, 0,
 						   BPF_LOCAL_STORAGE_GET_F_CREATE);
 		if (mark)
@@ -148,7 +153,7 @@ int BPF_PROG(node_switch, bool preempt, struct task_struct *prev, struct task_st
 	struct runq_hist *h = bpf_map_lookup_elem(&runq_hist, &zero);
 	if (!h)
 		return 0;
-	if (delta >= RUNQ_THROTTLE_CHECK_NS) {
+	if (split_throttle && delta >= RUNQ_THROTTLE_CHECK_NS) {
 		__u64 *mark = bpf_task_storage_get(&runq_throttled, next, 0, 0);
 		if (mark && *mark >= queued && *mark <= now) {
 			*mark = 0;
@@ -159,7 +164,12 @@ int BPF_PROG(node_switch, bool preempt, struct task_struct *prev, struct task_st
 	}
 	h->waits += 1;
 	h->wait_ns += delta;
-	h->slots[log2_slot(delta)] += 1;
+	/* A 64-bit index checked right where it is used: older verifiers (6.1) lose a bound
+	 * clang proves on a copy of the register. */
+	__u64 slot = log2_slot(delta);
+	barrier_var(slot);
+	if (slot < RUNQ_SLOTS)
+		h->slots[slot] += 1;
 	if (delta >= threshold)
 		h->over += 1;
 
@@ -174,4 +184,16 @@ int BPF_PROG(node_switch, bool preempt, struct task_struct *prev, struct task_st
 		bpf_probe_read_kernel(w->comm, sizeof(w->comm), next->comm);
 	}
 	return 0;
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(node_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	return runq_switch(preempt, prev, next, 1);
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(node_switch_basic, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	return runq_switch(preempt, prev, next, 0);
 }

@@ -172,15 +172,43 @@ static __noinline int fill_event(struct storage_event *e, const struct io_value 
 	return 0;
 }
 
+/*
+ * Before 5.11 block_rq_complete had a record type of its own (trace_event_raw_block_rq_complete);
+ * since then it shares block_rq_completion with block_rq_error. The fields are the same, so
+ * the program reads whichever type the running kernel has (resolved by libbpf at load; the
+ * branch for the other type is dead code the verifier never walks).
+ */
+struct trace_event_raw_block_rq_complete___pre511 {
+	dev_t dev;
+	sector_t sector;
+	unsigned int nr_sector;
+	int error;
+	char rwbs[8];
+} __attribute__((preserve_access_index));
+
 SEC("tracepoint/block/block_rq_complete")
 int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
 {
-	__u32 dev = ctx->dev;
-	__u64 sector = ctx->sector;
-	__u32 nr_sector = ctx->nr_sector;
-	__s32 error = ctx->error;
+	__u32 dev, nr_sector;
+	__u64 sector;
+	__s32 error;
 	char rwbs[8] = {};
-	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
+	if (bpf_core_type_exists(struct trace_event_raw_block_rq_completion)) {
+		dev = ctx->dev;
+		sector = ctx->sector;
+		nr_sector = ctx->nr_sector;
+		error = ctx->error;
+		bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
+	} else {
+		/* Through probe reads: the verifier refuses loads through a ctx pointer clang may
+		 * have offset when it merges the two branches. */
+		struct trace_event_raw_block_rq_complete___pre511 *old = (void *)ctx;
+		dev = BPF_CORE_READ(old, dev);
+		sector = BPF_CORE_READ(old, sector);
+		nr_sector = BPF_CORE_READ(old, nr_sector);
+		error = BPF_CORE_READ(old, error);
+		bpf_probe_read_kernel(rwbs, sizeof(rwbs), old->rwbs);
+	}
 
 	struct io_key key;
 	if (!io_key_of(&key, dev, sector, nr_sector, rwbs))

@@ -64,6 +64,12 @@ CONTROLLER_SEND_FAILURES = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+CONTROLLER_REREGISTRATIONS = Counter(
+    "tapio_controller_reregistrations_total",
+    "Accepted hellos after the controller stopped knowing this agent, by what revealed it",
+    ["reason"],
+    registry=REGISTRY,
+)
 CONFIG_FETCH = Counter(
     "tapio_config_fetch_total",
     "Controller config poll attempts by result",

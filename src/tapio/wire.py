@@ -20,7 +20,7 @@ and the message (docs/wire.md, errors), ready for the ``{"error":{"code","messag
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final, Self, TypeVar
 
 import msgspec
 
@@ -114,19 +114,27 @@ class ErrorEnvelope(_Msg):
     error: ErrorBody
 
 
-class ObserverStatus(enum.Enum):
+class _OpenEnum(enum.Enum):
+    """A wire enum that decodes a value it does not know as its ``UNKNOWN`` member.
+
+    Peers may be newer than this build; an unknown status, severity or reason is kept as
+    ``unknown`` instead of rejecting the whole message.
+    """
+
+    @classmethod
+    def _missing_(cls, value: object) -> Self:
+        return cls.__members__["UNKNOWN"]
+
+
+class ObserverStatus(_OpenEnum):
     RUNNING = "running"
     DISABLED = "disabled"
     DEGRADED = "degraded"
     FAILED = "failed"
     UNKNOWN = "unknown"
 
-    @classmethod
-    def _missing_(cls, value: object) -> ObserverStatus:
-        return cls.UNKNOWN
 
-
-class EventSeverity(enum.Enum):
+class EventSeverity(_OpenEnum):
     DEBUG = "debug"
     INFO = "info"
     WARNING = "warning"
@@ -134,22 +142,16 @@ class EventSeverity(enum.Enum):
     CRITICAL = "critical"
     UNKNOWN = "unknown"
 
-    @classmethod
-    def _missing_(cls, value: object) -> EventSeverity:
-        return cls.UNKNOWN
 
-
-class DegradedReason(enum.Enum):
+class DegradedReason(_OpenEnum):
     UNCONFIGURED = "unconfigured"
     CONFIG_ABI_MISMATCH = "config_abi_mismatch"
     PMC_UNSUPPORTED = "pmc_unsupported"
+    #: the kernel lacks a hook, helper or map type one anomaly type needs (``no_<capability>``)
+    KERNEL_UNSUPPORTED = "kernel_unsupported"
     OBSERVER_FAILED = "observer_failed"
     SINK_FAILING = "sink_failing"
     UNKNOWN = "unknown"
-
-    @classmethod
-    def _missing_(cls, value: object) -> DegradedReason:
-        return cls.UNKNOWN
 
 
 def _required(field: str, value: str) -> None:

@@ -47,16 +47,14 @@ def node_btf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
     clang = shutil.which("clang")
     if not Path(bpftool).exists() or clang is None:
         pytest.skip("bpftool and clang are needed to check the object's BTF")
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        pytest.skip("no vmlinux BTF to build against")
     spec = importlib.util.spec_from_file_location("build_bpf", REPO / "build_bpf.py")
     assert spec is not None and spec.loader is not None
     build_bpf = importlib.util.module_from_spec(spec)
     sys.modules["build_bpf"] = build_bpf
     spec.loader.exec_module(build_bpf)
     out = tmp_path_factory.mktemp("bpf") / "node.bpf.o"
-    include = build_bpf.vmlinux_header(Path("/sys/kernel/btf/vmlinux")).parent
-    build_bpf.compile_one(REPO / "bpf" / "node.bpf.c", out, include, build_bpf.target_arch(), clang)
+    arch_dir, arch = build_bpf.target_arch()
+    build_bpf.compile_one(REPO / "bpf" / "node.bpf.c", out, arch_dir, arch, clang)
     dump = subprocess.run(
         [bpftool, "btf", "dump", "file", str(out), "-j"], check=True, capture_output=True, text=True
     ).stdout

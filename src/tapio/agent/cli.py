@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help=f"observer to run, repeatable (default: {', '.join(DEFAULT_OBSERVERS)} as installed)",
     )
+    p.add_argument(
+        "--allow-missing-observer",
+        action="store_true",
+        help="keep running when an observer cannot start (same as [agent] allow_degraded = true)",
+    )
     p.add_argument("--log-format", choices=("json", "console"), help="default: console on a TTY")
     p.add_argument("--log-level", default=os.environ.get("TAPIO_LOG_LEVEL", "info"))
     p.add_argument("-V", "--version", action="version", version=f"tapio-agent {__version__}")
@@ -108,6 +113,8 @@ def main(argv: Sequence[str]) -> int:
     except SettingsError as exc:
         sys.stderr.write(f"tapio agent: {exc}\n")
         return 2
+    if args.allow_missing_observer:
+        settings.agent.allow_degraded = True
 
     sink_names = list(args.sink or ["stdout"])
     if "controller" in sink_names and not args.controller_endpoint:

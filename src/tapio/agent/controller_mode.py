@@ -16,7 +16,12 @@ The service:
   (no reload); errors back off with jitter; outcomes counted in ``tapio_config_fetch_total``;
 * **heartbeat** every ``--heartbeat-interval`` with the *applied* generation and hash, observer
   states from the actual load/attach results, degraded reasons and counters; ``accepted: false``
-  (the controller does not know us, e.g. it restarted) sends the agent back to hello.
+  (the controller does not know us, e.g. it restarted) sends the agent back to hello;
+* **re-hello on demand**: a ``409 UNKNOWN_AGENT`` answer to an event batch (a restarted
+  controller, another replica) makes the sink call ``ControllerLink.request_rehello`` (at most
+  once a second), which wakes the registration loop here: the same hello path, one session.
+  Every accepted hello after the first counts ``tapio_controller_reregistrations_total{reason}``
+  (``unknown_agent`` from the sink, ``heartbeat_not_accepted`` from a heartbeat).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from tapio.agent.kconfig import OBSERVER_FLAGS, from_compiled
 from tapio.bpf.abi import TAPIO_CONFIG_ABI_VERSION
 from tapio.metrics import (
     CONFIG_FETCH,
+    CONTROLLER_REREGISTRATIONS,
     CONTROLLER_SEND_FAILURES,
     CORRELATION_DROPS,
     EVENTS,
@@ -244,7 +250,14 @@ class ControllerSession:
             if states.get(ro.name) != wire.ObserverStatus.DEGRADED:
                 continue  # disabled observers' reasons do not degrade the node
             for text in ro.observer.degraded_reasons:
-                add(REASON_MAP.get(text, wire.DegradedReason.UNKNOWN))
+                add(
+                    REASON_MAP.get(text)
+                    or (
+                        wire.DegradedReason.KERNEL_UNSUPPORTED
+                        if text.startswith("no_")
+                        else wire.DegradedReason.UNKNOWN
+                    )
+                )
         for sink in agent.sinks:
             healthy = getattr(sink, "healthy", True)
             if healthy is False:
@@ -279,6 +292,10 @@ class ControllerSession:
             log.warning("controller hello not accepted", controller_id=answer.controller_id)
             return False
         self.link.apply_batching(answer.send_interval_ms, answer.max_batch_events)
+        if self.registrations:
+            reason = self.link.rehello_reason or "heartbeat_not_accepted"
+            CONTROLLER_REREGISTRATIONS.labels(reason=reason).inc()
+        self.link.rehello_reason = None
         self.link.registered = True
         self.last_hello = answer
         self.registrations += 1
@@ -358,6 +375,9 @@ class ControllerSession:
             CONTROLLER_SEND_FAILURES.labels(kind="heartbeat").inc()
             log.warning("controller does not know this agent; registering again")
             self._need_hello = True
+            self.link.registered = False
+            if self.link.rehello_reason is None:
+                self.link.rehello_reason = "heartbeat_not_accepted"
             return False
         if self.applied is not None and answer.next_config_version != self.applied.version:
             log.debug("controller has another config version", next=answer.next_config_version)
@@ -373,12 +393,19 @@ class ControllerSession:
 
     async def _registration_loop(self, client: ControllerClient, agent: Agent) -> None:
         while True:
-            if self._need_hello:
+            if self._need_hello or self.link.rehello_reason is not None:
+                if not self._need_hello:
+                    log.warning(
+                        "controller does not know this agent; registering again",
+                        reason=self.link.rehello_reason,
+                    )
+                self._need_hello = True
                 await self._register(client, agent)
             await self.heartbeat_once(client, agent)
             if self._need_hello:
                 continue  # accepted: false -> hello again right away (then back off)
-            await anyio.sleep(self.heartbeat_interval)
+            # Woken early when the sink got 409 UNKNOWN_AGENT (the link rate-limits that).
+            await self.link.wait_rehello(self.heartbeat_interval)
 
     async def _poll_loop(self, client: ControllerClient, agent: Agent) -> None:
         assert self._registered is not None

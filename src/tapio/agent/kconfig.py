@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from tapio.agent.settings import AgentSettings
@@ -34,10 +35,22 @@ def on_kubernetes() -> bool:
     return any((Path(r) / name).exists() for r in roots for name in ("kubepods", "kubepods.slice"))
 
 
-def exit_flags(scope: str) -> int:
-    if scope == "containers" or (scope == "auto" and on_kubernetes()):
+def exit_flags(scope: str, kubernetes: bool | None = None) -> int:
+    """``containers`` (or ``auto`` on a Kubernetes node) limits exit reports to containers;
+    ``kubernetes`` overrides the node detection (tests), which runs only for ``auto``."""
+    if scope == "containers":
+        return EXIT_SCOPE_CONTAINERS
+    if scope == "auto" and (on_kubernetes() if kubernetes is None else kubernetes):
         return EXIT_SCOPE_CONTAINERS
     return 0
+
+
+def observer_flags(enabled: Iterable[str]) -> int:
+    """The ``tapio_config.flags`` bits of the named observers (unknown names set none)."""
+    flags = 0
+    for name in enabled:
+        flags |= OBSERVER_FLAGS.get(name, 0)
+    return flags
 
 
 def signal_mask(signals: list[int]) -> int:
@@ -52,12 +65,9 @@ def standalone_config(
     settings: AgentSettings, observers: list[str], generation: int = 1
 ) -> TapioConfig:
     t = settings.thresholds
-    flags = 0
-    for name in observers:
-        flags |= OBSERVER_FLAGS.get(name, 0)
     return TapioConfig(
         generation=generation,
-        flags=flags,
+        flags=observer_flags(observers),
         slow_io_threshold_ns=t.io_latency_warning_ns,
         io_latency_critical_ns=t.io_latency_critical_ns,
         retransmit_window_ns=t.retransmit_window_ms * 1_000_000,
@@ -98,24 +108,15 @@ def from_compiled(
         compiled.node_pmc,
         compiled.node,
     )
-    flags = 0
-    if net.enabled:
-        flags |= FLAG_NETWORK
-    if sto.enabled:
-        flags |= FLAG_STORAGE
-    if con.enabled:
-        flags |= FLAG_CONTAINER
-    if node.enabled:
-        flags |= FLAG_NODE
+    enabled = {
+        "network": net.enabled,
+        "storage": sto.enabled,
+        "container": con.enabled,
+        "node": node.enabled,
+    }
+    flags = observer_flags(name for name, on in enabled.items() if on)
     scope = con.exit_scope
-    if kubernetes is None:
-        scope_flags = exit_flags(scope)
-    else:
-        scope_flags = (
-            EXIT_SCOPE_CONTAINERS
-            if scope == "containers" or (scope == "auto" and kubernetes)
-            else 0
-        )
+    scope_flags = exit_flags(scope, kubernetes)
     kernel = TapioConfig(
         generation=generation,
         flags=flags,

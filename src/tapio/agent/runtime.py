@@ -36,7 +36,6 @@ from tapio.agent.pipeline import (
 from tapio.agent.settings import AgentSettings
 from tapio.bpf.abi import METRIC_ABI_MISMATCH, METRIC_LOST, TapioConfig
 from tapio.bpf.libbpf import BpfError
-from tapio.bpf.loader import BpfObject
 from tapio.bpf.ringbuf import RingBuffer
 from tapio.metrics import (
     CONFIG_ABI_MISMATCH,
@@ -119,7 +118,7 @@ class Agent:
             path = self.options.ebpf_dir / f"{cls.object_name}.bpf.o"
             ro = RunningObserver(observer, None, None)
             try:
-                obj = stack.enter_context(BpfObject(path))
+                obj = stack.enter_context(observer.open_object(path))
                 ro.obj = obj
                 initial = self.options.initial_config
                 obj.map("tapio_config").update(
@@ -133,8 +132,9 @@ class Agent:
                     initial if initial is not None else TapioConfig(abi_version=0),
                     self.user_thresholds,
                 )
-                observer.attach(obj)
                 stack.callback(observer.close)
+                observer.attach(obj)
+                observer.note_programs(obj)
             except (BpfError, OSError, ValueError) as exc:
                 ro.state = "failed"
                 ro.error = str(exc)
@@ -218,6 +218,10 @@ class Agent:
                 for cap, anomaly in CAPABILITY_GATES.items()
                 if cap in caps and not caps[cap].available
             }
+            for cap in caps.values():
+                if not cap.available:
+                    for anomaly in cap.anomalies:
+                        unsupported.setdefault(anomaly, cap.detail or f"{cap.name} unavailable")
             observers[ro.name] = ObserverStatus(
                 state=ro.state,
                 error=ro.error,
@@ -303,14 +307,23 @@ class Agent:
         """Preflight, load and attach every observer, and wire the sinks' lanes.
 
         Raises :class:`PreflightError` when the host cannot run eBPF at all; returns False when
-        no observer could start (each failure already logged with its reason).
+        no observer could start, or one could not and ``[agent] allow_degraded`` is off (each
+        failure already logged with its reason).
         """
         if self.options.preflight is not None:
             self.options.preflight()
         self.load_observers(self._stack)
         running = [ro for ro in self.observers if ro.state == "running"]
+        failed = {ro.name: ro.error for ro in self.observers if ro.state == "failed"}
         if not running:
-            log.error("no observer could start; exiting")
+            log.error("no observer could start; exiting", failed=failed)
+            return False
+        if failed and not self.settings.agent.allow_degraded:
+            log.error(
+                "observer could not start; exiting (run without it: --allow-missing-observer"
+                " or [agent] allow_degraded = true)",
+                failed=failed,
+            )
             return False
         a = self.settings.agent
         self._drainer = Drainer(

@@ -38,6 +38,8 @@ class AgentSection(msgspec.Struct, kw_only=True):
     #: Interval of reading the BPF metrics maps (lost events, ABI mismatch, drops).
     kernel_metrics_interval_secs: PosSecs = 5.0
     observers: list[str] = msgspec.field(default_factory=list)  # empty: every installed one
+    #: Run with the observers that started when another cannot (default: exit 1 and say which).
+    allow_degraded: bool = False
 
 
 class AgentSettings(msgspec.Struct, kw_only=True):

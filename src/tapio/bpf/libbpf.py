@@ -67,6 +67,26 @@ int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t fla
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
 
+struct bpf_insn {
+    uint8_t code;
+    uint8_t dst_reg:4;
+    uint8_t src_reg:4;
+    int16_t off;
+    int32_t imm;
+};
+struct btf;
+
+const struct bpf_insn *bpf_program__insns(const struct bpf_program *prog);
+size_t bpf_program__insn_cnt(const struct bpf_program *prog);
+int bpf_program__type(const struct bpf_program *prog);
+int bpf_map__set_autocreate(struct bpf_map *map, bool autocreate);
+
+int libbpf_probe_bpf_helper(int prog_type, int helper_id, const void *opts);
+int libbpf_probe_bpf_map_type(int map_type, const void *opts);
+struct btf *btf__load_vmlinux_btf(void);
+int btf__find_by_name_kind(const struct btf *btf, const char *type_name, uint32_t kind);
+void btf__free(struct btf *btf);
+
 int libbpf_num_possible_cpus(void);
 int libbpf_strerror(int err, char *buf, size_t size);
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 import collections
 import importlib.resources
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
+from tapio.bpf import features
 from tapio.bpf import libbpf as lb
-from tapio.bpf.libbpf import BpfError, check_ptr, check_rc, ffi
+from tapio.bpf.features import ProgramSpec
+from tapio.bpf.libbpf import BpfError, check_ptr, check_rc, ffi, strerror
 
 log = structlog.get_logger("tapio.bpf")
 
@@ -29,6 +32,25 @@ VERIFIER_LOG_SIZE = 4 * 1024 * 1024
 _recent_messages: collections.deque[str] = collections.deque(maxlen=64)
 _print_cb: Any = None
 _LEVELS = {0: "warning", 1: "info", 2: "debug"}
+# libbpf names the program or map a load failed on in its messages.
+_PROG_RE = re.compile(r"prog '([A-Za-z0-9_]+)'")
+_MAP_RE = re.compile(r"map '([A-Za-z0-9_.]+)'")
+
+
+def _verifier_summary(text: str) -> str:
+    """The verifier's last informative line (its statistics lines say nothing about why)."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line and not line.startswith(("processed ", "verification time", "stack depth")):
+            return line
+    return ""
+
+
+def _last_failure(text: str) -> str:
+    for line in reversed(text.splitlines()):
+        if "fail" in line or "error" in line.lower():
+            return line.strip()
+    return ""
 
 
 def _install_print_callback() -> None:
@@ -123,16 +145,35 @@ class Program:
 
 
 class BpfObject:
-    """One CO-RE object file: ``with BpfObject(path) as obj: obj.attach_all()``."""
+    """One CO-RE object file: ``with BpfObject(path) as obj: obj.attach_all()``.
 
-    def __init__(self, path: str | os.PathLike[str], *, autoload: set[str] | None = None) -> None:
+    ``programs`` declares the optional programs (:class:`ProgramSpec`). Before loading, the
+    kernel is asked whether each one's hook, helpers and map types exist; a program that cannot
+    load is left out and the object is loaded again without it, a program that cannot attach is
+    left detached. Either way the reason lands in :attr:`skipped` and the other programs run.
+    Programs not declared are required: their failure fails the object, as before.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        autoload: set[str] | None = None,
+        programs: Sequence[ProgramSpec] = (),
+    ) -> None:
         self.path = Path(path)
         self._autoload = autoload
+        self.specs: dict[str, ProgramSpec] = {s.name: s for s in programs}
         self._obj: Any = None
         self._links: list[Any] = []
         self._log_buf: Any = None
         self.maps: dict[str, Map] = {}
         self.programs: dict[str, Program] = {}
+        #: optional program -> why it is not running here (not loaded, or loaded but detached)
+        self.skipped: dict[str, str] = {}
+        #: alternatives of a group that were not needed because another one was loaded
+        self.unused: dict[str, str] = {}
+        self.attached: set[str] = set()
         self.verifier_log = ""
 
     def __enter__(self) -> BpfObject:
@@ -155,6 +196,78 @@ class BpfObject:
     def name(self) -> str:
         return self.path.name.removesuffix(".o").removesuffix(".bpf")
 
+    def _open(self) -> None:
+        lib = lb.lib()
+        self._log_buf = ffi.new("char[]", VERIFIER_LOG_SIZE)
+        opts = ffi.new("struct bpf_object_open_opts *")
+        opts.sz = ffi.sizeof("struct bpf_object_open_opts")
+        opts.kernel_log_buf = self._log_buf
+        opts.kernel_log_size = VERIFIER_LOG_SIZE
+        opts.kernel_log_level = 0
+        self._obj = check_ptr(
+            lib.bpf_object__open_file(str(self.path).encode(), opts),
+            f"open of BPF object {self.path}",
+            "is it a BPF ELF object built by build_bpf.py?",
+        )
+
+    def _iter_programs(self) -> Iterator[Any]:
+        lib = lb.lib()
+        prog = lib.bpf_object__next_program(self._obj, ffi.NULL)
+        while prog != ffi.NULL:
+            yield prog
+            prog = lib.bpf_object__next_program(self._obj, prog)
+
+    def _iter_maps(self) -> Iterator[Any]:
+        lib = lb.lib()
+        m = lib.bpf_object__next_map(self._obj, ffi.NULL)
+        while m != ffi.NULL:
+            yield m
+            m = lib.bpf_object__next_map(self._obj, m)
+
+    def _probe(self) -> dict[str, str]:
+        """Why each declared program cannot load here, asked of the kernel before loading."""
+        lib = lb.lib()
+        unsupported_maps = {
+            ffi.string(lib.bpf_map__name(m)).decode(): int(lib.bpf_map__type(m))
+            for m in self._iter_maps()
+            if features.map_type_supported(int(lib.bpf_map__type(m))) is False
+        }
+        reasons: dict[str, str] = {}
+        with features.KernelBtf() as btf:
+            for prog in self._iter_programs():
+                p = Program(prog)
+                spec = self.specs.get(p.name)
+                if spec is None:
+                    continue
+                if btf.hook_exists(p.section) is False:
+                    reasons[p.name] = f"hook {p.section} does not exist on this kernel"
+                    continue
+                helpers = features.missing_helpers(prog)
+                if helpers:
+                    ids = ", ".join(str(h) for h in helpers)
+                    reasons[p.name] = f"BPF helper(s) {ids} not available to {p.section}"
+                    continue
+                maps = [m for m in spec.maps if m in unsupported_maps]
+                if maps:
+                    reasons[p.name] = f"map type of {', '.join(maps)} not supported by this kernel"
+        return reasons
+
+    def _plan(self, failed: dict[str, str]) -> set[str]:
+        """The declared programs to leave out; fills ``skipped`` and ``unused``."""
+        self.skipped = dict(failed)
+        self.unused = {}
+        off = set(failed)
+        chosen: dict[str, str] = {}
+        for spec in self.specs.values():
+            if spec.name in off:
+                continue
+            if spec.group and spec.group in chosen:
+                off.add(spec.name)
+                self.unused[spec.name] = f"alternative {chosen[spec.group]} loaded instead"
+            elif spec.group:
+                chosen[spec.group] = spec.name
+        return off
+
     def open_and_load(self) -> None:
         lib = lb.lib()
         _install_print_callback()
@@ -162,55 +275,113 @@ class BpfObject:
             raise BpfError(
                 2, f"BPF object {self.path} not found", "build it with `python build_bpf.py`"
             )
-        self._log_buf = ffi.new("char[]", VERIFIER_LOG_SIZE)
-        opts = ffi.new("struct bpf_object_open_opts *")
-        opts.sz = ffi.sizeof("struct bpf_object_open_opts")
-        opts.kernel_log_buf = self._log_buf
-        opts.kernel_log_size = VERIFIER_LOG_SIZE
-        opts.kernel_log_level = 0
-        _recent_messages.clear()
-        self._obj = check_ptr(
-            lib.bpf_object__open_file(str(self.path).encode(), opts),
-            f"open of BPF object {self.path}",
-            "is it a BPF ELF object built by build_bpf.py?",
-        )
-        prog = lib.bpf_object__next_program(self._obj, ffi.NULL)
-        while prog != ffi.NULL:
-            p = Program(prog)
-            if self._autoload is not None and p.name not in self._autoload:
-                lib.bpf_program__set_autoload(prog, False)
-            else:
-                self.programs[p.name] = p
-            prog = lib.bpf_object__next_program(self._obj, prog)
-        rc = lib.bpf_object__load(self._obj)
-        if rc < 0:
+        failed: dict[str, str] = {}
+        # One attempt, plus one per optional program that may fail: bounded.
+        for _attempt in range(len(self.specs) + 1):
+            _recent_messages.clear()
+            self._open()
+            if _attempt == 0 and self.specs:
+                failed.update(self._probe())
+                for name, why in failed.items():
+                    log.warning(
+                        "optional BPF program left out",
+                        object=self.path.name,
+                        program=name,
+                        why=why,
+                    )
+            off = self._plan(failed)
+            self.programs = {}
+            present: set[str] = set()
+            for prog in self._iter_programs():
+                p = Program(prog)
+                present.add(p.name)
+                if (self._autoload is not None and p.name not in self._autoload) or p.name in off:
+                    lib.bpf_program__set_autoload(prog, False)
+                else:
+                    self.programs[p.name] = p
+            for name in [n for n in self.skipped if n not in present]:
+                del self.skipped[name]
+            idle_maps = {m for s in self.specs.values() if s.name in off for m in s.maps}
+            idle_maps -= {m for s in self.specs.values() if s.name not in off for m in s.maps}
+            for m in self._iter_maps():
+                if ffi.string(lib.bpf_map__name(m)).decode() in idle_maps:
+                    lib.bpf_map__set_autocreate(m, False)
+            rc = lib.bpf_object__load(self._obj)
+            if rc >= 0:
+                break
+            err_no = lb.last_errno() if rc == -1 else -rc
             self.verifier_log = ffi.string(self._log_buf).decode("utf-8", "replace")
-            detail = "\n".join(_recent_messages)
-            err = BpfError(
-                lb.last_errno() if rc == -1 else -rc,
-                f"load of {self.path.name} failed",
-                "see the verifier log (kernel too old, BTF missing, or a program the verifier "
-                "rejects)",
+            culprit, why = self._culprit(err_no)
+            if culprit is None or culprit in failed:
+                self._raise_load_error(err_no)
+            failed[culprit] = why
+            log.warning(
+                "optional BPF program left out", object=self.path.name, program=culprit, why=why
             )
-            err.verifier_log = self.verifier_log or detail  # type: ignore[attr-defined]
-            raise err
-        m = lib.bpf_object__next_map(self._obj, ffi.NULL)
-        while m != ffi.NULL:
-            mp = Map(m)
-            self.maps[mp.name] = mp
-            m = lib.bpf_object__next_map(self._obj, m)
+            lib.bpf_object__close(self._obj)
+            self._obj = None
+        else:  # pragma: no cover - the loop breaks or raises: every retry disables one more
+            self._raise_load_error(0)
+        for m in self._iter_maps():
+            if lib.bpf_map__fd(m) >= 0:
+                mp = Map(m)
+                self.maps[mp.name] = mp
         self._log_buf = None
+
+    def _culprit(self, err_no: int) -> tuple[str | None, str]:
+        """The optional program (or its map) a failed load names, with a one-line reason."""
+        text = "\n".join(_recent_messages)
+        names = _PROG_RE.findall(text)
+        maps = _MAP_RE.findall(text)
+        culprit: str | None = None
+        for name in reversed(names):
+            if name in self.specs and name in self.programs:
+                culprit = name
+                break
+        if culprit is None:
+            for m in reversed(maps):
+                owners = [s.name for s in self.specs.values() if m in s.maps]
+                live = [o for o in owners if o in self.programs]
+                if live:
+                    culprit = live[0]
+                    break
+        if culprit is None:
+            return None, ""
+        detail = _verifier_summary(self.verifier_log) or _last_failure(text) or strerror(err_no)
+        return culprit, f"load failed: {detail}"[:240]
+
+    def _raise_load_error(self, err_no: int) -> NoReturn:
+        detail = "\n".join(_recent_messages)
+        err = BpfError(
+            err_no,
+            f"load of {self.path.name} failed",
+            "see the verifier log (kernel too old, BTF missing, or a program the verifier rejects)",
+        )
+        err.verifier_log = self.verifier_log or detail  # type: ignore[attr-defined]
+        raise err
 
     def attach_all(self) -> None:
         """Attach every loaded program by its section (tracepoint/, tp_btf/, raw_tp/, ...).
 
         Programs in ``perf_event`` sections are skipped: they need a perf fd per CPU, see
-        :meth:`attach_perf_event`.
+        :meth:`attach_perf_event`. A declared (optional) program that fails to attach is left
+        detached and recorded in :attr:`skipped`; a required one raises.
         """
         for prog in self.programs.values():
             if prog.section.startswith("perf_event"):
                 continue
-            self.attach(prog.name)
+            try:
+                self.attach(prog.name)
+            except BpfError as exc:
+                if prog.name not in self.specs:
+                    raise
+                self.skipped[prog.name] = f"attach failed: {exc}"[:240]
+                log.warning(
+                    "optional BPF program not attached",
+                    object=self.path.name,
+                    program=prog.name,
+                    error=str(exc),
+                )
 
     def attach(self, name: str) -> None:
         prog = self.programs[name]
@@ -220,6 +391,20 @@ class BpfObject:
             "is tracefs mounted and does this kernel have the tracepoint?",
         )
         self._links.append(link)
+        self.attached.add(name)
+
+    def unavailable(self) -> dict[str, str]:
+        """Capability -> why, for every declared capability none of whose programs runs."""
+        running: set[str] = set()
+        why: dict[str, list[str]] = {}
+        for spec in self.specs.values():
+            if spec.name in self.attached:
+                running.add(spec.capability)
+            elif spec.name in self.skipped:
+                why.setdefault(spec.capability, []).append(
+                    f"{spec.name}: {self.skipped[spec.name]}"
+                )
+        return {cap: "; ".join(reasons) for cap, reasons in why.items() if cap not in running}
 
     def attach_perf_event(self, name: str, perf_fd: int) -> None:
         """Attach to an opened perf event; the link takes ownership of ``perf_fd``."""

@@ -156,31 +156,43 @@ def _add_window(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+# The repeatable comma-separated filters: (option, its known values, what one value is called in
+# an error, metavar, help).
+_LIST_FILTERS: tuple[tuple[str, Sequence[str], str, str, str], ...] = (
+    (
         "--observer",
-        action="extend",
-        type=_csv(OBSERVERS, "observer"),
-        default=None,
-        metavar="NAME[,NAME]",
-        help=f"only these observers ({', '.join(OBSERVERS)}); repeatable",
-    )
-    parser.add_argument(
+        OBSERVERS,
+        "observer",
+        "NAME[,NAME]",
+        f"only these observers ({', '.join(OBSERVERS)}); repeatable",
+    ),
+    (
         "--type",
-        action="extend",
-        type=_csv(KNOWN_TYPES, "anomaly type"),
-        default=None,
-        metavar="TYPE[,TYPE]",
-        help="only these anomaly types (e.g. kernel.network.connection_refused); repeatable",
-    )
-    parser.add_argument(
+        KNOWN_TYPES,
+        "anomaly type",
+        "TYPE[,TYPE]",
+        "only these anomaly types (e.g. kernel.network.connection_refused); repeatable",
+    ),
+    (
         "--severity",
-        action="extend",
-        type=_csv(SEVERITIES, "severity"),
-        default=None,
-        metavar="LEVEL[,LEVEL]",
-        help=f"only these severities ({', '.join(SEVERITIES)}); repeatable",
-    )
+        SEVERITIES,
+        "severity",
+        "LEVEL[,LEVEL]",
+        f"only these severities ({', '.join(SEVERITIES)}); repeatable",
+    ),
+)
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    for option, choices, what, metavar, help_text in _LIST_FILTERS:
+        parser.add_argument(
+            option,
+            action="extend",
+            type=_csv(choices, what),
+            default=None,
+            metavar=metavar,
+            help=help_text,
+        )
     parser.add_argument(
         "--min-severity",
         choices=SEVERITIES,

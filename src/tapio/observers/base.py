@@ -15,13 +15,17 @@ declares in ``enrichment``. A record userspace drops is counted where it is drop
 from __future__ import annotations
 
 import abc
+import errno
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import Counter
 
 from tapio.bpf.abi import CStruct, TapioConfig
+from tapio.bpf.features import ProgramSpec
+from tapio.bpf.libbpf import BpfError
 from tapio.bpf.loader import BpfObject
 from tapio.metrics import OBSERVER_DROPS
 from tapio.occurrence import Occurrence
@@ -81,6 +85,8 @@ class Capability:
     name: str
     available: bool
     detail: str = ""
+    #: anomaly types this observer cannot produce while the capability is unavailable
+    anomalies: tuple[str, ...] = ()
 
 
 class Observer(abc.ABC):
@@ -93,13 +99,21 @@ class Observer(abc.ABC):
     # Observer-specific tapio_metrics indices → (metric kind, reason); kind is "kernel_drop" or
     # "correlation_drop".
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {}
+    #: The object's optional programs and the anomaly types each serves: a kernel that cannot
+    #: load or attach one turns off only those anomaly types (``program_capabilities``).
+    programs: ClassVar[tuple[ProgramSpec, ...]] = ()
     #: Anomaly type → what the enrichment stage adds to it (nothing when absent).
     enrichment: ClassVar[dict[str, Enrichment]] = {}
 
     def __init__(self, ctx: ObserverContext) -> None:
         self.ctx = ctx
         self.degraded_reasons: list[str] = []
+        self._program_caps: list[Capability] = []
         self._drops: dict[str, Counter] = {}
+
+    def open_object(self, path: Path) -> BpfObject:
+        """The observer's object, loaded with its optional programs declared (``programs``)."""
+        return BpfObject(path, programs=self.programs)
 
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` records dropped for ``reason`` (``tapio_observer_drops_total``)."""
@@ -112,8 +126,38 @@ class Observer(abc.ABC):
         """Attach the object's programs (default: all of them, by section name)."""
         obj.attach_all()
 
+    def note_programs(self, obj: BpfObject) -> None:
+        """After ``attach``: one capability per declared program capability, unavailable (with
+        the kernel's reason, and ``no_<capability>`` in ``degraded_reasons``) when none of its
+        programs runs. Raises BpfError when no declared program runs at all: then the observer
+        has nothing to observe and must fail, not look healthy."""
+        unavailable = obj.unavailable()
+        caps: dict[str, Capability] = {}
+        for spec in self.programs:
+            cap = caps.setdefault(
+                spec.capability,
+                Capability(
+                    spec.capability,
+                    spec.capability not in unavailable,
+                    unavailable.get(spec.capability, ""),
+                ),
+            )
+            cap.anomalies = tuple(sorted({*cap.anomalies, *spec.anomalies}))
+        self._program_caps = list(caps.values())
+        for cap in self._program_caps:
+            reason = f"no_{cap.name}"
+            if not cap.available and reason not in self.degraded_reasons:
+                self.degraded_reasons.append(reason)
+        if self.programs and not obj.attached:
+            raise BpfError(
+                errno.ENOTSUP,
+                f"no program of {obj.path.name} runs on this kernel",
+                "; ".join(f"{c.name}: {c.detail}" for c in self._program_caps if c.detail),
+            )
+
     def capabilities(self) -> list[Capability]:
-        return []
+        """What the kernel offers this observer; subclasses add their own to these."""
+        return list(self._program_caps)
 
     def on_config(self, kernel: TapioConfig, user: UserThresholds) -> None:  # noqa: B027
         """A (new) config was written to the carrier; userspace thresholds come with it.

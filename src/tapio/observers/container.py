@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
+from tapio.bpf.features import ProgramSpec
 from tapio.observers.base import CStrings, Observer, ObserverContext
 from tapio.observers.cgroups import U64_MAX
 from tapio.observers.enrich import ByCgroupId, Enrichment
@@ -131,6 +132,10 @@ class ContainerObserver(Observer):
         METRIC_OBSERVER_BASE + 0: ("kernel_drop", "oom_victim_exit"),
         METRIC_OBSERVER_BASE + 1: ("kernel_drop", "exit_ignored"),
     }
+    programs: ClassVar[tuple[ProgramSpec, ...]] = (
+        ProgramSpec("handle_mark_victim", "oom_mark_victim", (CONTAINER_OOM_KILL,)),
+        ProgramSpec("handle_process_exit", "process_exit", (CONTAINER_ABNORMAL_EXIT,)),
+    )
 
     enrichment: ClassVar[dict[str, Enrichment]] = {
         CONTAINER_OOM_KILL: ByCgroupId(

@@ -11,6 +11,7 @@ import socket
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
+from tapio.bpf.features import ProgramSpec
 from tapio.observers.base import CStrings, Observer
 from tapio.occurrence import (
     NETWORK_CONNECTION_REFUSED,
@@ -107,6 +108,17 @@ class NetworkObserver(Observer):
         METRIC_OBSERVER_BASE + 0: ("kernel_drop", "connect_aborted_by_application"),
         METRIC_OBSERVER_BASE + 1: ("kernel_drop", "untracked_close"),
     }
+    programs: ClassVar[tuple[ProgramSpec, ...]] = (
+        ProgramSpec(
+            "handle_set_state",
+            "connect_state",
+            (NETWORK_CONNECTION_REFUSED, NETWORK_CONNECTION_TIMEOUT),
+        ),
+        # Marks the RST on a connecting socket; refusals are still told by sk_err without it.
+        ProgramSpec("handle_receive_reset", "receive_reset"),
+        ProgramSpec("handle_retransmit", "retransmit", (NETWORK_RETRANSMIT_SPIKE,)),
+        ProgramSpec("handle_tcp_probe", "tcp_probe", (NETWORK_RTT_DEGRADATION,)),
+    )
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

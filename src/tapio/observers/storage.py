@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
+from tapio.bpf.features import ProgramSpec
 from tapio.observers.base import CStrings, Observer, ObserverContext
 from tapio.observers.enrich import ByCgroupId, Enrichment
 from tapio.occurrence import (
@@ -166,6 +167,15 @@ class StorageObserver(Observer):
         METRIC_AMBIGUOUS: ("correlation_drop", "ambiguous_inflight_io"),
         METRIC_UNMATCHED: ("correlation_drop", "unmatched_completion"),
     }
+    # Both anomaly types need the issue (who, when) and the completion (error, latency).
+    programs: ClassVar[tuple[ProgramSpec, ...]] = (
+        ProgramSpec("handle_rq_issue", "block_rq_issue", (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE)),
+        ProgramSpec(
+            "handle_rq_complete", "block_rq_complete", (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE)
+        ),
+        # Keeps a requeued request from looking like a second issue; optional accuracy aid.
+        ProgramSpec("handle_rq_requeue", "block_rq_requeue"),
+    )
 
     enrichment: ClassVar[dict[str, Enrichment]] = {
         STORAGE_IO_ERROR: ByCgroupId(_ORDER, _ORDER),

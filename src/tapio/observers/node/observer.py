@@ -21,6 +21,7 @@ import structlog
 
 from tapio.bpf import libbpf as lb
 from tapio.bpf.abi import FLAG_NODE, METRIC_OBSERVER_BASE, TAPIO_CONFIG_ABI_VERSION, TapioConfig
+from tapio.bpf.features import ProgramSpec
 from tapio.bpf.libbpf import BpfError
 from tapio.bpf.loader import BpfObject
 from tapio.observers.base import Capability, Emit, Observer, ObserverContext, UserThresholds
@@ -62,6 +63,13 @@ class NodeObserver(Observer):
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {
         METRIC_CLOCK_SKEW: ("kernel_drop", "runq_clock_skew"),
     }
+    # Two builds of one sched_switch hook: with task-local storage (quota-throttled waits told
+    # apart) and without it (kernels < 5.11: runq_throttle_split reported unavailable).
+    # cpu_stall also has PSI, so no anomaly type depends on the hook alone.
+    programs: ClassVar[tuple[ProgramSpec, ...]] = (
+        ProgramSpec("node_switch", "runq_throttle_split", group="runq", maps=("runq_throttled",)),
+        ProgramSpec("node_switch_basic", "runq_hook", group="runq"),
+    )
     enrichment: ClassVar[dict[str, Enrichment]] = {
         NODE_CPU_STALL: ByCgroupPath(),
         NODE_MEMORY_PRESSURE: ByCgroupPath(),
@@ -103,7 +111,7 @@ class NodeObserver(Observer):
             self.degraded_reasons.append("no_pmu")
 
     def capabilities(self) -> list[Capability]:
-        caps = [Capability("pmu", self.pmu.available, self.pmu.detail)]
+        caps = [*super().capabilities(), Capability("pmu", self.pmu.available, self.pmu.detail)]
         for name, probe, missing in (
             (
                 "runq_latency",

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Sustained throughput of the default agent (stdout sink) with a synthetic producer.
+
+A connect() loop cannot produce refusals faster than the kernel's TCP stack handles them, so it
+would be the bottleneck, not the agent. Here a small BPF program (``synth/producer.bpf.c``,
+benchmark-only, never in the package) is loaded with the running agent's own network ring map
+(reused by id) and run with ``BPF_PROG_TEST_RUN`` by ``synth/runner.c`` at a steady rate: every
+run writes one connection-refused record, exactly as the network observer would.
+
+Each probe runs a rate for a few seconds and passes when every produced record was delivered by
+the stdout sink with ``tapio_lost_events_total`` and ``tapio_sink_drops_total`` unchanged. The
+highest passing rate is then held for 30 s (stepping down until it holds), and printed as
+occurrences/s and as a fraction of 1/floor, the floor (``floor.py``) measured in the same run
+(target >= 60 %).
+
+Needs root, clang, gcc and bpftool. Run under ``flock /tmp/tapio-kernel.lock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_agent import Agent, cpu_seconds, total  # noqa: E402
+from floor import floor_us, sample_line  # noqa: E402
+
+NETWORK_PROGS = ("handle_set_state", "handle_receive_reset", "handle_retransmit")
+FRACTIONS = (0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2, 1.5)
+
+
+def build(tmp: Path) -> tuple[Path, Path]:
+    clang, gcc = shutil.which("clang"), shutil.which("gcc") or shutil.which("cc")
+    if clang is None or gcc is None or shutil.which("bpftool") is None:
+        sys.exit("bench_throughput: needs clang, gcc and bpftool")
+    arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
+    obj, runner = tmp / "producer.bpf.o", tmp / "runner"
+    src = str(HERE / "synth" / "producer.bpf.c")
+    cflags = ["-O2", "-g", "-target", "bpf", "-I", arch_inc]
+    subprocess.run([clang, *cflags, "-c", src, "-o", str(obj)], check=True)
+    subprocess.run([gcc, "-O2", "-o", str(runner), str(HERE / "synth" / "runner.c")], check=True)
+    return obj, runner
+
+
+def bpftool_json(*args: str) -> list[dict[str, object]]:
+    out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True)
+    doc = json.loads(out.stdout or "[]")
+    return doc if isinstance(doc, list) else [doc]
+
+
+def network_ring_id(agent_pid: int) -> int:
+    """The id of the ring map used by the agent's network programs."""
+    rings = {int(str(m["id"])) for m in bpftool_json("map", "show") if m.get("type") == "ringbuf"}
+    for prog in bpftool_json("prog", "show"):
+        pids = [p.get("pid") for p in prog.get("pids", [])]  # type: ignore[attr-defined]
+        if prog.get("name") in NETWORK_PROGS and (not pids or agent_pid in pids):
+            for map_id in prog.get("map_ids", []):  # type: ignore[attr-defined]
+                if int(map_id) in rings:
+                    return int(map_id)
+    sys.exit("bench_throughput: the agent's network ring map was not found")
+
+
+class Producer:
+    """The synthetic producer, loaded against the agent's ring and pinned while in use."""
+
+    def __init__(self, obj: Path, runner: Path, ring_id: int) -> None:
+        self.runner = runner
+        self.pin = Path(f"/sys/fs/bpf/tapio_bench_synth_{os.getpid()}")
+        reuse = ["map", "name", "events", "id", str(ring_id)]
+        load = ["bpftool", "prog", "load", str(obj), str(self.pin), "type", "xdp", *reuse]
+        subprocess.run(load, check=True)
+
+    def run(self, rate: float, secs: float) -> tuple[int, float]:
+        """Records produced and the seconds it took (longer than ``secs`` when the runner could
+        not keep the rate: the rate reached is then what counts)."""
+        out = subprocess.run(
+            [str(self.runner), str(self.pin), f"{rate:.0f}", f"{secs}", "1"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        done, took = out.stdout.split()
+        return int(done), float(took)
+
+    def close(self) -> None:
+        self.pin.unlink(missing_ok=True)
+
+
+class Probe(NamedTuple):
+    ok: bool  # every produced record delivered, no lost event, no sink drop
+    produced: int
+    rate: float  # records/s actually produced
+    delivered: int
+    cpu_us: float  # the agent's CPU per delivered occurrence, until the last was delivered
+
+
+def probe(agent: Agent, producer: Producer, rate: float, secs: float) -> Probe:
+    """Run ``rate`` for ``secs`` and count what came out."""
+    m0 = agent.metrics()
+    c0 = cpu_seconds(agent.proc.pid)
+    ok0 = total(m0, "tapio_sink_writes_total", sink="stdout", result="ok")
+    bad0 = total(m0, "tapio_sink_drops_total") + total(m0, "tapio_lost_events_total")
+    produced, took = producer.run(rate, secs)
+    deadline = time.monotonic() + 10
+    delivered = 0
+    while time.monotonic() < deadline:
+        m = agent.metrics()
+        delivered = int(total(m, "tapio_sink_writes_total", sink="stdout", result="ok") - ok0)
+        if delivered >= produced:
+            break
+        time.sleep(0.2)
+    cpu_us = (cpu_seconds(agent.proc.pid) - c0) / max(delivered, 1) * 1e6
+    time.sleep(6.0)  # one kernel-metrics interval: lost events reach /metrics
+    m = agent.metrics()
+    bad = total(m, "tapio_sink_drops_total") + total(m, "tapio_lost_events_total") - bad0
+    return Probe(bad == 0 and delivered >= produced, produced, produced / took, delivered, cpu_us)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--probe-secs", type=float, default=5.0)
+    parser.add_argument("--hold-secs", type=float, default=30.0)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_throughput: run as root")
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        obj, runner = build(tmp)
+        out_path = tmp / "occurrences.jsonl"
+        # A first agent writes a few real lines: the floor's template (then /dev/null, so the
+        # sustained run does not fill the disk).
+        agent = Agent(tmp, str(out_path), serve_metrics=True)
+        try:
+            time.sleep(1.0)
+            first = Producer(obj, runner, network_ring_id(agent.proc.pid))
+            try:
+                first.run(1000, 0.2)
+            finally:
+                first.close()
+            time.sleep(0.5)
+        finally:
+            agent.stop()
+        floor = floor_us("stdout", 50_000, sample_line(out_path), tmp)
+        top = 1e6 / floor
+        agent = Agent(tmp, serve_metrics=True)
+        producer: Producer | None = None
+        try:
+            time.sleep(1.0)
+            producer = Producer(obj, runner, network_ring_id(agent.proc.pid))
+            best = 0.0
+            for frac in FRACTIONS:
+                p = probe(agent, producer, frac * top, args.probe_secs)
+                print(
+                    f"probe {frac:.0%} of 1/floor ({frac * top:.0f}/s): produced {p.produced}"
+                    f" at {p.rate:.0f}/s"
+                    f" delivered {p.delivered}, agent CPU {p.cpu_us:.2f} us/occurrence,"
+                    f" {'ok' if p.ok else 'LOSS'}",
+                    flush=True,
+                )
+                if not p.ok:
+                    break
+                best = frac
+                if p.rate < 0.95 * frac * top:
+                    print("the producer cannot go faster on this machine", flush=True)
+                    break
+            held = 0.0
+            rate = 0.0
+            frac = best
+            while frac > 0:
+                p = probe(agent, producer, frac * top, args.hold_secs)
+                print(
+                    f"hold {frac:.0%} for {args.hold_secs:.0f} s: produced {p.produced}"
+                    f" at {p.rate:.0f}/s"
+                    f" delivered {p.delivered}, agent CPU {p.cpu_us:.2f} us/occurrence,"
+                    f" {'ok' if p.ok else 'LOSS'}",
+                    flush=True,
+                )
+                if p.ok:
+                    rate = p.rate
+                    held = rate / top
+                    break
+                frac = round(frac - 0.15, 2)
+        finally:
+            if producer is not None:
+                producer.close()
+            agent.stop()
+    print("sustained throughput: default agent, stdout sink, synthetic producer")
+    print(f"{'metric':46} {'value':>14} {'target':>12}  ok")
+    print(f"{'floor per occurrence (us)':46} {floor:>14.2f} {'':>12}")
+    print(f"{'1/floor (occurrences/s)':46} {top:>14.0f} {'':>12}")
+    print(f"{'highest zero-loss rate over 30 s (occ/s)':46} {rate:>14.0f} {'':>12}")
+    ok_mark = "yes" if held >= 0.6 else "NO"
+    print(f"{'  fraction of 1/floor':46} {held:>13.0%} {'>= 60 %':>12}  {ok_mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""What the running kernel offers a BPF object, asked before loading it.
+
+Kernels >= 5.10 differ in which hooks exist (tracepoints appear, change shape or get renamed),
+which helpers a program type may call and which map types exist. libbpf loads an object all or
+nothing, so one program the kernel cannot take would take every other program of the object down
+with it. The loader therefore asks first, using libbpf's own feature probes and the kernel's BTF:
+
+* :meth:`KernelBtf.hook_exists` - does the hook a program's section names exist here
+  (``tracepoint/<cat>/<name>``: the tracefs event directory; ``tp_btf/<name>`` and
+  ``raw_tp/<name>``: the kernel's ``btf_trace_<name>`` typedef);
+* :func:`helper_supported` and :func:`map_type_supported` - ``libbpf_probe_bpf_helper`` and
+  ``libbpf_probe_bpf_map_type``, cached per process.
+
+A probe that cannot answer (e.g. libbpf does not probe helpers for tracing programs) says
+"unknown", and the load itself decides.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tapio.bpf import libbpf as lb
+from tapio.bpf.libbpf import ffi
+
+TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+
+BTF_KIND_STRUCT = 4
+BTF_KIND_TYPEDEF = 8
+
+# BPF instruction encoding: a helper call is BPF_JMP|BPF_CALL with src_reg 0 and imm = helper id.
+_BPF_CALL_OPCODE = 0x85
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """What one program of an observer's object is for, so the loader can do without it.
+
+    ``anomalies`` are the anomaly types this program produces; when it cannot load or attach,
+    exactly those are reported unsupported (capability ``capability`` unavailable) and the rest
+    of the observer runs. Programs of one ``group`` are alternatives for the same facts (e.g. two
+    shapes of one tracepoint): the first whose hook exists is loaded, the others are not.
+    ``maps`` are maps only this program uses; they are not created when it is not loaded.
+    """
+
+    name: str
+    capability: str
+    anomalies: tuple[str, ...] = ()
+    group: str = ""
+    maps: tuple[str, ...] = ()
+
+
+class KernelBtf:
+    """The running kernel's BTF for a batch of lookups (libbpf's own search), freed on exit.
+
+    Not cached for the process: the parsed BTF is several MiB, and it is needed only while an
+    object is being prepared.
+    """
+
+    def __init__(self) -> None:
+        self._btf: Any = ffi.NULL
+
+    def __enter__(self) -> KernelBtf:
+        ptr = lb.lib().btf__load_vmlinux_btf()
+        if ptr != ffi.NULL and int(ffi.cast("intptr_t", ptr)) > 0:
+            self._btf = ptr
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._btf != ffi.NULL:
+            lb.lib().btf__free(self._btf)
+            self._btf = ffi.NULL
+
+    def has_type(self, name: str, kind: int) -> bool | None:
+        """Whether the kernel's BTF names ``name`` with ``kind``; None when there is no BTF."""
+        if self._btf == ffi.NULL:
+            return None
+        return int(lb.lib().btf__find_by_name_kind(self._btf, name.encode(), kind)) > 0
+
+    def hook_exists(self, section: str) -> bool | None:
+        """Whether the hook named by a program's ELF section exists here (None: unknown)."""
+        kind, _, rest = section.partition("/")
+        if kind in ("tp_btf", "raw_tp", "raw_tracepoint"):
+            return self.has_type(f"btf_trace_{rest}", BTF_KIND_TYPEDEF)
+        if kind in ("tracepoint", "tp"):
+            category, _, event = rest.partition("/")
+            for root in TRACEFS_ROOTS:
+                events = root / "events"
+                if events.is_dir():
+                    return (events / category / event).is_dir()
+        return None
+
+
+@functools.cache
+def helper_supported(prog_type: int, helper_id: int) -> bool | None:
+    """``libbpf_probe_bpf_helper``: True/False, or None where libbpf cannot probe that type."""
+    rc = int(lb.lib().libbpf_probe_bpf_helper(prog_type, helper_id, ffi.NULL))
+    if rc < 0:
+        return None
+    return rc == 1
+
+
+@functools.cache
+def map_type_supported(map_type: int) -> bool | None:
+    """``libbpf_probe_bpf_map_type``: True/False, or None when the probe itself failed."""
+    rc = int(lb.lib().libbpf_probe_bpf_map_type(map_type, ffi.NULL))
+    if rc < 0:
+        return None
+    return rc == 1
+
+
+def helper_ids(prog: Any) -> set[int]:
+    """Helper ids a program calls, read from its instructions (before relocation)."""
+    lib = lb.lib()
+    count = int(lib.bpf_program__insn_cnt(prog))
+    insns = lib.bpf_program__insns(prog)
+    if insns == ffi.NULL:
+        return set()
+    out: set[int] = set()
+    for i in range(count):
+        insn = insns[i]
+        if insn.code == _BPF_CALL_OPCODE and insn.src_reg == 0:
+            out.add(int(insn.imm))
+    return out
+
+
+def missing_helpers(prog: Any) -> list[int]:
+    """Helpers the program calls that the kernel definitely lacks for its program type."""
+    prog_type = int(lb.lib().bpf_program__type(prog))
+    return sorted(h for h in helper_ids(prog) if helper_supported(prog_type, h) is False)
