@@ -145,3 +145,21 @@ CGROUP_LOOKUPS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+CGROUP_INDEX_EVENTS = Counter(
+    "tapio_cgroup_index_events_total",
+    "cgroups the id index learned from its inotify watch (add: made or found while watching; "
+    "remove: removed, kept as a tombstone for a few minutes)",
+    ["event"],
+    registry=REGISTRY,
+)
+CGROUP_WATCH_LIMIT = Counter(
+    "tapio_cgroup_watch_limit_total",
+    "cgroup directories left unwatched because the watch bound (or the kernel's "
+    "max_user_watches) was reached; their cgroups are found by the periodic re-index only",
+    registry=REGISTRY,
+)
+CGROUP_TOMBSTONE_HITS = Counter(
+    "tapio_cgroup_tombstone_hits_total",
+    "cgroup id lookups answered by a removed cgroup's tombstone",
+    registry=REGISTRY,
+)
