@@ -32,7 +32,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 import structlog
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from tapio.agent.runtime import Agent
 
 log = structlog.get_logger("tapio.agent.controller")
+_Answer = TypeVar("_Answer")
 
 HELLO_BACKOFF_BASE: Final = 1.0
 HELLO_BACKOFF_MAX: Final = 60.0
@@ -162,6 +163,17 @@ def verify_hash(fetched: FetchedConfig) -> str | None:
     if ours == claimed:
         return None
     return f"config_hash {claimed} does not match the served config ({ours})"
+
+
+async def _call(kind: str, request: Awaitable[_Answer]) -> _Answer | None:
+    """One hello or heartbeat call; a failed call is counted by ``kind`` and logged, and
+    gives None (the caller's loop decides when to try again)."""
+    try:
+        return await request
+    except ControllerCallError as exc:
+        CONTROLLER_SEND_FAILURES.labels(kind=kind).inc()
+        log.warning(f"controller {kind} failed", error=str(exc))
+        return None
 
 
 @dataclass
@@ -281,11 +293,8 @@ class ControllerSession:
     # ---- one step each (the loops below add timing) -------------------------------------------
 
     async def hello_once(self, client: ControllerClient, agent: Agent) -> bool:
-        try:
-            answer = await client.hello(self.hello_request(agent))
-        except ControllerCallError as exc:
-            CONTROLLER_SEND_FAILURES.labels(kind="hello").inc()
-            log.warning("controller hello failed", error=str(exc))
+        answer = await _call("hello", client.hello(self.hello_request(agent)))
+        if answer is None:
             return False
         if not answer.accepted:
             CONTROLLER_SEND_FAILURES.labels(kind="hello").inc()
@@ -365,11 +374,8 @@ class ControllerSession:
 
     async def heartbeat_once(self, client: ControllerClient, agent: Agent) -> bool | None:
         """True accepted, False not accepted (re-hello needed), None on failure."""
-        try:
-            answer = await client.heartbeat(self.heartbeat_request(agent))
-        except ControllerCallError as exc:
-            CONTROLLER_SEND_FAILURES.labels(kind="heartbeat").inc()
-            log.warning("controller heartbeat failed", error=str(exc))
+        answer = await _call("heartbeat", client.heartbeat(self.heartbeat_request(agent)))
+        if answer is None:
             return None
         if not answer.accepted:
             CONTROLLER_SEND_FAILURES.labels(kind="heartbeat").inc()
