@@ -10,7 +10,6 @@ serve the whole run so it stays well under a minute.
 from __future__ import annotations
 
 import http.client
-import time
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +171,6 @@ def test_fuzz_post_routes_no_5xx_and_no_state_change_on_rejection(tmp_path: Path
                 == 200
             )
         state = {"status": session.status(), "count": 0, "rejected": 0}
-        started = time.monotonic()
 
         @settings(
             max_examples=EXAMPLES,
@@ -206,8 +204,6 @@ def test_fuzz_post_routes_no_5xx_and_no_state_change_on_rejection(tmp_path: Path
             state["status"] = after
 
         fuzz()
-        elapsed = time.monotonic() - started
     assert state["count"] >= EXAMPLES
     assert state["rejected"] > EXAMPLES // 2  # the fuzz mostly exercises rejection paths
-    assert elapsed < 90
     assert TOKEN not in repr(cap.calls)
