@@ -64,6 +64,12 @@ CONTROLLER_SEND_FAILURES = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+CONTROLLER_REREGISTRATIONS = Counter(
+    "tapio_controller_reregistrations_total",
+    "Accepted hellos after the controller stopped knowing this agent, by what revealed it",
+    ["reason"],
+    registry=REGISTRY,
+)
 CONFIG_FETCH = Counter(
     "tapio_config_fetch_total",
     "Controller config poll attempts by result",
@@ -137,5 +143,23 @@ CGROUP_LOOKUPS = Counter(
     "cgroup id to path lookups: hit (cached), miss (needed a walk of the hierarchy, done in a "
     "worker thread), unknown (no such cgroup: gone, or outside the walked tree)",
     ["result"],
+    registry=REGISTRY,
+)
+CGROUP_INDEX_EVENTS = Counter(
+    "tapio_cgroup_index_events_total",
+    "cgroups the id index learned from its inotify watch (add: made or found while watching; "
+    "remove: removed, kept as a tombstone for a few minutes)",
+    ["event"],
+    registry=REGISTRY,
+)
+CGROUP_WATCH_LIMIT = Counter(
+    "tapio_cgroup_watch_limit_total",
+    "cgroup directories left unwatched because the watch bound (or the kernel's "
+    "max_user_watches) was reached; their cgroups are found by the periodic re-index only",
+    registry=REGISTRY,
+)
+CGROUP_TOMBSTONE_HITS = Counter(
+    "tapio_cgroup_tombstone_hits_total",
+    "cgroup id lookups answered by a removed cgroup's tombstone",
     registry=REGISTRY,
 )

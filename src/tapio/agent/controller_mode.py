@@ -16,7 +16,12 @@ The service:
   (no reload); errors back off with jitter; outcomes counted in ``tapio_config_fetch_total``;
 * **heartbeat** every ``--heartbeat-interval`` with the *applied* generation and hash, observer
   states from the actual load/attach results, degraded reasons and counters; ``accepted: false``
-  (the controller does not know us, e.g. it restarted) sends the agent back to hello.
+  (the controller does not know us, e.g. it restarted) sends the agent back to hello;
+* **re-hello on demand**: a ``409 UNKNOWN_AGENT`` answer to an event batch (a restarted
+  controller, another replica) makes the sink call ``ControllerLink.request_rehello`` (at most
+  once a second), which wakes the registration loop here: the same hello path, one session.
+  Every accepted hello after the first counts ``tapio_controller_reregistrations_total{reason}``
+  (``unknown_agent`` from the sink, ``heartbeat_not_accepted`` from a heartbeat).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 import structlog
@@ -45,6 +50,7 @@ from tapio.agent.kconfig import OBSERVER_FLAGS, from_compiled
 from tapio.bpf.abi import TAPIO_CONFIG_ABI_VERSION
 from tapio.metrics import (
     CONFIG_FETCH,
+    CONTROLLER_REREGISTRATIONS,
     CONTROLLER_SEND_FAILURES,
     CORRELATION_DROPS,
     EVENTS,
@@ -64,6 +70,7 @@ if TYPE_CHECKING:
     from tapio.agent.runtime import Agent
 
 log = structlog.get_logger("tapio.agent.controller")
+_Answer = TypeVar("_Answer")
 
 HELLO_BACKOFF_BASE: Final = 1.0
 HELLO_BACKOFF_MAX: Final = 60.0
@@ -156,6 +163,17 @@ def verify_hash(fetched: FetchedConfig) -> str | None:
     if ours == claimed:
         return None
     return f"config_hash {claimed} does not match the served config ({ours})"
+
+
+async def _call(kind: str, request: Awaitable[_Answer]) -> _Answer | None:
+    """One hello or heartbeat call; a failed call is counted by ``kind`` and logged, and
+    gives None (the caller's loop decides when to try again)."""
+    try:
+        return await request
+    except ControllerCallError as exc:
+        CONTROLLER_SEND_FAILURES.labels(kind=kind).inc()
+        log.warning(f"controller {kind} failed", error=str(exc))
+        return None
 
 
 @dataclass
@@ -275,17 +293,18 @@ class ControllerSession:
     # ---- one step each (the loops below add timing) -------------------------------------------
 
     async def hello_once(self, client: ControllerClient, agent: Agent) -> bool:
-        try:
-            answer = await client.hello(self.hello_request(agent))
-        except ControllerCallError as exc:
-            CONTROLLER_SEND_FAILURES.labels(kind="hello").inc()
-            log.warning("controller hello failed", error=str(exc))
+        answer = await _call("hello", client.hello(self.hello_request(agent)))
+        if answer is None:
             return False
         if not answer.accepted:
             CONTROLLER_SEND_FAILURES.labels(kind="hello").inc()
             log.warning("controller hello not accepted", controller_id=answer.controller_id)
             return False
         self.link.apply_batching(answer.send_interval_ms, answer.max_batch_events)
+        if self.registrations:
+            reason = self.link.rehello_reason or "heartbeat_not_accepted"
+            CONTROLLER_REREGISTRATIONS.labels(reason=reason).inc()
+        self.link.rehello_reason = None
         self.link.registered = True
         self.last_hello = answer
         self.registrations += 1
@@ -355,16 +374,16 @@ class ControllerSession:
 
     async def heartbeat_once(self, client: ControllerClient, agent: Agent) -> bool | None:
         """True accepted, False not accepted (re-hello needed), None on failure."""
-        try:
-            answer = await client.heartbeat(self.heartbeat_request(agent))
-        except ControllerCallError as exc:
-            CONTROLLER_SEND_FAILURES.labels(kind="heartbeat").inc()
-            log.warning("controller heartbeat failed", error=str(exc))
+        answer = await _call("heartbeat", client.heartbeat(self.heartbeat_request(agent)))
+        if answer is None:
             return None
         if not answer.accepted:
             CONTROLLER_SEND_FAILURES.labels(kind="heartbeat").inc()
             log.warning("controller does not know this agent; registering again")
             self._need_hello = True
+            self.link.registered = False
+            if self.link.rehello_reason is None:
+                self.link.rehello_reason = "heartbeat_not_accepted"
             return False
         if self.applied is not None and answer.next_config_version != self.applied.version:
             log.debug("controller has another config version", next=answer.next_config_version)
@@ -380,12 +399,19 @@ class ControllerSession:
 
     async def _registration_loop(self, client: ControllerClient, agent: Agent) -> None:
         while True:
-            if self._need_hello:
+            if self._need_hello or self.link.rehello_reason is not None:
+                if not self._need_hello:
+                    log.warning(
+                        "controller does not know this agent; registering again",
+                        reason=self.link.rehello_reason,
+                    )
+                self._need_hello = True
                 await self._register(client, agent)
             await self.heartbeat_once(client, agent)
             if self._need_hello:
                 continue  # accepted: false -> hello again right away (then back off)
-            await anyio.sleep(self.heartbeat_interval)
+            # Woken early when the sink got 409 UNKNOWN_AGENT (the link rate-limits that).
+            await self.link.wait_rehello(self.heartbeat_interval)
 
     async def _poll_loop(self, client: ControllerClient, agent: Agent) -> None:
         assert self._registered is not None

@@ -11,7 +11,7 @@ import collections
 import importlib.resources
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -210,19 +210,19 @@ class BpfObject:
             "is it a BPF ELF object built by build_bpf.py?",
         )
 
+    def _iter_list(self, next_of: Callable[[Any, Any], Any]) -> Iterator[Any]:
+        """Walk one of the object's libbpf lists: ``next_of(obj, NULL)`` is the first entry,
+        ``next_of(obj, entry)`` the one after it, NULL the end."""
+        entry = next_of(self._obj, ffi.NULL)
+        while entry != ffi.NULL:
+            yield entry
+            entry = next_of(self._obj, entry)
+
     def _iter_programs(self) -> Iterator[Any]:
-        lib = lb.lib()
-        prog = lib.bpf_object__next_program(self._obj, ffi.NULL)
-        while prog != ffi.NULL:
-            yield prog
-            prog = lib.bpf_object__next_program(self._obj, prog)
+        yield from self._iter_list(lb.lib().bpf_object__next_program)
 
     def _iter_maps(self) -> Iterator[Any]:
-        lib = lb.lib()
-        m = lib.bpf_object__next_map(self._obj, ffi.NULL)
-        while m != ffi.NULL:
-            yield m
-            m = lib.bpf_object__next_map(self._obj, m)
+        yield from self._iter_list(lb.lib().bpf_object__next_map)
 
     def _probe(self) -> dict[str, str]:
         """Why each declared program cannot load here, asked of the kernel before loading."""

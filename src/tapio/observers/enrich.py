@@ -35,6 +35,7 @@ import structlog
 
 from tapio.metrics import ENRICHMENT_ERRORS
 from tapio.observers.cgroups import HIERARCHIES, CgroupResolver, Miss
+from tapio.observers.cgroups.watch import CgroupWatcher
 from tapio.occurrence import Occurrence, OccurrenceError
 
 log = structlog.get_logger("tapio.observers.enrich")
@@ -116,8 +117,19 @@ def cgroup_facts(
 class Enricher:
     """Adds cgroup facts to occurrences, per anomaly type, from one shared resolver."""
 
-    def __init__(self, resolver: CgroupResolver, specs: Mapping[str, Enrichment]) -> None:
+    def __init__(
+        self,
+        resolver: CgroupResolver,
+        specs: Mapping[str, Enrichment],
+        watcher: CgroupWatcher | None = None,
+        *,
+        watch: bool = True,
+    ) -> None:
+        """``watch=False`` leaves cgroups to the periodic re-index and miss walks alone."""
         self.resolver = resolver
+        self.watcher: CgroupWatcher | None = None
+        if watch:
+            self.watcher = watcher if watcher is not None else CgroupWatcher(resolver)
         self.specs = dict(specs)
         self._memo: dict[tuple[object, ...], tuple[dict[str, object], str | None]] = {}
         self._memo_at = time.monotonic()
@@ -136,9 +148,25 @@ class Enricher:
         return any(isinstance(s, ByCgroupId) for s in self.specs.values())
 
     async def run(self) -> None:
-        """Index the cgroup trees now and every ``REFRESH_SECS`` while ids are enriched."""
+        """While ids are enriched: watch the cgroup trees (cgroups are learned when made and
+        kept as tombstones for a while when removed), and re-index them now and every
+        ``REFRESH_SECS`` as the safety net for what the watch does not see."""
         if not self.needs_ids:
             return
+        async with anyio.create_task_group() as tg:
+            if self.watcher is not None:
+                tg.start_soon(self._watch, self.watcher)
+            await self._reindex()
+
+    async def _watch(self, watcher: CgroupWatcher) -> None:
+        try:
+            await watcher.run()
+        except OSError as e:  # no inotify here: the periodic index still runs
+            log.warning("cgroup watch unavailable; periodic re-index only", error=str(e))
+        except Exception:  # a watch bug must not stop the pipeline
+            log.exception("cgroup watch failed; periodic re-index only")
+
+    async def _reindex(self) -> None:
         while True:
             try:
                 await self.resolver.index()

@@ -17,7 +17,14 @@ mode"):
   ``tapio_controller_send_failures_total{kind="events"}``. The next batch takes the next
   sequence, so the controller sees the gap;
 * sending waits for the agent's first accepted hello (``ControllerLink.registered``), so a
-  restarted agent never sends its sequence 1 against the previous process's registration.
+  restarted agent never sends its sequence 1 against the previous process's registration;
+* a ``409 UNKNOWN_AGENT`` answer (the controller restarted with fresh state, or the request
+  reached a replica that never saw our hello) is not a final rejection: the batch is kept, the
+  link asks the controller client for a new hello (``request_rehello``, rate-limited), the
+  retry waits (bounded) for it to be accepted and re-sends the *same* batch with the *same*
+  sequence, which the fresh registration takes as its baseline (no gap, no duplicate). It uses
+  the normal retry budget, so a controller that keeps answering 409 costs at most
+  ``max_retries + 1`` attempts per batch, then the batch is counted as ``send_failed``.
 
 WireEvent mapping: ``type``, ``observer`` (2nd segment of ``kernel.<observer>.<anomaly>``),
 ``severity``, ``timestamp_unix_nanos`` (parsed back from the occurrence timestamp; unparsable =>
@@ -56,6 +63,8 @@ MAX_BATCH_BYTES: Final = wire.MAX_BODY_BYTES
 #: Largest controller answer read (EventBatchResponse is ~100 bytes).
 MAX_EVENTS_RESPONSE_BYTES: Final = 16 * 1024
 _HEADERS: Final = {"Content-Type": "application/json"}
+#: The wire error code of a batch from an agent the controller does not know.
+UNKNOWN_AGENT: Final = "UNKNOWN_AGENT"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +248,22 @@ class ControllerSink(DeliverySink[bytes]):
                 error = wire.decode(raw, wire.ErrorEnvelope).error
             except wire.WireError:
                 return attempt
-            return Attempt("rejected", f"{attempt.detail} {error.code}: {error.message}")
+            detail = f"{attempt.detail} {error.code}: {error.message}"
+            if resp.status == 409 and error.code == UNKNOWN_AGENT:
+                if self.link.request_rehello("unknown_agent"):
+                    log.warning(
+                        "controller does not know this agent; re-registering, batch kept",
+                        sequence=self._sequence,
+                    )
+                return Attempt("retry", detail)
+            return Attempt("rejected", detail)
         return attempt
+
+    async def before_retry(self) -> None:
+        # After a 409 UNKNOWN_AGENT the retry waits for the new hello (bounded: a controller
+        # client that cannot register makes the retry go out anyway and use up the budget).
+        if not self.link.registered:
+            await self.link.wait_registered(self._cfg.timeout)
 
     def _read_answer(self, raw: bytes) -> None:
         try:

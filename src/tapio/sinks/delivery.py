@@ -198,6 +198,10 @@ class DeliverySink(Sink, Generic[T], abc.ABC):
         shuts down."""
         return True
 
+    async def before_retry(self) -> None:
+        """Awaited after the backoff and before the next attempt of the same batch (bounded
+        by the subclass); the controller sink waits there for a re-registration."""
+
     def given_up(self, reason: str, detail: str, n: int) -> None:
         """A batch of ``n`` was dropped (already counted); for sink-specific bookkeeping."""
 
@@ -398,6 +402,7 @@ class DeliverySink(Sink, Generic[T], abc.ABC):
                 **self.batch_context(),
             )
             await anyio.sleep(delay)
+            await self.before_retry()
             retry += 1
 
     def _give_up(self, reason: str, detail: str, n: int, *, attempts: int) -> None:

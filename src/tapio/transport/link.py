@@ -8,10 +8,12 @@ negotiates (batch size, send interval, registration) applies to the next event b
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
+import anyio
 from yarl import URL
 
 from tapio.transport.credentials import BearerToken
@@ -20,6 +22,9 @@ from tapio.transport.session import client_session
 
 DEFAULT_MAX_BATCH_EVENTS: Final = 256
 DEFAULT_SEND_INTERVAL_MS: Final = 1000
+#: At most one re-registration request per this many seconds (a controller that keeps
+#: forgetting the agent must not turn every batch attempt into a hello).
+REHELLO_MIN_INTERVAL: Final = 1.0
 
 
 @dataclass
@@ -37,14 +42,55 @@ class ControllerLink:
     ssl_context: ssl.SSLContext | None = None
     max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS
     send_interval_ms: int = DEFAULT_SEND_INTERVAL_MS
-    #: True once a hello was accepted by the controller (never reset: a re-hello is only needed
-    #: after a controller restart, which accepts unregistered senders' events anyway).
+    #: True while the controller is believed to know this agent: set by an accepted hello,
+    #: cleared by :meth:`request_rehello` (a ``409 UNKNOWN_AGENT`` answer to a batch, or a
+    #: heartbeat answered ``accepted: false``). The sink sends only while it is True.
     registered: bool = False
     #: Set by the sink: why its last batch was given up (None: healthy). Heartbeats report it.
     sink_error: str | None = None
     #: ``--controller-token-file``: sent as ``Authorization: Bearer`` on every request, re-read
     #: when the file changes (a rotated Secret needs no restart).
     token: BearerToken | None = None
+    #: Why a re-registration was requested and not yet answered by a hello (None: none pending).
+    rehello_reason: str | None = None
+    _last_rehello: float = field(default=-1e9, repr=False)
+    _rehello_wake: anyio.Event | None = field(default=None, repr=False)
+
+    def request_rehello(self, reason: str) -> bool:
+        """Ask the controller client to say hello again (the controller does not know us, e.g.
+        it restarted or the request reached another replica) and hold the sink until it has.
+
+        Rate-limited to one request per :data:`REHELLO_MIN_INTERVAL`; returns False when this
+        request was folded into a recent one. The hello itself is sent by the one controller
+        client session (its backoff bounds the hellos); this only wakes it.
+        """
+        now = time.monotonic()
+        if self.rehello_reason is not None or now - self._last_rehello < REHELLO_MIN_INTERVAL:
+            return False
+        self._last_rehello = now
+        self.rehello_reason = reason
+        self.registered = False
+        if self._rehello_wake is not None:
+            self._rehello_wake.set()
+        return True
+
+    async def wait_rehello(self, within: float) -> None:
+        """Sleep up to ``within`` seconds, less when a re-registration is requested."""
+        if self.rehello_reason is not None:
+            return
+        self._rehello_wake = anyio.Event()
+        with anyio.move_on_after(within):
+            await self._rehello_wake.wait()
+        self._rehello_wake = None
+
+    async def wait_registered(self, within: float) -> bool:
+        """Wait (polling every 20 ms, at most ``within`` seconds) until a hello is accepted;
+        True if it was. ``registered`` is a plain flag written by the client, hence the poll."""
+        for _ in range(max(1, int(within / 0.02))):
+            if self.registered:
+                break
+            await anyio.sleep(0.02)
+        return self.registered
 
     def auth_headers(self) -> dict[str, str]:
         """The Authorization header for the next request (empty without a token)."""

@@ -183,7 +183,9 @@ async def test_a_cgroup_lookup_miss_does_not_block_the_drain_timer(tmp_path: Pat
 
     resolver = CgroupResolver({"unified": unified}, scan=slow_scan)
     enricher = Enricher(
-        resolver, {"kernel.container.abnormal_exit": ByCgroupId(("unified",), ("unified",))}
+        resolver,
+        {"kernel.container.abnormal_exit": ByCgroupId(("unified",), ("unified",))},
+        watch=False,  # no inotify: the cgroup must be found by the (slow) walk under test
     )
     occ = new_occurrence(
         "kernel.container.abnormal_exit",

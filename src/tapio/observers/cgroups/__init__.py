@@ -18,6 +18,10 @@ Every observer that names a cgroup (container, storage, node) goes through this 
   The walk is blocking I/O: on the agent's event loop it only ever runs in a worker thread
   (:meth:`CgroupResolver.resolve`), one walk at a time, and every miss is counted
   (``tapio_cgroup_lookups_total{result="miss"}``).
+* :class:`CgroupWatcher` (:mod:`.watch`) learns cgroups when they are made (inotify) and turns
+  removed ones into tombstones that stay resolvable for a few minutes, so the evidence of a
+  workload whose runtime removes its cgroup at exit keeps its attribution. The periodic
+  re-index stays as the safety net for what the bounded watch does not see.
 * :func:`parse_container` (:mod:`.containers`) turns a path into
   ``(container_id, runtime, pod_uid)``:
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from tapio.metrics import CGROUP_LOOKUPS
+from tapio.metrics import CGROUP_LOOKUPS, CGROUP_TOMBSTONE_HITS
 from tapio.observers.cgroups.containers import Attribution, parse_container
 from tapio.observers.cgroups.roots import (
     MAX_WALK,
@@ -64,6 +64,8 @@ class CgroupResolver:
         negative_ttl: float = 2.0,
         max_walk: int = MAX_WALK,
         scan: Scan = scan_tree,
+        tombstone_size: int = 4096,
+        tombstone_ttl: float = 300.0,
     ) -> None:
         if roots is None:
             roots = discover_roots()
@@ -77,6 +79,12 @@ class CgroupResolver:
         self._scan = scan
         self._attr_cache: OrderedDict[str, Attribution] = OrderedDict()
         self._attr_size = cache_size
+        # Removed cgroups, still answered by id for ``tombstone_ttl`` (kernel cgroup ids are
+        # not reused, so a late event for a removed cgroup cannot name a newer one).
+        self._tombstones: OrderedDict[tuple[str, int], tuple[str, float]] = OrderedDict()
+        self._tombstone_size = tombstone_size
+        self._tombstone_ttl = tombstone_ttl
+        self._tombstone_hits = CGROUP_TOMBSTONE_HITS
         self._walk_lock: anyio.Lock | None = None
         self.walks = 0  # directory walks done (tests assert memoization)
         self._hits = CGROUP_LOOKUPS.labels(result="hit")
@@ -136,6 +144,12 @@ class CgroupResolver:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
+        tomb = self._tombstones.get(key)
+        if tomb is not None:
+            if time.monotonic() - tomb[1] < self._tombstone_ttl:
+                return tomb[0]
+            del self._tombstones[key]
+            return None  # removed long ago: gone
         neg = self._negative.get(key)
         if neg is not None and time.monotonic() - neg < self._negative_ttl:
             return None
@@ -146,6 +160,9 @@ class CgroupResolver:
         found = self.lookup(hierarchy, cgroup_id)
         if isinstance(found, str):
             self._hits.inc()
+            root = self.roots.get(hierarchy)
+            if root is not None and (str(root), cgroup_id) in self._tombstones:
+                self._tombstone_hits.inc()
             return found
         if cgroup_id != 0 and self.roots.get(hierarchy) is not None:
             self._unknown.inc()
@@ -167,6 +184,30 @@ class CgroupResolver:
                 self._negative.move_to_end(key)
                 while len(self._negative) > self._negative_size:
                     self._negative.popitem(last=False)
+
+    def learn(self, root: Path, cgroup_id: int, path: str) -> None:
+        """A cgroup seen now (made, or found by a watch): resolvable from this moment on."""
+        key = (str(root), cgroup_id)
+        self._cache.put(key, path)
+        self._negative.pop(key, None)
+        self._tombstones.pop(key, None)
+
+    def forget(self, root: Path, cgroup_id: int) -> bool:
+        """A cgroup was removed: keep its path as a tombstone (bounded in count and age) so
+        the evidence of its last processes, enriched a little later, is still attributed."""
+        key = (str(root), cgroup_id)
+        path = self._cache.data.pop(key, None)
+        if path is None:
+            return False
+        self._tombstones[key] = (path, time.monotonic())
+        self._tombstones.move_to_end(key)
+        while len(self._tombstones) > self._tombstone_size:
+            self._tombstones.popitem(last=False)
+        return True
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._tombstones)
 
     async def index(self) -> None:
         """Walk every tree once (in a worker thread) so that a cgroup removed right after its
