@@ -13,8 +13,13 @@
  * The victim's own SIGKILL death is suppressed here (oom_victims map): one OOM kill gives exactly
  * one oom_kill and no abnormal_exit.
  *
- * EXIT: sched_process_exit fires once per thread; only the thread that ends the thread group
- * (group_dead, or signal->live == 0 on kernels without that field) is considered. The process
+ * EXIT: sched_process_exit fires once per thread; only the thread that ends the thread group is
+ * considered. Kernels that pass group_dead to the tracepoint name that thread. Older kernels
+ * (5.10, 6.1 and 6.12 among them) do not: there do_exit drops signal->live long before the
+ * tracepoint, so when several threads exit together (exit_group) every thread that decremented
+ * early but reaches the tracepoint late also reads live == 0. On those kernels the threads that
+ * read live == 0 race to claim the group exit in exit_claims (keyed by tgid and the leader's
+ * start time, unique per process): only the thread whose insert succeeds reports. The process
  * status is signal->group_exit_code for group exits (exit_group, fatal signals) and the task's
  * exit_code otherwise. Zero statuses, ignored codes (non-signal exits only), ignored signals and,
  * with TAPIO_EXIT_SCOPE_CONTAINERS, tasks in the root cgroup of every hierarchy are dropped here.
@@ -30,6 +35,7 @@
 char LICENSE[] SEC("license") = "GPL";
 
 #define SIGKILL 9
+#define EEXIST 17
 #define SIGNAL_GROUP_EXIT 0x00000004
 
 struct {
@@ -44,6 +50,26 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } oom_victims SEC(".maps");
+
+/* A thread-group instance: the tgid and the group leader's start time (tgids are reused). */
+struct exit_claim_key {
+	__u32 tgid;
+	__u32 pad;
+	__u64 leader_start_ns;
+};
+
+/*
+ * Thread groups whose exit was already claimed by one of their threads (kernels without
+ * group_dead in sched_process_exit). The key never repeats, so an entry is never deleted (a
+ * late thread of the group must still find it): the LRU ages entries out, and the window in
+ * which one matters is the few milliseconds between the group's threads reaching the tracepoint.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct exit_claim_key);
+	__type(value, __u8);
+} exit_claims SEC(".maps");
 
 /* The cgroup of one controller's hierarchy for this task, or NULL if the controller is absent. */
 static __always_inline struct cgroup *controller_cgroup(struct task_struct *task, int enum_ok,
@@ -200,8 +226,20 @@ int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
 			return 0; /* another thread of the group is still alive */
 	} else {
 		if (BPF_CORE_READ(task, signal, live.counter) != 0)
-			return 0;
+			return 0; /* another thread of the group has not reached do_exit yet */
 		fallback = CT_FLAG_GROUP_FALLBACK;
+	}
+
+	if (fallback) {
+		/* Several threads may read live == 0: the first to claim the group reports it. */
+		struct exit_claim_key key = {
+			.tgid = (__u32)(bpf_get_current_pid_tgid() >> 32),
+			.leader_start_ns = BPF_CORE_READ(task, group_leader, start_time),
+		};
+		__u8 one = 1;
+		if (bpf_map_update_elem(&exit_claims, &key, &one, BPF_NOEXIST) == -EEXIST)
+			return 0; /* claimed by another thread of this group */
+		/* any other failure: report rather than lose the exit */
 	}
 
 	struct tapio_config cfg;
