@@ -12,7 +12,7 @@
 # Environment:
 #   TAPIO_KERNEL_CACHE    kernel cache (default /var/cache/tapio/kernels)
 #   TAPIO_MATRIX_OUT      results: <out>/<kernel>/{console.log,junit.xml,rc} (default .matrix/)
-#   TAPIO_MATRIX_TIMEOUT  seconds one kernel's test run may take (default 900)
+#   TAPIO_MATRIX_TIMEOUT  seconds one kernel's test run may take (default 1100)
 #   TAPIO_MATRIX_TESTS    pytest node ids to run instead of the default subset
 #   TAPIO_MATRIX_KNOWN_FAILURES  list of "<kernel> <test>  # why" failures that do not fail the
 #                         matrix (default scripts/kmatrix/known-failures); each is printed
@@ -38,7 +38,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 out=${TAPIO_MATRIX_OUT:-$repo/.matrix}
-budget=${TAPIO_MATRIX_TIMEOUT:-900}
+budget=${TAPIO_MATRIX_TIMEOUT:-1100}
 known=${TAPIO_MATRIX_KNOWN_FAILURES:-$repo/scripts/kmatrix/known-failures}
 # How much longer the tests' waits may take in a guest (TCG runs 10-30x slower than the host).
 scale=${TAPIO_MATRIX_TIME_SCALE:-4}
