@@ -286,10 +286,11 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
     assert len(occs) == 1, occs
     d = occs[0]["data"]
     assert d["comm"] == "tapio-rtt" and d["dst_ip"] == p.ip_b
-    # The baseline was learned from the steady phase (tens of microseconds on a veth), when
-    # ss -ti showed the same order of magnitude.
+    # The baseline was learned from the steady phase: the same order of magnitude as ss -ti
+    # showed for that phase in this run (tens of microseconds on a veth, a few milliseconds
+    # under emulation), never the degraded RTT.
     assert steady_rtt is not None, "ss showed no RTT for the steady flow"
-    assert steady_rtt < 2000 and d["baseline_us"] < 2000, (steady_rtt, d)
+    assert d["baseline_us"] <= 3 * steady_rtt + 500, (steady_rtt, d)
     assert d["current_us"] >= 2 * steady_rtt, (steady_rtt, d)
     assert d["current_us"] >= 2 * d["baseline_us"] and d["current_us"] >= d["baseline_us"] + 5000
     # The current value is the kernel's smoothed RTT at detection time: ss -ti must have shown
