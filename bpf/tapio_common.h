@@ -16,7 +16,7 @@
 
 /*
  * Force a consumer wakeup only when this much is pending; below it the agent's drain timer
- * picks records up. A default-flags submit costs ~6 us of irq_work per event (performance.md).
+ * picks records up. A default-flags submit costs ~6 us of irq_work per event (docs/architecture.md).
  */
 #define TAPIO_WAKEUP_BYTES (64 * 1024)
 

@@ -22,15 +22,8 @@ if [[ $want_test -eq 1 ]]; then
   pkgs+=(podman runc containerd debootstrap)
   pkgs+=(nats-server)  # the controller forwarding tests start a real JetStream server
 fi
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/lib/debs.sh
+ensure_debs "${pkgs[@]}"
 
 # The manifest tests render with `kubectl kustomize`; Debian has no kubectl package, so it must
 # come with the machine (it fails those tests, not this script, when missing).
@@ -43,7 +36,7 @@ if [[ ! -d /sys/kernel/tracing/events ]]; then
   mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 fi
 
-# Debian's interpreter runs the drain loops 1.3-1.6x faster than a source build (performance.md).
+# Debian's interpreter runs the drain loops 1.3-1.6x faster than a source build.
 PY=${TAPIO_PYTHON:-}
 if [[ -z "$PY" ]]; then
   if /usr/bin/python3 -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

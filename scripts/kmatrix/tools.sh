@@ -5,15 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 pkgs=(qemu-system-x86 busybox-static e2fsprogs file kmod)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/lib/debs.sh
+ensure_debs "${pkgs[@]}"
 VNG_VERSION=1.42
 if ! .venv-vng/bin/vng --version 2>/dev/null | grep -q "$VNG_VERSION"; then
   /usr/bin/python3 -m venv .venv-vng
