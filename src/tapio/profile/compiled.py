@@ -36,6 +36,10 @@ DEFAULT_RETRANSMIT_THRESHOLD: Final = _D.retransmit_threshold
 DEFAULT_RETRANSMIT_WINDOW_NS: Final = _D.retransmit_window_ms * 1_000_000
 DEFAULT_RTT_MIN_DELTA_US: Final = _D.rtt_min_delta_us
 DEFAULT_RTT_SAMPLE_INTERVAL_US: Final = _D.rtt_sample_interval_us
+DEFAULT_DNS_TIMEOUT_NS: Final = _D.dns_timeout_ms * 1_000_000
+DEFAULT_DNS_SLOW_NS: Final = _D.dns_slow_ms * 1_000_000
+DEFAULT_DNS_WINDOW_NS: Final = _D.dns_window_ms * 1_000_000
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 __all__ = ["EXIT_SCOPES"]
@@ -87,6 +91,15 @@ class NetworkConfig(_Block):
     retransmit_window_ns: U64 = DEFAULT_RETRANSMIT_WINDOW_NS
     rtt_min_delta_us: U32 = DEFAULT_RTT_MIN_DELTA_US
     rtt_sample_interval_us: U32 = DEFAULT_RTT_SAMPLE_INTERVAL_US
+    dns_enabled: bool = _D.dns_enabled
+    dns_ports: Annotated[list[Port], msgspec.Meta(min_length=1, max_length=8)] = msgspec.field(
+        default_factory=lambda: list(_D.dns_ports)
+    )
+    dns_timeout_ns: U64 = DEFAULT_DNS_TIMEOUT_NS
+    dns_slow_ns: U64 = DEFAULT_DNS_SLOW_NS
+    dns_include_nxdomain: bool = _D.dns_include_nxdomain
+    dns_window_ns: U64 = DEFAULT_DNS_WINDOW_NS
+    dns_cap: U32 = _D.dns_cap
 
 
 class StorageConfig(_Block):

@@ -23,6 +23,7 @@ from tapio.profile.errors import ProfileError
 from tapio.profile.model import (
     ContainerOverrides,
     CpuPressure,
+    Dns,
     MemoryPressure,
     NetworkOverrides,
     NodeOverrides,
@@ -35,7 +36,7 @@ from tapio.profile.model import (
     StallPct,
     StorageOverrides,
 )
-from tapio.thresholds import DEFAULTS, EXIT_SCOPES
+from tapio.thresholds import DEFAULTS, EXIT_SCOPES, MAX_DNS_PORTS
 
 API_VERSION: Final = "tapio.false.systems/v0"
 KIND: Final = "EvidenceProfile"
@@ -68,6 +69,13 @@ class Resolved:
     rtt_min_samples: int = _D.rtt_min_baseline_samples
     rtt_min_delta_ms: int = _D.rtt_min_delta_us // 1000
     rtt_sample_interval_ms: int = _D.rtt_sample_interval_us // 1000
+    dns_enabled: bool = _D.dns_enabled
+    dns_ports: tuple[int, ...] = _D.dns_ports
+    dns_timeout_ms: int = _D.dns_timeout_ms
+    dns_slow_ms: int = _D.dns_slow_ms
+    dns_include_nxdomain: bool = _D.dns_include_nxdomain
+    dns_window_ms: int = _D.dns_window_ms
+    dns_cap: int = _D.dns_cap
     storage_enabled: bool = True
     slow_io_warning_ms: int = _D.io_latency_warning_ns // 1_000_000
     slow_io_critical_ms: int = _D.io_latency_critical_ns // 1_000_000
@@ -199,6 +207,34 @@ def _network(o: NetworkOverrides, r: Resolved, p: str) -> dict[str, Any]:
         out["rtt_sample_interval_ms"] = _int_range(
             f"{p}.rtt_baseline.sample_interval_ms", bl.sample_interval_ms, 1, 60_000
         )
+    out.update(_dns(o.dns or Dns(), r, f"{p}.dns"))
+    return out
+
+
+def _dns(o: Dns, r: Resolved, p: str) -> dict[str, Any]:
+    """The network observer's ``dns`` block; slow_ms < timeout_ms on the merged values."""
+    out: dict[str, Any] = {
+        "dns_enabled": _pick(o.enabled, r.dns_enabled),
+        "dns_include_nxdomain": _pick(o.include_nxdomain, r.dns_include_nxdomain),
+    }
+    if o.ports is not None:
+        if not o.ports:
+            raise ProfileError(f"{p}.ports", "at least 1 ports, got 0")
+        out["dns_ports"] = _int_set(p, "ports", o.ports, MAX_DNS_PORTS, 1, 65535)
+    timeout = r.dns_timeout_ms
+    slow = r.dns_slow_ms
+    if o.timeout_ms is not None:
+        timeout = _int_range(f"{p}.timeout_ms", o.timeout_ms, 100, 60_000)
+    if o.slow_ms is not None:
+        slow = _int_range(f"{p}.slow_ms", o.slow_ms, 1, 60_000)
+    if slow >= timeout:
+        raise ProfileError(f"{p}.slow_ms", f"{slow} must be < timeout_ms {timeout}")
+    out["dns_timeout_ms"] = timeout
+    out["dns_slow_ms"] = slow
+    if o.window_ms is not None:
+        out["dns_window_ms"] = _int_range(f"{p}.window_ms", o.window_ms, 0, 600_000)
+    if o.cap is not None:
+        out["dns_cap"] = _int_range(f"{p}.cap", o.cap, 1, 100_000)
     return out
 
 
