@@ -413,7 +413,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 8192);
+	__uint(max_entries, 4096); /* in flight at once; the oldest are evicted (and counted) */
 	__type(key, struct dns_key);
 	__type(value, struct dns_query);
 } dns_pending SEC(".maps");

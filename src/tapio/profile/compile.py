@@ -34,7 +34,7 @@ def compile_resolved(r: Resolved) -> CompiledConfig:
             rtt_min_delta_us=r.rtt_min_delta_ms * 1000,
             rtt_sample_interval_us=r.rtt_sample_interval_ms * 1000,
             dns_enabled=r.dns_enabled,
-            dns_ports=list(r.dns_ports),
+            dns_ports=tuple(r.dns_ports),
             dns_timeout_ns=r.dns_timeout_ms * 1_000_000,
             dns_slow_ns=r.dns_slow_ms * 1_000_000,
             dns_include_nxdomain=r.dns_include_nxdomain,
