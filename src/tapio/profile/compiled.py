@@ -93,9 +93,7 @@ class NetworkConfig(_Block):
     rtt_sample_interval_us: U32 = DEFAULT_RTT_SAMPLE_INTERVAL_US
     dns_enabled: bool = _D.dns_enabled
     # a tuple, so the default is one immutable object that omit-if-default can recognise
-    dns_ports: Annotated[tuple[Port, ...], msgspec.Meta(min_length=1, max_length=8)] = (
-        _D.dns_ports
-    )
+    dns_ports: Annotated[tuple[Port, ...], msgspec.Meta(min_length=1, max_length=8)] = _D.dns_ports
     dns_timeout_ns: U64 = DEFAULT_DNS_TIMEOUT_NS
     dns_slow_ns: U64 = DEFAULT_DNS_SLOW_NS
     dns_include_nxdomain: bool = _D.dns_include_nxdomain

@@ -219,7 +219,7 @@ def _dns(o: Dns, r: Resolved, p: str) -> dict[str, Any]:
     }
     if o.ports is not None:
         if not o.ports:
-            raise ProfileError(f"{p}.ports", "at least 1 ports, got 0")
+            raise ProfileError(f"{p}.ports", "at least 1 port, got 0")
         out["dns_ports"] = _int_set(p, "ports", o.ports, MAX_DNS_PORTS, 1, 65535)
     timeout = r.dns_timeout_ms
     slow = r.dns_slow_ms

@@ -36,11 +36,11 @@ from tapio.occurrence import (
 AF_INET6 = 10
 _I = DNS_EVENT.index
 
-FloodKey = tuple[str, str, str, int, int]
+FloodKey = tuple[str, str, str, str, int, int]
 
 
 class Classified(NamedTuple):
-    key: FloodKey  # (type, name, server, rcode, cgroup id)
+    key: FloodKey  # (type, name, server, transport, rcode, cgroup id)
     occurrence: Occurrence
 
 
@@ -124,4 +124,4 @@ def classify_event(
         message = f"DNS query for {q.name} {qtype} to {where}: no answer in {latency_ms:g} ms"
         rcode = -1
     occ = new_occurrence(type_, severity, outcome, when, code, message, data, data_sorted=True)
-    return Classified((type_, q.name, where, rcode, cgroup_id), occ)
+    return Classified((type_, q.name, where, data["transport"], rcode, cgroup_id), occ)

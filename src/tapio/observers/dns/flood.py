@@ -1,11 +1,11 @@
 """Flood control at the edge: identical DNS failures become one occurrence with a count.
 
 A broken resolver turns every lookup of every pod into a failure; thousands of identical
-occurrences would bury the one fact that matters. Failures with the same flood key (type, name,
-server, RCODE, cgroup) inside ``window_ns`` of the first are held as one group; when the window
-ends the group's first occurrence leaves with ``count`` set to the number of failures it stands
-for. A per-second cap bounds how many groups may open; failures past it, and failures arriving
-while the group table is full, are counted drops, never silent.
+occurrences would bury the one fact that matters. Failures with the same flood key (type,
+name, server, transport, RCODE, cgroup) inside ``window_ns`` of the first are held as one group;
+when the window ends the group's first occurrence leaves with ``count`` set to the number of
+failures it stands for. A per-second cap bounds how many groups may open; failures past it,
+and failures arriving while the group table is full, are counted drops, never silent.
 """
 
 from __future__ import annotations

@@ -157,34 +157,34 @@ def decode_question(raw: bytes, length: int) -> Question:
 
     A question never uses compression pointers and no label is longer than 63 bytes; either,
     an empty copy, or a name over 255 wire bytes is :class:`MalformedQuestion`. A name the copy
-    cut short is returned as far as it went, flagged ``truncated``.
+    cut short is returned as far as it went, flagged ``truncated``; so is one whose text (with
+    escapes) is longer than :data:`MAX_NAME` characters, cut there.
     """
     if length <= 0 or length > len(raw):
         raise MalformedQuestion("empty question")
     data = raw[:length]
     labels: list[str] = []
     pos = 0
-    while True:
-        if pos >= length:
-            return Question(".".join(labels) or ".", 0, True)
+    qtype = 0
+    truncated = True
+    while pos < length:
         n = data[pos]
         if n == 0:
             pos += 1
+            truncated = False
+            if pos + 2 <= length:
+                qtype = int.from_bytes(data[pos : pos + 2], "big")
             break
         if n & 0xC0:
             raise MalformedQuestion("compression pointer or reserved label type in a question")
-        if pos + 1 + n > length:
-            labels.append(_label_text(data[pos + 1 :]))
-            return Question(".".join(labels), 0, True)
         labels.append(_label_text(data[pos + 1 : pos + 1 + n]))
         pos += 1 + n
         if pos > 255:
             raise MalformedQuestion("name longer than 255 bytes")
     name = ".".join(labels) or "."
     if len(name) > MAX_NAME:
-        raise MalformedQuestion("name longer than 253 characters")
-    qtype = int.from_bytes(data[pos : pos + 2], "big") if pos + 2 <= length else 0
-    return Question(name, qtype, False)
+        name, truncated = name[:MAX_NAME], True
+    return Question(name, qtype, truncated)
 
 
 def timeout_record(key: bytes, query: bytes, now_ns: int, generation: int) -> bytes:
