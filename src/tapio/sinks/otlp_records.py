@@ -114,16 +114,14 @@ class OtlpResource(msgspec.Struct, kw_only=True, frozen=True):
         )
 
     def to_proto(self) -> Resource:
-        attrs: dict[str, object] = {
-            "service.name": self.service_name,
-            "service.version": self.service_version,
-            "host.name": self.host_name,
-        }
-        if self.k8s_node_name:
-            attrs["k8s.node.name"] = self.k8s_node_name
-        for key, value in self.attributes.items():
-            if key != "service.name":
-                attrs[key] = value
+        detected = (
+            ("service.name", self.service_name),
+            ("service.version", self.service_version),
+            ("host.name", self.host_name),
+            ("k8s.node.name", self.k8s_node_name),  # omitted when unknown
+        )
+        attrs: dict[str, object] = {k: v for k, v in detected if v}
+        attrs.update((k, v) for k, v in self.attributes.items() if k != "service.name")
         return Resource(attributes=[_kv(k, v) for k, v in attrs.items()])
 
 
