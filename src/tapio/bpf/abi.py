@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -68,10 +68,17 @@ TAPIO_CONFIG_ABI_VERSION = 4
 CONFIG_SIZE = 256
 MAX_IGNORE_EXIT_CODES = 16
 
-FLAG_NETWORK = 1 << 0
-FLAG_STORAGE = 1 << 1
-FLAG_CONTAINER = 1 << 2
-FLAG_NODE = 1 << 3
+# ``tapio_config.flags``: one bit per observer, by the observer's name.
+OBSERVER_FLAGS: Final = {
+    "network": 1 << 0,
+    "storage": 1 << 1,
+    "container": 1 << 2,
+    "node": 1 << 3,
+}
+FLAG_NETWORK = OBSERVER_FLAGS["network"]
+FLAG_STORAGE = OBSERVER_FLAGS["storage"]
+FLAG_CONTAINER = OBSERVER_FLAGS["container"]
+FLAG_NODE = OBSERVER_FLAGS["node"]
 
 EXIT_SCOPE_CONTAINERS = 1 << 0
 
