@@ -24,6 +24,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tapio.agent.pipeline import (
+    LANE_SPILL_PER_BATCH,
     Drainer,
     PipelineStats,
     RunningObserver,
@@ -331,8 +332,11 @@ class Agent:
         )
         self._batches = anyio.create_memory_object_stream[Batch](a.channel_batches)
         for sink in self.sinks:
-            send, recv = anyio.create_memory_object_stream[Batch](a.channel_batches)
-            self._lanes.append((SinkLane(sink, send), recv))
+            # One batch waiting in the stream; what arrives while the sink is busy is joined in
+            # the lane's spill (bounded in occurrences) and handed over as one larger batch.
+            send, recv = anyio.create_memory_object_stream[Batch](1)
+            lane = SinkLane(sink, send, spill_limit=a.channel_batches * LANE_SPILL_PER_BATCH)
+            self._lanes.append((lane, recv))
         return True
 
     async def serve(self) -> None:
