@@ -153,14 +153,19 @@ class Readiness:
 
     ``anyio.wait_readable`` adds and removes the fd from the loop's selector on every call (two
     ``epoll_ctl`` calls and the selector's bookkeeping per drain pass, several percent of the
-    agent's CPU under a burst). On asyncio the fd is added once with ``add_reader`` and the
-    callback only sets an event; other backends fall back to ``wait_readable``.
+    agent's CPU under a burst). On asyncio the fd is added once with ``add_reader`` and each
+    wait is one future and one timer handle: the idle agent wakes ten times a second for the
+    drain timer, and an anyio cancel scope plus event per wait cost twice as much CPU as that
+    (measured: 0.26 % against 0.13 % of a core for the bare wakeups). Cancellation still comes
+    from the enclosing anyio scope (it cancels the task, which cancels the future). Other
+    backends fall back to ``wait_readable``.
     """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._event = anyio.Event()
+        self._fired = False
+        self._waiter: asyncio.Future[None] | None = None
 
     def __enter__(self) -> Readiness:
         try:
@@ -177,17 +182,30 @@ class Readiness:
             self._loop = None
 
     def _ready(self) -> None:
-        self._event.set()
+        self._fired = True
+        _resolve(self._waiter)
 
     async def wait(self, secs: float) -> None:
         """Return when the fd was readable since the last call, or after ``secs``."""
-        with anyio.move_on_after(secs):
-            if self._loop is None:
+        loop = self._loop
+        if loop is None:
+            with anyio.move_on_after(secs):
                 await anyio.wait_readable(self.fd)
-            elif not self._event.is_set():
-                await self._event.wait()
-        if self._event.is_set():
-            self._event = anyio.Event()
+            return
+        if not self._fired:
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(secs, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        self._fired = False
+
+
+def _resolve(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 async def classify_loop(
