@@ -119,7 +119,9 @@ class Agent:
             path = self.options.ebpf_dir / f"{cls.object_name}.bpf.o"
             ro = RunningObserver(observer, None, None)
             try:
-                obj = stack.enter_context(observer.open_object(path))
+                kib = self.settings.agent.ring_kib.get(name)
+                sizes = {cls.ring_map: kib * 1024} if kib and cls.ring_map else None
+                obj = stack.enter_context(observer.open_object(path, sizes))
                 ro.obj = obj
                 initial = self.options.initial_config
                 obj.map("tapio_config").update(
