@@ -425,13 +425,6 @@ struct {
 	__type(value, struct dns_query);
 } dns_pending SEC(".maps");
 
-/* The DNS part of the carrier, copied once per DNS packet (the rest of the carrier is not needed). */
-struct dns_cfg {
-	__u64 slow_ns;
-	__u32 generation;
-	__u32 flags;
-};
-
 /* Whether a DNS port is configured: the carrier's list, 8 slots compared without a loop. */
 static __always_inline int dns_port_match(const struct tapio_config *cfg, __u16 port)
 {
@@ -518,11 +511,10 @@ static __always_inline void dns_handle(struct __sk_buff *skb, int egress, int wi
 		return;
 	if (!dns_port_match(cfgp, egress ? dport : sport))
 		return;
-	struct dns_cfg cfg = {
-		.slow_ns = cfgp->dns_slow_ns,
-		.generation = cfgp->generation,
-		.flags = cfgp->dns_flags,
-	};
+	/* the DNS part of the carrier, read once per DNS packet (the rest is not needed) */
+	__u64 cfg_slow_ns = cfgp->dns_slow_ns;
+	__u32 cfg_generation = cfgp->generation;
+	__u32 cfg_flags = cfgp->dns_flags;
 
 	__u8 hdr[DNS_HDR_LEN];
 	if (off + DNS_HDR_LEN > skb->len) {
@@ -601,9 +593,9 @@ static __always_inline void dns_handle(struct __sk_buff *skb, int egress, int wi
 	__u8 rcode = flags & 0xf;
 	__u8 type = 0;
 	if (rcode == 1 || rcode == 2 || rcode == 4 || rcode == 5 ||
-	    (rcode == DNS_RCODE_NXDOMAIN && (cfg.flags & TAPIO_DNS_NXDOMAIN)))
+	    (rcode == DNS_RCODE_NXDOMAIN && (cfg_flags & TAPIO_DNS_NXDOMAIN)))
 		type = DNS_EV_ERROR;
-	else if (cfg.slow_ns && latency >= cfg.slow_ns)
+	else if (cfg_slow_ns && latency >= cfg_slow_ns)
 		type = DNS_EV_SLOW;
 	if (!type) {
 		if (bpf_map_delete_elem(&dns_pending, &k) == 0)
@@ -625,7 +617,7 @@ static __always_inline void dns_handle(struct __sk_buff *skb, int egress, int wi
 	}
 	tapio_metric_inc(NET_METRIC_DNS_ANSWERED);
 	e->timestamp_ns = now;
-	e->config_generation = cfg.generation;
+	e->config_generation = cfg_generation;
 	__builtin_memcpy(&e->key, &k, sizeof(k));
 	e->latency_ns = latency;
 	e->event_type = type;

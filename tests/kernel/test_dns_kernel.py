@@ -109,34 +109,17 @@ dns_window_ms = 1500
 
 def test_each_failure_exactly_once_with_its_sender(tmp_path: Path, world: World) -> None:
     ns = world.pair.a
-    plan = (
-        [  # (comm, client ns, server, name, transport, expected answer)
-            (f"dq-ns-{n[:4]}", ns, "192.0.2.2", n, "udp", r)
-            for n, r in (
-                ("ok", "0"),
-                ("fail", "2"),
-                ("refused", "5"),
-                ("nx", "3"),
-                ("slow", "0"),
-                ("drop", "timeout"),
-            )
-        ]
-        + [
-            (f"dq-rt-{n[:4]}", None, ROOT_PEER_IP, n, "udp", r)
-            for n, r in (
-                ("ok", "0"),
-                ("fail", "2"),
-                ("refused", "5"),
-                ("nx", "3"),
-                ("slow", "0"),
-                ("drop", "timeout"),
-            )
-        ]
-        + [
-            ("dq-ns-tcp-fail", ns, "192.0.2.2", "fail", "tcp", "2"),
-            ("dq-ns6-fail", ns, world.pair.ip6_b, "fail", "udp", "2"),
-        ]
-    )
+    answers = (("ok", "0"), ("fail", "2"), ("refused", "5"), ("nx", "3"), ("slow", "0"))
+    # (comm, client ns, server, name, transport, expected answer)
+    plan = [
+        (f"dq-{where}-{n[:4]}", cns, server, n, "udp", r)
+        for where, cns, server in (("ns", ns, "192.0.2.2"), ("rt", None, ROOT_PEER_IP))
+        for n, r in (*answers, ("drop", "timeout"))
+    ]
+    plan += [
+        ("dq-ns-tcp-fail", ns, "192.0.2.2", "fail", "tcp", "2"),
+        ("dq-ns6-fail", ns, world.pair.ip6_b, "fail", "udp", "2"),
+    ]
     with agent(tmp_path, config=CONFIG) as a:
         pids: dict[str, int] = {}
         for comm, cns, server, name, transport, expect in plan:

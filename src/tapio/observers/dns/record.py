@@ -46,39 +46,17 @@ DNS_QUERY = CStruct(
     176,
 )
 
+#: struct dns_event: header, then the pending map's key and value in place, then the answer.
+EVENT_HEAD = (("timestamp_ns", "Q"), ("config_generation", "I"), ("_pad0", "4x"))
+EVENT_TAIL = (
+    ("latency_ns", "Q"),
+    ("event_type", "B"),
+    ("rcode", "B"),
+    ("aflags", "H"),
+    ("_pad1", "4x"),
+)
 DNS_EVENT = CStruct(
-    "dns_event",
-    [
-        ("timestamp_ns", "Q"),
-        ("config_generation", "I"),
-        ("_pad0", "4x"),
-        # struct dns_key key
-        ("client", "16s"),
-        ("server", "16s"),
-        ("client_port", "H"),
-        ("server_port", "H"),
-        ("dns_id", "H"),
-        ("family", "B"),
-        ("proto", "B"),
-        # struct dns_query query
-        ("sent_ns", "Q"),
-        ("cgroup_id", "Q"),
-        ("pid", "I"),
-        ("tid", "I"),
-        ("pid_source", "B"),
-        ("qraw_len", "B"),
-        ("qflags", "H"),
-        ("_pad", "4x"),
-        ("comm", "16s"),
-        ("qraw", f"{QRAW_LEN}s"),
-        # answer
-        ("latency_ns", "Q"),
-        ("event_type", "B"),
-        ("rcode", "B"),
-        ("aflags", "H"),
-        ("_pad1", "4x"),
-    ],
-    248,
+    "dns_event", [*EVENT_HEAD, *DNS_KEY.fields, *DNS_QUERY.fields, *EVENT_TAIL], 248
 )
 KEY_OFFSET = 16
 QUERY_OFFSET = KEY_OFFSET + DNS_KEY.size
