@@ -137,3 +137,46 @@ class ControllerMetrics:
             registry=r,
         )
         self.k8s_pods = Gauge("tapio_controller_k8s_pods", "Live pods in the index", registry=r)
+        # -- the cluster view: scheduler scrapes and the evidence window --
+        self.scheduler_scrapes = Counter(
+            "tapio_controller_scheduler_scrapes_total",
+            "kube-scheduler metrics scrapes by result (ok, connect, timeout, http_status, "
+            "too_large, parse, no_metrics, error)",
+            ["result"],
+            registry=r,
+        )
+        self.scheduler_up = Gauge(
+            "tapio_controller_scheduler_up", "1 when the last scheduler scrape worked", registry=r
+        )
+        self.scheduler_occurrences = Counter(
+            "tapio_controller_scheduler_occurrences_total",
+            "Scheduler conditions that started (occurrences made by the controller)",
+            ["type"],
+            registry=r,
+        )
+        self.scheduler_evidence_dropped = Counter(
+            "tapio_controller_scheduler_evidence_dropped_total",
+            "Scheduler occurrences given up because the forwarding queue stayed full",
+            registry=r,
+        )
+        self.window_events = Gauge(
+            "tapio_controller_evidence_window_events",
+            "Occurrences in the evidence window",
+            registry=r,
+        )
+        self.window_bytes = Gauge(
+            "tapio_controller_evidence_window_bytes",
+            "Accounted memory of the evidence window (bounded by --evidence-window-max-bytes)",
+            registry=r,
+        )
+        self.window_evicted = Counter(
+            "tapio_controller_evidence_window_evicted_total",
+            "Occurrences that left the evidence window, by bound (count, age, bytes)",
+            ["reason"],
+            registry=r,
+        )
+        self.window_duplicates = Counter(
+            "tapio_controller_evidence_window_duplicates_total",
+            "Occurrences not added twice (an agent re-sent a batch)",
+            registry=r,
+        )

@@ -2,8 +2,9 @@
 
 Only the first error is reported (no accumulation), so messages stay stable: the order is
 apiVersion, kind, base (present, name syntax, known), then network, storage, container,
-node_pmc and finally Tapio's ``node`` block, each field in declared order, and an order check
-(critical >= warning) right after the two fields it relates, against the *merged* values.
+node_pmc, Tapio's ``node`` block and finally the controller's ``scheduler`` block, each field
+in declared order, and an order check (critical >= warning) right after the two fields it
+relates, against the *merged* values.
 
 Messages keep one stable textual form that operators and other controllers match on: ranges
 rendered ``1..=100`` / ``0.0..=100.0``, floats printed like Rust's ``{}`` (``20`` rather than
@@ -35,6 +36,7 @@ from tapio.profile.model import (
     StallPct,
     StorageOverrides,
 )
+from tapio.profile.scheduler import SchedulerThresholds, resolve_scheduler
 from tapio.thresholds import DEFAULTS, EXIT_SCOPES
 
 API_VERSION: Final = "tapio.false.systems/v0"
@@ -50,6 +52,7 @@ _BASE_NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 _D = DEFAULTS
+DEFAULT_SCHEDULER: Final = SchedulerThresholds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,7 @@ class Resolved:
     runq_latency_ms: int = _D.runq_latency_ms
     throttle_pct: float = _D.throttle_pct
     hysteresis_pct: float = _D.hysteresis_pct
+    scheduler: SchedulerThresholds = DEFAULT_SCHEDULER
 
 
 BASES: Final = {PRODUCTION_DEFAULT: Resolved()}
@@ -308,4 +312,7 @@ def resolve(profile: Profile) -> Resolved:
     )
     merged.update(_node_pmc(overrides.node_pmc or NodePmcOverrides(), base, "overrides.node_pmc"))
     merged.update(_node(overrides.node or NodeOverrides(), base, "overrides.node"))
+    merged["scheduler"] = resolve_scheduler(
+        overrides.scheduler, base.scheduler, "overrides.scheduler"
+    )
     return dataclasses.replace(base, **merged)
