@@ -111,10 +111,9 @@ class SchedulerJudge:
         return base
 
     def _latency(self, snap: Snapshot, t: SchedulerThresholds, now: int) -> list[Any]:
-        base = self._base(snap, float(t.window_seconds))
-        if base is not None and _went_backwards(base, snap):
+        if self.history and _went_backwards(self.history[-1], snap):
             self.history.clear()
-            base = None
+        base = self._base(snap, float(t.window_seconds))
         self.history.append(snap)
         if base is None:
             return []
