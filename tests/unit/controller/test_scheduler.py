@@ -343,3 +343,60 @@ async def test_controller_forwards_scheduler_evidence_and_shows_scrapes_in_ready
                 text = await resp.text()
             assert 'tapio_controller_scheduler_scrapes_total{result="http_status"}' in text
         assert len((out / CURRENT).read_bytes().splitlines()) == 1  # failures made no evidence
+
+
+def test_the_profile_scheduler_block_is_validated_and_stays_out_of_the_agents_config() -> None:
+    from tapio.profile import (
+        PRODUCTION_DEFAULT_HASH,
+        ProfileError,
+        compile_profile,
+        config_hash,
+        load_profile,
+        scheduler_thresholds,
+    )
+
+    head = "apiVersion: tapio.false.systems/v0\nkind: EvidenceProfile\nbase: production-default\n"
+    p = load_profile(
+        text=head + "overrides:\n  scheduler:\n    window_seconds: 120\n    hysteresis_pct: 50\n"
+        "    latency_spike: {p99_ms: 250, min_attempts: 3}\n"
+        "    queue_backlog: {pending_pods: 7, sustain_seconds: 30, queues: [gated, active, gated]}\n"
+    )
+    assert scheduler_thresholds(p) == SchedulerThresholds(
+        window_seconds=120,
+        hysteresis_pct=50.0,
+        latency_p99_ms=250,
+        latency_min_attempts=3,
+        backlog_pending_pods=7,
+        backlog_sustain_seconds=30,
+        backlog_queues=("gated", "active"),
+    )
+    assert config_hash(compile_profile(p)) == PRODUCTION_DEFAULT_HASH  # agents unaffected
+    assert scheduler_thresholds(load_profile(text=head)) == SchedulerThresholds()
+    bad = {
+        "window_seconds: 5": "overrides.scheduler.window_seconds: value 5 out of range 10..=3600",
+        "hysteresis_pct: 0": "overrides.scheduler.hysteresis_pct: value 0 out of range 1.0..=100.0",
+        "latency_spike: {p99_ms: 0}": "overrides.scheduler.latency_spike.p99_ms: value 0 out of",
+        "queue_backlog: {queues: [active, nope]}": "overrides.scheduler.queue_backlog.queues[1]: "
+        'invalid value "nope"',
+        "queue_backlog: {queues: []}": "overrides.scheduler.queue_backlog.queues: at least one",
+        "bogus: 1": "overrides.scheduler.bogus: unknown field",
+    }
+    for line, message in bad.items():
+        with pytest.raises(ProfileError) as exc:
+            load_profile(text=head + f"overrides:\n  scheduler:\n    {line}\n")
+        assert str(exc.value).startswith(message), str(exc.value)
+
+
+def test_a_reload_that_changes_only_the_scheduler_block_keeps_the_generation(
+    tmp_path: Path,
+) -> None:
+    from tapio.controller.config import ConfigStore, ReloadResult
+
+    head = "apiVersion: tapio.false.systems/v0\nkind: EvidenceProfile\nbase: production-default\n"
+    path = tmp_path / "p.yaml"
+    path.write_text(head)
+    store = ConfigStore(path)
+    path.write_text(head + "overrides:\n  scheduler:\n    latency_spike: {p99_ms: 300}\n")
+    assert store.reload_now(force=False).result is ReloadResult.APPLIED
+    assert store.active.generation == 1 and store.active.scheduler.latency_p99_ms == 300
+    assert store.reload_now(force=False).result is ReloadResult.UNCHANGED
