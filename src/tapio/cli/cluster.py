@@ -20,9 +20,16 @@ import json
 from typing import Any
 
 from tapio.cli import render
-from tapio.cli.commands import EXIT_ERROR, EXIT_NO_DATA, EXIT_OK, EXIT_UNHEALTHY, Console
+from tapio.cli.commands import (
+    EXIT_ERROR,
+    EXIT_NO_DATA,
+    EXIT_OK,
+    EXIT_UNHEALTHY,
+    Console,
+    health_doc,
+)
 from tapio.cli.remote import Controller, RemoteError
-from tapio.cli.store import HOUR_NS, Record, parse_time, summarize
+from tapio.cli.store import Record, parse_time, summarize
 from tapio.occurrence import format_timestamp
 
 _SCOPE = (("namespace", "namespace"), ("pod", "pod"), ("node", "node"), ("workload", "workload"))
@@ -127,19 +134,7 @@ def cmd_health(args: argparse.Namespace, con: Console) -> int:
     state = summary.get(observer).status if observer else summary.status
     healthy = state == "healthy" and not failed and not stale
     if args.output == "json":
-        stats = [summary.get(observer)] if observer else summary.ordered(include_fixed=True)
-        doc = {
-            "status": state,
-            "healthy": healthy,
-            "observer": observer,
-            "window_seconds": HOUR_NS // 1_000_000_000,
-            "total_anomalies_1h": sum(s.count for s in stats),
-            "total_critical_1h": sum(s.critical for s in stats),
-            "failed_observers": failed,
-            "stale_nodes": stale,
-            "observers": [render.observer_json(s) for s in stats],
-            "agents": agents,
-        }
+        doc = health_doc(summary, observer, healthy, failed, stale_nodes=stale, agents=agents)
         con.out([json.dumps(doc, ensure_ascii=False)])
         return EXIT_OK if healthy else EXIT_UNHEALTHY
     if observer:

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import msgspec
 
-from tapio.cli.store import SEVERITY_RANK, Record
+from tapio.cli.store import SEVERITY_RANK, Forwarded, Record
 from tapio.occurrence import PROTOCOL_VERSION, Occurrence, OccurrenceError
 
 PAGE_LIMIT: Final = 1000
@@ -71,7 +71,7 @@ def record_from_doc(raw: bytes) -> Record:
         d.data,
     )
     ts = d.timestamp_unix_nanos
-    return Record(path="", name=d.id, occ=occ, ts_ns=ts, node=d.node_name, doc=raw)
+    return Record(path="", name=d.id, occ=occ, ts_ns=ts, forwarded=Forwarded(d.node_name, raw))
 
 
 class RemoteError(Exception):

@@ -75,16 +75,31 @@ class SkipFile(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Forwarded:
+    """Where a controller's occurrence came from, and the document as the controller sent it."""
+
+    node: str
+    doc: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """One valid occurrence: a file of a node's directory, or a document a controller forwarded
-    (then ``node`` names the node that sent it and ``doc`` is the document as forwarded)."""
+    (``forwarded``: the node that sent it and the document as forwarded)."""
 
     path: str
     name: str
     occ: Occurrence
     ts_ns: int
-    node: str | None = None
-    doc: bytes | None = None
+    forwarded: Forwarded | None = None
+
+    @property
+    def node(self) -> str | None:
+        return self.forwarded.node if self.forwarded is not None else None
+
+    @property
+    def doc(self) -> bytes | None:
+        return self.forwarded.doc if self.forwarded is not None else None
 
     @property
     def observer(self) -> str:

@@ -90,12 +90,9 @@ class McpEndpoint:
         max_sessions: int = MAX_SESSIONS,
         idle_seconds: float = SESSION_IDLE_SECONDS,
     ) -> None:
-        self.window = window
-        self.log = logger
-        self.clock = clock
-        self.now_ns = now_ns
-        self.max_sessions = max_sessions
-        self.idle_seconds = idle_seconds
+        self.window, self.log = window, logger
+        self.clock, self.now_ns = clock, now_ns
+        self.max_sessions, self.idle_seconds = max_sessions, idle_seconds
         self.sessions: OrderedDict[str, tuple[McpServer, float]] = OrderedDict()
 
     def add_routes(self, app: web.Application) -> None:

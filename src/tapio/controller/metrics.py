@@ -160,25 +160,19 @@ class ControllerMetrics:
         )
         self.scheduler_up = gauge("scheduler_up", "1 when the last scheduler scrape worked")
         self.scheduler_occurrences = counter(
-            "scheduler_occurrences_total",
-            "Scheduler conditions that started (occurrences made by the controller)",
-            "type",
+            "scheduler_occurrences_total", "Scheduler conditions that started, by type", "type"
         )
         self.scheduler_evidence_dropped = counter(
             "scheduler_evidence_dropped_total",
             "Scheduler occurrences given up because the forwarding queue stayed full",
         )
         self.window_events = gauge("evidence_window_events", "Occurrences in the evidence window")
-        self.window_bytes = gauge(
-            "evidence_window_bytes",
-            "Accounted memory of the evidence window (bounded by --evidence-window-max-bytes)",
-        )
+        self.window_bytes = gauge("evidence_window_bytes", "Accounted memory of the window")
         self.window_evicted = counter(
             "evidence_window_evicted_total",
-            "Occurrences that left the evidence window, by bound (count, age, bytes)",
+            "Window evictions by bound (count, age, bytes)",
             "reason",
         )
         self.window_duplicates = counter(
-            "evidence_window_duplicates_total",
-            "Occurrences not added twice (an agent re-sent a batch)",
+            "evidence_window_duplicates_total", "Occurrences not added twice (a re-sent batch)"
         )

@@ -84,11 +84,15 @@ class NodeOverrides(_Block):
 
 
 class SchedulerLatencySpike(_Block):
+    """``cluster.scheduler.latency_spike``: the p99 attempt latency and the attempts needed."""
+
     p99_ms: int | None = None
     min_attempts: int | None = None
 
 
 class QueueBacklog(_Block):
+    """``cluster.scheduler.queue_backlog``: pending pods, for how long, in which queues."""
+
     pending_pods: int | None = None
     sustain_seconds: int | None = None
     queues: list[str] | None = None

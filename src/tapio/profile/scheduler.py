@@ -26,11 +26,16 @@ class SchedulerThresholds:
     """The resolved ``scheduler`` block (profile units: milliseconds, seconds, pods, percent)."""
 
     enabled: bool = True
+    #: Latency is judged over the scrapes of this many seconds (bucket deltas).
     window_seconds: int = 60
     #: A condition clears once its value is below ``threshold × hysteresis_pct / 100``.
     hysteresis_pct: float = 80.0
+    #: p99 of ``scheduler_scheduling_attempt_duration_seconds`` (per result) that starts a spike,
     latency_p99_ms: int = 1000
+    #: ... with at least this many attempts in the window.
     latency_min_attempts: int = 10
+    #: ``scheduler_pending_pods`` of one queue that starts a backlog,
     backlog_pending_pods: int = 50
+    #: ... held in every scrape for this many seconds.
     backlog_sustain_seconds: int = 120
     backlog_queues: tuple[str, ...] = DEFAULT_QUEUES

@@ -160,8 +160,8 @@ def _rules_in(block: str) -> Callable[[str, _Check, Any], Any]:
     return lambda path, check, default: _rule(f"{block}.{path}", check, default)
 
 
-_NET, _STO, _CON, _PMC, _NODE, _SCH = map(
-    _rules_in, ("network", "storage", "container", "node_pmc", "node", "scheduler")
+_NET, _STO, _CON, _PMC, _NODE = map(
+    _rules_in, ("network", "storage", "container", "node_pmc", "node")
 )
 _S: Final = SchedulerThresholds()  # the scheduler block's defaults (tapio.profile.scheduler)
 
@@ -228,39 +228,8 @@ class Resolved:
     runq_latency_ms: int = _NODE("runq_latency_ms", _ints(1, 10_000), _D.runq_latency_ms)
     throttle_pct: float = _NODE("throttle_pct", _floats(0.0, 100.0), _D.throttle_pct)
     hysteresis_pct: float = _NODE("hysteresis_pct", _floats(0.0, 100.0), _D.hysteresis_pct)
-    # the controller's scheduler judges (never compiled into the agents' config)
-    scheduler_enabled: bool = _SCH("enabled", _FLAG, _S.enabled)
-    scheduler_window_seconds: int = _SCH("window_seconds", _ints(10, 3600), _S.window_seconds)
-    scheduler_hysteresis_pct: float = _SCH("hysteresis_pct", _floats(1.0, 100.0), _S.hysteresis_pct)
-    scheduler_latency_p99_ms: int = _SCH(
-        "latency_spike.p99_ms", _ints(1, 600_000), _S.latency_p99_ms
-    )
-    scheduler_latency_min_attempts: int = _SCH(
-        "latency_spike.min_attempts", _ints(1, 1_000_000), _S.latency_min_attempts
-    )
-    scheduler_backlog_pending_pods: int = _SCH(
-        "queue_backlog.pending_pods", _ints(1, 10_000_000), _S.backlog_pending_pods
-    )
-    scheduler_backlog_sustain_seconds: int = _SCH(
-        "queue_backlog.sustain_seconds", _ints(0, 86_400), _S.backlog_sustain_seconds
-    )
-    scheduler_backlog_queues: tuple[str, ...] = _SCH(
-        "queue_backlog.queues", _str_set(SCHEDULER_QUEUES), _S.backlog_queues
-    )
-
-    @property
-    def scheduler(self) -> SchedulerThresholds:
-        """The scheduler block as the controller's judges read it."""
-        return SchedulerThresholds(
-            enabled=self.scheduler_enabled,
-            window_seconds=self.scheduler_window_seconds,
-            hysteresis_pct=self.scheduler_hysteresis_pct,
-            latency_p99_ms=self.scheduler_latency_p99_ms,
-            latency_min_attempts=self.scheduler_latency_min_attempts,
-            backlog_pending_pods=self.scheduler_backlog_pending_pods,
-            backlog_sustain_seconds=self.scheduler_backlog_sustain_seconds,
-            backlog_queues=self.scheduler_backlog_queues,
-        )
+    # the controller's scheduler judges (never compiled into the agents' config; see below)
+    scheduler: SchedulerThresholds = _S
 
 
 BASES: Final = {PRODUCTION_DEFAULT: Resolved()}
@@ -272,6 +241,20 @@ _AT_LEAST: Final = {
 }
 _RULES: Final = tuple(
     (f.name, f.metadata["rule"]) for f in dataclasses.fields(Resolved) if "rule" in f.metadata
+)
+# The ``scheduler`` block, checked last: (SchedulerThresholds field, path below the block, check).
+_SCHEDULER_RULES: Final = tuple(
+    (name, _Rule(f"scheduler.{path}", check))
+    for name, path, check in (
+        ("enabled", "enabled", _FLAG),
+        ("window_seconds", "window_seconds", _ints(10, 3600)),
+        ("hysteresis_pct", "hysteresis_pct", _floats(1.0, 100.0)),
+        ("latency_p99_ms", "latency_spike.p99_ms", _ints(1, 600_000)),
+        ("latency_min_attempts", "latency_spike.min_attempts", _ints(1, 1_000_000)),
+        ("backlog_pending_pods", "queue_backlog.pending_pods", _ints(1, 10_000_000)),
+        ("backlog_sustain_seconds", "queue_backlog.sustain_seconds", _ints(0, 86_400)),
+        ("backlog_queues", "queue_backlog.queues", _str_set(SCHEDULER_QUEUES)),
+    )
 )
 
 
@@ -335,4 +318,11 @@ def resolve(profile: Profile) -> Resolved:
                     f"overrides.{rule.path.rpartition('.')[0]}",
                     f"{rust_float(high)} must be >= {rust_float(low)}",
                 )
+    scheduler = {
+        name: rule.check(f"overrides.{rule.path}", value)
+        for name, rule in _SCHEDULER_RULES
+        if (value := _given(overrides, rule.path)) is not None
+    }
+    if scheduler:
+        merged["scheduler"] = dataclasses.replace(base.scheduler, **scheduler)
     return dataclasses.replace(base, **merged)

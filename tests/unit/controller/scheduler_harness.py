@@ -13,6 +13,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -132,3 +133,10 @@ class FakeScheduler:
             yield f"{scheme}://127.0.0.1:{port}/metrics"
         finally:
             await runner.cleanup()
+
+
+def clock_at(now: float) -> Any:
+    """A settable clock: ``c()`` is ``c.now``."""
+    c: Any = lambda: c.now  # noqa: E731
+    c.now = now
+    return c

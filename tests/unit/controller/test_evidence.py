@@ -22,16 +22,9 @@ from tapio.controller.metrics import ControllerMetrics
 
 from .ctl_harness import JSON, ThreadServer, batch, capturing_logger, enc, event, hello, running
 from .evidence_harness import T0, auth, send_standard
+from .scheduler_harness import clock_at
 
 TOKEN = "evidence-token-" + "7" * 24
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def rec(i: int, body: bytes = b"{}", **kw: Any) -> Record:
@@ -52,7 +45,7 @@ def evicted(m: ControllerMetrics, reason: str) -> float:
 
 
 def test_window_bounds_count_age_bytes_and_duplicates() -> None:
-    m, clock = ControllerMetrics(), Clock()
+    m, clock = ControllerMetrics(), clock_at(100.0)
     w = EvidenceWindow(max_events=5, max_age=60, max_bytes=10**6, metrics=m, clock=clock)
     w.add([rec(i) for i in range(8)])
     assert len(w) == 5 and evicted(m, "count") == 3

@@ -32,22 +32,14 @@ from tapio.profile.scheduler import DEFAULT_QUEUES
 
 from .ctl_harness import capturing_logger, running
 from .nats_harness import wait_for
-from .scheduler_harness import BUCKETS, FakeScheduler
+from .scheduler_harness import BUCKETS, FakeScheduler, clock_at
 
 STEP = 15.0  # the default scrape interval
 DEFAULTS = SchedulerThresholds()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Rig:
-    def __init__(self, fake: FakeScheduler, monitor: SchedulerMonitor, clock: Clock) -> None:
+    def __init__(self, fake: FakeScheduler, monitor: SchedulerMonitor, clock: Any) -> None:
         self.fake, self.monitor, self.clock = fake, monitor, clock
         self.emitted: list[Record] = []
         self.session: aiohttp.ClientSession | None = None
@@ -82,7 +74,7 @@ async def rig(
     from tapio.controller.auth import TokenFile
 
     fake = fake or FakeScheduler()
-    clock = Clock()
+    clock = clock_at(5000.0)
     log, _ = capturing_logger()
     async with fake.serve(ssl_context) as url:
         kw: dict[str, Any] = {"url": url, "interval": 2.0, "ca_file": ca_file}
