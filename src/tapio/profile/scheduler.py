@@ -15,6 +15,7 @@ minutes. ``gated`` is not judged by default: pods with scheduling gates wait on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 #: The queues of ``scheduler_pending_pods``, as kube-scheduler labels them.
 SCHEDULER_QUEUES: tuple[str, ...] = ("active", "backoff", "unschedulable", "gated")
@@ -22,20 +23,37 @@ DEFAULT_QUEUES: tuple[str, ...] = ("active", "backoff", "unschedulable")
 
 
 @dataclass(frozen=True, slots=True)
+class LatencySpikeThresholds:
+    """``cluster.scheduler.latency_spike``: the p99 of
+    ``scheduler_scheduling_attempt_duration_seconds`` (per result, over the window) that starts
+    a spike, judged only with at least ``min_attempts`` attempts in the window."""
+
+    p99_ms: int = 1000
+    min_attempts: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogThresholds:
+    """``cluster.scheduler.queue_backlog``: ``scheduler_pending_pods`` of one of ``queues`` at
+    or above ``pending_pods`` in every scrape for ``sustain_seconds``."""
+
+    pending_pods: int = 50
+    sustain_seconds: int = 120
+    queues: tuple[str, ...] = DEFAULT_QUEUES
+
+
+_LATENCY: Final = LatencySpikeThresholds()
+_BACKLOG: Final = BacklogThresholds()
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerThresholds:
-    """The resolved ``scheduler`` block (profile units: milliseconds, seconds, pods, percent)."""
+    """The resolved ``scheduler`` block (profile units: milliseconds, seconds, pods, percent).
+    ``window_seconds`` is what latency is judged over (bucket deltas); a condition clears once
+    its value is below ``threshold × hysteresis_pct / 100``."""
 
     enabled: bool = True
-    #: Latency is judged over the scrapes of this many seconds (bucket deltas).
     window_seconds: int = 60
-    #: A condition clears once its value is below ``threshold × hysteresis_pct / 100``.
     hysteresis_pct: float = 80.0
-    #: p99 of ``scheduler_scheduling_attempt_duration_seconds`` (per result) that starts a spike,
-    latency_p99_ms: int = 1000
-    #: ... with at least this many attempts in the window.
-    latency_min_attempts: int = 10
-    #: ``scheduler_pending_pods`` of one queue that starts a backlog,
-    backlog_pending_pods: int = 50
-    #: ... held in every scrape for this many seconds.
-    backlog_sustain_seconds: int = 120
-    backlog_queues: tuple[str, ...] = DEFAULT_QUEUES
+    latency_spike: LatencySpikeThresholds = _LATENCY
+    queue_backlog: BacklogThresholds = _BACKLOG

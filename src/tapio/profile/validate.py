@@ -242,20 +242,35 @@ _AT_LEAST: Final = {
 _RULES: Final = tuple(
     (f.name, f.metadata["rule"]) for f in dataclasses.fields(Resolved) if "rule" in f.metadata
 )
-# The ``scheduler`` block, checked last: (SchedulerThresholds field, path below the block, check).
+# The ``scheduler`` block, checked last; a path below the block names the SchedulerThresholds
+# field (``latency_spike.p99_ms`` is ``SchedulerThresholds.latency_spike.p99_ms``).
 _SCHEDULER_RULES: Final = tuple(
-    (name, _Rule(f"scheduler.{path}", check))
-    for name, path, check in (
-        ("enabled", "enabled", _FLAG),
-        ("window_seconds", "window_seconds", _ints(10, 3600)),
-        ("hysteresis_pct", "hysteresis_pct", _floats(1.0, 100.0)),
-        ("latency_p99_ms", "latency_spike.p99_ms", _ints(1, 600_000)),
-        ("latency_min_attempts", "latency_spike.min_attempts", _ints(1, 1_000_000)),
-        ("backlog_pending_pods", "queue_backlog.pending_pods", _ints(1, 10_000_000)),
-        ("backlog_sustain_seconds", "queue_backlog.sustain_seconds", _ints(0, 86_400)),
-        ("backlog_queues", "queue_backlog.queues", _str_set(SCHEDULER_QUEUES)),
+    _Rule(f"scheduler.{path}", check)
+    for path, check in (
+        ("enabled", _FLAG),
+        ("window_seconds", _ints(10, 3600)),
+        ("hysteresis_pct", _floats(1.0, 100.0)),
+        ("latency_spike.p99_ms", _ints(1, 600_000)),
+        ("latency_spike.min_attempts", _ints(1, 1_000_000)),
+        ("queue_backlog.pending_pods", _ints(1, 10_000_000)),
+        ("queue_backlog.sustain_seconds", _ints(0, 86_400)),
+        ("queue_backlog.queues", _str_set(SCHEDULER_QUEUES)),
     )
 )
+
+
+def _scheduler(overrides: Any, base: SchedulerThresholds) -> SchedulerThresholds | None:
+    """The scheduler block merged over ``base`` (None when the profile sets none of it)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for rule in _SCHEDULER_RULES:
+        value = _given(overrides, rule.path)
+        if value is not None:
+            group, _, name = rule.path.removeprefix("scheduler.").rpartition(".")
+            groups.setdefault(group, {})[name] = rule.check(f"overrides.{rule.path}", value)
+    if not groups:
+        return None
+    nested = {g: dataclasses.replace(getattr(base, g), **v) for g, v in groups.items() if g}
+    return dataclasses.replace(base, **groups.get("", {}), **nested)
 
 
 def _optional_str(value: str | None) -> str:
@@ -318,11 +333,7 @@ def resolve(profile: Profile) -> Resolved:
                     f"overrides.{rule.path.rpartition('.')[0]}",
                     f"{rust_float(high)} must be >= {rust_float(low)}",
                 )
-    scheduler = {
-        name: rule.check(f"overrides.{rule.path}", value)
-        for name, rule in _SCHEDULER_RULES
-        if (value := _given(overrides, rule.path)) is not None
-    }
-    if scheduler:
-        merged["scheduler"] = dataclasses.replace(base.scheduler, **scheduler)
+    scheduler = _scheduler(overrides, base.scheduler)
+    if scheduler is not None:
+        merged["scheduler"] = scheduler
     return dataclasses.replace(base, **merged)

@@ -28,7 +28,11 @@ from tapio.controller.scheduler import SchedulerMonitor, ScrapeSettings
 from tapio.controller.scheduler.exposition import ExpositionError, parse, quantile
 from tapio.controller.scheduler.scrape import MAX_PENDING
 from tapio.profile import SchedulerThresholds
-from tapio.profile.scheduler import DEFAULT_QUEUES
+from tapio.profile.scheduler import (
+    DEFAULT_QUEUES,
+    BacklogThresholds,
+    LatencySpikeThresholds,
+)
 
 from .ctl_harness import capturing_logger, running
 from .nats_harness import wait_for
@@ -170,7 +174,7 @@ async def test_few_attempts_do_not_fire_and_a_restart_restarts_the_window() -> N
 
 
 async def test_backlog_sustained_gives_one_with_the_queue_and_recovery_rearms() -> None:
-    t = SchedulerThresholds(backlog_pending_pods=50, backlog_sustain_seconds=120)
+    t = SchedulerThresholds(queue_backlog=BacklogThresholds(pending_pods=50, sustain_seconds=120))
     async with rig() as r:
         r.fake.pending["gated"] = 500  # not judged by default (gated pods wait on purpose)
         r.fake.pending["active"] = 80
@@ -225,7 +229,12 @@ async def test_a_failing_endpoint_is_counted_never_evidence(
             setattr(fake, key, value)
         for _ in range(3 if reason != "timeout" else 1):
             fake.observe(100, 9.0)
-            assert await r.scrape(SchedulerThresholds(backlog_sustain_seconds=0)) == []
+            assert (
+                await r.scrape(
+                    SchedulerThresholds(queue_backlog=BacklogThresholds(sustain_seconds=0))
+                )
+                == []
+            )
         assert r.scrapes(reason) >= 1 and r.scrapes("ok") == 0
         health = r.monitor.health()
         assert health["up"] is False and health["consecutive_failures"] >= 1
@@ -272,7 +281,9 @@ async def test_https_with_ca_and_a_rotated_bearer_token(tmp_path: Path) -> None:
 
 
 async def test_profile_thresholds_apply_and_full_queue_holds_occurrences() -> None:
-    t = SchedulerThresholds(latency_p99_ms=20, latency_min_attempts=1, window_seconds=30)
+    t = SchedulerThresholds(
+        latency_spike=LatencySpikeThresholds(p99_ms=20, min_attempts=1), window_seconds=30
+    )
     async with rig() as r:
         r.accept = False  # forwarding queue full
         for _ in range(3):
@@ -356,11 +367,10 @@ def test_the_profile_scheduler_block_is_validated_and_stays_out_of_the_agents_co
     assert scheduler_thresholds(p) == SchedulerThresholds(
         window_seconds=120,
         hysteresis_pct=50.0,
-        latency_p99_ms=250,
-        latency_min_attempts=3,
-        backlog_pending_pods=7,
-        backlog_sustain_seconds=30,
-        backlog_queues=("gated", "active"),
+        latency_spike=LatencySpikeThresholds(p99_ms=250, min_attempts=3),
+        queue_backlog=BacklogThresholds(
+            pending_pods=7, sustain_seconds=30, queues=("gated", "active")
+        ),
     )
     assert config_hash(compile_profile(p)) == PRODUCTION_DEFAULT_HASH  # agents unaffected
     assert scheduler_thresholds(load_profile(text=head)) == SchedulerThresholds()
@@ -390,5 +400,5 @@ def test_a_reload_that_changes_only_the_scheduler_block_keeps_the_generation(
     store = ConfigStore(path)
     path.write_text(head + "overrides:\n  scheduler:\n    latency_spike: {p99_ms: 300}\n")
     assert store.reload_now(force=False).result is ReloadResult.APPLIED
-    assert store.active.generation == 1 and store.active.scheduler.latency_p99_ms == 300
+    assert store.active.generation == 1 and store.active.scheduler.latency_spike.p99_ms == 300
     assert store.reload_now(force=False).result is ReloadResult.UNCHANGED

@@ -113,6 +113,7 @@ class SchedulerJudge:
     def _latency(self, snap: Snapshot, t: SchedulerThresholds, now: int) -> list[Any]:
         if self.history and _went_backwards(self.history[-1], snap):
             self.history.clear()
+        lat = t.latency_spike
         base = self._base(snap, float(t.window_seconds))
         self.history.append(snap)
         if base is None:
@@ -131,10 +132,10 @@ class SchedulerJudge:
                     continue
                 edge = self.latency[result] = Hysteresis()
             p99_ms = quantile(0.99, hist.bounds, deltas) * 1000.0
-            if attempts < t.latency_min_attempts:
+            if attempts < lat.min_attempts:
                 starts, clears = False, True
             else:
-                starts, clears = above(p99_ms, t.latency_p99_ms, t.hysteresis_pct)
+                starts, clears = above(p99_ms, lat.p99_ms, t.hysteresis_pct)
             if edge.step(starts, clears) is not Transition.START:
                 continue
             observed = snap.at - base.at
@@ -143,23 +144,23 @@ class SchedulerJudge:
             data = {
                 "result": result,
                 "p99_ms": round(p99_ms, 3),
-                "threshold_ms": t.latency_p99_ms,
+                "threshold_ms": lat.p99_ms,
                 "hysteresis_pct": t.hysteresis_pct,
                 "attempts": int(attempts),
-                "min_attempts": t.latency_min_attempts,
+                "min_attempts": lat.min_attempts,
                 "window_seconds": t.window_seconds,
                 "observed_seconds": round(observed, 3),
                 "p99_bucket_le_ms": bucket * 1000 if bucket != float("inf") else -1,
                 "metric": "scheduler_scheduling_attempt_duration_seconds",
             }
-            severity: Severity = "critical" if p99_ms >= 4 * t.latency_p99_ms else "warning"
+            severity: Severity = "critical" if p99_ms >= 4 * lat.p99_ms else "warning"
             out.append(
                 occurrence(
                     SCHEDULER_LATENCY_SPIKE,
                     severity,
                     "SCHEDULER_LATENCY_SPIKE",
                     f"kube-scheduler p99 attempt latency ({result}) {p99_ms:.0f}ms over "
-                    f"{observed:.0f}s ({int(attempts)} attempts, threshold {t.latency_p99_ms}ms)",
+                    f"{observed:.0f}s ({int(attempts)} attempts, threshold {lat.p99_ms}ms)",
                     data,
                     now,
                 )
@@ -170,39 +171,40 @@ class SchedulerJudge:
 
     def _backlog(self, snap: Snapshot, t: SchedulerThresholds, now: int) -> list[Any]:
         out = []
-        for queue in t.backlog_queues:
+        bl = t.queue_backlog
+        for queue in bl.queues:
             value = snap.pending.get(queue)
             if value is None:
                 continue
             st = self.backlog.setdefault(queue, _Backlog())
-            if value >= t.backlog_pending_pods:
+            if value >= bl.pending_pods:
                 if st.over_since is None:
                     st.over_since = snap.at
             else:
                 st.over_since = None
             held = snap.at - st.over_since if st.over_since is not None else 0.0
-            starts = st.over_since is not None and held >= t.backlog_sustain_seconds
-            _, clears = above(value, t.backlog_pending_pods, t.hysteresis_pct)
+            starts = st.over_since is not None and held >= bl.sustain_seconds
+            _, clears = above(value, bl.pending_pods, t.hysteresis_pct)
             if st.edge.step(starts, clears) is not Transition.START:
                 continue
             data = {
                 "queue": queue,
                 "pending_pods": int(value),
-                "threshold_pods": t.backlog_pending_pods,
+                "threshold_pods": bl.pending_pods,
                 "hysteresis_pct": t.hysteresis_pct,
                 "sustained_seconds": round(held, 3),
-                "sustain_seconds": t.backlog_sustain_seconds,
+                "sustain_seconds": bl.sustain_seconds,
                 "window_seconds": t.window_seconds,
                 "metric": "scheduler_pending_pods",
             }
-            severity: Severity = "critical" if value >= 4 * t.backlog_pending_pods else "warning"
+            severity: Severity = "critical" if value >= 4 * bl.pending_pods else "warning"
             out.append(
                 occurrence(
                     SCHEDULER_QUEUE_BACKLOG,
                     severity,
                     "SCHEDULER_QUEUE_BACKLOG",
                     f"{int(value)} pods pending in the scheduler's {queue} queue for "
-                    f"{held:.0f}s (threshold {t.backlog_pending_pods})",
+                    f"{held:.0f}s (threshold {bl.pending_pods})",
                     data,
                     now,
                 )
