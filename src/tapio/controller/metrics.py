@@ -161,3 +161,28 @@ class ControllerMetrics:
             "k8s_pods",
             "Live pods in the index",
         )
+        # -- the cluster view: scheduler scrapes and the evidence window --
+        self.scheduler_scrapes = counter(
+            "scheduler_scrapes_total",
+            "kube-scheduler metrics scrapes by result (ok, connect, timeout, http_status, "
+            "too_large, parse, no_metrics, error)",
+            "result",
+        )
+        self.scheduler_up = gauge("scheduler_up", "1 when the last scheduler scrape worked")
+        self.scheduler_occurrences = counter(
+            "scheduler_occurrences_total", "Scheduler conditions that started, by type", "type"
+        )
+        self.scheduler_evidence_dropped = counter(
+            "scheduler_evidence_dropped_total",
+            "Scheduler occurrences given up because the forwarding queue stayed full",
+        )
+        self.window_events = gauge("evidence_window_events", "Occurrences in the evidence window")
+        self.window_bytes = gauge("evidence_window_bytes", "Accounted memory of the window")
+        self.window_evicted = counter(
+            "evidence_window_evicted_total",
+            "Window evictions by bound (count, age, bytes)",
+            "reason",
+        )
+        self.window_duplicates = counter(
+            "evidence_window_duplicates_total", "Occurrences not added twice (a re-sent batch)"
+        )
