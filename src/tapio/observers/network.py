@@ -16,7 +16,7 @@ import structlog
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct, TapioConfig
 from tapio.bpf.features import ProgramSpec
 from tapio.bpf.loader import BpfObject
-from tapio.observers.base import CStrings, Emit, Observer, UserThresholds
+from tapio.observers.base import Emit, Observer, UserThresholds
 from tapio.observers.cgroups.roots import discover_roots
 from tapio.observers.dns.tracker import DnsTracker
 from tapio.observers.enrich import ByCgroupId, Enrichment
@@ -150,11 +150,10 @@ class NetworkObserver(Observer):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._addr_cache: dict[tuple[int, bytes], str] = {}
-        self._comms = CStrings()
         self.dns = DnsTracker(self.ctx.boot_offset_ns, self._comm, self.drop)
 
     def _comm(self, raw: bytes) -> str:
-        return self._comms.cache.get(raw) or self._comms.decode(raw)
+        return self.strings.cache.get(raw) or self.strings.decode(raw)
 
     def attach(self, obj: BpfObject) -> None:
         """The tracepoint programs by section; the DNS programs at the cgroup v2 root."""
@@ -238,7 +237,7 @@ class NetworkObserver(Observer):
         cache = self._addr_cache
         src = cache.get((family, saddr)) or self._addr(family, saddr)
         dst = cache.get((family, daddr)) or self._addr(family, daddr)
-        comm = self._comms.cache.get(comm_raw) or self._comms.decode(comm_raw)
+        comm = self.strings.cache.get(comm_raw) or self.strings.decode(comm_raw)
         fam = "ipv6" if family == AF_INET6 else "ipv4"
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
