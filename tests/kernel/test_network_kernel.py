@@ -226,6 +226,7 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
             text=True,
         )
         cli = None
+        sampler: subprocess.Popen[str] | None = None
         try:
             assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
             cli = subprocess.Popen(
@@ -249,14 +250,20 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
             ] == []
             p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate 1mbit burst 16kb latency 2s")
             samples: list[tuple[float, float]] = []
-            stop = threading.Event()
+            # One sampling loop inside the namespace (starting ip and a shell per sample is too
+            # slow under emulation); each rtt line is stamped when it arrives.
+            sampler = subprocess.Popen(
+                p.exec_a(f"while :; do ss -tin dst {p.ip_b} dport = :{port}; sleep 0.02; done"),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
 
             def sample() -> None:
-                while not stop.is_set():
-                    rtt = _ss_rtt_us(p, port)
-                    if rtt is not None:
-                        samples.append((time.time(), rtt))
-                    time.sleep(0.02)
+                assert sampler.stdout is not None
+                for out in sampler.stdout:
+                    m = re.search(r"\brtt:([0-9.]+)/", out)
+                    if m:
+                        samples.append((time.time(), float(m.group(1)) * 1000))
 
             t = threading.Thread(target=sample)
             t.start()
@@ -271,14 +278,17 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
                 6,
             )
             time.sleep(1)
-            stop.set()
-            t.join()
+            sampler.kill()
+            sampler.wait(5)
+            t.join(10 * TIME_SCALE)
             occs = [
                 o
                 for o in a.occurrences("kernel.network.rtt_degradation")
                 if o["data"]["dst_port"] == port
             ]
         finally:
+            if sampler is not None:
+                sampler.kill()
             if cli is not None:
                 cli.kill()
             srv.kill()
