@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ebpf-dir", type=Path, help="directory of *.bpf.o (default: packaged)")
     p.add_argument("--data-dir", default=".tapio/occurrences", help="file sink directory")
     p.add_argument("--http-endpoint", help="http sink endpoint (overrides [http] endpoint)")
+    p.add_argument(
+        "--otlp-endpoint",
+        help="otlp sink base URL (overrides [otlp] endpoint and OTEL_EXPORTER_OTLP_*ENDPOINT)",
+    )
     p.add_argument("--controller-endpoint", help="tapio-wire/v1 controller base URL")
     p.add_argument(
         "--controller-ca-file",
@@ -211,10 +215,15 @@ def build_sinks(names: list[str], args: argparse.Namespace, settings: object) ->
                 doc["endpoint"] = args.http_endpoint
             sinks.append(HttpSink(msgspec.convert(doc, HttpSinkSettings)))
         elif name == "otlp":
-            from tapio.sinks.otlp import OtlpResource, OtlpSettings, OtlpSink
+            from tapio.sinks.otlp import OtlpResource, OtlpSink
+            from tapio.sinks.otlp_config import resolve
 
-            resource = OtlpResource.detect()
-            sinks.append(OtlpSink(msgspec.convert(dict(settings.otlp), OtlpSettings), resource))
+            section = dict(settings.otlp)
+            if args.otlp_endpoint:
+                section.pop("logs_endpoint", None)
+                section["endpoint"] = args.otlp_endpoint
+            otlp = resolve(section, os.environ)  # TOML and flags win over OTEL_*
+            sinks.append(OtlpSink(otlp, OtlpResource.detect(otlp)))
         elif name == "controller":
             from tapio.agent.controller_mode import make_controller_sink
 
@@ -227,10 +236,10 @@ def _add_services(agent: object, args: argparse.Namespace, settings: object) -> 
     from tapio.agent.settings import AgentSettings
 
     assert isinstance(agent, Agent) and isinstance(settings, AgentSettings)
-    if settings.metrics.get("enabled"):
-        from tapio.agent.httpserver import MetricsServerSettings, serve_forever
+    if settings.metrics.enabled:
+        from tapio.agent.httpserver import serve_forever
 
-        ms = msgspec.convert(dict(settings.metrics), MetricsServerSettings)
+        ms = settings.metrics
 
         async def metrics_service(a: Agent) -> None:
             await serve_forever(ms, a.readiness)
