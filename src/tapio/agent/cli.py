@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import anyio
-import msgspec
-import structlog
+from typing import TYPE_CHECKING
 
 from tapio import __version__
-from tapio.logs import LogFormat, configure_logging
-from tapio.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from tapio.logs import LogFormat
+    from tapio.sinks.base import Sink
+
+# Only what parsing the flags needs is imported with this module; anyio, msgspec, structlog,
+# the metrics registry and the sinks are imported by ``main`` once the flags are good, so a bad
+# flag, ``--help`` or ``--version`` answers at once.
 
 SINK_NAMES = ("stdout", "file", "http", "controller", "otlp")
 DEFAULT_OBSERVERS = ("network", "container", "storage", "node")
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def node_name() -> str:
+    import socket
+
     return os.environ.get("TAPIO_NODE_NAME") or socket.gethostname() or "unknown-node"
 
 
@@ -101,6 +105,12 @@ def _token_error(path: str) -> bool:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
+    import anyio
+    import msgspec
+    import structlog
+
+    from tapio.logs import configure_logging
+
     log_format: LogFormat = args.log_format or ("console" if sys.stderr.isatty() else "json")
     try:
         configure_logging(log_format, args.log_level)
@@ -196,6 +206,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 def build_sinks(names: list[str], args: argparse.Namespace, settings: object) -> list[Sink]:
+    import msgspec
+
     from tapio.agent.settings import AgentSettings
     from tapio.sinks.file import FileSink
     from tapio.sinks.stdout import StdoutSink

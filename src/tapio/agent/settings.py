@@ -49,6 +49,14 @@ class AgentSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     observers: list[str] = msgspec.field(default_factory=list)  # empty: every installed one
     #: Run with the observers that started when another cannot (default: exit 1 and say which).
     allow_degraded: bool = False
+    #: Observer -> its ring buffer's size in KiB (a power of two, 4 KiB to 512 MiB); an observer
+    #: not named keeps its object's size (network 2 MiB, container 256 KiB, storage 512 KiB).
+    ring_kib: dict[str, PosInt] = {}
+
+    def __post_init__(self) -> None:
+        for name, kib in self.ring_kib.items():
+            if kib < 4 or kib > 1 << 19 or kib & (kib - 1):
+                raise ValueError(f"agent.ring_kib.{name} must be a power of two in [4, 524288]")
 
 
 class MetricsServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

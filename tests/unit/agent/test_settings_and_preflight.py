@@ -6,7 +6,13 @@ import pytest
 
 from tapio.agent import preflight
 from tapio.agent.kconfig import signal_mask, standalone_config, user_thresholds
-from tapio.agent.settings import MetricsServerSettings, SettingsError, load_settings
+from tapio.agent.settings import (
+    AgentSettings,
+    MetricsServerSettings,
+    SettingsError,
+    load_settings,
+    parse_settings,
+)
 from tapio.bpf.abi import FLAG_NETWORK, FLAG_STORAGE, TAPIO_CONFIG
 
 
@@ -120,3 +126,12 @@ def test_kernel_too_old_and_missing_btf(tmp_path: Path) -> None:
 def test_tracefs_found_or_explained(tmp_path: Path) -> None:
     (tmp_path / "events").mkdir()
     assert preflight.ensure_tracefs(tmp_path) == tmp_path
+
+
+def test_ring_sizes_are_powers_of_two_per_observer() -> None:
+    s = parse_settings({"agent": {"ring_kib": {"network": 256}}})
+    assert s.agent.ring_kib == {"network": 256}
+    assert AgentSettings().agent.ring_kib == {}  # the objects' own sizes
+    for bad in (300, 2, 3):
+        with pytest.raises(SettingsError, match=r"agent\.ring_kib\.network must be a power of two"):
+            parse_settings({"agent": {"ring_kib": {"network": bad}}})
