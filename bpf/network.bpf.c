@@ -4,6 +4,10 @@
  * retransmit spikes per destination within a window, and RTT degradation against a baseline
  * learned from ongoing smoothed-RTT samples per destination. Everything else is filtered here,
  * so an ordinary connection lifecycle sends nothing to userspace.
+ *
+ * Who a record is about (pid, tid, comm and the cgroup ids) is captured at connect(), the only
+ * moment the connecting task is `current`: refusals, timeouts, retransmits and RTT samples are
+ * seen in softirq or timer context, whose current task has nothing to do with the socket.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -12,6 +16,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "tapio_common.h"
+#include "tapio_cgroup.h"
 #include "network.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -32,6 +37,7 @@ struct {
 /* Sockets we saw connect(): who called it, and whether an RST answered. Keyed by sock address. */
 struct conn_info {
 	__u64 start_ns;
+	struct tapio_cgroup_ids cg;
 	__u32 pid;
 	__u32 tid;
 	__u8 rst_seen;
@@ -92,6 +98,9 @@ static __always_inline void fill_owner(struct network_event *e, const struct con
 	e->pid = ci->pid;
 	e->tid = ci->tid;
 	e->pid_source = NET_PID_CONNECT;
+	e->cgroup_id = ci->cg.cgroup_id;
+	e->memcg_id = ci->cg.memcg_id;
+	e->cpu_cgroup_id = ci->cg.cpu_id;
 	__builtin_memcpy(e->comm, ci->comm, sizeof(e->comm));
 }
 
@@ -141,6 +150,7 @@ int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const 
 		ci.pid = pid_tgid >> 32;
 		ci.tid = (__u32)pid_tgid;
 		bpf_get_current_comm(ci.comm, sizeof(ci.comm));
+		tapio_current_cgroup_ids(&ci.cg);
 		bpf_map_update_elem(&conns, &skey, &ci, BPF_ANY);
 		return 0;
 	}
