@@ -43,7 +43,9 @@ def test_a_refused_connect_carries_the_connecting_tasks_cgroup_and_pod(tmp_path:
         f"kubepods-burstable-pod{uid_}.slice/cri-containerd-{CID}.scope"
     )
     port = closed_port(socket.AF_INET, "127.0.0.1")
-    with cgroup_dirs(ROLES, rel) as dirs, agent(tmp_path) as a:
+    # On cgroup2 a controller's cgroup is the nearest ancestor that enables it: delegate both
+    # down to the leaf so every id names the leaf, as a kubelet-made pod cgroup does.
+    with cgroup_dirs(ROLES, rel, ("memory", "cpu")) as dirs, agent(tmp_path) as a:
         procs = " ".join(f"{d}/cgroup.procs" for d in {str(p) for p in dirs.values()})
         cmd = [sys.executable, CLIENTS, "refuse", "tapio-cgrefuse", "127.0.0.1", str(port), "3"]
         join = f'for f in {procs}; do echo $$ > "$f" || exit 9; done; exec "$@"'
