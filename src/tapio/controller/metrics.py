@@ -7,133 +7,147 @@ fixed result words), so cardinality is bounded whatever clients send.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
 # Same choice as the agent registry: no *_created series (global toggle in prometheus-client).
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+_PREFIX = "tapio_controller_"
+
+_M = TypeVar("_M", Counter, Gauge)
+
+
+def _metric(kind: type[_M], registry: CollectorRegistry, name: str, doc: str, *labels: str) -> _M:
+    """One controller metric: ``tapio_controller_<name>`` in this controller's registry."""
+    return kind(_PREFIX + name, doc, labels, registry=registry)
+
+
 class ControllerMetrics:
+    """Every controller metric, as a typed attribute (``tapio_controller_`` + the name given)."""
+
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "tapio_controller_requests_total",
+        self.registry = CollectorRegistry(auto_describe=True)
+        counter = partial(_metric, Counter, self.registry)
+        gauge = partial(_metric, Gauge, self.registry)
+        self.requests = counter(
+            "requests_total",
             "HTTP requests by route template and status code",
-            ["route", "status"],
-            registry=r,
+            "route",
+            "status",
         )
-        self.events_accepted = Counter(
-            "tapio_controller_events_accepted_total", "Events in accepted batches", registry=r
+        self.events_accepted = counter(
+            "events_accepted_total",
+            "Events in accepted batches",
         )
-        self.events_rejected = Counter(
-            "tapio_controller_events_rejected_total",
+        self.events_rejected = counter(
+            "events_rejected_total",
             "Events in decoded batches that failed validation",
-            registry=r,
         )
-        self.batches = Counter(
-            "tapio_controller_batches_total", "Event batches by result", ["result"], registry=r
+        self.batches = counter(
+            "batches_total",
+            "Event batches by result",
+            "result",
         )
-        self.hellos = Counter(
-            "tapio_controller_hellos_total", "Registrations by result", ["result"], registry=r
+        self.hellos = counter(
+            "hellos_total",
+            "Registrations by result",
+            "result",
         )
-        self.heartbeats = Counter(
-            "tapio_controller_heartbeats_total",
+        self.heartbeats = counter(
+            "heartbeats_total",
             "Heartbeats by result (unknown_agent = told to re-register)",
-            ["result"],
-            registry=r,
+            "result",
         )
-        self.agents_evicted = Counter(
-            "tapio_controller_agents_evicted_total",
+        self.agents_evicted = counter(
+            "agents_evicted_total",
             "Stale agents dropped to admit a new one at capacity",
-            registry=r,
         )
-        self.sequence_gaps = Counter(
-            "tapio_controller_sequence_gaps_total",
+        self.sequence_gaps = counter(
+            "sequence_gaps_total",
             "Batch sequence numbers skipped by registered agents",
-            registry=r,
         )
-        self.sequence_regressions = Counter(
-            "tapio_controller_sequence_regressions_total",
+        self.sequence_regressions = counter(
+            "sequence_regressions_total",
             "Duplicate or older batch sequence numbers from registered agents",
-            registry=r,
         )
-        self.config_polls = Counter(
-            "tapio_controller_config_requests_total",
+        self.config_polls = counter(
+            "config_requests_total",
             "Config fetches by result (served or not_modified)",
-            ["result"],
-            registry=r,
+            "result",
         )
-        self.reloads = Counter(
-            "tapio_controller_profile_reloads_total",
+        self.reloads = counter(
+            "profile_reloads_total",
             "Profile reload attempts by result",
-            ["result"],
-            registry=r,
+            "result",
         )
-        self.agents = Gauge("tapio_controller_agents", "Registered agents", registry=r)
-        self.stale_agents = Gauge(
-            "tapio_controller_stale_agents", "Registered agents considered stale", registry=r
+        self.agents = gauge(
+            "agents",
+            "Registered agents",
         )
-        self.unconverged_agents = Gauge(
-            "tapio_controller_unconverged_agents",
+        self.stale_agents = gauge(
+            "stale_agents",
+            "Registered agents considered stale",
+        )
+        self.unconverged_agents = gauge(
+            "unconverged_agents",
             "Registered agents not reporting the active config hash",
-            registry=r,
         )
-        self.config_generation = Gauge(
-            "tapio_controller_config_generation", "Generation of the served config", registry=r
+        self.config_generation = gauge(
+            "config_generation",
+            "Generation of the served config",
         )
-        self.auth_failures = Counter(
-            "tapio_controller_auth_failures_total",
+        self.auth_failures = counter(
+            "auth_failures_total",
             "Requests to /v1 refused for a missing or invalid bearer token",
-            ["reason"],
-            registry=r,
+            "reason",
         )
-        self.events_refused = Counter(
-            "tapio_controller_events_refused_total",
+        self.events_refused = counter(
+            "events_refused_total",
             "Events in valid batches not accepted (unknown_agent: no hello yet; queue_full: "
             "forwarding queue full, answered 503)",
-            ["reason"],
-            registry=r,
+            "reason",
         )
-        self.forward_forwarded = Counter(
-            "tapio_controller_forwarded_total",
+        self.forward_forwarded = counter(
+            "forwarded_total",
             "Occurrences delivered to an output (stored/acknowledged downstream)",
-            ["output"],
-            registry=r,
+            "output",
         )
-        self.forward_retried = Counter(
-            "tapio_controller_forward_retries_total",
+        self.forward_retried = counter(
+            "forward_retries_total",
             "Occurrence deliveries that failed and are retried",
-            ["output"],
-            registry=r,
+            "output",
         )
-        self.forward_dropped = Counter(
-            "tapio_controller_forward_dropped_total",
+        self.forward_dropped = counter(
+            "forward_dropped_total",
             "Occurrences given up for an output, by reason",
-            ["output", "reason"],
-            registry=r,
+            "output",
+            "reason",
         )
-        self.forward_queued = Gauge(
-            "tapio_controller_forward_queued",
+        self.forward_queued = gauge(
+            "forward_queued",
             "Occurrences waiting for (or in flight to) an output",
-            ["output"],
-            registry=r,
+            "output",
         )
-        self.output_up = Gauge(
-            "tapio_controller_output_up",
+        self.output_up = gauge(
+            "output_up",
             "1 when the output's last connect or delivery succeeded",
-            ["output"],
-            registry=r,
+            "output",
         )
-        self.enrichment = Counter(
-            "tapio_controller_enrichment_total",
+        self.enrichment = counter(
+            "enrichment_total",
             "Kubernetes enrichment lookups by result (hit, unknown pod, no_ids in the occurrence)",
-            ["result"],
-            registry=r,
+            "result",
         )
-        self.k8s_watch_restarts = Counter(
-            "tapio_controller_k8s_watch_restarts_total",
+        self.k8s_watch_restarts = counter(
+            "k8s_watch_restarts_total",
             "Pod watch restarts (gone: 410 relist, error: reconnect with backoff)",
-            ["reason"],
-            registry=r,
+            "reason",
         )
-        self.k8s_pods = Gauge("tapio_controller_k8s_pods", "Live pods in the index", registry=r)
+        self.k8s_pods = gauge(
+            "k8s_pods",
+            "Live pods in the index",
+        )

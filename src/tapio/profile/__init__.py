@@ -30,7 +30,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from tapio.profile.compile import compile_resolved
 from tapio.profile.compiled import (
     NODE_DEFAULT,
     PRODUCTION_DEFAULT_HASH,
@@ -41,6 +40,7 @@ from tapio.profile.compiled import (
     NodePmcConfig,
     StorageConfig,
     canonical_json,
+    compile_resolved,
     config_hash,
     production_default,
 )

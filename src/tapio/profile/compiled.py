@@ -17,11 +17,14 @@ Every default value comes from :data:`tapio.thresholds.DEFAULTS`, converted to w
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import msgspec
 
 from tapio.thresholds import DEFAULTS, EXIT_SCOPES
+
+if TYPE_CHECKING:
+    from tapio.profile.validate import Resolved
 
 U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
 # msgspec bounds must fit an int64; every compiled u64 (nanoseconds derived from bounded
@@ -151,6 +154,56 @@ class CompiledConfig(_Block):
     def __post_init__(self) -> None:
         # NodeConfig is frozen (it serves as a field default), so it is rebuilt, not patched.
         self.node = _normalized_node(self.node)
+
+
+def compile_resolved(r: Resolved) -> CompiledConfig:
+    """A validated profile (merged over its base) in wire units.
+
+    Infallible by construction: every value was range-checked by :mod:`tapio.profile.validate`,
+    and every unit conversion here stays inside the u32/u64 field types for those ranges.
+    Deterministic: no clock, no randomness, no dict-order dependence (lists keep the profile's
+    first-occurrence order).
+    """
+    return CompiledConfig(
+        network=NetworkConfig(
+            enabled=r.network_enabled,
+            rtt_spike_ratio=r.rtt_spike_ratio,
+            rtt_spike_abs_us=r.rtt_spike_abs_ms * 1000,
+            rtt_min_baseline_samples=r.rtt_min_samples,
+            conn_refused_window_ns=0,
+            conn_refused_min_count=0,
+            retransmit_threshold=r.retransmit_threshold,
+            retransmit_window_ns=r.retransmit_window_ms * 1_000_000,
+            rtt_min_delta_us=r.rtt_min_delta_ms * 1000,
+            rtt_sample_interval_us=r.rtt_sample_interval_ms * 1000,
+        ),
+        storage=StorageConfig(
+            enabled=r.storage_enabled,
+            slow_io_warning_ns=r.slow_io_warning_ms * 1_000_000,
+            slow_io_critical_ns=r.slow_io_critical_ms * 1_000_000,
+        ),
+        container=ContainerConfig(
+            enabled=r.container_enabled,
+            ignore_exit_codes=list(r.ignore_exit_codes),
+            exit_scope=r.exit_scope,
+            ignore_signals=list(r.ignore_signals),
+        ),
+        node_pmc=NodePmcConfig(
+            enabled=r.node_pmc_enabled,
+            stall_warning_permille=permille(r.stall_warning_pct),
+            stall_critical_permille=permille(r.stall_critical_pct),
+            ipc_degradation_milli=round_half_away(r.ipc_degradation * 1000.0),
+        ),
+        node=NodeConfig(
+            enabled=r.node_enabled,
+            memory_some_permille=permille(r.memory_some_pct),
+            memory_full_permille=permille(r.memory_full_pct),
+            cpu_some_permille=permille(r.cpu_some_pct),
+            runq_latency_ns=r.runq_latency_ms * 1_000_000,
+            throttle_permille=permille(r.throttle_pct),
+            hysteresis_permille=permille(r.hysteresis_pct),
+        ),
+    )
 
 
 _ENCODER: Final = msgspec.json.Encoder()

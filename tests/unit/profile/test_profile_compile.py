@@ -23,7 +23,7 @@ from tapio.profile import (
     production_default,
     validate,
 )
-from tapio.profile.compile import round_half_away
+from tapio.profile.compiled import round_half_away
 
 PRODUCTION_DEFAULT_BYTES = (
     b'{"network":{"enabled":true,"rtt_spike_ratio":2,"rtt_spike_abs_us":500000,'
