@@ -26,6 +26,8 @@ AGENT = (
 )
 CASES: tuple[tuple[str, str, float | None], ...] = (
     ("interpreter floor (python -c pass)", "pass", None),
+    ("same-run baseline: import json", "import json", None),
+    ("same-run baseline: import asyncio", "import asyncio", None),
     ("import tapio.agent.cli", "import tapio.agent.cli", 0.15),
     ("agent + all observers + stdout/file sinks", AGENT, 0.60),
     (

@@ -4,8 +4,9 @@
 A connect() loop cannot produce refusals faster than the kernel's TCP stack handles them, so it
 would be the bottleneck, not the agent. Here a small BPF program (``synth/producer.bpf.c``,
 benchmark-only, never in the package) is loaded with the running agent's own network ring map
-(reused by id) and run with ``BPF_PROG_TEST_RUN`` by ``synth/runner.c`` at a steady rate: every
-run writes one connection-refused record, exactly as the network observer would.
+(reused by id) and run with ``BPF_PROG_TEST_RUN`` by ``synth/runner.c`` at a steady rate: one
+run writes many connection-refused records (a loop inside the program), exactly as the network
+observer would, so the producer can outrun the agent.
 
 Each probe runs a rate for a few seconds and passes when every produced record was delivered by
 the stdout sink with ``tapio_lost_events_total`` and ``tapio_sink_drops_total`` unchanged. The

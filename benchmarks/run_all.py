@@ -34,6 +34,11 @@ def needs_root(path: Path) -> bool:
     return NEEDS_ROOT_MARKERS.search(path.read_text()) is not None
 
 
+def load() -> str:
+    """The 1/5/15-minute load averages: a shared machine's figures need them next to them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--only", action="append", help="run only these (file stem), repeatable")
@@ -43,13 +48,16 @@ def main() -> int:
         sys.exit(f"run_all: nothing matches {args.only}")
     failed: list[str] = []
     for bench in selected:
-        print(f"==== {bench.name}", flush=True)
+        print(f"==== {bench.name} (load average {load()})", flush=True)
         if os.geteuid() != 0 and needs_root(bench):
             print("skipped: needs root\n", flush=True)
             continue
         t0 = time.monotonic()
         rc = subprocess.run([sys.executable, str(bench)], cwd=HERE.parent).returncode
-        print(f"---- {bench.name}: exit {rc} after {time.monotonic() - t0:.0f} s\n", flush=True)
+        took = time.monotonic() - t0
+        print(
+            f"---- {bench.name}: exit {rc} after {took:.0f} s (load average {load()})\n", flush=True
+        )
         if rc != 0:
             failed.append(bench.name)
     if failed:

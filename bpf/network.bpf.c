@@ -29,9 +29,16 @@ char LICENSE[] SEC("license") = "GPL";
 #define ECONNREFUSED 111
 #define IPPROTO_TCP 6
 
+/*
+ * 2 MiB: 13,797 records of 152 bytes (record and header), over a quarter of a second of a fast
+ * connect() loop with the agent getting no CPU at all; a 50,000-refusal burst is delivered whole
+ * as long as the agent drains at three quarters of the loop's rate meanwhile. The memory is the
+ * kernel's, allocated once at load; the agent maps the data area twice (a record that wraps
+ * stays contiguous), so it shows as 4 MiB of the agent's RSS.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
+	__uint(max_entries, 2 * 1024 * 1024);
 } events SEC(".maps");
 
 /* Sockets we saw connect(): who called it, and whether an RST answered. Keyed by sock address. */

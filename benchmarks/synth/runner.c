@@ -3,8 +3,8 @@
  *
  *   runner <pinned prog> <records/s> <seconds> <generation>
  *
- * Every 5 ms it runs the program `repeat` times in the kernel (one record per run), spreading
- * the rate evenly; prints the number of runs done and the seconds taken. Records carry the
+ * Every 5 ms it runs the program once per MAX_PER_RUN records owed (one run writes `count`
+ * records in a loop inside the program), spreading the rate evenly; prints the number of runs done and the seconds taken. Records carry the
  * runner's own pid. No libbpf: two bpf() commands.
  */
 #include <linux/bpf.h>
@@ -19,7 +19,10 @@
 struct params {
 	uint32_t pid, tid, generation;
 	uint16_t port_base, dport;
+	uint32_t count;
 };
+
+#define MAX_PER_RUN 65536 /* as in producer.bpf.c */
 
 static long sys_bpf(int cmd, union bpf_attr *attr)
 {
@@ -60,19 +63,22 @@ int main(int argc, char **argv)
 		if (t > start + secs)
 			break;
 		owed += rate * tick;
-		unsigned int repeat = (unsigned int)owed;
-		owed -= repeat;
-		if (repeat) {
+		long want = (long)owed;
+		owed -= want;
+		while (want > 0) {
+			p.count = want > MAX_PER_RUN ? MAX_PER_RUN : (uint32_t)want;
+			memcpy(pkt, &p, sizeof(p));
 			memset(&attr, 0, sizeof(attr));
 			attr.test.prog_fd = fd;
 			attr.test.data_in = (uint64_t)(uintptr_t)pkt;
 			attr.test.data_size_in = sizeof(pkt);
-			attr.test.repeat = repeat;
+			attr.test.repeat = 1;
 			if (sys_bpf(BPF_PROG_TEST_RUN, &attr) < 0) {
 				perror("BPF_PROG_TEST_RUN");
 				return 1;
 			}
-			done += repeat;
+			done += p.count;
+			want -= p.count;
 		}
 		double left = t - now();
 		if (left > 0) {

@@ -27,7 +27,7 @@ ExitScope = Literal["auto", "containers", "all"]
 EXIT_SCOPES: Final[tuple[str, ...]] = ("auto", "containers", "all")
 
 
-class Thresholds(msgspec.Struct, kw_only=True, frozen=True):
+class Thresholds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Every detection threshold and userspace switch, with its default."""
 
     # hardware counters (node observer, userspace)

@@ -95,9 +95,9 @@ def _otlp_refusals(rx: _Recorder, port: int) -> list[tuple[Any, dict[str, Any]]]
                 for lr in sl.log_records:
                     attrs = {kv.key: kv.value for kv in lr.attributes}
                     if (
-                        attrs["anomaly.type"].string_value == REFUSED
-                        and attrs.get("dst_port") is not None
-                        and attrs["dst_port"].int_value == port
+                        attrs["event.name"].string_value == REFUSED
+                        and attrs.get("network.peer.port") is not None
+                        and attrs["network.peer.port"].int_value == port
                     ):
                         out.append((rl, {"record": lr, **attrs}))
     return out
@@ -144,9 +144,9 @@ flush_interval_secs = 1
     assert occ["data"]["dst_ip"] == "127.0.0.1"
     assert len(otlp_hits) == 1
     rl, attrs = otlp_hits[0]
-    assert attrs["occurrence.id"].string_value == occ["id"]
-    assert attrs["error.code"].string_value == occ["error"]["code"]
-    assert attrs["dst_ip"].string_value == "127.0.0.1"
+    assert attrs["log.record.uid"].string_value == occ["id"]
+    assert attrs["error.type"].string_value == occ["error"]["code"]
+    assert attrs["network.peer.address"].string_value == "127.0.0.1"
     assert attrs["record"].severity_number == 13
     assert attrs["record"].severity_text == "WARN"
     res = {kv.key: kv.value.string_value for kv in rl.resource.attributes}
@@ -160,3 +160,52 @@ flush_interval_secs = 1
     }
     for sink in ("http", "otlp"):
         assert samples[("tapio_sink_writes_total", (("result", "ok"), ("sink", sink)))] >= 1
+
+
+def test_otel_environment_alone_configures_the_exporter(tmp_path: Path) -> None:
+    """No ``[otlp]`` section: ``OTEL_EXPORTER_OTLP_ENDPOINT`` names the collector (``/v1/logs``
+    appended), ``OTEL_EXPORTER_OTLP_PROTOCOL=http/json`` and ``OTEL_RESOURCE_ATTRIBUTES`` apply,
+    and the real agent's refusal arrives with the conventional attribute names."""
+    from google.protobuf import json_format  # type: ignore[import-untyped]
+
+    require_kernel(("network",))
+    closed_port = held_closed_port()
+    with recorder() as otlp_rx:
+        env = {
+            "TAPIO_NODE_NAME": "env-node",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_rx.url,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "none",
+            "OTEL_RESOURCE_ATTRIBUTES": "k8s.cluster.name=e2e,team=net%20ops",
+            "OTEL_SERVICE_NAME": "tapio-e2e",
+        }
+        with agent(tmp_path, observers=("network",), sinks=("otlp",), config="", env=env) as proc:
+            refuse(closed_port)
+
+            def hits() -> list[tuple[dict[str, str], dict[str, Any]]]:
+                with otlp_rx.lock:
+                    reqs = list(otlp_rx.requests)
+                out = []
+                for path, headers, body in reqs:
+                    assert path == "/v1/logs" and headers["Content-Type"] == "application/json"
+                    req = json_format.Parse(body, ExportLogsServiceRequest())
+                    for rl in req.resource_logs:
+                        res = {kv.key: kv.value.string_value for kv in rl.resource.attributes}
+                        for sl in rl.scope_logs:
+                            for lr in sl.log_records:
+                                attrs = {kv.key: kv.value for kv in lr.attributes}
+                                port = attrs.get("network.peer.port")
+                                if port is not None and port.int_value == closed_port:
+                                    out.append((res, attrs))
+                return out
+
+            found = wait_until(hits, 15)
+            assert found, f"no refusal reached the OTLP receiver:\n{proc.stderr()[-3000:]}"
+    res, attrs = found[0]
+    assert res["service.name"] == "tapio-e2e" and res["k8s.cluster.name"] == "e2e"
+    assert res["team"] == "net ops" and res["k8s.node.name"] == "env-node"
+    assert attrs["event.name"].string_value == REFUSED
+    assert attrs["error.type"].string_value == "RST_RECEIVED"
+    assert attrs["network.peer.address"].string_value == "127.0.0.1"
+    assert attrs["process.pid"].int_value > 0 and attrs["process.executable.name"].string_value
+    assert attrs["log.record.uid"].string_value

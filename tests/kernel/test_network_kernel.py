@@ -389,6 +389,7 @@ def test_ring_overflow_is_counted_as_lost_and_nothing_else_is_missing(tmp_path: 
     config = (
         "[metrics]\nenabled = true\nport = 0\n"
         "[agent]\nkernel_metrics_interval_secs = 0.2\nmax_drain_per_tick = 256\n"
+        "ring_kib = { network = 256 }\n"  # the default is 2 MiB; this test overflows 256 KiB
     )
     with agent(tmp_path, config=config) as a:
         assert a.proc is not None

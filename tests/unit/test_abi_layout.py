@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tapio.bpf.abi import CONFIG_SIZE, INERT_CONFIG, TAPIO_CONFIG, TapioConfig
+from tapio.bpf.abi import CONFIG_SIZE, INERT_CONFIG, TAPIO_CONFIG, CStruct, TapioConfig
 from tapio.observers.network import NETWORK_EVENT
 
 from .layout_probe import assert_layout
@@ -78,3 +78,11 @@ def test_more_than_16_ignore_codes_truncate() -> None:
     packed = TapioConfig(ignore_exit_codes=tuple(range(32))).pack()
     fields = TAPIO_CONFIG.struct.unpack(packed)
     assert fields[TAPIO_CONFIG.index["ignore_exit_count"]] == 16
+
+
+def test_field_table_is_the_pair_list_and_rejects_a_malformed_line() -> None:
+    table = CStruct("t", "\n    a  Q\n\n    _p 4x\n    b  I\n", 16)
+    assert table.fields == (("a", "Q"), ("_p", "4x"), ("b", "I"))
+    assert table.offsets == CStruct("t", [("a", "Q"), ("_p", "4x"), ("b", "I")], 16).offsets
+    with pytest.raises(ValueError, match="'a Q x' is not 'name format'"):
+        CStruct("t", "a Q x\n", 8)

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import anyio
-import msgspec
-import structlog
+from typing import TYPE_CHECKING
 
 from tapio import __version__
-from tapio.logs import LogFormat, configure_logging
-from tapio.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from tapio.logs import LogFormat
+    from tapio.sinks.base import Sink
+
+# Only what parsing the flags needs is imported with this module; anyio, msgspec, structlog,
+# the metrics registry and the sinks are imported by ``main`` once the flags are good, so a bad
+# flag, ``--help`` or ``--version`` answers at once.
 
 SINK_NAMES = ("stdout", "file", "http", "controller", "otlp")
 DEFAULT_OBSERVERS = ("network", "container", "storage", "node")
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ebpf-dir", type=Path, help="directory of *.bpf.o (default: packaged)")
     p.add_argument("--data-dir", default=".tapio/occurrences", help="file sink directory")
     p.add_argument("--http-endpoint", help="http sink endpoint (overrides [http] endpoint)")
+    p.add_argument(
+        "--otlp-endpoint",
+        help="otlp sink base URL (overrides [otlp] endpoint and OTEL_EXPORTER_OTLP_*ENDPOINT)",
+    )
     p.add_argument("--controller-endpoint", help="tapio-wire/v1 controller base URL")
     p.add_argument(
         "--controller-ca-file",
@@ -81,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def node_name() -> str:
+    import socket
+
     return os.environ.get("TAPIO_NODE_NAME") or socket.gethostname() or "unknown-node"
 
 
@@ -97,6 +105,12 @@ def _token_error(path: str) -> bool:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
+    import anyio
+    import msgspec
+    import structlog
+
+    from tapio.logs import configure_logging
+
     log_format: LogFormat = args.log_format or ("console" if sys.stderr.isatty() else "json")
     try:
         configure_logging(log_format, args.log_level)
@@ -192,6 +206,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 def build_sinks(names: list[str], args: argparse.Namespace, settings: object) -> list[Sink]:
+    import msgspec
+
     from tapio.agent.settings import AgentSettings
     from tapio.sinks.file import FileSink
     from tapio.sinks.stdout import StdoutSink
@@ -211,10 +227,15 @@ def build_sinks(names: list[str], args: argparse.Namespace, settings: object) ->
                 doc["endpoint"] = args.http_endpoint
             sinks.append(HttpSink(msgspec.convert(doc, HttpSinkSettings)))
         elif name == "otlp":
-            from tapio.sinks.otlp import OtlpResource, OtlpSettings, OtlpSink
+            from tapio.sinks.otlp import OtlpResource, OtlpSink
+            from tapio.sinks.otlp_config import resolve
 
-            resource = OtlpResource.detect()
-            sinks.append(OtlpSink(msgspec.convert(dict(settings.otlp), OtlpSettings), resource))
+            section = dict(settings.otlp)
+            if args.otlp_endpoint:
+                section.pop("logs_endpoint", None)
+                section["endpoint"] = args.otlp_endpoint
+            otlp = resolve(section, os.environ)  # TOML and flags win over OTEL_*
+            sinks.append(OtlpSink(otlp, OtlpResource.detect(otlp)))
         elif name == "controller":
             from tapio.agent.controller_mode import make_controller_sink
 
@@ -227,10 +248,10 @@ def _add_services(agent: object, args: argparse.Namespace, settings: object) -> 
     from tapio.agent.settings import AgentSettings
 
     assert isinstance(agent, Agent) and isinstance(settings, AgentSettings)
-    if settings.metrics.get("enabled"):
-        from tapio.agent.httpserver import MetricsServerSettings, serve_forever
+    if settings.metrics.enabled:
+        from tapio.agent.httpserver import serve_forever
 
-        ms = msgspec.convert(dict(settings.metrics), MetricsServerSettings)
+        ms = settings.metrics
 
         async def metrics_service(a: Agent) -> None:
             await serve_forever(ms, a.readiness)

@@ -46,8 +46,8 @@ from tapio.agent.controller_client import (
     identity_from_env,
     kernel_release,
 )
-from tapio.agent.kconfig import OBSERVER_FLAGS, from_compiled
-from tapio.bpf.abi import TAPIO_CONFIG_ABI_VERSION
+from tapio.agent.kconfig import from_compiled
+from tapio.bpf.abi import OBSERVER_FLAGS, TAPIO_CONFIG_ABI_VERSION
 from tapio.metrics import (
     CONFIG_FETCH,
     CONTROLLER_REREGISTRATIONS,

@@ -13,19 +13,18 @@ Usage (the agent)::
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
-import msgspec
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from tapio.agent.settings import MetricsServerSettings
 from tapio.metrics import REGISTRY
 
 log = structlog.get_logger("tapio.agent.httpserver")
@@ -51,35 +50,6 @@ class _DropBadRequestTracebacks(logging.Filter):
 
 _server_logger = logging.getLogger("tapio.agent.httpserver.aiohttp")
 _server_logger.addFilter(_DropBadRequestTracebacks())
-
-
-class MetricsServerSettings(msgspec.Struct, kw_only=True):
-    """The ``[metrics]`` TOML section: ``enabled``, ``port``, ``bind_address`` and the limits."""
-
-    enabled: bool = False
-    #: TCP port; 0 picks a free port (tests).
-    port: int = 9090
-    #: An IP literal, IPv4 or IPv6 (``"::1"``, ``"::"``).
-    bind_address: str = "127.0.0.1"
-    #: Idle keep-alive connections, and connections that never finish sending their request
-    #: headers, are closed after this many seconds.
-    keepalive_timeout_secs: float = 5.0
-    #: A connection serving its last response is force-closed after at most this long.
-    shutdown_timeout_secs: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError("metrics.port must be in 0..65535")
-        try:
-            ipaddress.ip_address(self.bind_address)
-        except ValueError:
-            raise ValueError(
-                f"metrics.bind_address must be an IP address, got {self.bind_address!r}"
-            ) from None
-        if not 0 < self.keepalive_timeout_secs <= 300:
-            raise ValueError("metrics.keepalive_timeout_secs must be in (0, 300]")
-        if not 0 < self.shutdown_timeout_secs <= 60:
-            raise ValueError("metrics.shutdown_timeout_secs must be in (0, 60]")
 
 
 class RunningServer:

@@ -9,22 +9,12 @@ from pathlib import Path
 from tapio.agent.settings import AgentSettings
 from tapio.bpf.abi import (
     EXIT_SCOPE_CONTAINERS,
-    FLAG_CONTAINER,
-    FLAG_NETWORK,
-    FLAG_NODE,
-    FLAG_STORAGE,
     MAX_IGNORE_EXIT_CODES,
+    OBSERVER_FLAGS,
     TapioConfig,
 )
 from tapio.profile.compiled import CompiledConfig
 from tapio.thresholds import Thresholds
-
-OBSERVER_FLAGS = {
-    "network": FLAG_NETWORK,
-    "storage": FLAG_STORAGE,
-    "container": FLAG_CONTAINER,
-    "node": FLAG_NODE,
-}
 
 
 def on_kubernetes() -> bool:

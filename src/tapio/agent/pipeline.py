@@ -22,6 +22,7 @@ Every drop here is counted where it happens, with its own reason:
 
 from __future__ import annotations
 
+import asyncio
 import select
 from collections import Counter
 from collections.abc import Sequence
@@ -130,10 +131,9 @@ class Drainer:
             for ro in self.observers:
                 assert ro.ring is not None
                 ep.register(ro.ring.fd, select.EPOLLIN)
-            with self.scope:
+            with self.scope, Readiness(ep.fileno()) as ready:
                 while True:
-                    with anyio.move_on_after(self.interval):
-                        await anyio.wait_readable(ep.fileno())
+                    await ready.wait(self.interval)
                     ep.poll(0)  # re-arms level-triggered readiness of the rings
                     if await self.drain_once(senders):
                         await anyio.lowlevel.checkpoint()
@@ -146,6 +146,66 @@ class Drainer:
             ep.close()
             for s in senders.values():
                 await s.aclose()
+
+
+class Readiness:
+    """Readability of one fd, registered with the event loop once for the drainer's lifetime.
+
+    ``anyio.wait_readable`` adds and removes the fd from the loop's selector on every call (two
+    ``epoll_ctl`` calls and the selector's bookkeeping per drain pass, several percent of the
+    agent's CPU under a burst). On asyncio the fd is added once with ``add_reader`` and each
+    wait is one future and one timer handle: the idle agent wakes ten times a second for the
+    drain timer, and an anyio cancel scope plus event per wait cost twice as much CPU as that
+    (measured: 0.26 % against 0.13 % of a core for the bare wakeups). Cancellation still comes
+    from the enclosing anyio scope (it cancels the task, which cancels the future). Other
+    backends fall back to ``wait_readable``.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fired = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __enter__(self) -> Readiness:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): wait_readable per call
+            return self
+        loop.add_reader(self.fd, self._ready)
+        self._loop = loop
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.fd)
+            self._loop = None
+
+    def _ready(self) -> None:
+        self._fired = True
+        _resolve(self._waiter)
+
+    async def wait(self, secs: float) -> None:
+        """Return when the fd was readable since the last call, or after ``secs``."""
+        loop = self._loop
+        if loop is None:
+            with anyio.move_on_after(secs):
+                await anyio.wait_readable(self.fd)
+            return
+        if not self._fired:
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(secs, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        self._fired = False
+
+
+def _resolve(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 async def classify_loop(
@@ -170,9 +230,66 @@ async def classify_loop(
 
 @dataclass
 class SinkLane:
+    """The fan-out's way into one sink: its bounded stream, plus an optional spill.
+
+    Without a spill (``spill_limit`` 0) a full stream drops the batch (``queue_full``). With one,
+    the batches that find the stream full are joined into one list of at most ``spill_limit``
+    occurrences that :meth:`forward` hands over as a single batch as soon as the sink takes it:
+    a sink that is busy gets fewer, larger batches instead of losing the surplus, and only what
+    exceeds the bound is dropped. Order is kept (nothing bypasses a non-empty spill).
+    """
+
     sink: Sink
     send: MemoryObjectSendStream[Batch]
+    spill_limit: int = 0
+    _spill: list[Occurrence] = field(default_factory=list)
+    _woken: anyio.Event | None = None
+    _closing: bool = False
 
+    def offer(self, batch: Batch) -> None:
+        """Hand ``batch`` over without waiting; what does not fit is a counted drop."""
+        if not self._spill:
+            try:
+                self.send.send_nowait(batch)
+                return
+            except anyio.WouldBlock:
+                if not self.spill_limit:
+                    self.sink.stats.drop(LANE_FULL, len(batch))
+                    return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.sink.stats.drop("sink_stopped", len(batch))
+                return
+        if len(self._spill) + len(batch) > self.spill_limit:
+            self.sink.stats.drop(LANE_FULL, len(batch))
+            return
+        self._spill.extend(batch)
+        if self._woken is not None:
+            self._woken.set()
+
+    async def forward(self) -> None:
+        """Hand the spill over whenever it holds something; returns after :meth:`finish`."""
+        while True:
+            self._woken = woken = anyio.Event()
+            while self._spill:
+                batch, self._spill = self._spill, []
+                try:
+                    await self.send.send(batch)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    self.sink.stats.drop("sink_stopped", len(batch))
+            if self._closing:
+                return
+            await woken.wait()
+
+    def finish(self) -> None:
+        """No more offers: :meth:`forward` returns once the spill is handed over."""
+        self._closing = True
+        if self._woken is not None:
+            self._woken.set()
+
+
+#: A sink lane's spill holds up to ``channel_batches`` times this many occurrences (65,536 by
+#: default): a burst the sink cannot keep up with waits there instead of being dropped.
+LANE_SPILL_PER_BATCH = 1024
 
 #: The drop reason of a full fan-out lane (a sink's own buffer counts ``buffer_full``).
 LANE_FULL = "queue_full"
@@ -195,16 +312,17 @@ async def fanout_loop(
         async with batches, anyio.create_task_group() as tg:
             if enricher is not None:
                 tg.start_soon(enricher.run)
-            async for batch in batches:
-                if enricher is not None:
-                    await enricher.enrich(batch)
+            async with anyio.create_task_group() as forwarders:
                 for lane in lanes:
-                    try:
-                        lane.send.send_nowait(batch)
-                    except anyio.WouldBlock:
-                        lane.sink.stats.drop(LANE_FULL, len(batch))
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        lane.sink.stats.drop("sink_stopped", len(batch))
+                    if lane.spill_limit:
+                        forwarders.start_soon(lane.forward)
+                async for batch in batches:
+                    if enricher is not None:
+                        await enricher.enrich(batch)
+                    for lane in lanes:
+                        lane.offer(batch)
+                for lane in lanes:
+                    lane.finish()  # each forwarder returns once its spill is handed over
             tg.cancel_scope.cancel()  # the periodic cgroup index ends with the data path
     finally:
         for lane in lanes:

@@ -24,6 +24,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tapio.agent.pipeline import (
+    LANE_SPILL_PER_BATCH,
     Drainer,
     PipelineStats,
     RunningObserver,
@@ -118,7 +119,9 @@ class Agent:
             path = self.options.ebpf_dir / f"{cls.object_name}.bpf.o"
             ro = RunningObserver(observer, None, None)
             try:
-                obj = stack.enter_context(observer.open_object(path))
+                kib = self.settings.agent.ring_kib.get(name)
+                sizes = {cls.ring_map: kib * 1024} if kib and cls.ring_map else None
+                obj = stack.enter_context(observer.open_object(path, sizes))
                 ro.obj = obj
                 initial = self.options.initial_config
                 obj.map("tapio_config").update(
@@ -331,8 +334,11 @@ class Agent:
         )
         self._batches = anyio.create_memory_object_stream[Batch](a.channel_batches)
         for sink in self.sinks:
-            send, recv = anyio.create_memory_object_stream[Batch](a.channel_batches)
-            self._lanes.append((SinkLane(sink, send), recv))
+            # One batch waiting in the stream; what arrives while the sink is busy is joined in
+            # the lane's spill (bounded in occurrences) and handed over as one larger batch.
+            send, recv = anyio.create_memory_object_stream[Batch](1)
+            lane = SinkLane(sink, send, spill_limit=a.channel_batches * LANE_SPILL_PER_BATCH)
+            self._lanes.append((lane, recv))
         return True
 
     async def serve(self) -> None:

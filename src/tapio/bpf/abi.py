@@ -9,20 +9,38 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import msgspec
+
+
+def _parse_fields(struct_name: str, table: str) -> list[tuple[str, str]]:
+    """``name format`` on each line (blank lines ignored), in declaration order."""
+    fields: list[tuple[str, str]] = []
+    for line in table.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if len(words) != 2:
+            raise ValueError(f"{struct_name}: field line {line.strip()!r} is not 'name format'")
+        fields.append((words[0], words[1]))
+    return fields
 
 
 class CStruct:
     """A packed little-endian layout built from (name, struct-format) pairs.
 
+    The pairs may be given as a table, one ``name format`` per line, which reads like the C
+    declaration it mirrors.
+
     Field names starting with ``_`` are padding and must be zero. ``offsets`` and ``sizes`` are
     what the layout tests compare against the C definition.
     """
 
-    def __init__(self, name: str, fields: Sequence[tuple[str, str]], size: int) -> None:
+    def __init__(self, name: str, fields: Sequence[tuple[str, str]] | str, size: int) -> None:
         self.name = name
+        if isinstance(fields, str):
+            fields = _parse_fields(name, fields)
         self.fields = tuple(fields)
         fmt = "<" + "".join(f for _, f in fields)
         self.struct = struct.Struct(fmt)
@@ -68,10 +86,17 @@ TAPIO_CONFIG_ABI_VERSION = 3
 CONFIG_SIZE = 256
 MAX_IGNORE_EXIT_CODES = 16
 
-FLAG_NETWORK = 1 << 0
-FLAG_STORAGE = 1 << 1
-FLAG_CONTAINER = 1 << 2
-FLAG_NODE = 1 << 3
+# ``tapio_config.flags``: one bit per observer, by the observer's name.
+OBSERVER_FLAGS: Final = {
+    "network": 1 << 0,
+    "storage": 1 << 1,
+    "container": 1 << 2,
+    "node": 1 << 3,
+}
+FLAG_NETWORK = OBSERVER_FLAGS["network"]
+FLAG_STORAGE = OBSERVER_FLAGS["storage"]
+FLAG_CONTAINER = OBSERVER_FLAGS["container"]
+FLAG_NODE = OBSERVER_FLAGS["node"]
 
 EXIT_SCOPE_CONTAINERS = 1 << 0
 
@@ -83,26 +108,26 @@ METRIC_MAX = 32
 
 TAPIO_CONFIG = CStruct(
     "tapio_config",
-    [
-        ("abi_version", "I"),
-        ("generation", "I"),
-        ("flags", "Q"),
-        ("slow_io_threshold_ns", "Q"),
-        ("io_latency_critical_ns", "Q"),
-        ("retransmit_window_ns", "Q"),
-        ("retransmit_threshold", "I"),
-        ("rtt_spike_multiplier", "I"),
-        ("rtt_spike_abs_us", "I"),
-        ("rtt_min_baseline_samples", "I"),
-        ("rtt_min_delta_us", "I"),
-        ("rtt_sample_interval_us", "I"),
-        ("exit_flags", "I"),
-        ("ignore_exit_count", "I"),
-        ("ignore_exit_codes", "16i"),
-        ("ignore_signal_mask", "Q"),
-        ("runq_latency_threshold_ns", "Q"),
-        ("_reserved", "104x"),
-    ],
+    """
+    abi_version               I
+    generation                I
+    flags                     Q
+    slow_io_threshold_ns      Q
+    io_latency_critical_ns    Q
+    retransmit_window_ns      Q
+    retransmit_threshold      I
+    rtt_spike_multiplier      I
+    rtt_spike_abs_us          I
+    rtt_min_baseline_samples  I
+    rtt_min_delta_us          I
+    rtt_sample_interval_us    I
+    exit_flags                I
+    ignore_exit_count         I
+    ignore_exit_codes         16i
+    ignore_signal_mask        Q
+    runq_latency_threshold_ns Q
+    _reserved                 104x
+    """,
     CONFIG_SIZE,
 )
 

@@ -11,7 +11,7 @@ import collections
 import importlib.resources
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -160,8 +160,11 @@ class BpfObject:
         *,
         autoload: set[str] | None = None,
         programs: Sequence[ProgramSpec] = (),
+        map_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.path = Path(path)
+        #: map name -> max_entries set before loading (a ring buffer's size in bytes)
+        self.map_sizes = dict(map_sizes or {})
         self._autoload = autoload
         self.specs: dict[str, ProgramSpec] = {s.name: s for s in programs}
         self._obj: Any = None
@@ -304,8 +307,14 @@ class BpfObject:
             idle_maps = {m for s in self.specs.values() if s.name in off for m in s.maps}
             idle_maps -= {m for s in self.specs.values() if s.name not in off for m in s.maps}
             for m in self._iter_maps():
-                if ffi.string(lib.bpf_map__name(m)).decode() in idle_maps:
+                map_name = ffi.string(lib.bpf_map__name(m)).decode()
+                if map_name in idle_maps:
                     lib.bpf_map__set_autocreate(m, False)
+                if map_name in self.map_sizes:
+                    check_rc(
+                        lib.bpf_map__set_max_entries(m, self.map_sizes[map_name]),
+                        f"resize of map {map_name} in {self.path.name}",
+                    )
             rc = lib.bpf_object__load(self._obj)
             if rc >= 0:
                 break

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import errno
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -111,9 +111,10 @@ class Observer(abc.ABC):
         self._program_caps: list[Capability] = []
         self._drops: dict[str, Counter] = {}
 
-    def open_object(self, path: Path) -> BpfObject:
-        """The observer's object, loaded with its optional programs declared (``programs``)."""
-        return BpfObject(path, programs=self.programs)
+    def open_object(self, path: Path, map_sizes: Mapping[str, int] | None = None) -> BpfObject:
+        """The observer's object, loaded with its optional programs declared (``programs``) and
+        the maps named in ``map_sizes`` resized (entries; bytes for a ring buffer)."""
+        return BpfObject(path, programs=self.programs, map_sizes=map_sizes)
 
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` records dropped for ``reason`` (``tapio_observer_drops_total``)."""

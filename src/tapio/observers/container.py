@@ -45,29 +45,29 @@ from tapio.occurrence import (
 
 CONTAINER_EVENT = CStruct(
     "container_event",
-    [
-        ("timestamp_ns", "Q"),
-        ("cgroup_id", "Q"),
-        ("memcg_id", "Q"),
-        ("cpu_cgroup_id", "Q"),
-        ("memory_usage_bytes", "Q"),
-        ("memory_limit_pages", "Q"),
-        ("total_vm_kb", "Q"),
-        ("anon_rss_kb", "Q"),
-        ("file_rss_kb", "Q"),
-        ("shmem_rss_kb", "Q"),
-        ("config_generation", "I"),
-        ("pid", "I"),
-        ("tid", "I"),
-        ("exit_code", "i"),
-        ("signal", "i"),
-        ("raw_status", "I"),
-        ("event_type", "B"),
-        ("flags", "B"),
-        ("oom_score_adj", "h"),
-        ("uid", "I"),
-        ("comm", "16s"),
-    ],
+    """
+    timestamp_ns       Q
+    cgroup_id          Q
+    memcg_id           Q
+    cpu_cgroup_id      Q
+    memory_usage_bytes Q
+    memory_limit_pages Q
+    total_vm_kb        Q
+    anon_rss_kb        Q
+    file_rss_kb        Q
+    shmem_rss_kb       Q
+    config_generation  I
+    pid                I
+    tid                I
+    exit_code          i
+    signal             i
+    raw_status         I
+    event_type         B
+    flags              B
+    oom_score_adj      h
+    uid                I
+    comm               16s
+    """,
     128,
 )
 

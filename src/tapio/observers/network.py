@@ -34,36 +34,36 @@ from tapio.occurrence import (
 
 NETWORK_EVENT = CStruct(
     "network_event",
-    [
-        ("timestamp_ns", "Q"),
-        ("config_generation", "I"),
-        ("pid", "I"),
-        ("tid", "I"),
-        ("event_type", "B"),
-        ("family", "B"),
-        ("pid_source", "B"),
-        ("old_state", "B"),
-        ("new_state", "B"),
-        ("flags", "B"),
-        ("sport", "H"),
-        ("dport", "H"),
-        ("_pad1", "2x"),
-        ("saddr", "16s"),
-        ("daddr", "16s"),
-        ("sk_err", "I"),
-        ("retrans_count", "I"),
-        ("total_retrans", "I"),
-        ("snd_cwnd", "I"),
-        ("rtt_baseline_us", "I"),
-        ("rtt_current_us", "I"),
-        ("rtt_samples", "I"),
-        ("_pad2", "4x"),
-        ("duration_ns", "Q"),
-        ("comm", "16s"),
-        ("cgroup_id", "Q"),
-        ("memcg_id", "Q"),
-        ("cpu_cgroup_id", "Q"),
-    ],
+    """
+    timestamp_ns      Q
+    config_generation I
+    pid               I
+    tid               I
+    event_type        B
+    family            B
+    pid_source        B
+    old_state         B
+    new_state         B
+    flags             B
+    sport             H
+    dport             H
+    _pad1             2x
+    saddr             16s
+    daddr             16s
+    sk_err            I
+    retrans_count     I
+    total_retrans     I
+    snd_cwnd          I
+    rtt_baseline_us   I
+    rtt_current_us    I
+    rtt_samples       I
+    _pad2             4x
+    duration_ns       Q
+    comm              16s
+    cgroup_id         Q
+    memcg_id          Q
+    cpu_cgroup_id     Q
+    """,
     144,
 )
 

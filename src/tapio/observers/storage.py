@@ -39,57 +39,57 @@ from tapio.occurrence import (
 
 STORAGE_EVENT = CStruct(
     "storage_event",
-    [
-        ("timestamp_ns", "Q"),
-        ("latency_ns", "Q"),
-        ("cgroup_id", "Q"),
-        ("memcg_id", "Q"),
-        ("sector", "Q"),
-        ("dev_major", "I"),
-        ("dev_minor", "I"),
-        ("bytes", "I"),
-        ("nr_sector", "I"),
-        ("config_generation", "I"),
-        ("pid", "I"),
-        ("tid", "I"),
-        ("error_code", "i"),
-        ("rwbs", "8s"),
-        ("opcode", "B"),
-        ("severity", "B"),
-        ("_pad0", "2x"),
-        ("_pad1", "4x"),
-        ("comm", "16s"),
-    ],
+    """
+    timestamp_ns      Q
+    latency_ns        Q
+    cgroup_id         Q
+    memcg_id          Q
+    sector            Q
+    dev_major         I
+    dev_minor         I
+    bytes             I
+    nr_sector         I
+    config_generation I
+    pid               I
+    tid               I
+    error_code        i
+    rwbs              8s
+    opcode            B
+    severity          B
+    _pad0             2x
+    _pad1             4x
+    comm              16s
+    """,
     104,
 )
 
 IO_KEY = CStruct(
     "io_key",
-    [
-        ("dev", "I"),
-        ("nr_sector", "I"),
-        ("sector", "Q"),
-        ("opcode", "B"),
-        ("_pad", "7x"),
-    ],
+    """
+    dev       I
+    nr_sector I
+    sector    Q
+    opcode    B
+    _pad      7x
+    """,
     24,
 )
 
 IO_VALUE = CStruct(
     "io_value",
-    [
-        ("issue_ns", "Q"),
-        ("cgroup_id", "Q"),
-        ("memcg_id", "Q"),
-        ("pid", "I"),
-        ("tid", "I"),
-        ("bytes", "I"),
-        ("ambiguous", "B"),
-        ("requeued", "B"),
-        ("_pad", "2x"),
-        ("comm", "16s"),
-        ("rwbs", "8s"),
-    ],
+    """
+    issue_ns  Q
+    cgroup_id Q
+    memcg_id  Q
+    pid       I
+    tid       I
+    bytes     I
+    ambiguous B
+    requeued  B
+    _pad      2x
+    comm      16s
+    rwbs      8s
+    """,
     64,
 )
 

@@ -35,10 +35,6 @@ Signal = Annotated[int, msgspec.Meta(ge=1, le=64)]
 
 
 _D: Final = DEFAULTS
-DEFAULT_RETRANSMIT_THRESHOLD: Final = _D.retransmit_threshold
-DEFAULT_RETRANSMIT_WINDOW_NS: Final = _D.retransmit_window_ms * 1_000_000
-DEFAULT_RTT_MIN_DELTA_US: Final = _D.rtt_min_delta_us
-DEFAULT_RTT_SAMPLE_INTERVAL_US: Final = _D.rtt_sample_interval_us
 
 
 __all__ = ["EXIT_SCOPES"]
@@ -86,10 +82,10 @@ class NetworkConfig(_Block):
     conn_refused_window_ns: U64
     conn_refused_min_count: U32
     # Tapio additions (omit-if-default).
-    retransmit_threshold: U32 = DEFAULT_RETRANSMIT_THRESHOLD
-    retransmit_window_ns: U64 = DEFAULT_RETRANSMIT_WINDOW_NS
-    rtt_min_delta_us: U32 = DEFAULT_RTT_MIN_DELTA_US
-    rtt_sample_interval_us: U32 = DEFAULT_RTT_SAMPLE_INTERVAL_US
+    retransmit_threshold: U32 = _D.retransmit_threshold
+    retransmit_window_ns: U64 = _D.retransmit_window_ms * 1_000_000
+    rtt_min_delta_us: U32 = _D.rtt_min_delta_us
+    rtt_sample_interval_us: U32 = _D.rtt_sample_interval_us
 
 
 class StorageConfig(_Block):

@@ -27,7 +27,7 @@ from tapio.sinks.base import Batch, BatchWriterSink, SinkError
 log = structlog.get_logger("tapio.sinks.file")
 
 
-class FileSinkSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+class FileSinkSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_files: int = 10_000
     max_bytes: int = 256 * 1024 * 1024
 

@@ -18,7 +18,7 @@ from tapio.transport import Attempt, BearerToken, classify_status, parse_endpoin
 DEFAULT_PATH = "/v1/occurrences"
 
 
-class HttpSinkSettings(DeliverySettings, kw_only=True):
+class HttpSinkSettings(DeliverySettings, kw_only=True, forbid_unknown_fields=True):
     """The ``[http]`` section of the agent configuration. Every field has a default; the
     delivery knobs (batching, retries, timeouts, ``ca_file``) are :class:`DeliverySettings`.
 

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tapio.metrics
 import tapio.sinks.http  # the sinks' metric children appear once they exist
-from tapio.agent.httpserver import MetricsServerSettings, RunningServer, serve
+from tapio.agent.httpserver import RunningServer, serve
+from tapio.agent.settings import MetricsServerSettings
 
 State = dict[str, object]
 
@@ -121,7 +122,7 @@ async def test_disabled_binds_nothing() -> None:
 
 def test_settings_defaults_and_validation() -> None:
     s = MetricsServerSettings()
-    assert (s.enabled, s.port, s.bind_address) == (False, 9090, "127.0.0.1")
+    assert (s.enabled, s.port, s.bind_address) == (False, 9464, "127.0.0.1")
     assert msgspec.convert({"bind_address": "::1"}, MetricsServerSettings).bind_address == "::1"
     for bad in ({"bind_address": "localhost"}, {"port": 70000}, {"keepalive_timeout_secs": 0}):
         with pytest.raises(msgspec.ValidationError):

@@ -6,27 +6,61 @@ import pytest
 
 from tapio.agent import preflight
 from tapio.agent.kconfig import signal_mask, standalone_config, user_thresholds
-from tapio.agent.settings import SettingsError, load_settings
+from tapio.agent.settings import (
+    AgentSettings,
+    MetricsServerSettings,
+    SettingsError,
+    load_settings,
+    parse_settings,
+)
 from tapio.bpf.abi import FLAG_NETWORK, FLAG_STORAGE, TAPIO_CONFIG
 
 
 def test_missing_file_is_all_defaults(tmp_path: Path) -> None:
     s = load_settings(tmp_path / "nope.toml")
     assert s.thresholds.rtt_spike_ratio == 2 and s.thresholds.io_latency_warning_ns == 50_000_000
-    assert s.metrics == {} and s.agent.drain_interval_ms == 100
+    assert s.metrics == MetricsServerSettings() and s.agent.drain_interval_ms == 100
+    assert not s.metrics.enabled and s.metrics.port == 9464 and s.otlp == {} and s.http == {}
 
 
-def test_documented_keys_and_unknown_keys_ignored(tmp_path: Path) -> None:
+def test_documented_keys(tmp_path: Path) -> None:
     p = tmp_path / "t.toml"
     p.write_text(
-        "[thresholds]\nrtt_spike_ratio = 3\nio_latency_critical_ns = 1000\nfuture_key = 1\n"
+        "[thresholds]\nrtt_spike_ratio = 3\nio_latency_critical_ns = 1000\n"
         "[metrics]\nenabled = true\nport = 9100\n[otlp]\nendpoint = 'http://c:4318'\n"
-        "[something_new]\nx = 1\n"
+        "protocol = 'http/json'\n[http]\nendpoint = 'http://h:8765'\n[file]\nmax_files = 5\n"
+        "[agent]\ndrain_interval_ms = 50\n[container]\nexit_scope = 'all'\n"
     )
     s = load_settings(p)
     assert s.thresholds.rtt_spike_ratio == 3
     assert s.thresholds.io_latency_critical_ns == 1000
-    assert s.metrics["port"] == 9100 and s.otlp["endpoint"] == "http://c:4318"
+    assert s.metrics.enabled and s.metrics.port == 9100
+    assert s.otlp == {"endpoint": "http://c:4318", "protocol": "http/json"}
+    assert s.http == {"endpoint": "http://h:8765"} and s.file.max_files == 5
+    assert s.agent.drain_interval_ms == 50 and s.container.exit_scope == "all"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[otlp]\nendpiont = 'http://c:4318'\n", "unknown key 'endpiont' in section [otlp]"),
+        ("[http]\nendpont = 'http://c'\n", "unknown key 'endpont' in section [http]"),
+        ("[metrics]\nenable = true\n", "unknown key 'enable' in section [metrics]"),
+        ("[thresholds]\nfuture_key = 1\n", "unknown key 'future_key' in section [thresholds]"),
+        ("[agent]\ndrain_interval = 5\n", "unknown key 'drain_interval' in section [agent]"),
+        ("[container]\nexit_scpe = 'all'\n", "unknown key 'exit_scpe' in section [container]"),
+        ("[file]\nmax_file = 1\n", "unknown key 'max_file' in section [file]"),
+        ("[something_new]\nx = 1\n", "unknown section [something_new]"),
+    ],
+)
+def test_unknown_key_is_an_error_naming_key_and_section(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    p = tmp_path / "t.toml"
+    p.write_text(body)
+    with pytest.raises(SettingsError) as exc:
+        load_settings(p)
+    assert str(p) in str(exc.value) and message in str(exc.value)
 
 
 @pytest.mark.parametrize(
@@ -92,3 +126,12 @@ def test_kernel_too_old_and_missing_btf(tmp_path: Path) -> None:
 def test_tracefs_found_or_explained(tmp_path: Path) -> None:
     (tmp_path / "events").mkdir()
     assert preflight.ensure_tracefs(tmp_path) == tmp_path
+
+
+def test_ring_sizes_are_powers_of_two_per_observer() -> None:
+    s = parse_settings({"agent": {"ring_kib": {"network": 256}}})
+    assert s.agent.ring_kib == {"network": 256}
+    assert AgentSettings().agent.ring_kib == {}  # the objects' own sizes
+    for bad in (300, 2, 3):
+        with pytest.raises(SettingsError, match=r"agent\.ring_kib\.network must be a power of two"):
+            parse_settings({"agent": {"ring_kib": {"network": bad}}})

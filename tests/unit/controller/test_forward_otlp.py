@@ -127,10 +127,11 @@ async def test_otlp_forwarding_each_once_with_the_agents_mapping() -> None:
     r7 = rx.records["otlp-0007"]
     assert r7["node"] == "node-a" and rx.records["otlp-0021"]["node"] == "node-b"
     attrs = r7["attrs"]
-    assert attrs["occurrence.id"].string_value == "otlp-0007"
-    assert attrs["anomaly.type"].string_value == "kernel.network.connection_refused"
-    assert attrs["dst_port"].int_value == 30_007 and attrs["pid"].int_value == 507
-    assert attrs["error.code"].string_value == "CONNECTION_REFUSED"
+    assert attrs["log.record.uid"].string_value == "otlp-0007"
+    assert attrs["event.name"].string_value == "kernel.network.connection_refused"
+    assert attrs["network.peer.port"].int_value == 30_007
+    assert attrs["process.pid"].int_value == 507
+    assert attrs["error.type"].string_value == "CONNECTION_REFUSED"
     assert attrs["tapio.outcome"].string_value == "failure"
     assert r7["body"] == "connection refused"
     assert r7["severity"] == 13  # warning -> SEVERITY_NUMBER_WARN

@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 from tapio.agent.cli import build_parser as agent_parser
-from tapio.agent.httpserver import MetricsServerSettings
-from tapio.agent.settings import parse_settings
+from tapio.agent.settings import MetricsServerSettings, parse_settings
 from tapio.controller.cli import build_parser as controller_parser
 from tapio.controller.cli import parse_address
 from tapio.profile import compile_profile, load_profile

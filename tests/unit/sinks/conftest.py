@@ -211,5 +211,5 @@ def ids_of(kind: str, rec: Recorded) -> list[str]:
         for sl in rl.scope_logs:
             for lr in sl.log_records:
                 attrs = {kv.key: kv.value for kv in lr.attributes}
-                out.append(attrs["occurrence.id"].string_value)
+                out.append(attrs["log.record.uid"].string_value)
     return out

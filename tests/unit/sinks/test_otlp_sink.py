@@ -125,22 +125,23 @@ async def test_full_mapping_decoded_by_official_proto_classes() -> None:
         attrs = {kv.key: _value(kv.value) for kv in lr.attributes}
         assert len(attrs) == len(lr.attributes)  # no duplicate keys
         assert attrs == {
-            "occurrence.id": ("string_value", o.id),
-            "anomaly.type": ("string_value", o.type),
+            "log.record.uid": ("string_value", o.id),
+            "event.name": ("string_value", o.type),
             "tapio.source": ("string_value", "tapio"),
             "tapio.outcome": ("string_value", "failure"),
-            "error.code": ("string_value", o.error.code),
-            "dst_port": ("int_value", 8080),
-            "latency_ratio": ("double_value", 2.5),
-            "in_container": ("bool_value", True),
-            "comm": ("string_value", "curl"),
-            "sectors": ("array", [("int_value", 1), ("int_value", 2), ("int_value", 3)]),
-            "cgroup": (
+            "error.type": ("string_value", o.error.code),
+            "network.peer.port": ("int_value", 8080),
+            "tapio.latency_ratio": ("double_value", 2.5),
+            "tapio.in_container": ("bool_value", True),
+            "process.executable.name": ("string_value", "curl"),
+            "tapio.sectors": ("array", [("int_value", 1), ("int_value", 2), ("int_value", 3)]),
+            "tapio.cgroup": (
                 "kvlist",
                 {"id": ("int_value", 42), "path": ("string_value", "/kubepods/x")},
             ),
-            "big": ("string_value", str(2**70)),  # beyond int64: kept, as text
+            "tapio.big": ("string_value", str(2**70)),  # beyond int64: kept, as text
         }
+        assert lr.event_name == o.type
     assert sorted(EXPECTED_SEVERITY) == sorted({o.severity for o in sent})
 
 
@@ -159,7 +160,7 @@ async def test_resource_without_node_name_and_occurrence_without_error() -> None
     assert keys == {"service.name", "service.version", "host.name"}
     lr = rl.scope_logs[0].log_records[0]
     attrs = {kv.key for kv in lr.attributes}
-    assert "error.code" not in attrs
+    assert "error.type" not in attrs
     assert lr.body.string_value == NODE_CPU_STALL
 
 
@@ -240,7 +241,7 @@ async def test_large_batch_is_gzipped_and_complete() -> None:
     assert len(gzip.decompress(body)) > 500_000 > len(body)
     records = decode_otlp(body).resource_logs[0].scope_logs[0].log_records
     ids = [
-        next(kv.value.string_value for kv in r.attributes if kv.key == "occurrence.id")
+        next(kv.value.string_value for kv in r.attributes if kv.key == "log.record.uid")
         for r in records
     ]
     assert ids == [o.id for o in sent]
@@ -265,4 +266,8 @@ def test_resource_detect_reads_node_name(monkeypatch: pytest.MonkeyPatch) -> Non
     r = OtlpResource.detect()
     assert r.k8s_node_name == "worker-7"
     assert r.service_name == "tapio" and r.service_version == tapio.__version__
-    assert r.host_name == socket.gethostname()
+    # Inside a pod gethostname() is the pod's name: the node is the host.
+    assert r.host_name == "worker-7"
+    monkeypatch.delenv("TAPIO_NODE_NAME")
+    r = OtlpResource.detect()
+    assert r.host_name == socket.gethostname() and r.k8s_node_name is None

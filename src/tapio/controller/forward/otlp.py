@@ -1,11 +1,15 @@
 """``otlp+http://HOST:PORT[/PREFIX]`` / ``otlp+https://`` output: OTLP/HTTP logs.
 
-One implementation of the OTLP mapping: each record is turned back into an
-:class:`~tapio.occurrence.Occurrence` and encoded by the agent's own
-:func:`tapio.sinks.otlp.to_log_record` (same attributes, severity numbers and body), plus
-``log.record.uid`` = the occurrence id, the key receivers use to drop a retried duplicate.
-Records are grouped by node into one ResourceLogs each (``k8s.node.name`` and ``host.name`` =
-the agent's node), sent to ``<endpoint>/v1/logs`` as gzip-compressed protobuf.
+One implementation of OTLP: each record is turned back into an
+:class:`~tapio.occurrence.Occurrence` and mapped by the agent's own
+:mod:`tapio.sinks.otlp_records` (same attribute names, severity numbers and body; the
+controller's Kubernetes enrichment becomes ``k8s.pod.name``, ``k8s.namespace.name``,
+``k8s.deployment.name``, ...), and ``log.record.uid`` = the occurrence id is the key receivers
+use to drop a retried duplicate. The ``OTEL_*`` environment is read by the agent's code too
+(:func:`tapio.sinks.otlp_config.resolve`): protocol, compression, headers, timeout, service
+name and resource attributes; the endpoint is always the ``--forward`` URL. Records are grouped
+by node into one ResourceLogs each (``k8s.node.name`` and ``host.name`` = the agent's node) and
+sent to ``<endpoint>/v1/logs``.
 
 A 2xx answer delivers the chunk; 408, 429, 5xx and transport errors are retried by the lane;
 any other answer (the receiver will never take this chunk) and TLS failures (never downgraded)
@@ -14,25 +18,28 @@ drop it, counted as ``reason="rejected"``.
 
 from __future__ import annotations
 
-import gzip
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
 import msgspec
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 import tapio
 from tapio.controller.forward.record import ForwardedOccurrence, Record
 from tapio.occurrence import PROTOCOL_VERSION, Occurrence, OccurrenceError
-from tapio.sinks.otlp import build_request, to_log_record
+from tapio.sinks.otlp_config import LOGS_PATH, OtlpSettings, resolve
+from tapio.sinks.otlp_records import (
+    OtlpResource,
+    build_request,
+    encode_request,
+    request_headers,
+    to_log_record,
+)
 from tapio.transport import classify_exception, classify_status, parse_endpoint, tls_for
 
-LOGS_PATH: Final = "/v1/logs"
-TIMEOUT: Final = 10.0
 MAX_ANSWER_BYTES: Final = 64 * 1024
 
 _decoder = msgspec.json.Decoder(ForwardedOccurrence)
@@ -54,37 +61,38 @@ def _occurrence(doc: ForwardedOccurrence) -> Occurrence:
     )
 
 
-def _resource(node: str) -> Resource:
-    def kv(key: str, value: str) -> KeyValue:
-        return KeyValue(key=key, value=AnyValue(string_value=value))
-
-    return Resource(
-        attributes=[
-            kv("service.name", "tapio"),
-            kv("service.version", tapio.__version__),
-            kv("host.name", node),
-            kv("k8s.node.name", node),
-        ]
-    )
-
-
-def encode(records: Sequence[Record]) -> bytes:
-    """The ExportLogsServiceRequest for ``records`` (one ResourceLogs per node), serialized."""
+def encode_request_for(
+    records: Sequence[Record], settings: OtlpSettings | None = None
+) -> ExportLogsServiceRequest:
+    """The ExportLogsServiceRequest for ``records``: one ResourceLogs per node."""
+    settings = settings or OtlpSettings()
     observed = time.time_ns()
     by_node: dict[str, list[Any]] = {}
     for r in records:
-        log = to_log_record(_occurrence(_decoder.decode(r.body)), observed)
-        log.attributes.append(KeyValue(key="log.record.uid", value=AnyValue(string_value=r.id)))
-        by_node.setdefault(r.node_name, []).append(log)
+        by_node.setdefault(r.node_name, []).append(
+            to_log_record(_occurrence(_decoder.decode(r.body)), observed)
+        )
     request = ExportLogsServiceRequest()
     for node, logs in by_node.items():
-        request.resource_logs.extend(build_request(_resource(node), logs).resource_logs)
-    raw: bytes = request.SerializeToString()
-    return raw
+        resource = OtlpResource(
+            service_name=settings.service_name,
+            host_name=node,
+            k8s_node_name=node,
+            attributes=dict(settings.resource_attributes),
+        )
+        request.resource_logs.extend(build_request(resource.to_proto(), logs).resource_logs)
+    return request
 
 
 class OtlpOutput:
-    def __init__(self, url: str, *, timeout: float = TIMEOUT, ca_file: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float | None = None,
+        ca_file: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ):
         scheme, sep, rest = url.partition("://")
         if scheme not in ("otlp+http", "otlp+https") or not sep:
             raise ValueError("not an otlp+http(s)://HOST:PORT URL")
@@ -92,8 +100,12 @@ class OtlpOutput:
         base = endpoint.path.rstrip("/")
         self.url = endpoint.with_path(base + LOGS_PATH)
         self.name = f"{scheme}://{endpoint.host}:{endpoint.port}{base}"
-        self._ssl = tls_for(endpoint, ca_file)
-        self._timeout = timeout
+        env = os.environ if env is None else env
+        # The URL names the collector; everything else may come from OTEL_* (the sink's rules).
+        self.settings = resolve({"endpoint": str(endpoint.with_path(base))}, env)
+        self._ssl = tls_for(endpoint, ca_file or self.settings.ca_file)
+        self._timeout = self.settings.timeout_secs if timeout is None else timeout
+        self._headers = request_headers(self.settings, f"tapio-controller/{tapio.__version__}")
         self._session: aiohttp.ClientSession | None = None
         self.last_answer = ""
 
@@ -106,15 +118,10 @@ class OtlpOutput:
 
     async def deliver(self, records: Sequence[Record]) -> list[bool | None]:
         assert self._session is not None
-        body = gzip.compress(encode(records), compresslevel=6, mtime=0)
-        headers = {
-            "Content-Type": "application/x-protobuf",
-            "Content-Encoding": "gzip",
-            "User-Agent": f"tapio-controller/{tapio.__version__}",
-        }
+        body = encode_request(encode_request_for(records, self.settings), self.settings)
         try:
             async with self._session.post(
-                self.url, data=body, headers=headers, allow_redirects=False
+                self.url, data=body, headers=self._headers, allow_redirects=False
             ) as resp:
                 await resp.content.read(MAX_ANSWER_BYTES)
                 attempt = classify_status(resp.status, resp.headers.get("Retry-After"))

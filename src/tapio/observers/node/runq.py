@@ -15,28 +15,28 @@ from tapio.bpf.abi import CStruct
 RUNQ_SLOTS = 24
 RUNQ_HIST = CStruct(
     "runq_hist",
-    [
-        ("waits", "Q"),
-        ("wait_ns", "Q"),
-        ("over", "Q"),
-        ("throttled_waits", "Q"),
-        ("throttled_ns", "Q"),
-        ("slots", f"{RUNQ_SLOTS}Q"),
-    ],
+    f"""
+    waits           Q
+    wait_ns         Q
+    over            Q
+    throttled_waits Q
+    throttled_ns    Q
+    slots           {RUNQ_SLOTS}Q
+    """,
     232,
 )
 RUNQ_WORST = CStruct(
     "runq_worst",
-    [
-        ("max_ns", "Q"),
-        ("cgroup_id", "Q"),
-        ("timestamp_ns", "Q"),
-        ("pid", "I"),
-        ("tid", "I"),
-        ("config_generation", "I"),
-        ("_pad", "4x"),
-        ("comm", "16s"),
-    ],
+    """
+    max_ns            Q
+    cgroup_id         Q
+    timestamp_ns      Q
+    pid               I
+    tid               I
+    config_generation I
+    _pad              4x
+    comm              16s
+    """,
     56,
 )
 
