@@ -48,6 +48,13 @@ ANOMALY_TYPES: tuple[str, ...] = (
     NODE_IPC_DEGRADATION,
 )
 
+# Cluster-level evidence the controller judges itself (source ``tapio-controller``), kept apart
+# from the node agent's types: no node observer can produce them.
+CONTROLLER_SOURCE = "tapio-controller"
+SCHEDULER_LATENCY_SPIKE = "cluster.scheduler.latency_spike"
+SCHEDULER_QUEUE_BACKLOG = "cluster.scheduler.queue_backlog"
+CLUSTER_TYPES: tuple[str, ...] = (SCHEDULER_LATENCY_SPIKE, SCHEDULER_QUEUE_BACKLOG)
+
 
 class OccurrenceError(msgspec.Struct, omit_defaults=True, gc=False):
     code: str

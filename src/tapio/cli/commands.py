@@ -21,6 +21,7 @@ from tapio.cli.store import (
     DataDirError,
     Filter,
     Record,
+    Summary,
     data_dir_problem,
     iter_records,
     newest,
@@ -189,6 +190,25 @@ def _agent_json(status: AgentStatus | None, now_ns: int) -> dict[str, Any] | Non
     }
 
 
+def health_doc(
+    summary: Summary, observer: str | None, healthy: bool, failed: list[str], **more: Any
+) -> dict[str, Any]:
+    """``health --json``: the last hour's figures (of one observer or all), then ``more``
+    (the agent's status file on a node, the agents a controller knows in the cluster view)."""
+    stats = [summary.get(observer)] if observer else summary.ordered(include_fixed=True)
+    return {
+        "status": summary.get(observer).status if observer else summary.status,
+        "healthy": healthy,
+        "observer": observer,
+        "window_seconds": HOUR_NS // 1_000_000_000,
+        "total_anomalies_1h": sum(s.count for s in stats),
+        "total_critical_1h": sum(s.critical for s in stats),
+        "failed_observers": failed,
+        "observers": [render.observer_json(s) for s in stats],
+        **more,
+    }
+
+
 def cmd_health(args: argparse.Namespace, con: Console, data_dir: str) -> int:
     """Health of the last hour. The exit code makes it a check: 0 healthy, 1 not healthy
     (any anomaly in the window, or an observer the agent reports as not running), 3 no data."""
@@ -217,18 +237,7 @@ def cmd_health(args: argparse.Namespace, con: Console, data_dir: str) -> int:
     status = summary.get(observer).status if observer else summary.status
     healthy = status == "healthy" and not failed
     if _json(args):
-        stats = [summary.get(observer)] if observer else summary.ordered(include_fixed=True)
-        doc = {
-            "status": status,
-            "healthy": healthy,
-            "observer": observer,
-            "window_seconds": HOUR_NS // 1_000_000_000,
-            "total_anomalies_1h": sum(s.count for s in stats),
-            "total_critical_1h": sum(s.critical for s in stats),
-            "failed_observers": failed,
-            "observers": [render.observer_json(s) for s in stats],
-            "agent": _agent_json(agent, now),
-        }
+        doc = health_doc(summary, observer, healthy, failed, agent=_agent_json(agent, now))
         con.out([json.dumps(doc, ensure_ascii=False)])
     else:
         if observer:

@@ -22,6 +22,8 @@ from typing import Any, TextIO
 from tapio.cli.commands import COMMANDS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Console
 from tapio.cli.render import COLOR_MODES
 from tapio.cli.store import (
+    CLUSTER_KNOWN_TYPES,
+    CLUSTER_OBSERVERS,
     DEFAULT_DATA_DIR,
     KNOWN_TYPES,
     OBSERVERS,
@@ -73,20 +75,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _choice_error(value: str, what: str, choices: Sequence[str]) -> argparse.ArgumentTypeError:
+def _choice_error(
+    value: str, what: str, choices: Sequence[str], cluster: Sequence[str] = ()
+) -> argparse.ArgumentTypeError:
+    more = [c for c in cluster if c not in choices]
+    also = f"; with --controller also {', '.join(more)}" if more else ""
     return argparse.ArgumentTypeError(
-        f"invalid choice {value!r}: unknown {what} (choose from {', '.join(choices)})"
+        f"invalid choice {value!r}: unknown {what} (choose from {', '.join(choices)}){also}"
     )
 
 
-def _csv(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+def _csv(
+    choices: Sequence[str], what: str, cluster: Sequence[str] = ()
+) -> Callable[[str], list[str]]:
+    """A comma-separated list of ``choices``; ``cluster`` values (what only a controller's
+    window holds) pass here and are refused without ``--controller`` by :func:`_cluster_usage`."""
+
     def parse(text: str) -> list[str]:
         values = [v.strip().lower() for v in text.split(",") if v.strip()]
         if not values:
             raise argparse.ArgumentTypeError("expected at least one value")
-        bad = [v for v in values if v not in choices]
+        bad = [v for v in values if v not in choices and v not in cluster]
         if bad:
-            raise _choice_error(bad[0], what, choices)
+            raise _choice_error(bad[0], what, choices, cluster)
         return values
 
     return parse
@@ -94,8 +105,8 @@ def _csv(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
 
 def _observer(text: str) -> str:
     value = text.strip().lower()
-    if value not in OBSERVERS:
-        raise _choice_error(value, "observer", OBSERVERS)
+    if value not in CLUSTER_OBSERVERS:
+        raise _choice_error(value, "observer", OBSERVERS, CLUSTER_OBSERVERS)
     return value
 
 
@@ -156,19 +167,21 @@ def _add_window(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# The repeatable comma-separated filters: (option, its known values, what one value is called in
-# an error, metavar, help).
-_LIST_FILTERS: tuple[tuple[str, Sequence[str], str, str, str], ...] = (
+# The repeatable comma-separated filters: (option, its known values on a node, the cluster's,
+# what one value is called in an error, metavar, help).
+_LIST_FILTERS: tuple[tuple[str, Sequence[str], Sequence[str], str, str, str], ...] = (
     (
         "--observer",
         OBSERVERS,
+        CLUSTER_OBSERVERS,
         "observer",
         "NAME[,NAME]",
-        f"only these observers ({', '.join(OBSERVERS)}); repeatable",
+        f"only these observers ({', '.join(CLUSTER_OBSERVERS)}); repeatable",
     ),
     (
         "--type",
         KNOWN_TYPES,
+        CLUSTER_KNOWN_TYPES,
         "anomaly type",
         "TYPE[,TYPE]",
         "only these anomaly types (e.g. kernel.network.connection_refused); repeatable",
@@ -176,6 +189,7 @@ _LIST_FILTERS: tuple[tuple[str, Sequence[str], str, str, str], ...] = (
     (
         "--severity",
         SEVERITIES,
+        (),
         "severity",
         "LEVEL[,LEVEL]",
         f"only these severities ({', '.join(SEVERITIES)}); repeatable",
@@ -184,11 +198,11 @@ _LIST_FILTERS: tuple[tuple[str, Sequence[str], str, str, str], ...] = (
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
-    for option, choices, what, metavar, help_text in _LIST_FILTERS:
+    for option, choices, cluster, what, metavar, help_text in _LIST_FILTERS:
         parser.add_argument(
             option,
             action="extend",
-            type=_csv(choices, what),
+            type=_csv(choices, what, cluster),
             default=None,
             metavar=metavar,
             help=help_text,
@@ -214,6 +228,25 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_controller(parser: argparse.ArgumentParser) -> None:
+    """The cluster view: ask a controller's evidence window instead of a data directory."""
+    g = parser.add_argument_group("cluster view (read a Tapio controller instead of --data-dir)")
+    g.add_argument(
+        "--controller",
+        metavar="URL",
+        help="the controller's base URL (http(s)://HOST:PORT); reads its GET /v1/evidence",
+    )
+    g.add_argument("--token-file", metavar="FILE", help="bearer token for the controller")
+    g.add_argument("--ca-file", metavar="FILE", help="CA bundle for an https controller")
+    for name, what in (
+        ("namespace", "Kubernetes namespace"),
+        ("pod", "pod name"),
+        ("node", "node name"),
+        ("workload", "workload: name or Kind/name"),
+    ):
+        g.add_argument(f"--{name}", type=_non_empty, metavar=name.upper(), help=f"only this {what}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapio",
@@ -228,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, "one document")
     _add_window(p)
     _add_filters(p)
+    _add_controller(p)
 
     p = sub.add_parser("watch", help="follow new occurrences as they are written")
     _add_common(p)
@@ -250,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"show at most N (default {RECENT_LIMIT})",
     )
     _add_filters(p)
+    _add_controller(p)
 
     p = sub.add_parser(
         "health",
@@ -261,8 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_output(p, "one document")
     p.add_argument(
-        "observer", nargs="?", type=_observer, help=f"one observer ({', '.join(OBSERVERS)})"
+        "observer",
+        nargs="?",
+        type=_observer,
+        help=f"one observer ({', '.join(CLUSTER_OBSERVERS)})",
     )
+    _add_controller(p)
 
     p = sub.add_parser("mcp", help="read-only MCP server on stdio")
     _add_common(p)
@@ -291,7 +330,16 @@ def main(
         data_dir = getattr(args, "data_dir", None) or env.get("TAPIO_DATA_DIR") or DEFAULT_DATA_DIR
         opts: dict[str, Any] = vars(args)
         con = Console(out, err, env, clock, opts.get("color", "auto"))
+        cluster = _cluster_usage(opts)
+        if cluster is not None:
+            parser.print_usage(err)
+            err.write(f"tapio {args.command}: error: {cluster}\n")
+            return EXIT_USAGE
         try:
+            if opts.get("controller"):
+                from tapio.cli.cluster import COMMANDS as CLUSTER_COMMANDS
+
+                return CLUSTER_COMMANDS[args.command](args, con)
             return COMMANDS[args.command](args, con, data_dir)
         except DataDirError as exc:
             con.error(str(exc))
@@ -301,6 +349,25 @@ def main(
             return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _cluster_usage(opts: dict[str, Any]) -> str | None:
+    """Why the cluster options do not fit together (None: they do)."""
+    if opts.get("controller"):
+        if "data_dir" in opts:
+            return "--controller and --data-dir read different things; give one"
+        return None
+    scope = ("token_file", "ca_file", "namespace", "pod", "node", "workload")
+    # (watch has no cluster view; its --node is the node-observer flag, not a node name)
+    for name in scope if opts.get("command") != "watch" else ():
+        if opts.get(name):
+            return f"--{name.replace('_', '-')} needs --controller URL"
+    for name, node_side in (("observer", OBSERVERS), ("type", KNOWN_TYPES)):
+        values = opts.get(name) or ()
+        for value in [values] if isinstance(values, str) else values:
+            if value not in node_side:
+                return f"{name} {value!r} is cluster evidence: it needs --controller URL"
+    return None
 
 
 def _silence_stdout(stream: TextIO) -> None:

@@ -29,8 +29,26 @@ from typing import Any, BinaryIO
 import msgspec
 
 from tapio import __version__
-from tapio.cli.mcp_tools import HANDLERS, TOOL_NAMES, TOOLS, ToolInputError
-from tapio.cli.store import OBSERVERS, DataDirError, Record, iter_records, system_clock
+from tapio.cli.mcp_tools import (
+    CLUSTER_TOOLS,
+    HANDLERS,
+    TOOL_NAMES,
+    TOOLS,
+    Records,
+    ToolContext,
+    ToolInputError,
+)
+from tapio.cli.store import (
+    CLUSTER_KNOWN_TYPES,
+    CLUSTER_OBSERVERS,
+    OBSERVERS,
+    DataDirError,
+    Filter,
+    Record,
+    iter_records,
+    select,
+    system_clock,
+)
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -57,6 +75,14 @@ INSTRUCTIONS = (
     f"on this node. Timestamps are UTC; the observers are {', '.join(OBSERVERS)}. Lists are "
     "bounded: when a result says truncated, pass its next_cursor back as cursor for the rest."
 )
+CLUSTER_INSTRUCTIONS = (
+    "Read-only access to the recent kernel anomaly evidence (occurrences) that the Tapio agents "
+    "of this cluster sent to the Tapio controller, enriched with Kubernetes names (pod_name, "
+    "pod_namespace, workload_kind/workload_name), plus the controller's own scheduler evidence. "
+    "Every tool takes namespace, workload and node filters. The controller keeps a bounded "
+    "window (by count and age), not a history. Timestamps are UTC. Lists are bounded: when a "
+    "result says truncated, pass its next_cursor back as cursor for the rest."
+)
 
 
 class RpcError(Exception):
@@ -81,12 +107,19 @@ class McpServer:
 
     def __init__(
         self,
-        data_dir: str,
+        data_dir: str | None = None,
         *,
         clock: Callable[[], int] = system_clock,
         log: Callable[[str], None] | None = None,
+        records: Records | None = None,
     ) -> None:
+        """Serve ``data_dir`` (a node's occurrence directory), or with ``records`` a
+        controller's evidence window (the cluster tools: namespace/workload/node filters)."""
+        if (data_dir is None) == (records is None):
+            raise TypeError("McpServer takes a data_dir or records")
         self.data_dir = data_dir
+        self.cluster = records is not None
+        self._source: Records = records if records is not None else self._dir_records
         self.clock = clock
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.protocol_version = LATEST_VERSION
@@ -101,8 +134,16 @@ class McpServer:
             self._warned.add(path)
             self.log(f"warning: skipped {path}: {reason}")
 
-    def _records(self) -> Iterator[Record]:
-        return iter_records(self.data_dir, self._warn)
+    def _dir_records(self, flt: Filter) -> Iterator[Record]:
+        assert self.data_dir is not None
+        return select(iter_records(self.data_dir, self._warn), flt)
+
+    def context(self) -> ToolContext:
+        if self.cluster:
+            return ToolContext(
+                self._source, self.clock(), CLUSTER_OBSERVERS, CLUSTER_KNOWN_TYPES, cluster=True
+            )
+        return ToolContext(self._source, self.clock())
 
     # -- tools ---------------------------------------------------------------------------
 
@@ -113,14 +154,15 @@ class McpServer:
             drop |= {"title", "outputSchema"}
         if self.protocol_version not in _ANNOTATION_VERSIONS:
             drop.add("annotations")
-        return [{k: v for k, v in tool.items() if k not in drop} for tool in TOOLS]
+        tools = CLUSTER_TOOLS if self.cluster else TOOLS
+        return [{k: v for k, v in tool.items() if k not in drop} for tool in tools]
 
     def call_tool(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
         handler = HANDLERS.get(name)
         if handler is None:
             raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
         try:
-            result = handler(self._records, self.clock(), args)
+            result = handler(self.context(), args)
         except ToolInputError as exc:
             message = f"Invalid arguments for tool '{name}': {exc}"
             if self.protocol_version not in _ARGUMENT_ERRORS_IN_RESULT:
@@ -148,7 +190,7 @@ class McpServer:
             "protocolVersion": self.protocol_version,
             "capabilities": {"tools": {"listChanged": False}},
             "serverInfo": {"name": SERVER_NAME, "title": "Tapio", "version": __version__},
-            "instructions": INSTRUCTIONS,
+            "instructions": CLUSTER_INSTRUCTIONS if self.cluster else INSTRUCTIONS,
         }
 
     def _tools_call(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """The MCP tools of ``tapio mcp``: their descriptions (schemas, annotations) and what they answer.
 
-Every tool only reads the occurrence directory (``readOnlyHint``, idempotent, closed world).
+One implementation for both servers: ``tapio mcp`` on stdio reads a node's occurrence
+directory, the controller's ``/mcp`` (streamable HTTP) reads its evidence window and adds the
+namespace/workload/node arguments. Every tool only reads (``readOnlyHint``, idempotent, closed
+world).
 Results carry the JSON text that older clients read plus ``structuredContent`` matching the
 tool's ``outputSchema``. Anomaly lists are bounded: at most ``MAX_ITEMS`` anomalies and about
 ``MAX_RESULT_BYTES`` of JSON per call; whatever is left is announced (``truncated``, a second
@@ -20,14 +23,14 @@ from typing import Any
 import msgspec
 
 from tapio.cli.store import (
+    CLUSTER_KNOWN_TYPES,
+    CLUSTER_OBSERVERS,
     HOUR_NS,
     KNOWN_TYPES,
     OBSERVERS,
     Filter,
     Record,
     Summary,
-    container_matches,
-    select,
 )
 
 #: At most this many anomalies in one tool result.
@@ -105,84 +108,120 @@ def _tool(
     }
 
 
-TOOLS: list[dict[str, Any]] = [
-    _tool(
-        "tapio_recent_anomalies",
-        "Recent kernel anomalies",
-        "Get recent kernel anomalies from the last N minutes",
-        {
-            "minutes": {"type": "number", "description": "Time window in minutes", "default": 5},
-            "observer": {
-                "type": "string",
-                "description": "Observer category to include",
-                "enum": [*OBSERVERS, "all"],
-                "default": "all",
+#: The cluster view's extra arguments (the controller's ``/mcp``): names the controller's
+#: Kubernetes enrichment added and the node that sent the evidence.
+SCOPE_PROPERTIES: dict[str, Any] = {
+    "namespace": {"type": "string", "description": "Only this Kubernetes namespace"},
+    "workload": {
+        "type": "string",
+        "description": "Only this workload: name or Kind/name (e.g. Deployment/checkout)",
+    },
+    "node": {"type": "string", "description": "Only evidence sent by this node"},
+}
+
+
+def tool_list(
+    observers: tuple[str, ...], types: tuple[str, ...], *, cluster: bool = False
+) -> list[dict[str, Any]]:
+    """The tool descriptions for a server whose evidence has these observers and types; the
+    cluster view adds the namespace/workload/node arguments to every tool."""
+    scope = SCOPE_PROPERTIES if cluster else {}
+    where = "in the cluster" if cluster else "on this node"
+    return [
+        _tool(
+            "tapio_recent_anomalies",
+            "Recent kernel anomalies",
+            "Get recent kernel anomalies from the last N minutes",
+            {
+                "minutes": {
+                    "type": "number",
+                    "description": "Time window in minutes",
+                    "default": 5,
+                },
+                "observer": {
+                    "type": "string",
+                    "description": "Observer category to include",
+                    "enum": [*observers, "all"],
+                    "default": "all",
+                },
+                "severity": {
+                    "type": "string",
+                    "description": "Severity to include",
+                    "enum": ["warning", "error", "critical", "all"],
+                    "default": "all",
+                },
+                "type": {
+                    "type": "string",
+                    "description": "Anomaly type to include",
+                    "enum": [*types, "all"],
+                    "default": "all",
+                },
+                **scope,
+                "cursor": _CURSOR,
             },
-            "severity": {
-                "type": "string",
-                "description": "Severity to include",
-                "enum": ["warning", "error", "critical", "all"],
-                "default": "all",
+            ANOMALY_LIST_SCHEMA,
+        ),
+        _tool(
+            "tapio_node_health",
+            "Node health",
+            f"Get current health summary {where} across all observers",
+            dict(scope),
+            HEALTH_SCHEMA,
+        ),
+        _tool(
+            "tapio_watch_stream",
+            "Latest anomalies",
+            "Get the most recent anomalies (snapshot, not streaming)",
+            {
+                "observer": {
+                    "type": "string",
+                    "description": f"Observer category to include ({', '.join(observers)}); all "
+                    "when omitted",
+                    "enum": [*observers, "all"],
+                },
+                "max_events": {
+                    "type": "number",
+                    "description": f"Maximum number of anomalies to return (at most {MAX_ITEMS} "
+                    "per call)",
+                    "default": 50,
+                },
+                **scope,
+                "cursor": _CURSOR,
             },
-            "type": {
-                "type": "string",
-                "description": "Anomaly type to include",
-                "enum": [*KNOWN_TYPES, "all"],
-                "default": "all",
+            ANOMALY_LIST_SCHEMA,
+        ),
+        _tool(
+            "tapio_container_anomalies",
+            "Anomalies of a container or pod",
+            "Get kernel anomalies attributed to a container or pod in the last N minutes, "
+            "matched on the container_id and pod_uid facts of each anomaly",
+            {
+                "container_id": {
+                    "type": "string",
+                    "description": "Container id, full or a prefix of at least 6 characters "
+                    "(e.g. the 12-character short id)",
+                },
+                "pod_uid": {
+                    "type": "string",
+                    "description": "Kubernetes pod UID (dashes or underscores)",
+                },
+                "minutes": {
+                    "type": "number",
+                    "description": "Time window in minutes",
+                    "default": 60,
+                },
+                **scope,
+                "cursor": _CURSOR,
             },
-            "cursor": _CURSOR,
-        },
-        ANOMALY_LIST_SCHEMA,
-    ),
-    _tool(
-        "tapio_node_health",
-        "Node health",
-        "Get current node health summary across all observers",
-        {},
-        HEALTH_SCHEMA,
-    ),
-    _tool(
-        "tapio_watch_stream",
-        "Latest anomalies",
-        "Get the most recent anomalies (snapshot, not streaming)",
-        {
-            "observer": {
-                "type": "string",
-                "description": f"Observer category to include ({', '.join(OBSERVERS)}); all "
-                "when omitted",
-                "enum": [*OBSERVERS, "all"],
-            },
-            "max_events": {
-                "type": "number",
-                "description": f"Maximum number of anomalies to return (at most {MAX_ITEMS} "
-                "per call)",
-                "default": 50,
-            },
-            "cursor": _CURSOR,
-        },
-        ANOMALY_LIST_SCHEMA,
-    ),
-    _tool(
-        "tapio_container_anomalies",
-        "Anomalies of a container or pod",
-        "Get kernel anomalies attributed to a container or pod in the last N minutes, "
-        "matched on the container_id and pod_uid facts of each anomaly",
-        {
-            "container_id": {
-                "type": "string",
-                "description": "Container id, full or a prefix of at least 6 characters "
-                "(e.g. the 12-character short id)",
-            },
-            "pod_uid": {
-                "type": "string",
-                "description": "Kubernetes pod UID (dashes or underscores)",
-            },
-            "minutes": {"type": "number", "description": "Time window in minutes", "default": 60},
-            "cursor": _CURSOR,
-        },
-        ANOMALY_LIST_SCHEMA,
-    ),
-]
+            ANOMALY_LIST_SCHEMA,
+        ),
+    ]
+
+
+TOOLS: list[dict[str, Any]] = tool_list(OBSERVERS, KNOWN_TYPES)
+CLUSTER_TOOLS: list[dict[str, Any]] = tool_list(
+    CLUSTER_OBSERVERS, CLUSTER_KNOWN_TYPES, cluster=True
+)
 TOOL_NAMES = frozenset(tool["name"] for tool in TOOLS)
 
 
@@ -236,11 +275,9 @@ def encode_cursor(key: tuple[int, str]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _cursor(args: dict[str, Any]) -> tuple[int, str] | None:
-    """The position after which to continue (an opaque string to the client)."""
-    text = _optional_str(args, "cursor")
-    if text is None:
-        return None
+def decode_cursor(text: str) -> tuple[int, str]:
+    """The (timestamp, name) position a cursor encodes; ValueError if it is not one of ours.
+    The controller's ``GET /v1/evidence`` pages with the same cursors."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         ts, name = json.loads(raw)
@@ -248,7 +285,18 @@ def _cursor(args: dict[str, Any]) -> tuple[int, str] | None:
             return ts, name
     except (ValueError, TypeError):
         pass
-    raise ToolInputError("cursor is not a next_cursor returned by this tool")
+    raise ValueError("not a cursor")
+
+
+def _cursor(args: dict[str, Any]) -> tuple[int, str] | None:
+    """The position after which to continue (an opaque string to the client)."""
+    text = _optional_str(args, "cursor")
+    if text is None:
+        return None
+    try:
+        return decode_cursor(text)
+    except ValueError:
+        raise ToolInputError("cursor is not a next_cursor returned by this tool") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +323,7 @@ def anomaly_page(
     parts: list[bytes] = []
     size = 2
     for rec in top:
-        encoded = _encoder.encode(rec.occ)
+        encoded = rec.doc if rec.doc is not None else _encoder.encode(rec.occ)
         if parts and size + len(encoded) + 1 > MAX_RESULT_BYTES:
             break
         parts.append(encoded)
@@ -306,26 +354,51 @@ def anomaly_page(
 # the tools
 
 
-Records = Callable[[], Iterator[Record]]
+Records = Callable[[Filter], Iterator[Record]]
+"""The evidence matching a filter (a node's directory or a controller's evidence window)."""
 
 
-def recent_anomalies(records: Records, now: int, args: dict[str, Any]) -> ToolResult:
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    """What a tool call reads: the evidence, "now", and which observers and types it knows."""
+
+    records: Records
+    now: int
+    observers: tuple[str, ...] = OBSERVERS
+    types: tuple[str, ...] = KNOWN_TYPES
+    cluster: bool = False
+
+    def scope(self, args: dict[str, Any], **fields: Any) -> Filter:
+        """``fields`` plus the cluster view's namespace/workload/node arguments."""
+        if self.cluster:
+            for key, name in (("namespace", "namespaces"), ("workload", "workloads")):
+                value = _optional_str(args, key)
+                if value is not None:
+                    fields[name] = frozenset({value})
+            node = _optional_str(args, "node")
+            if node is not None:
+                fields["nodes"] = frozenset({node})
+        return Filter(**fields)
+
+
+def recent_anomalies(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     window = _minutes(args, 5)
-    observer = _enum(args, "observer", (*OBSERVERS, "all"))
+    observer = _enum(args, "observer", (*ctx.observers, "all"))
     severity = _enum(args, "severity", ("warning", "error", "critical", "all"))
-    type_ = _enum(args, "type", (*KNOWN_TYPES, "all"))
-    flt = Filter(
+    type_ = _enum(args, "type", (*ctx.types, "all"))
+    flt = ctx.scope(
+        args,
         observers=None if observer == "all" else frozenset({observer}),
         severities=None if severity == "all" else frozenset({severity}),
         types=None if type_ == "all" else frozenset({type_}),
-        since_ns=now - window,
+        since_ns=ctx.now - window,
     )
-    return anomaly_page(select(records(), flt), None, _cursor(args))
+    return anomaly_page(ctx.records(flt), None, _cursor(args))
 
 
-def node_health(records: Records, now: int, args: dict[str, Any]) -> ToolResult:
+def node_health(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     summary = Summary()
-    for rec in select(records(), Filter(since_ns=now - HOUR_NS)):
+    for rec in ctx.records(ctx.scope(args, since_ns=ctx.now - HOUR_NS)):
         summary.add(rec)
     body = {
         "status": summary.status,
@@ -339,34 +412,35 @@ def node_health(records: Records, now: int, args: dict[str, Any]) -> ToolResult:
     return ToolResult(json.dumps(body, indent=2, ensure_ascii=False), body)
 
 
-def watch_stream(records: Records, now: int, args: dict[str, Any]) -> ToolResult:
+def watch_stream(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     observer = _optional_str(args, "observer")
-    if observer is not None and observer != "all" and observer not in OBSERVERS:
+    if observer is not None and observer != "all" and observer not in ctx.observers:
         raise ToolInputError(
-            f"observer must be one of {', '.join(OBSERVERS)}, got {json.dumps(observer)}"
+            f"observer must be one of {', '.join(ctx.observers)}, got {json.dumps(observer)}"
         )
     value = args.get("max_events", 50)
     if not _is_number(value) or not float(value).is_integer() or value < 0:
         raise ToolInputError(f"max_events must be a non-negative integer, got {json.dumps(value)}")
-    flt = Filter(observers=None if observer in (None, "all") else frozenset({str(observer)}))
-    return anomaly_page(select(records(), flt), int(value), _cursor(args))
+    observers = None if observer in (None, "all") else frozenset({str(observer)})
+    flt = ctx.scope(args, observers=observers)
+    return anomaly_page(ctx.records(flt), int(value), _cursor(args))
 
 
-def container_anomalies(records: Records, now: int, args: dict[str, Any]) -> ToolResult:
+def container_anomalies(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     container_id = _optional_str(args, "container_id")
     pod_uid = _optional_str(args, "pod_uid")
     if container_id is None and pod_uid is None:
         raise ToolInputError("container_id or pod_uid is required")
-    since = now - _minutes(args, 60)
-    matched = (
-        rec
-        for rec in records()
-        if rec.ts_ns >= since and container_matches(rec, container_id, pod_uid)
+    flt = ctx.scope(
+        args,
+        since_ns=ctx.now - _minutes(args, 60),
+        container_id=container_id,
+        pod_uid=pod_uid,
     )
-    return anomaly_page(matched, None, _cursor(args))
+    return anomaly_page(ctx.records(flt), None, _cursor(args))
 
 
-HANDLERS: dict[str, Callable[[Records, int, dict[str, Any]], ToolResult]] = {
+HANDLERS: dict[str, Callable[[ToolContext, dict[str, Any]], ToolResult]] = {
     "tapio_recent_anomalies": recent_anomalies,
     "tapio_node_health": node_health,
     "tapio_watch_stream": watch_stream,

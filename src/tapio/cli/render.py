@@ -79,9 +79,25 @@ def _str_fact(data: Mapping[str, Any], *keys: str) -> str | None:
     return None
 
 
-def who(rec: Record) -> str:
+def pod_of(rec: Record) -> tuple[str | None, str | None]:
+    """(namespace, pod name) from the facts or the context, each None when absent."""
+    occ = rec.occ
+    data = occ.data or {}
+    pod = _str_fact(data, "pod_name", "k8s_pod_name", "pod")
+    namespace = _str_fact(data, "namespace", "pod_namespace", "k8s_namespace")
+    ctx = occ.context
+    if ctx is not None:
+        namespace = namespace or ctx.namespace
+        for entity in ctx.entities or ():
+            if pod is None and entity.kind.lower() == "pod":
+                pod = entity.name or entity.id
+    return namespace, pod
+
+
+def who(rec: Record, *, pod_column: bool = False) -> str:
     """``pid=<n> comm=<c> pod=<ns>/<name>``: the facts that say which process (and pod) an
-    occurrence is about, those present in the evidence only; empty when none is."""
+    occurrence is about, those present in the evidence only; empty when none is. With
+    ``pod_column`` the pod is left out (the cluster view shows it in a column of its own)."""
     occ = rec.occ
     data = occ.data or {}
     parts = []
@@ -91,14 +107,9 @@ def who(rec: Record) -> str:
     comm = _str_fact(data, "comm")
     if comm is not None:
         parts.append(f"comm={clean(comm)}")
-    pod = _str_fact(data, "pod_name", "k8s_pod_name", "pod")
-    namespace = _str_fact(data, "namespace", "pod_namespace", "k8s_namespace")
-    ctx = occ.context
-    if ctx is not None:
-        namespace = namespace or ctx.namespace
-        for entity in ctx.entities or ():
-            if pod is None and entity.kind.lower() == "pod":
-                pod = entity.name or entity.id
+    if pod_column:
+        return " ".join(parts)
+    namespace, pod = pod_of(rec)
     if pod is not None:
         parts.append(f"pod={clean(namespace + '/' if namespace else '')}{clean(pod)}")
     elif namespace is not None:
@@ -126,6 +137,38 @@ def occurrence_line(rec: Record, style: Style, type_width: int = 0) -> str:
 def occurrence_lines(records: Sequence[Record], style: Style) -> list[str]:
     width = max((len(clean(r.occ.type)) for r in records), default=0)
     return [occurrence_line(rec, style, width) for rec in records]
+
+
+def pod_column(rec: Record) -> str:
+    namespace, pod = pod_of(rec)
+    if pod is not None:
+        return clean(f"{namespace}/{pod}" if namespace else pod)
+    return clean(f"{namespace}/-") if namespace else "-"
+
+
+def cluster_lines(records: Sequence[Record], style: Style) -> list[str]:
+    """The cluster view's lines: the node's line with NODE and POD columns after the severity,
+    ``<ts> <SEVERITY>  <node>  <namespace/pod>  <type>[  <message>][  pid=.. comm=..]``
+    (``-`` where an occurrence names no node or pod, e.g. the controller's scheduler evidence).
+    """
+    nodes = [clean(r.node) if r.node else "-" for r in records]
+    pods = [pod_column(r) for r in records]
+    node_w = max((len(n) for n in nodes), default=0)
+    pod_w = max((len(p) for p in pods), default=0)
+    type_w = max((len(clean(r.occ.type)) for r in records), default=0)
+    lines = []
+    for rec, node, pod in zip(records, nodes, pods, strict=True):
+        occ = rec.occ
+        severity = style.severity(occ.severity, occ.severity.upper().ljust(8))
+        head = f"{display_ts(rec.ts_ns)} {severity}  {node.ljust(node_w)}  {pod.ljust(pod_w)}  "
+        message = occ.error.message if occ.error is not None else ""
+        tail = [clean(message)] if message else []
+        facts = who(rec, pod_column=True)
+        if facts:
+            tail.append(facts)
+        type_ = clean(occ.type)
+        lines.append(f"{head}{type_.ljust(type_w)}  " + "  ".join(tail) if tail else head + type_)
+    return lines
 
 
 def status_table(summary: Summary) -> list[str]:

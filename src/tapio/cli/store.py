@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from tapio.occurrence import ANOMALY_TYPES, Occurrence, decode, parse_timestamp
+from tapio.occurrence import ANOMALY_TYPES, CLUSTER_TYPES, Occurrence, decode, parse_timestamp
 
 NS_PER_SECOND = 1_000_000_000
 HOUR_NS = 3600 * NS_PER_SECOND
@@ -29,6 +29,12 @@ HOUR_NS = 3600 * NS_PER_SECOND
 KNOWN_TYPES: tuple[str, ...] = ANOMALY_TYPES
 #: The observer categories (second segment of each known type), in registry order.
 OBSERVERS: tuple[str, ...] = tuple(dict.fromkeys(t.split(".")[1] for t in KNOWN_TYPES))
+#: What a controller's evidence window may hold on top: the cluster-level types it judges itself
+#: (``cluster.scheduler.*``) and their observer categories.
+CLUSTER_KNOWN_TYPES: tuple[str, ...] = KNOWN_TYPES + CLUSTER_TYPES
+CLUSTER_OBSERVERS: tuple[str, ...] = tuple(
+    dict.fromkeys(t.split(".")[1] for t in CLUSTER_KNOWN_TYPES)
+)
 SEVERITIES: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 
@@ -69,13 +75,31 @@ class SkipFile(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Forwarded:
+    """Where a controller's occurrence came from, and the document as the controller sent it."""
+
+    node: str
+    doc: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
-    """One valid occurrence file."""
+    """One valid occurrence: a file of a node's directory, or a document a controller forwarded
+    (``forwarded``: the node that sent it and the document as forwarded)."""
 
     path: str
     name: str
     occ: Occurrence
     ts_ns: int
+    forwarded: Forwarded | None = None
+
+    @property
+    def node(self) -> str | None:
+        return self.forwarded.node if self.forwarded is not None else None
+
+    @property
+    def doc(self) -> bytes | None:
+        return self.forwarded.doc if self.forwarded is not None else None
 
     @property
     def observer(self) -> str:
@@ -234,9 +258,28 @@ def container_matches(rec: Record, container_id: str | None, pod_uid: str | None
     return True
 
 
+def _text_fact(data: dict[str, object], key: str) -> str:
+    value = data.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def workload_matches(wanted: frozenset[str], kind: str, name: str) -> bool:
+    """``name`` or ``Kind/name`` (kind compared case-insensitively) against the workload."""
+    for want in wanted:
+        want_kind, sep, want_name = want.rpartition("/")
+        if want_name == name and (not sep or want_kind.lower() == kind.lower()):
+            return True
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
-    """Which occurrences a command shows. ``None`` means "no restriction"."""
+    """Which occurrences a command shows. ``None`` means "no restriction".
+
+    ``nodes``/``namespaces``/``pods``/``workloads`` are the cluster view's filters: the node
+    that sent an occurrence and the Kubernetes names the controller's enrichment added
+    (``pod_namespace``, ``pod_name``, ``workload_kind``/``workload_name``).
+    """
 
     observers: frozenset[str] | None = None
     severities: frozenset[str] | None = None
@@ -246,26 +289,66 @@ class Filter:
     types: frozenset[str] | None = None
     container_id: str | None = None
     pod_uid: str | None = None
+    nodes: frozenset[str] | None = None
+    namespaces: frozenset[str] | None = None
+    pods: frozenset[str] | None = None
+    workloads: frozenset[str] | None = None
 
-    def matches(self, rec: Record) -> bool:
-        if self.since_ns is not None and rec.ts_ns < self.since_ns:
+    @property
+    def needs_data(self) -> bool:
+        """True when :meth:`matches_keys` alone cannot decide (container or pod uid facts)."""
+        return self.container_id is not None or self.pod_uid is not None
+
+    def matches_keys(
+        self,
+        ts_ns: int,
+        type_: str,
+        severity: str,
+        node: str | None = None,
+        namespace: str = "",
+        pod: str = "",
+        workload: tuple[str, str] = ("", ""),
+    ) -> bool:
+        """Everything but the container facts, from the fields an index keeps (the evidence
+        window filters without decoding a document)."""
+        if self.since_ns is not None and ts_ns < self.since_ns:
             return False
-        if self.until_ns is not None and rec.ts_ns > self.until_ns:
+        if self.until_ns is not None and ts_ns > self.until_ns:
             return False
-        if self.observers is not None and rec.observer not in self.observers:
+        if self.observers is not None:
+            parts = type_.split(".")
+            observer = parts[1] if len(parts) >= 2 and parts[1] else "unknown"
+            if observer not in self.observers:
+                return False
+        if self.types is not None and type_ not in self.types:
             return False
-        if self.types is not None and rec.occ.type not in self.types:
+        if self.severities is not None and severity not in self.severities:
             return False
-        sev = rec.occ.severity
-        if self.severities is not None and sev not in self.severities:
+        if self.nodes is not None and node not in self.nodes:
             return False
-        if (self.container_id is not None or self.pod_uid is not None) and not (
-            container_matches(rec, self.container_id, self.pod_uid)
-        ):
+        if self.namespaces is not None and namespace not in self.namespaces:
+            return False
+        if self.pods is not None and pod not in self.pods:
+            return False
+        if self.workloads is not None and not workload_matches(self.workloads, *workload):
             return False
         return self.min_severity is None or (
-            SEVERITY_RANK.get(sev, -1) >= SEVERITY_RANK[self.min_severity]
+            SEVERITY_RANK.get(severity, -1) >= SEVERITY_RANK[self.min_severity]
         )
+
+    def matches(self, rec: Record) -> bool:
+        data = rec.occ.data or {}
+        if not self.matches_keys(
+            rec.ts_ns,
+            rec.occ.type,
+            rec.occ.severity,
+            rec.node,
+            _text_fact(data, "pod_namespace"),
+            _text_fact(data, "pod_name"),
+            (_text_fact(data, "workload_kind"), _text_fact(data, "workload_name")),
+        ):
+            return False
+        return not self.needs_data or container_matches(rec, self.container_id, self.pod_uid)
 
 
 def select(records: Iterable[Record], flt: Filter) -> Iterator[Record]:

@@ -10,7 +10,10 @@ leaves as ``{"error":{"code","message"}}``.
 
 Events are accepted only from agents that said hello (409 ``UNKNOWN_AGENT`` otherwise) and,
 with ``--forward``, only once the whole batch sits in every output's bounded queue (503 with
-``Retry-After`` when it does not fit, so the agent keeps the batch and retries).
+``Retry-After`` when it does not fit, so the agent keeps the batch and retries). Accepted
+occurrences, enriched, also enter the bounded evidence window that ``GET /v1/evidence`` and the
+MCP endpoint ``/mcp`` read; with ``--scheduler-metrics-url`` the controller's own scheduler
+occurrences take the same path.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -28,7 +31,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tapio import wire
 from tapio.controller.auth import TokenFile, is_protected, unauthorized
 from tapio.controller.config import ActiveConfig, ConfigStore, ReloadOutcome, ReloadResult
-from tapio.controller.forward import Forwarder, build_records
+from tapio.controller.evidence import EvidenceWindow, evidence_response
+from tapio.controller.forward import Forwarder, Record, build_records
 from tapio.controller.forward.engine import RETRY_AFTER_SECONDS
 from tapio.controller.httputil import (
     CODES_BY_STATUS,
@@ -39,12 +43,14 @@ from tapio.controller.httputil import (
     read_json_body,
 )
 from tapio.controller.k8s import Enricher
+from tapio.controller.mcp_http import McpEndpoint
 from tapio.controller.metrics import ControllerMetrics
 from tapio.controller.state import ControllerState
 from tapio.profile import ProfileError
 
 if TYPE_CHECKING:  # kubernetes_asyncio is imported only when --kubernetes is used
     from tapio.controller.k8s.watch import PodWatcher
+    from tapio.controller.scheduler import SchedulerMonitor
 
 CONTROLLER_ID: Final = "tapio-controller/default"
 DEFAULT_MAX_AGENTS: Final = 10_000
@@ -69,6 +75,8 @@ class Controller:
         metrics: ControllerMetrics | None = None,
         forwarder: Forwarder | None = None,
         pod_watcher: PodWatcher | None = None,
+        window: EvidenceWindow | None = None,
+        scheduler: SchedulerMonitor | None = None,
     ) -> None:
         self.log = logger if logger is not None else structlog.get_logger("tapio.controller")
         self.token = token
@@ -78,6 +86,9 @@ class Controller:
         self.state = ControllerState(max_agents=max_agents, stale_after=stale_after)
         self.metrics = metrics if metrics is not None else ControllerMetrics()
         self.enrich = Enricher(pod_watcher.index, self.metrics) if pod_watcher is not None else None
+        self.window = window if window is not None else EvidenceWindow(metrics=self.metrics)
+        self.scheduler = scheduler
+        self.mcp = McpEndpoint(self.window, logger=self.log)
         self.metrics.config_generation.set(self.config.active.generation)
         self.started_at_unix = int(time.time())
         self.reload_poll_seconds = reload_poll_seconds
@@ -101,6 +112,8 @@ class Controller:
         app.router.add_post("/v1/agents/heartbeat", self.heartbeat)
         app.router.add_post("/v1/events", self.events)
         app.router.add_get("/v1/status", self.status)
+        app.router.add_get("/v1/evidence", self.evidence)
+        self.mcp.add_routes(app)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -110,6 +123,8 @@ class Controller:
             app.cleanup_ctx.append(self._forwarding)
         if self.pod_watcher is not None:
             app.cleanup_ctx.append(self._kubernetes)
+        if self.scheduler is not None:
+            app.cleanup_ctx.append(self._scheduling)
         return app
 
     @web.middleware
@@ -226,9 +241,7 @@ class Controller:
             raise wire.WireError(
                 409, "UNKNOWN_AGENT", "agent is not registered; POST /v1/agents/hello first"
             )
-        if self.forwarder is not None and not self.forwarder.offer(
-            build_records(batch, self.enrich)
-        ):
+        if not self.emit(build_records(batch, self.enrich)):
             self.metrics.events_refused.labels("queue_full").inc(count)
             self.metrics.batches.labels("queue_full").inc()
             return error_response(
@@ -250,6 +263,17 @@ class Controller:
                 next_config_version=active.version,
             )
         )
+
+    def emit(self, records: Sequence[Record]) -> bool:
+        """Into every output's queue and the evidence window, or nowhere (False: queue full).
+        The agents' batches and the scheduler judges' occurrences both come through here."""
+        if self.forwarder is not None and not self.forwarder.offer(records):
+            return False
+        self.window.add(records)
+        return True
+
+    async def evidence(self, request: web.Request) -> web.Response:
+        return json_response(evidence_response(self.window, request.query))
 
     def status_response(self) -> wire.StatusResponse:
         now = time.monotonic()
@@ -297,6 +321,8 @@ class Controller:
         if self.pod_watcher is not None:
             body["kubernetes_synced"] = self.pod_watcher.synced
             ready = ready and self.pod_watcher.synced
+        if self.scheduler is not None:  # detail only: a scheduler outage is not ours
+            body["scheduler"] = self.scheduler.health()
         body["status"] = "ready" if ready else "not_ready"
         return json_response(body, status=200 if ready else 503)
 
@@ -309,6 +335,16 @@ class Controller:
         if pending:
             self.log.info("draining forwarding queue", pending=pending)
         await self.forwarder.drain()
+
+    async def _scheduling(self, app: web.Application) -> AsyncIterator[None]:
+        assert self.scheduler is not None
+        task = asyncio.get_running_loop().create_task(
+            self.scheduler.run(lambda: self.active.scheduler, self.emit)
+        )
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _kubernetes(self, app: web.Application) -> AsyncIterator[None]:
         assert self.pod_watcher is not None
@@ -323,28 +359,26 @@ class Controller:
     def _record_reload(self, outcome: ReloadOutcome, trigger: str) -> None:
         self.metrics.reloads.labels(outcome.result.value).inc()
         active = self.active
+        # Every reload line says what triggered it and which generation is served afterwards.
+        log = self.log.bind(trigger=trigger, generation=active.generation)
         if outcome.result is ReloadResult.APPLIED:
             self._last_reload_failure = ""
             self.metrics.config_generation.set(active.generation)
-            self.log.info(
+            log.info(
                 "profile reloaded",
-                trigger=trigger,
-                generation=active.generation,
                 config_hash=active.config_hash,
                 previous_hash=outcome.previous_hash,
             )
         elif outcome.result is ReloadResult.FAILED:
             if outcome.reason != self._last_reload_failure or trigger == "sighup":
-                self.log.error(
+                log.error(
                     "profile rejected; keeping the previous config",
-                    trigger=trigger,
                     reason=outcome.reason,
-                    generation=active.generation,
                     config_hash=active.config_hash,
                 )
             self._last_reload_failure = outcome.reason
         elif trigger == "sighup":
-            self.log.info("profile unchanged", trigger=trigger, generation=active.generation)
+            log.info("profile unchanged")
 
     async def reload(self, *, force: bool, trigger: str = "manual") -> ReloadOutcome:
         """Re-read the profile (file I/O off the event loop) and apply it if it changed."""

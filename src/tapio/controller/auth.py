@@ -82,8 +82,10 @@ class TokenFile:
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         logger: Any = None,
+        name: str = "agent token",
     ) -> None:
         self.path = Path(path)
+        self.name = name  # what log lines call it (the scheduler token file reuses this class)
         self.check_interval = check_interval
         self._clock = clock
         self._log = logger
@@ -110,7 +112,7 @@ class TokenFile:
             reason = str(exc) if isinstance(exc, TokenFileError) else f"cannot stat {self.path}"
             if reason != self._last_failure and self._log is not None:
                 self._log.error(
-                    "agent token file unusable; keeping the previous token", reason=reason
+                    f"{self.name} file unusable; keeping the previous token", reason=reason
                 )
             self._last_failure = reason
             return
@@ -120,7 +122,7 @@ class TokenFile:
             self._token = token
             self.rotations += 1
             if self._log is not None:
-                self._log.info("agent token rotated", token_file=str(self.path))
+                self._log.info(f"{self.name} rotated", token_file=str(self.path))
 
     def verify(self, header: str | None) -> str | None:
         """None when ``header`` carries the current token, else the refusal reason
@@ -135,5 +137,6 @@ class TokenFile:
 
 
 def is_protected(path: str) -> bool:
-    """Every wire route (and anything else under ``/v1``, so probing for routes needs a token)."""
-    return path == "/v1" or path.startswith("/v1/")
+    """Every wire route (and anything else under ``/v1``, so probing for routes needs a token),
+    and the MCP endpoint."""
+    return path == "/v1" or path.startswith("/v1/") or path == "/mcp" or path.startswith("/mcp/")

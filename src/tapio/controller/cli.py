@@ -27,6 +27,12 @@ from aiohttp import web
 from tapio.controller.app import DEFAULT_STALE_AFTER, Controller
 from tapio.controller.auth import TOKEN_FILE_ENV, TokenFile, TokenFileError
 from tapio.controller.config import MAX_BATCH_EVENTS
+from tapio.controller.evidence import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_EVENTS,
+    EvidenceWindow,
+)
 from tapio.controller.forward import (
     DEFAULT_DRAIN_GRACE,
     DEFAULT_QUEUE_MAX_EVENTS,
@@ -41,6 +47,7 @@ from tapio.logs import configure_logging
 from tapio.profile import ProfileError
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8080"
+DEFAULT_SCRAPE_INTERVAL: Final = 15.0  # tapio.controller.scheduler.DEFAULT_INTERVAL
 _LEVELS: Final = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -130,6 +137,53 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="pod label copied into enriched occurrences (repeatable allow-list)",
     )
+    w = p.add_argument_group("evidence window (GET /v1/evidence, /mcp)")
+    w.add_argument(
+        "--evidence-window-max-events",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help=f"occurrences kept (default {DEFAULT_MAX_EVENTS})",
+    )
+    w.add_argument(
+        "--evidence-window-max-age",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=None,
+        help=f"seconds an occurrence is kept after it was accepted (default {DEFAULT_MAX_AGE:g})",
+    )
+    w.add_argument(
+        "--evidence-window-max-bytes",
+        metavar="BYTES",
+        type=_positive_int,
+        default=None,
+        help=f"accounted memory of the window (default {DEFAULT_MAX_BYTES})",
+    )
+    s = p.add_argument_group("scheduler evidence (kube-scheduler metrics)")
+    s.add_argument(
+        "--scheduler-metrics-url",
+        metavar="URL",
+        help="scrape this kube-scheduler /metrics (e.g. https://127.0.0.1:10259/metrics)",
+    )
+    s.add_argument(
+        "--scheduler-scrape-interval",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=None,
+        help=f"seconds between scrapes (default {DEFAULT_SCRAPE_INTERVAL:g})",
+    )
+    s.add_argument("--scheduler-ca-file", metavar="FILE", help="CA bundle for the https scrape")
+    s.add_argument(
+        "--scheduler-token-file",
+        metavar="FILE",
+        help="bearer token for the scrape (the service account token); re-read on change",
+    )
+    s.add_argument(
+        "--scheduler-insecure-skip-tls-verify",
+        action="store_true",
+        default=None,
+        help="do not verify the scheduler's (often self-signed) serving certificate",
+    )
     p.add_argument("--log-format", choices=("json", "console"), default="json")
     p.add_argument("--log-level", choices=tuple(_LEVELS), default="info")
     return p
@@ -195,6 +249,27 @@ def _fail(message: str) -> int:
     structlog.get_logger("tapio.controller").error("cannot start", reason=message)
     sys.stderr.write(f"tapio controller: {message}\n")
     return 1
+
+
+def _scheduler(args: argparse.Namespace, metrics: ControllerMetrics, log: Any) -> Any:
+    """The scheduler monitor the flags ask for (None without --scheduler-metrics-url)."""
+    if args.scheduler_metrics_url is None:
+        for flag in ("scheduler_ca_file", "scheduler_token_file", "scheduler_scrape_interval"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --scheduler-metrics-url")
+        return None
+    from tapio.controller.scheduler import SchedulerMonitor, ScrapeSettings
+
+    settings = ScrapeSettings(
+        url=args.scheduler_metrics_url,
+        interval=args.scheduler_scrape_interval or DEFAULT_SCRAPE_INTERVAL,
+        ca_file=args.scheduler_ca_file,
+        insecure_skip_verify=bool(args.scheduler_insecure_skip_tls_verify),
+    )
+    token = None
+    if args.scheduler_token_file is not None:
+        token = TokenFile(args.scheduler_token_file, logger=log, name="scheduler token")
+    return SchedulerMonitor(settings, metrics, log, token=token)
 
 
 def main(argv: list[str]) -> int:
@@ -277,6 +352,17 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"error: --forward: {exc}\n")
         return 2
     try:
+        scheduler = _scheduler(args, metrics, log)
+    except (ValueError, TokenFileError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    window = EvidenceWindow(
+        max_events=args.evidence_window_max_events or DEFAULT_MAX_EVENTS,
+        max_age=args.evidence_window_max_age or DEFAULT_MAX_AGE,
+        max_bytes=args.evidence_window_max_bytes or DEFAULT_MAX_BYTES,
+        metrics=metrics,
+    )
+    try:
         controller = Controller(
             profile_path=args.profile,
             stale_after=args.stale_after,
@@ -284,6 +370,8 @@ def main(argv: list[str]) -> int:
             metrics=metrics,
             forwarder=forwarder,
             pod_watcher=watcher,
+            window=window,
+            scheduler=scheduler,
         )
     except ProfileError as exc:
         log.error("invalid profile", reason=str(exc))

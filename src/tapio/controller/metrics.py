@@ -10,7 +10,9 @@ from __future__ import annotations
 from functools import partial
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from tapio.buildinfo import LATENCY_BUCKETS, register_self_metrics
 
 # Same choice as the agent registry: no *_created series (global toggle in prometheus-client).
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -31,6 +33,7 @@ class ControllerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        register_self_metrics(self.registry)  # tapio_build_info, process_* (CPU, RSS, fds)
         counter = partial(_metric, Counter, self.registry)
         gauge = partial(_metric, Gauge, self.registry)
         self.requests = counter(
@@ -132,6 +135,13 @@ class ControllerMetrics:
             "Occurrences waiting for (or in flight to) an output",
             "output",
         )
+        self.forward_duration = Histogram(
+            _PREFIX + "forward_duration_seconds",
+            "Duration of one delivery attempt of a chunk to an output (failed attempts included)",
+            ["output"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.output_up = gauge(
             "output_up",
             "1 when the output's last connect or delivery succeeded",
@@ -150,4 +160,29 @@ class ControllerMetrics:
         self.k8s_pods = gauge(
             "k8s_pods",
             "Live pods in the index",
+        )
+        # -- the cluster view: scheduler scrapes and the evidence window --
+        self.scheduler_scrapes = counter(
+            "scheduler_scrapes_total",
+            "kube-scheduler metrics scrapes by result (ok, connect, timeout, http_status, "
+            "too_large, parse, no_metrics, error)",
+            "result",
+        )
+        self.scheduler_up = gauge("scheduler_up", "1 when the last scheduler scrape worked")
+        self.scheduler_occurrences = counter(
+            "scheduler_occurrences_total", "Scheduler conditions that started, by type", "type"
+        )
+        self.scheduler_evidence_dropped = counter(
+            "scheduler_evidence_dropped_total",
+            "Scheduler occurrences given up because the forwarding queue stayed full",
+        )
+        self.window_events = gauge("evidence_window_events", "Occurrences in the evidence window")
+        self.window_bytes = gauge("evidence_window_bytes", "Accounted memory of the window")
+        self.window_evicted = counter(
+            "evidence_window_evicted_total",
+            "Window evictions by bound (count, age, bytes)",
+            "reason",
+        )
+        self.window_duplicates = counter(
+            "evidence_window_duplicates_total", "Occurrences not added twice (a re-sent batch)"
         )

@@ -14,6 +14,10 @@ Example::
     drain_grace: 10
     kubernetes: true
     pod_labels: [app.kubernetes.io/name, team]
+    evidence_window_max_events: 50000
+    scheduler_metrics_url: https://kube-scheduler.kube-system:10259/metrics
+    scheduler_token_file: /var/run/secrets/kubernetes.io/serviceaccount/token
+    scheduler_insecure_skip_tls_verify: true
 
 A flag given on the command line wins over the file; ``forward`` URLs from both are used. An
 unknown key or a wrong type is an error at start-up, not a silently ignored setting.
@@ -42,7 +46,18 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "nats_max_bytes": (int,),
     "kubernetes": (bool,),
     "kubeconfig": (str,),
+    "evidence_window_max_events": (int,),
+    "evidence_window_max_age": (int, float),
+    "evidence_window_max_bytes": (int,),
+    "scheduler_metrics_url": (str,),
+    "scheduler_scrape_interval": (int, float),
+    "scheduler_ca_file": (str,),
+    "scheduler_token_file": (str,),
+    "scheduler_insecure_skip_tls_verify": (bool,),
 }
+
+
+_FLOATS: Final = frozenset(k for k, t in _TYPES.items() if t == (int, float))
 
 
 class ConfigFileError(Exception):
@@ -91,4 +106,5 @@ def apply_config_file(args: argparse.Namespace, path: str) -> None:
             if args.listen is None and args.addr is None:
                 args.listen = value
         elif getattr(args, key, None) is None:
-            setattr(args, key, float(value) if key in ("drain_grace", "nats_max_age") else value)
+            floats = _FLOATS
+            setattr(args, key, float(value) if key in floats else value)

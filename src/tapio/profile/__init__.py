@@ -12,7 +12,8 @@ Pipeline and error policy:
   ``overrides.network.rtt_spike.ratio: value 0 out of range 1..=100`` or
   ``overrides.network.bogus: unknown field``. Structural errors (types, unknown fields) are
   found first, in the document's key order; then semantic errors in a fixed order
-  (apiVersion, kind, base, network, storage, container, node_pmc, then the node block).
+  (apiVersion, kind, base, network, storage, container, node_pmc, the node block, then the
+  controller's scheduler block).
   Reporting one error keeps messages stable and the reload log readable; the operator fixes
   and retries.
 * **Canonical hash.** ``config_hash`` = ``"sha256:" + hex(sha256(canonical_json))``, compact
@@ -46,6 +47,7 @@ from tapio.profile.compiled import (
 )
 from tapio.profile.errors import ProfileError
 from tapio.profile.model import Profile
+from tapio.profile.scheduler import SchedulerThresholds
 from tapio.profile.schema import parse_document
 from tapio.profile.validate import API_VERSION, KIND, PRODUCTION_DEFAULT, resolve
 
@@ -65,6 +67,7 @@ __all__ = [
     "NodePmcConfig",
     "Profile",
     "ProfileError",
+    "SchedulerThresholds",
     "StorageConfig",
     "canonical_json",
     "compile_profile",
@@ -73,6 +76,7 @@ __all__ = [
     "load_profile",
     "parse_document",
     "production_default",
+    "scheduler_thresholds",
     "validate",
 ]
 
@@ -87,6 +91,11 @@ def validate(profile: Profile | Mapping[str, Any] | Any) -> Profile:
 def compile_profile(profile: Profile) -> CompiledConfig:
     """Compile a profile; only raises if ``profile`` did not pass :func:`validate`."""
     return compile_resolved(resolve(profile))
+
+
+def scheduler_thresholds(profile: Profile) -> SchedulerThresholds:
+    """The controller's scheduler thresholds of a validated profile (never sent to agents)."""
+    return resolve(profile).scheduler
 
 
 def load_profile(

@@ -83,12 +83,38 @@ class NodeOverrides(_Block):
     hysteresis_pct: float | None = None
 
 
+class SchedulerLatencySpike(_Block):
+    """``cluster.scheduler.latency_spike``: the p99 attempt latency and the attempts needed."""
+
+    p99_ms: int | None = None
+    min_attempts: int | None = None
+
+
+class QueueBacklog(_Block):
+    """``cluster.scheduler.queue_backlog``: pending pods, for how long, in which queues."""
+
+    pending_pods: int | None = None
+    sustain_seconds: int | None = None
+    queues: list[str] | None = None
+
+
+class SchedulerOverrides(_Block):
+    """The controller's scheduler judges (see :mod:`tapio.profile.scheduler`)."""
+
+    enabled: bool | None = None
+    window_seconds: int | None = None
+    hysteresis_pct: float | None = None
+    latency_spike: SchedulerLatencySpike | None = None
+    queue_backlog: QueueBacklog | None = None
+
+
 class Overrides(_Block):
     network: NetworkOverrides | None = None
     storage: StorageOverrides | None = None
     container: ContainerOverrides | None = None
     node_pmc: NodePmcOverrides | None = None
     node: NodeOverrides | None = None
+    scheduler: SchedulerOverrides | None = None
 
 
 class Profile(_Block):

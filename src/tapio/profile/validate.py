@@ -2,8 +2,9 @@
 
 Only the first error is reported (no accumulation), so messages stay stable: the order is
 apiVersion, kind, base (present, name syntax, known), then network, storage, container,
-node_pmc and finally Tapio's ``node`` block, each field in declared order, and an order check
-(critical >= warning) right after the two fields it relates, against the *merged* values.
+node_pmc, Tapio's ``node`` block and finally the controller's ``scheduler`` block, each field
+in declared order, and an order check (critical >= warning) right after the two fields it
+relates, against the *merged* values.
 
 Messages keep one stable textual form that operators and other controllers match on: ranges
 rendered ``1..=100`` / ``0.0..=100.0``, floats printed like Rust's ``{}`` (``20`` rather than
@@ -22,6 +23,7 @@ from typing import Any, Final
 
 from tapio.profile.errors import ProfileError
 from tapio.profile.model import Profile
+from tapio.profile.scheduler import SCHEDULER_QUEUES, SchedulerThresholds
 from tapio.thresholds import DEFAULTS, EXIT_SCOPES
 
 API_VERSION: Final = "tapio.false.systems/v0"
@@ -123,6 +125,18 @@ def _one_of(choices: Sequence[str]) -> _Check:
     return check
 
 
+def _str_set(choices: Sequence[str]) -> _Check:
+    """A non-empty list of ``choices``, de-duplicated in first-seen order."""
+    one = _one_of(choices)
+
+    def check(path: str, values: list[str]) -> tuple[str, ...]:
+        if not values:
+            raise ProfileError(path, "at least one value")
+        return tuple(dict.fromkeys(one(f"{path}[{i}]", v) for i, v in enumerate(values)))
+
+    return check
+
+
 def _flag(path: str, value: bool) -> bool:
     return value
 
@@ -149,6 +163,7 @@ def _rules_in(block: str) -> Callable[[str, _Check, Any], Any]:
 _NET, _STO, _CON, _PMC, _NODE = map(
     _rules_in, ("network", "storage", "container", "node_pmc", "node")
 )
+_S: Final = SchedulerThresholds()  # the scheduler block's defaults (tapio.profile.scheduler)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +228,8 @@ class Resolved:
     runq_latency_ms: int = _NODE("runq_latency_ms", _ints(1, 10_000), _D.runq_latency_ms)
     throttle_pct: float = _NODE("throttle_pct", _floats(0.0, 100.0), _D.throttle_pct)
     hysteresis_pct: float = _NODE("hysteresis_pct", _floats(0.0, 100.0), _D.hysteresis_pct)
+    # the controller's scheduler judges (never compiled into the agents' config; see below)
+    scheduler: SchedulerThresholds = _S
 
 
 BASES: Final = {PRODUCTION_DEFAULT: Resolved()}
@@ -225,6 +242,35 @@ _AT_LEAST: Final = {
 _RULES: Final = tuple(
     (f.name, f.metadata["rule"]) for f in dataclasses.fields(Resolved) if "rule" in f.metadata
 )
+# The ``scheduler`` block, checked last; a path below the block names the SchedulerThresholds
+# field (``latency_spike.p99_ms`` is ``SchedulerThresholds.latency_spike.p99_ms``).
+_SCHEDULER_RULES: Final = tuple(
+    _Rule(f"scheduler.{path}", check)
+    for path, check in (
+        ("enabled", _FLAG),
+        ("window_seconds", _ints(10, 3600)),
+        ("hysteresis_pct", _floats(1.0, 100.0)),
+        ("latency_spike.p99_ms", _ints(1, 600_000)),
+        ("latency_spike.min_attempts", _ints(1, 1_000_000)),
+        ("queue_backlog.pending_pods", _ints(1, 10_000_000)),
+        ("queue_backlog.sustain_seconds", _ints(0, 86_400)),
+        ("queue_backlog.queues", _str_set(SCHEDULER_QUEUES)),
+    )
+)
+
+
+def _scheduler(overrides: Any, base: SchedulerThresholds) -> SchedulerThresholds | None:
+    """The scheduler block merged over ``base`` (None when the profile sets none of it)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for rule in _SCHEDULER_RULES:
+        value = _given(overrides, rule.path)
+        if value is not None:
+            group, _, name = rule.path.removeprefix("scheduler.").rpartition(".")
+            groups.setdefault(group, {})[name] = rule.check(f"overrides.{rule.path}", value)
+    if not groups:
+        return None
+    nested = {g: dataclasses.replace(getattr(base, g), **v) for g, v in groups.items() if g}
+    return dataclasses.replace(base, **groups.get("", {}), **nested)
 
 
 def _optional_str(value: str | None) -> str:
@@ -287,4 +333,7 @@ def resolve(profile: Profile) -> Resolved:
                     f"overrides.{rule.path.rpartition('.')[0]}",
                     f"{rust_float(high)} must be >= {rust_float(low)}",
                 )
+    scheduler = _scheduler(overrides, base.scheduler)
+    if scheduler is not None:
+        merged["scheduler"] = scheduler
     return dataclasses.replace(base, **merged)

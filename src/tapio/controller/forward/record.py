@@ -51,12 +51,19 @@ class ForwardedOccurrence(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One forwardable occurrence: key, routing and the encoded document."""
+    """One forwardable occurrence: key, routing and the encoded document, plus the few fields
+    the evidence window filters on (so a query never decodes a document it does not return)."""
 
     id: str
     type: str
     node_name: str
     body: bytes
+    ts_ns: int = 0
+    severity: str = ""
+    namespace: str = ""
+    pod: str = ""
+    workload_kind: str = ""
+    workload_name: str = ""
 
     @property
     def subject(self) -> str:
@@ -122,11 +129,23 @@ def build_record(
         data=data,
         error=error,
     )
+    return record_of(doc)
+
+
+def record_of(doc: ForwardedOccurrence) -> Record:
+    """The record of an occurrence document (the agents' and the controller's own)."""
+    data = doc.data
     return Record(
-        id=occurrence_id,
-        type=event.type,
-        node_name=batch.node_name,
+        id=doc.id,
+        type=doc.type,
+        node_name=doc.node_name,
         body=msgspec.json.encode(doc, order="deterministic"),
+        ts_ns=doc.timestamp_unix_nanos,
+        severity=doc.severity,
+        namespace=_text(data.get("pod_namespace")) or "",
+        pod=_text(data.get("pod_name")) or "",
+        workload_kind=_text(data.get("workload_kind")) or "",
+        workload_name=_text(data.get("workload_name")) or "",
     )
 
 
