@@ -61,7 +61,7 @@ def test_zero_config_is_inert_and_pack_is_exact() -> None:
     packed = TapioConfig(generation=7, flags=1, ignore_exit_codes=(1, 2)).pack()
     assert len(packed) == 256
     fields = TAPIO_CONFIG.struct.unpack(packed)
-    assert fields[TAPIO_CONFIG.index["abi_version"]] == 3
+    assert fields[TAPIO_CONFIG.index["abi_version"]] == 4
     assert fields[TAPIO_CONFIG.index["generation"]] == 7
     assert fields[TAPIO_CONFIG.index["ignore_exit_count"]] == 2
     assert packed[152:] == bytes(104)

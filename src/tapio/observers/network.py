@@ -16,16 +16,25 @@ zero ids, reported unknown (``cgroup_path: null``), never guessed.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, ClassVar
 
-from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
+import structlog
+
+from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct, TapioConfig
 from tapio.bpf.features import ProgramSpec
-from tapio.observers.base import Observer
+from tapio.bpf.loader import BpfObject
+from tapio.observers.base import Emit, Observer, UserThresholds
+from tapio.observers.cgroups.roots import discover_roots
+from tapio.observers.dns.tracker import DnsTracker
 from tapio.observers.enrich import ByCgroupId, Enrichment
 from tapio.occurrence import (
     NETWORK_CONNECTION_REFUSED,
     NETWORK_CONNECTION_TIMEOUT,
+    NETWORK_DNS_ERROR,
+    NETWORK_DNS_SLOW,
+    NETWORK_DNS_TIMEOUT,
     NETWORK_RETRANSMIT_SPIKE,
     NETWORK_RTT_DEGRADATION,
     Occurrence,
@@ -108,6 +117,14 @@ _CACHE_MAX = 4096
 _ORDER = ("unified", "cpu", "memory")
 _BY_CONNECTOR = ByCgroupId(("unified", "memory", "cpu"), _ORDER)
 
+log = structlog.get_logger("tapio.observers.network")
+
+DNS_TYPES = (NETWORK_DNS_TIMEOUT, NETWORK_DNS_ERROR, NETWORK_DNS_SLOW)
+_DNS_MAPS = ("dns_pending", "dns_events")
+#: The DNS programs attach to the cgroup v2 root; egress has a variant without task helpers.
+DNS_EGRESS = ("dns_egress", "dns_egress_anon")
+DNS_INGRESS = "dns_ingress"
+
 
 def state_name(state: int) -> str:
     return TCP_STATES.get(state, "UNKNOWN")
@@ -124,6 +141,8 @@ class NetworkObserver(Observer):
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {
         METRIC_OBSERVER_BASE + 0: ("kernel_drop", "connect_aborted_by_application"),
         METRIC_OBSERVER_BASE + 1: ("kernel_drop", "untracked_close"),
+        METRIC_OBSERVER_BASE + 10: ("correlation_drop", "dns_unmatched_answer"),
+        METRIC_OBSERVER_BASE + 12: ("kernel_drop", "dns_not_a_query"),
     }
     programs: ClassVar[tuple[ProgramSpec, ...]] = (
         ProgramSpec(
@@ -135,21 +154,66 @@ class NetworkObserver(Observer):
         ProgramSpec("handle_receive_reset", "receive_reset"),
         ProgramSpec("handle_retransmit", "retransmit", (NETWORK_RETRANSMIT_SPIKE,)),
         ProgramSpec("handle_tcp_probe", "tcp_probe", (NETWORK_RTT_DEGRADATION,)),
+        # DNS needs both directions: a query seen without its answer would read as a timeout.
+        ProgramSpec("dns_egress", "dns_query", DNS_TYPES, group="dns_egress", maps=_DNS_MAPS),
+        ProgramSpec("dns_egress_anon", "dns_query", DNS_TYPES, group="dns_egress", maps=_DNS_MAPS),
+        ProgramSpec("dns_ingress", "dns_answer", DNS_TYPES, maps=_DNS_MAPS),
     )
-
+    # TCP evidence: the connecting task's cgroups; DNS: the sending socket's cgroup2 id.
     enrichment: ClassVar[dict[str, Enrichment]] = {
-        t: _BY_CONNECTOR
-        for t in (
-            NETWORK_CONNECTION_REFUSED,
-            NETWORK_CONNECTION_TIMEOUT,
-            NETWORK_RETRANSMIT_SPIKE,
-            NETWORK_RTT_DEGRADATION,
-        )
+        **{
+            t: _BY_CONNECTOR
+            for t in (
+                NETWORK_CONNECTION_REFUSED,
+                NETWORK_CONNECTION_TIMEOUT,
+                NETWORK_RETRANSMIT_SPIKE,
+                NETWORK_RTT_DEGRADATION,
+            )
+        },
+        **{t: ByCgroupId(("unified",), ("unified",)) for t in DNS_TYPES},
     }
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._addr_cache: dict[tuple[int, bytes], str] = {}
+        self.dns = DnsTracker(self.ctx.boot_offset_ns, self._comm, self.drop)
+
+    def _comm(self, raw: bytes) -> str:
+        return self.strings.cache.get(raw) or self.strings.decode(raw)
+
+    def attach(self, obj: BpfObject) -> None:
+        """The tracepoint programs by section; the DNS programs at the cgroup v2 root."""
+        obj.attach_all()
+        names = [n for n in (*DNS_EGRESS, DNS_INGRESS) if n in obj.programs]
+        if not names:
+            return
+        root = discover_roots().unified
+        if root is None:
+            for n in names:
+                obj.skipped[n] = "no cgroup v2 hierarchy is mounted"
+            return
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            for n in names:
+                obj.skipped[n] = f"cannot open the cgroup v2 root {root}: {exc.strerror}"
+            return
+        try:
+            for n in names:
+                obj.attach_cgroup(n, fd)
+        finally:
+            os.close(fd)
+        if DNS_INGRESS in obj.attached and obj.attached.intersection(DNS_EGRESS):
+            self.dns.bind(obj)
+
+    def on_config(self, kernel: TapioConfig, user: UserThresholds) -> None:
+        self.dns.configure(kernel, user)
+
+    async def run(self, emit: Emit) -> None:
+        await self.dns.run(emit)
+
+    def close(self) -> None:
+        self.dns.close()
 
     def _addr(self, family: int, raw: bytes) -> str:
         key = (family, raw)

@@ -193,15 +193,17 @@ def test_primary_id_falls_back_to_a_v1_controller() -> None:
     assert o["data"]["cgroup_id"] == 11
 
 
-def test_every_network_type_is_enriched_by_the_connectors_cgroups() -> None:
+def test_every_tcp_type_is_enriched_by_the_connectors_cgroups() -> None:
     spec = NetworkObserver.enrichment
-    assert set(spec) == {
+    tcp = {
         NETWORK_CONNECTION_REFUSED,
         NETWORK_CONNECTION_TIMEOUT,
         NETWORK_RETRANSMIT_SPIKE,
         NETWORK_RTT_DEGRADATION,
     }
-    for s in spec.values():
+    assert tcp <= set(spec)
+    assert all(isinstance(spec[t], ByCgroupId) for t in spec)  # DNS types too
+    for s in (spec[t] for t in tcp):
         assert isinstance(s, ByCgroupId)
         assert set(s.hierarchies) == {"unified", "memory", "cpu"}
         assert s.order[0] == "unified"
