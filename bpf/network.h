@@ -14,7 +14,7 @@
 #define NET_FLAG_RST 1 /* an RST answered the SYN (else ICMP or timer) */
 
 #define NET_PID_NONE    0 /* no process owns this fact (softirq/timer, accepted socket) */
-#define NET_PID_CONNECT 1 /* pid/comm of the task that called connect() on this socket */
+#define NET_PID_CONNECT 1 /* pid/comm/cgroups of the task that called connect() on this socket */
 
 /* observer-specific tapio_metrics indices */
 #define NET_METRIC_CONNECT_ABORTED  (TAPIO_METRIC_OBSERVER_BASE + 0) /* closed in SYN_SENT by the app */
@@ -46,7 +46,10 @@ struct network_event {
 	__u32 _pad2;             /*  92 */
 	__u64 duration_ns;       /*  96: connect() to close, or the retransmit window */
 	char comm[16];           /* 104 */
-};                           /* 120 bytes */
+	__u64 cgroup_id;         /* 120: connecting task's cgroup2 id, see pid_source (0 = none) */
+	__u64 memcg_id;          /* 128: its memory controller's cgroup id (v1 on hybrid hosts) */
+	__u64 cpu_cgroup_id;     /* 136: its cpu controller's cgroup id */
+};                           /* 144 bytes */
 
 /*
  * DNS (cgroup_skb programs at the cgroup v2 root). A query leaving any socket is remembered in

@@ -3,6 +3,15 @@
 The kernel side already decided which fact happened (refused, timed out, retransmit spike, RTT
 spike) and filtered everything else, so classification here is formatting: addresses, names,
 the occurrence's severity/outcome/code/message and its ``data`` facts.
+
+Attribution: the kernel records who called ``connect()`` (pid, tid, comm and the task's cgroup2,
+v1 memory and v1 cpu cgroup ids) at connect time, because refusals, timeouts, retransmits and RTT
+samples are seen later in softirq or timer context. Those ids are facts (``cgroup2_id``,
+``memory_cgroup_id``, ``cpu_cgroup_id``, with ``pid_source: "connect"``); the enrichment stage
+(:mod:`tapio.observers.enrich`) turns them into ``cgroup_path``, ``cgroup_id`` and the container
+id, runtime and pod UID, exactly as for container and storage evidence. A socket whose connect
+was not seen (accepted, or opened before the agent) has no owner: ``pid_source: "none"`` and
+zero ids, reported unknown (``cgroup_path: null``), never guessed.
 """
 
 from __future__ import annotations
@@ -60,8 +69,11 @@ NETWORK_EVENT = CStruct(
     _pad2             4x
     duration_ns       Q
     comm              16s
+    cgroup_id         Q
+    memcg_id          Q
+    cpu_cgroup_id     Q
     """,
-    120,
+    144,
 )
 
 EV_CONN_REFUSED = 1
@@ -100,6 +112,10 @@ ERRNO_NAMES = {
 AF_INET = 2
 AF_INET6 = 10
 _CACHE_MAX = 4096
+# The connecting task's hierarchies, best first: cgroup2, then the v1 controllers a runtime
+# places pods in on hybrid hosts.
+_ORDER = ("unified", "cpu", "memory")
+_BY_CONNECTOR = ByCgroupId(("unified", "memory", "cpu"), _ORDER)
 
 log = structlog.get_logger("tapio.observers.network")
 
@@ -143,8 +159,18 @@ class NetworkObserver(Observer):
         ProgramSpec("dns_egress_anon", "dns_query", DNS_TYPES, group="dns_egress", maps=_DNS_MAPS),
         ProgramSpec("dns_ingress", "dns_answer", DNS_TYPES, maps=_DNS_MAPS),
     )
+    # TCP evidence: the connecting task's cgroups; DNS: the sending socket's cgroup2 id.
     enrichment: ClassVar[dict[str, Enrichment]] = {
-        t: ByCgroupId(("unified",), ("unified",)) for t in DNS_TYPES
+        **{
+            t: _BY_CONNECTOR
+            for t in (
+                NETWORK_CONNECTION_REFUSED,
+                NETWORK_CONNECTION_TIMEOUT,
+                NETWORK_RETRANSMIT_SPIKE,
+                NETWORK_RTT_DEGRADATION,
+            )
+        },
+        **{t: ByCgroupId(("unified",), ("unified",)) for t in DNS_TYPES},
     }
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -233,6 +259,9 @@ class NetworkObserver(Observer):
             rtt_samples,
             duration_ns,
             comm_raw,
+            cg2,
+            memcg,
+            cpucg,
         ) = frame
         cache = self._addr_cache
         src = cache.get((family, saddr)) or self._addr(family, saddr)
@@ -241,6 +270,9 @@ class NetworkObserver(Observer):
         fam = "ipv6" if family == AF_INET6 else "ipv4"
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
+        # Before enrichment the first non-zero id stands for the cgroup; the enricher replaces
+        # it with the id of the hierarchy that names the container.
+        primary = cg2 or cpucg or memcg
         if ev_type == EV_CONN_REFUSED:
             return new_occurrence(
                 NETWORK_CONNECTION_REFUSED,
@@ -250,12 +282,17 @@ class NetworkObserver(Observer):
                 "RST_RECEIVED",
                 f"TCP RST {src}:{sport} → {dst}:{dport}",
                 {
+                    "cgroup2_id": cg2,
+                    "cgroup_id": primary,
+                    "cgroup_path": None,  # the enricher's
                     "comm": comm,
                     "config_generation": generation,
                     "connect_duration_ms": duration_ns // 1000 / 1000,
+                    "cpu_cgroup_id": cpucg,
                     "dst_ip": dst,
                     "dst_port": dport,
                     "family": fam,
+                    "memory_cgroup_id": memcg,
                     "pid": pid,
                     "pid_source": psrc,
                     "protocol": "tcp",
@@ -276,13 +313,18 @@ class NetworkObserver(Observer):
                 "SYN_TIMEOUT",
                 f"Connection timeout to {dst}:{dport} (SYN_SENT→CLOSE)",
                 {
+                    "cgroup2_id": cg2,
+                    "cgroup_id": primary,
+                    "cgroup_path": None,  # the enricher's
                     "comm": comm,
                     "config_generation": generation,
                     "connect_duration_ms": duration_ns // 1000 / 1000,
+                    "cpu_cgroup_id": cpucg,
                     "dst_ip": dst,
                     "dst_port": dport,
                     "error": ERRNO_NAMES.get(sk_err, f"errno {sk_err}"),
                     "family": fam,
+                    "memory_cgroup_id": memcg,
                     "new_state": state_name(new_state),
                     "old_state": state_name(old_state),
                     "pid": pid,
@@ -307,11 +349,16 @@ class NetworkObserver(Observer):
                     f"(total={total_retrans}, cwnd={snd_cwnd})"
                 ),
                 {
+                    "cgroup2_id": cg2,
+                    "cgroup_id": primary,
+                    "cgroup_path": None,  # the enricher's
                     "comm": comm,
                     "config_generation": generation,
+                    "cpu_cgroup_id": cpucg,
                     "dst_ip": dst,
                     "dst_port": dport,
                     "family": fam,
+                    "memory_cgroup_id": memcg,
                     "pid": pid,
                     "pid_source": psrc,
                     "protocol": "tcp",
@@ -342,13 +389,18 @@ class NetworkObserver(Observer):
                     "baseline_ms": rtt_base // 1000,
                     "baseline_samples": rtt_samples,
                     "baseline_us": rtt_base,
+                    "cgroup2_id": cg2,
+                    "cgroup_id": primary,
+                    "cgroup_path": None,  # the enricher's
                     "comm": comm,
                     "config_generation": generation,
+                    "cpu_cgroup_id": cpucg,
                     "current_ms": rtt_cur // 1000,
                     "current_us": rtt_cur,
                     "dst_ip": dst,
                     "dst_port": dport,
                     "family": fam,
+                    "memory_cgroup_id": memcg,
                     "pid": pid,
                     "pid_source": psrc,
                     "protocol": "tcp",
