@@ -201,6 +201,12 @@ def burst(exe: Path, tmp: Path, n: int, sink: str) -> Burst:
         time.sleep(6.0)  # one kernel-metrics interval: lost events reach /metrics
         m = agent.metrics()
         lost = total(m, "tapio_lost_events_total")
+        if lost:  # which ring overflowed (other work on a shared machine feeds them all)
+            by_observer = {
+                name: total(m, "tapio_lost_events_total", observer=name)
+                for name in ("network", "container", "storage")
+            }
+            print(f"{sink}: lost events by observer {by_observer}", flush=True)
         dropped = total(m, "tapio_sink_drops_total")
     finally:
         agent.stop()

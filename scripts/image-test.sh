@@ -120,6 +120,7 @@ build() { # target image
   timeout 1200 "${PODMAN[@]}" build --network host "${LIMITS[@]}" \
     -f deploy/Dockerfile --ignorefile deploy/Dockerfile.dockerignore --target "$1" \
     --build-arg DEBIAN_IMAGE="$BASE" --build-arg DEBIAN_SLIM_IMAGE="$BASE" \
+    --build-arg TAPIO_GIT_COMMIT="$(git rev-parse HEAD 2>/dev/null || true)" \
     --secret id=pipcert,src="$CA_BUNDLE" \
     --label tapio-image-test="$$" -t "$2" . >"$work/build-$1.log" 2>&1 \
     || { tail -40 "$work/build-$1.log"; log "build of $1 failed"; exit 1; }

@@ -21,6 +21,7 @@ if [[ $want_test -eq 1 ]]; then
   # scripts/image-test.sh: build and run the images (runc: crun refuses hybrid cgroup hosts).
   pkgs+=(podman runc containerd debootstrap)
   pkgs+=(nats-server)  # the controller forwarding tests start a real JetStream server
+  pkgs+=(prometheus)   # tests/unit/test_promtool.py: `promtool check metrics` on both expositions
 fi
 source scripts/lib/debs.sh
 ensure_debs "${pkgs[@]}"

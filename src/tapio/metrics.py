@@ -6,11 +6,14 @@ Hot paths increment once per batch, never once per event.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from tapio.buildinfo import LATENCY_BUCKETS, register_self_metrics
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+register_self_metrics(REGISTRY)  # tapio_build_info, process_* (CPU, RSS, open fds)
 
 EVENTS = Counter(
     "tapio_events_total", "Total events drained from ring buffer", ["observer"], registry=REGISTRY
@@ -37,6 +40,13 @@ CORRELATION_DROPS = Counter(
     "tapio_correlation_drops_total",
     "Events intentionally dropped because kernel correlation was ambiguous",
     ["observer", "reason"],
+    registry=REGISTRY,
+)
+DRAIN_BATCH = Histogram(
+    "tapio_drain_batch_size",
+    "Records taken from one ring buffer in one drain pass (passes that found records)",
+    ["observer"],
+    buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384),
     registry=REGISTRY,
 )
 DRAIN_CAP = Counter(
@@ -113,6 +123,14 @@ SINK_QUEUE_DEPTH = Gauge(
     "tapio_sink_queue_depth",
     "Occurrences held in a sink's internal buffer (including the batch in flight)",
     ["sink"],
+    registry=REGISTRY,
+)
+SINK_REQUEST_DURATION = Histogram(
+    "tapio_sink_request_duration_seconds",
+    "Duration of one delivery attempt of a network sink (request sent to answer read, "
+    "failed attempts included)",
+    ["sink"],
+    buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 SINK_RETRIES = Counter(

@@ -20,7 +20,7 @@ from tapio.bpf import features
 from tapio.bpf.loader import BpfObject
 from tapio.observers import observer_class
 
-from ..ports import free_port, refuse
+from ..ports import closed_port, refuse
 from .harness import OBJECTS, AgentProcess, agent, require_kernel, wait_until
 
 RETRANSMIT = (b"tp_btf/tcp_retransmit_skb", b"tp_btf/tcp_retransmit_skX")
@@ -51,13 +51,12 @@ def _test_build(tmp: Path, name: str, *renames: tuple[bytes, bytes]) -> Path:
 def test_missing_retransmit_hook_only_turns_off_retransmit_spikes(tmp_path: Path) -> None:
     require_kernel(("network",))
     objects = _test_build(tmp_path, "network", RETRANSMIT)
-    mport = free_port()
-    config = f"[metrics]\nenabled = true\nport = {mport}\n"
+    config = "[metrics]\nenabled = true\nport = 0\n"  # the agent reports the port it bound
     with agent(
         tmp_path, observers=("network",), config=config, extra_args=["--ebpf-dir", str(objects)]
     ) as a:
         # The observer's other anomalies still arrive.
-        port = free_port()
+        port = closed_port()
         refuse(port)
         refused = wait_until(
             lambda: [
@@ -69,7 +68,7 @@ def test_missing_retransmit_hook_only_turns_off_retransmit_spikes(tmp_path: Path
         )
         assert refused, a.stderr()[-3000:]
         # The degradation: the capability metric ...
-        metrics = a.metrics_text(mport)
+        metrics = a.metrics_text()
         assert re.search(
             r'tapio_observer_capability\{capability="retransmit",observer="network"\} 0\.0',
             metrics,
@@ -163,7 +162,7 @@ def test_an_observer_that_cannot_start_stops_the_agent_unless_allowed(tmp_path: 
     allowed.mkdir()
     extra = ["--ebpf-dir", str(objects), "--allow-missing-observer"]
     with agent(allowed, observers=("network", "container"), extra_args=extra) as b:
-        port = free_port()
+        port = closed_port()
         refuse(port)
         assert wait_until(lambda: b.occurrences("kernel.network.connection_refused"), 20)
         status_path = b.data_dir / ".tapio-agent-status"

@@ -35,7 +35,7 @@ import pytest
 
 from tapio.bpf.abi import TAPIO_CONFIG
 
-from ..ports import closed_port, free_port, refuse
+from ..ports import closed_port, refuse, reported_port
 from .harness import AgentProcess, require_kernel, run, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -58,8 +58,12 @@ def get_json(url: str) -> Any:
 
 
 class ControllerProcess:
+    """``python -m tapio controller`` on ``port`` (0: any free one; the controller reports the
+    port it bound, and ``port``/``url`` are set from that report once started)."""
+
     def __init__(self, tmp: Path, port: int, profile: Path, tag: str) -> None:
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.url = ""
         self.log_path = tmp / f"controller-{tag}.log"
         self.cmd = [
             sys.executable,
@@ -79,7 +83,9 @@ class ControllerProcess:
 
     def start(self) -> ControllerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        proc = self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.port = reported_port(self.log_path.read_text, lambda: proc.poll() is None)
+        self.url = f"http://127.0.0.1:{self.port}"
 
         def healthy() -> bool:
             try:
@@ -167,10 +173,9 @@ def decoded_carrier(program_id: int) -> dict[str, Any]:
 
 def test_agent_and_controller_end_to_end(tmp_path: Path, cleanup: list[Any]) -> None:
     t_start = time.monotonic()
-    cport = free_port()  # the controller is restarted on this same port later
     profile = tmp_path / "profile.yaml"
     profile.write_text(PROFILE_HEAD)
-    ctl = ControllerProcess(tmp_path, cport, profile, "1").start()
+    ctl = ControllerProcess(tmp_path, 0, profile, "1").start()  # reports the port it bound
     cleanup.append(ctl)
 
     config = (
@@ -334,7 +339,8 @@ def test_agent_and_controller_end_to_end(tmp_path: Path, cleanup: list[Any]) -> 
     assert agent.proc is not None and agent.proc.poll() is None
 
     # ---- Phase C: controller restarted on the same port ----------------------------------------
-    ctl2 = ControllerProcess(tmp_path, cport, profile, "2").start()
+    ctl2 = ControllerProcess(tmp_path, ctl.port, profile, "2").start()
+    assert ctl2.url == ctl.url
     cleanup.append(ctl2)
     assert ctl2.agent() is None
     assert wait_until(ctl2.agent, 12, 0.2), agent.stderr()[-3000:]  # heartbeat → false → hello

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ..ports import closed_port as held_closed_port
 from ..ports import refuse
+from ..unit.test_promtool import promtool
 from .harness import agent, require_kernel, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -160,6 +161,14 @@ flush_interval_secs = 1
     }
     for sink in ("http", "otlp"):
         assert samples[("tapio_sink_writes_total", (("result", "ok"), ("sink", sink)))] >= 1
+        duration = ("tapio_sink_request_duration_seconds_count", (("sink", sink),))
+        assert samples[duration] >= 1
+    # The real agent's exposition: lint-clean, with build, process and drain figures.
+    promtool(metrics)
+    assert samples[("tapio_drain_batch_size_count", (("observer", "network"),))] >= 1
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert samples[("process_open_fds", ())] > 0 and samples[("process_cpu_seconds_total", ())] > 0
+    assert [k for k in samples if k[0] == "tapio_build_info"]
 
 
 def test_otel_environment_alone_configures_the_exporter(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from ..ports import free_port
+from ..ports import closed_port, reported_port
 from ..unit.controller.nats_harness import NatsServer, stream_messages
 from .harness import AgentProcess, require_kernel, wait_until
 
@@ -68,11 +68,9 @@ def ours(url: str, port: int) -> list[Any]:
 
 
 def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) -> None:
-    cport, mport = free_port(), free_port()
     nats_server = NatsServer(tmp_path / "js")
     nats_server.start()
     ctl_log = tmp_path / "controller.log"
-    ctl_url = f"http://127.0.0.1:{cport}"
     token_1, token_2 = "gw-token-" + "a1" * 16, "gw-token-" + "b2" * 16
     ctl_token, agent_token = tmp_path / "ctl-token", tmp_path / "agent-token"
     for f in (ctl_token, agent_token):
@@ -81,7 +79,7 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
     with open(ctl_log, "wb") as log:
         ctl = subprocess.Popen(
             [
-                *(sys.executable, "-m", "tapio", "controller", f"127.0.0.1:{cport}"),
+                *(sys.executable, "-m", "tapio", "controller", "127.0.0.1:0"),
                 *("--forward", nats_server.url, "--log-format", "json"),
                 *("--forward", f"file://{tmp_path / 'evidence'}"),
                 *("--agent-token-file", str(ctl_token), "--log-level", "debug"),
@@ -90,6 +88,7 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
             stderr=subprocess.STDOUT,
         )
     try:
+        ctl_url = f"http://127.0.0.1:{reported_port(ctl_log.read_text, lambda: ctl.poll() is None)}"
 
         def ready() -> bool:
             try:
@@ -99,7 +98,7 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
                 return False
 
         assert wait_until(ready, 20, 0.1), ctl_log.read_text()
-        config = f"[metrics]\nenabled = true\nport = {mport}\n"
+        config = "[metrics]\nenabled = true\nport = 0\n"
         (tmp_path / "agent").mkdir()
         agent = AgentProcess(
             tmp_path / "agent",
@@ -117,7 +116,7 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
             15,  # type: ignore[union-attr]
         ), agent.stderr()[-3000:]
 
-        port_a, port_b = free_port(), free_port()
+        port_a, port_b = closed_port(), closed_port()
         pid_a = refuse_from_child(port_a, 50)
         assert wait_until(lambda: len(ours(nats_server.url, port_a)) >= 50, 20)
         time.sleep(1.5)  # nothing more may arrive
@@ -160,7 +159,7 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
                 assert doc["type"] == "kernel.network.connection_refused"
         assert Counter(m.headers["Nats-Msg-Id"] for m in first + second).most_common(1)[0][1] == 1
 
-        agent_metrics = agent.metrics_text(mport)
+        agent_metrics = agent.metrics_text()
         assert metric(agent_metrics, "tapio_sink_drops_total", sink="controller") == 0
         with urllib.request.urlopen(ctl_url + "/metrics", timeout=5) as r:
             ctl_metrics = r.read().decode()

@@ -35,7 +35,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from tapio.bpf.loader import BpfObject
 from tapio.bpf.ringbuf import RingBuffer
-from tapio.metrics import ANOMALIES, DRAIN_CAP, EVENTS, MALFORMED_EVENTS
+from tapio.metrics import ANOMALIES, DRAIN_BATCH, DRAIN_CAP, EVENTS, MALFORMED_EVENTS
 from tapio.observers.base import Observer
 from tapio.observers.cgroups import CgroupResolver
 from tapio.observers.enrich import Enricher
@@ -99,6 +99,7 @@ class Drainer:
         self._events = {o.name: EVENTS.labels(observer=o.name) for o in self.observers}
         self._malformed = {o.name: MALFORMED_EVENTS.labels(observer=o.name) for o in self.observers}
         self._cap = {o.name: DRAIN_CAP.labels(observer=o.name) for o in self.observers}
+        self._batch = {o.name: DRAIN_BATCH.labels(observer=o.name) for o in self.observers}
 
     async def drain_once(self, senders: dict[str, MemoryObjectSendStream[bytes]]) -> bool:
         """One pass over every ring; True when some ring hit the per-tick cap."""
@@ -118,6 +119,7 @@ class Drainer:
             if drained.records:
                 self.stats.events += drained.records
                 self._events[ro.name].inc(drained.records)
+                self._batch[ro.name].observe(drained.records)
                 await senders[ro.name].send(drained.frames)
             if drained.capped:
                 self._cap[ro.name].inc()

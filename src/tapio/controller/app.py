@@ -359,28 +359,26 @@ class Controller:
     def _record_reload(self, outcome: ReloadOutcome, trigger: str) -> None:
         self.metrics.reloads.labels(outcome.result.value).inc()
         active = self.active
+        # Every reload line says what triggered it and which generation is served afterwards.
+        log = self.log.bind(trigger=trigger, generation=active.generation)
         if outcome.result is ReloadResult.APPLIED:
             self._last_reload_failure = ""
             self.metrics.config_generation.set(active.generation)
-            self.log.info(
+            log.info(
                 "profile reloaded",
-                trigger=trigger,
-                generation=active.generation,
                 config_hash=active.config_hash,
                 previous_hash=outcome.previous_hash,
             )
         elif outcome.result is ReloadResult.FAILED:
             if outcome.reason != self._last_reload_failure or trigger == "sighup":
-                self.log.error(
+                log.error(
                     "profile rejected; keeping the previous config",
-                    trigger=trigger,
                     reason=outcome.reason,
-                    generation=active.generation,
                     config_hash=active.config_hash,
                 )
             self._last_reload_failure = outcome.reason
         elif trigger == "sighup":
-            self.log.info("profile unchanged", trigger=trigger, generation=active.generation)
+            log.info("profile unchanged")
 
     async def reload(self, *, force: bool, trigger: str = "manual") -> ReloadOutcome:
         """Re-read the profile (file I/O off the event loop) and apply it if it changed."""

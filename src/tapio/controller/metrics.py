@@ -10,7 +10,9 @@ from __future__ import annotations
 from functools import partial
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from tapio.buildinfo import LATENCY_BUCKETS, register_self_metrics
 
 # Same choice as the agent registry: no *_created series (global toggle in prometheus-client).
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -31,6 +33,7 @@ class ControllerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        register_self_metrics(self.registry)  # tapio_build_info, process_* (CPU, RSS, fds)
         counter = partial(_metric, Counter, self.registry)
         gauge = partial(_metric, Gauge, self.registry)
         self.requests = counter(
@@ -131,6 +134,13 @@ class ControllerMetrics:
             "forward_queued",
             "Occurrences waiting for (or in flight to) an output",
             "output",
+        )
+        self.forward_duration = Histogram(
+            _PREFIX + "forward_duration_seconds",
+            "Duration of one delivery attempt of a chunk to an output (failed attempts included)",
+            ["output"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.output_up = gauge(
             "output_up",

@@ -107,6 +107,8 @@ class Observer(abc.ABC):
 
     def __init__(self, ctx: ObserverContext) -> None:
         self.ctx = ctx
+        #: The observer's kernel strings (comm, disk names), decoded through one bounded memo.
+        self.strings = CStrings()
         self.degraded_reasons: list[str] = []
         self._program_caps: list[Capability] = []
         self._drops: dict[str, Counter] = {}

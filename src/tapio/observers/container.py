@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.bpf.features import ProgramSpec
-from tapio.observers.base import CStrings, Observer, ObserverContext
+from tapio.observers.base import Observer
 from tapio.observers.cgroups import U64_MAX
 from tapio.observers.enrich import ByCgroupId, Enrichment
 from tapio.occurrence import (
@@ -150,10 +150,6 @@ class ContainerObserver(Observer):
         ),
     }
 
-    def __init__(self, ctx: ObserverContext) -> None:
-        super().__init__(ctx)
-        self._comms = CStrings()
-
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame: (header length, *record fields) → occurrence or None."""
         (
@@ -192,7 +188,7 @@ class ContainerObserver(Observer):
             "cgroup_id": _primary_id(ids, order),
             "cgroup_path": None,  # the enricher's
             "cgroup_source": "task" if task else "unknown",
-            "comm": self._comms.decode(comm),
+            "comm": self.strings.decode(comm),
             "config_generation": generation,
             "cpu_cgroup_id": cpucg,
             "memory_cgroup_id": memcg,

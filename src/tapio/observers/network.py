@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.bpf.features import ProgramSpec
-from tapio.observers.base import CStrings, Observer
+from tapio.observers.base import Observer
 from tapio.occurrence import (
     NETWORK_CONNECTION_REFUSED,
     NETWORK_CONNECTION_TIMEOUT,
@@ -123,7 +123,6 @@ class NetworkObserver(Observer):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._addr_cache: dict[tuple[int, bytes], str] = {}
-        self._comms = CStrings()
 
     def _addr(self, family: int, raw: bytes) -> str:
         key = (family, raw)
@@ -173,7 +172,7 @@ class NetworkObserver(Observer):
         cache = self._addr_cache
         src = cache.get((family, saddr)) or self._addr(family, saddr)
         dst = cache.get((family, daddr)) or self._addr(family, daddr)
-        comm = self._comms.cache.get(comm_raw) or self._comms.decode(comm_raw)
+        comm = self.strings.cache.get(comm_raw) or self.strings.decode(comm_raw)
         fam = "ipv6" if family == AF_INET6 else "ipv4"
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts

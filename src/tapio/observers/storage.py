@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.bpf.features import ProgramSpec
-from tapio.observers.base import CStrings, Observer, ObserverContext
+from tapio.observers.base import Observer, ObserverContext
 from tapio.observers.enrich import ByCgroupId, Enrichment
 from tapio.occurrence import (
     STORAGE_IO_ERROR,
@@ -185,7 +185,6 @@ class StorageObserver(Observer):
     def __init__(self, ctx: ObserverContext, devices: DeviceNames | None = None) -> None:
         super().__init__(ctx)
         self.devices = devices if devices is not None else DeviceNames()
-        self._strs = CStrings()
 
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame: (header length, *record fields) → occurrence or None."""
@@ -223,7 +222,7 @@ class StorageObserver(Observer):
             "cgroup2_id": cg2,
             "cgroup_id": cg2 or memcg,  # the enricher names the cgroup that describes it best
             "cgroup_path": None,
-            "comm": self._strs.decode(comm),
+            "comm": self.strings.decode(comm),
             "config_generation": generation,
             "dev_major": major,
             "dev_minor": minor,
@@ -236,7 +235,7 @@ class StorageObserver(Observer):
             "opcode": op,
             "pid": pid,
             "pid_source": "issue",
-            "rwbs": self._strs.decode(rwbs),
+            "rwbs": self.strings.decode(rwbs),
             "sector": sector,
             "tid": tid,
             "timestamp_ns": ts,

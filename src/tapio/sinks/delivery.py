@@ -38,7 +38,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 from yarl import URL
 
-from tapio.metrics import SINK_QUEUE_DEPTH, SINK_RETRIES
+from tapio.metrics import SINK_QUEUE_DEPTH, SINK_REQUEST_DURATION, SINK_RETRIES
 from tapio.occurrence import Occurrence
 from tapio.sinks.base import Batch, Sink
 from tapio.transport import (
@@ -166,6 +166,7 @@ class DeliverySink(Sink, Generic[T], abc.ABC):
         self._wake = anyio.Event()
         self._depth = SINK_QUEUE_DEPTH.labels(sink=self.label)
         self._retries = SINK_RETRIES.labels(sink=self.label)
+        self._request_duration = SINK_REQUEST_DURATION.labels(sink=self.label)
         self._depth.set(0)
         self._last_overflow_log = -1e9
         #: Why the last batch was given up, until a later batch is delivered (None: healthy).
@@ -370,10 +371,12 @@ class DeliverySink(Sink, Generic[T], abc.ABC):
         policy = self._cfg.retry
         retry = 0
         while True:
+            started = time.monotonic()
             try:
                 attempt = await self.post(session, items)
             except Exception as exc:  # transport errors, timeouts, token file trouble
                 attempt = classify_exception(exc)
+            self._request_duration.observe(time.monotonic() - started)
             if attempt.outcome == "ok":
                 delivered = n - min(n, attempt.rejected_items)
                 self.stats.ok(delivered)

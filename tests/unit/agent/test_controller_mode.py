@@ -49,7 +49,7 @@ from tapio.profile.compiled import (
 from tapio.sinks.memory import MemorySink
 from tapio.transport import make_link
 
-from ...ports import free_port
+from ...ports import closed_port
 
 # ---- stand-ins for the agent ------------------------------------------------------------------
 
@@ -288,7 +288,7 @@ def test_identity_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_link_is_shared_between_sink_and_service(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TAPIO_NODE_NAME", "shared-node")
-    endpoint = f"http://127.0.0.1:{free_port()}/shared"
+    endpoint = f"http://127.0.0.1:{closed_port()}/shared"
     args = argparse.Namespace(
         controller_endpoint=endpoint, config_poll_interval=5, heartbeat_interval=5
     )
@@ -438,7 +438,7 @@ async def test_bad_configs_are_rejected_and_keep_the_previous_one(
 async def test_poll_transport_and_status_errors_count_error(tmp_path: Path) -> None:
     agent = fake_agent(tmp_path)
     before = fetches("error")
-    session = session_for(f"http://127.0.0.1:{free_port()}")
+    session = session_for(f"http://127.0.0.1:{closed_port()}")  # refuses every connect
     async with client_for(session) as client:
         assert await session.poll_once(client, agent) == "error"  # type: ignore[arg-type]
 
@@ -569,13 +569,12 @@ async def test_heartbeat_reports_abi_mismatch_sink_failure_and_fanout_failure(
 async def test_unknown_agent_heartbeat_triggers_re_hello_after_controller_restart(
     tmp_path: Path,
 ) -> None:
-    port = free_port()
     agent = fake_agent(tmp_path)
-    session = session_for(f"http://127.0.0.1:{port}", heartbeat_interval=0.2, poll_interval=0.2)
     before = send_failures("heartbeat")
     first = Controller()
     async with anyio.create_task_group() as tg:
-        async with serve(first.build_app(), port):
+        async with serve(first.build_app()) as url:  # port 0: the first start reports its port
+            session = session_for(url, heartbeat_interval=0.2, poll_interval=0.2)
             tg.start_soon(session.run, agent)
             with anyio.fail_after(5):
                 while not any(
@@ -583,8 +582,8 @@ async def test_unknown_agent_heartbeat_triggers_re_hello_after_controller_restar
                 ):
                     await anyio.sleep(0.05)
             assert session.registrations == 1
-        second = Controller()  # a restart: empty registry, same port
-        async with serve(second.build_app(), port):
+        second = Controller()  # a restart: empty registry, on the port the first one reported
+        async with serve(second.build_app(), int(url.rsplit(":", 1)[1])):
             with anyio.fail_after(5):
                 while not second.status_response().agents:
                     await anyio.sleep(0.05)

@@ -1,13 +1,15 @@
 """A real nats-server (Debian package ``nats-server``) with JetStream, for forwarding tests.
 
-Bound to 127.0.0.1 on a port chosen by the test, store in the test's tmp dir; ``stop()`` and
-``start()`` again keep the port and the store, as a restarted server would. Always stopped at
+Bound to 127.0.0.1: the first ``start()`` lets the server pick a free port (``-p -1``) and reads
+the one it reports in its log; ``stop()`` and ``start()`` again keep that port and the store (in
+the test's tmp dir), as a restarted server would. Always stopped at
 the end, even on failure (context manager).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
 import subprocess
@@ -19,7 +21,7 @@ from typing import Any
 import nats
 from nats.js.api import RawStreamMsg
 
-from ...ports import free_port
+_LISTENING = re.compile(r"Listening for client connections on 127\.0\.0\.1:(\d+)")
 
 
 class NatsServer:
@@ -29,8 +31,7 @@ class NatsServer:
             raise AssertionError("nats-server not installed (scripts/setup.sh --test)")
         self.binary = binary
         self.store = store
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
+        self.port = 0  # known once started
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = store / "nats-server.log"
 
@@ -38,18 +39,31 @@ class NatsServer:
         assert self.proc is None
         self.store.mkdir(parents=True, exist_ok=True)
         cmd = [self.binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1"]
-        cmd += ["-p", str(self.port), "-l", str(self.log)]
+        cmd += ["-p", str(self.port or -1), "-l", str(self.log)]
+        seen = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"nats-server exited: {self.log.read_text()[-2000:]}")
+            if not self.port:
+                text = self.log.read_text()[seen:] if self.log.exists() else ""
+                found = _LISTENING.search(text)
+                if found is None:
+                    time.sleep(0.05)
+                    continue
+                self.port = int(found.group(1))
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)
         raise AssertionError("nats-server did not start listening")
+
+    @property
+    def url(self) -> str:
+        assert self.port, "the port is known once the server has started"
+        return f"nats://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         if self.proc is None:

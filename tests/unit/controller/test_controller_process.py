@@ -21,7 +21,7 @@ import trustme
 
 from tapio.controller.cli import main
 
-from ...ports import free_port
+from ...ports import reported_port
 from .ctl_harness import JSON, batch, enc, event, hello
 
 TOKEN = "proc-token-abcdefghijklmnop0123456789"
@@ -45,18 +45,25 @@ def test_https_token_config_file_forward_and_sigterm_drain(tmp_path: Path) -> No
     out_a, out_b = tmp_path / "out-a", tmp_path / "out-b"
     config = tmp_path / "controller.yaml"
     config.write_text(f"forward:\n  - file://{out_a}\ndrain_grace: 10\nqueue_max_events: 500\n")
-    port = free_port()
     env = {**os.environ, "TAPIO_AGENT_TOKEN_FILE": str(token)}
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "tapio", "controller", f"127.0.0.1:{port}"),
-            *("--config", str(config), "--forward", f"file://{out_b}"),
-            *("--tls-cert", str(cert_pem), "--tls-key", str(key_pem), "--log-level", "debug"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
+    out_log, err_log = tmp_path / "controller.stdout", tmp_path / "controller.stderr"
+    with open(out_log, "wb") as out, open(err_log, "wb") as err:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tapio", "controller", "127.0.0.1:0"),
+                *("--config", str(config), "--forward", f"file://{out_b}"),
+                *("--tls-cert", str(cert_pem), "--tls-key", str(key_pem), "--log-level", "debug"),
+            ],
+            stdout=out,
+            stderr=err,
+            env=env,
+        )
+    try:
+        port = reported_port(err_log.read_text, lambda: proc.poll() is None)
+    except BaseException:
+        proc.kill()
+        proc.wait(5)
+        raise
     url = f"https://127.0.0.1:{port}"
     ctx = ssl.create_default_context(cafile=str(ca_pem))
     auth = {**JSON, "Authorization": f"Bearer {TOKEN}"}
@@ -102,8 +109,7 @@ def test_https_token_config_file_forward_and_sigterm_drain(tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
-    stdout, stderr = proc.communicate()
-    logs = stdout + stderr
+    logs = out_log.read_bytes() + err_log.read_bytes()
     assert b"controller listening" in logs
     assert TOKEN.encode() not in logs
     for directory in (out_a, out_b):

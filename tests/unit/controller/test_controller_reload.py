@@ -19,7 +19,7 @@ from tapio.controller import Controller
 from tapio.controller.cli import main, parse_address, serve
 from tapio.profile import DEFAULT_PROFILE_YAML, PRODUCTION_DEFAULT_HASH
 
-from ...ports import free_port
+from ...ports import reported_port
 from .ctl_harness import JSON, capturing_logger, enc, heartbeat, hello, running
 
 RATIO_3 = DEFAULT_PROFILE_YAML + "overrides:\n  network:\n    rtt_spike:\n      ratio: 3\n"
@@ -153,22 +153,29 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_subprocess_serves_reloads_on_sighup_and_exits_cleanly(tmp_path: Path) -> None:
     path = tmp_path / "profile.yaml"
     path.write_text(DEFAULT_PROFILE_YAML)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tapio",
-            "controller",
-            f"127.0.0.1:{port}",
-            "--profile",
-            str(path),
-            "--log-format",
-            "json",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log = tmp_path / "controller.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tapio",
+                "controller",
+                "127.0.0.1:0",
+                "--profile",
+                str(path),
+                "--log-format",
+                "json",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        port = reported_port(log.read_text, lambda: proc.poll() is None)
+    except BaseException:
+        proc.kill()
+        proc.wait(5)
+        raise
     url = f"http://127.0.0.1:{port}"
 
     async def scenario() -> None:
@@ -196,11 +203,8 @@ def test_subprocess_serves_reloads_on_sighup_and_exits_cleanly(tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
-    assert proc.stderr is not None
     logs = [
-        msgspec.json.decode(line)
-        for line in proc.stderr.read().splitlines()
-        if line.startswith(b"{")
+        msgspec.json.decode(line) for line in log.read_bytes().splitlines() if line.startswith(b"{")
     ]
     events = [entry["event"] for entry in logs]
     assert "controller listening" in events and "profile reloaded" in events

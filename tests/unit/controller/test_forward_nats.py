@@ -22,6 +22,7 @@ from tapio.controller import Controller
 from tapio.controller.forward import Forwarder
 from tapio.controller.forward.nats import NatsOutput
 
+from ...ports import closed_port
 from .ctl_harness import JSON, batch, capturing_logger, enc, event, hello, running
 from .nats_harness import NatsServer, stream_messages, wait_for
 
@@ -181,8 +182,7 @@ async def test_shutdown_drains_the_queue_within_the_grace(nats_server: NatsServe
 
 
 async def test_shutdown_grace_exceeded_counts_the_drop(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path / "js")  # never started
-    ctl = make_controller(server.url, drain_grace=0.5)
+    ctl = make_controller(f"nats://127.0.0.1:{closed_port()}", drain_grace=0.5)  # no server
     out = ctl.forwarder.lanes[0].output.name  # type: ignore[union-attr]
     async with rig_for(ctl) as rig:
         assert (await rig.post("/v1/agents/hello", hello()))[0] == 200

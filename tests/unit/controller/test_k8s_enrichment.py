@@ -195,11 +195,11 @@ async def test_enrichment_end_to_end(tmp_path: Path) -> None:
 
 
 async def test_unreachable_api_server_backs_off_and_stays_not_ready(tmp_path: Path) -> None:
-    from ...ports import free_port
+    from ...ports import closed_port
 
     (tmp_path / "kubeconfig").write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: t\n"
-        f"clusters:\n- name: t\n  cluster: {{server: 'http://127.0.0.1:{free_port()}'}}\n"
+        f"clusters:\n- name: t\n  cluster: {{server: 'http://127.0.0.1:{closed_port()}'}}\n"
         "contexts:\n- name: t\n  context: {cluster: t, user: t}\nusers:\n- name: t\n  user: {token: x}\n"
     )
     async with rig(tmp_path, FakeApiServer(), Clock()) as r:

@@ -116,11 +116,13 @@ class Lane:
                 while self.queue and len(self.inflight) < CHUNK:
                     self.inflight.append(self.queue.popleft())
             results: Sequence[bool | None]
+            started = time.monotonic()
             try:
                 results = await self.output.deliver(self.inflight)
                 error: BaseException | None = None
             except Exception as exc:
                 results, error = [False] * len(self.inflight), exc
+            self._metrics.forward_duration.labels(name).observe(time.monotonic() - started)
             delivered = sum(1 for ok in results if ok)
             refused = sum(1 for ok in results if ok is None)
             failed = [r for r, ok in zip(self.inflight, results, strict=True) if ok is False]

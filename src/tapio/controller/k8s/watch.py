@@ -26,6 +26,7 @@ import asyncio
 import json
 import random
 from collections import OrderedDict
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Final
 
 from kubernetes_asyncio import client, config, watch
@@ -42,26 +43,22 @@ BACKOFF_CAP: Final = 30.0
 _RESOLVABLE: Final = {"ReplicaSet": "Deployment", "Job": "CronJob"}
 
 
+@dataclass(eq=False)
 class PodWatcher:
-    def __init__(
-        self,
-        index: PodIndex,
-        metrics: ControllerMetrics,
-        log: Any,
-        *,
-        kubeconfig: str | None = None,
-        watch_timeout: int = WATCH_TIMEOUT_SECONDS,
-        page_size: int = PAGE_SIZE,
-    ) -> None:
-        self.index = index
-        self.metrics = metrics
-        self.log = log
-        self.kubeconfig = kubeconfig
-        self.watch_timeout = watch_timeout
-        self.page_size = page_size
-        self.synced = False
-        self.lists = 0
-        self._owners: OrderedDict[tuple[str, str, str], tuple[str, str]] = OrderedDict()
+    """Keeps ``index`` in step with the cluster's pods (see the module docstring)."""
+
+    index: PodIndex
+    metrics: ControllerMetrics
+    log: Any
+    _: KW_ONLY
+    kubeconfig: str | None = None
+    watch_timeout: int = WATCH_TIMEOUT_SECONDS
+    page_size: int = PAGE_SIZE
+    synced: bool = field(default=False, init=False)
+    lists: int = field(default=0, init=False)
+    _owners: OrderedDict[tuple[str, str, str], tuple[str, str]] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
 
     async def _configuration(self) -> Any:
         cfg = client.Configuration()
