@@ -141,28 +141,12 @@ def test_refused_connect_from_a_pod_through_evidence_api_cli_and_mcp(tmp_path: P
             assert status == 200 and body["evidence"] == []
 
             # the CLI, as an operator would run it
-            r = _tapio(
-                "recent",
-                "--controller",
-                url,
-                "--token-file",
-                str(token_file),
-                "--namespace",
-                NAMESPACE,
-                "--json",
-            )
+            ask = ("recent", "--controller", url, "--token-file", str(token_file))
+            r = _tapio(*ask, "--namespace", NAMESPACE, "--json")
             assert r.returncode == 0, r.stderr
             cli_docs = [json.loads(line) for line in r.stdout.splitlines()]
             assert sorted(d["id"] for d in cli_docs if d["data"].get("dst_port") == port) == ids
-            r = _tapio(
-                "recent",
-                "--controller",
-                url,
-                "--token-file",
-                str(token_file),
-                "--namespace",
-                NAMESPACE,
-            )
+            r = _tapio(*ask, "--namespace", NAMESPACE)
             lines = [ln for ln in r.stdout.splitlines() if "connection_refused" in ln]
             assert len(lines) == 2
             assert all(f"{NODE}  {NAMESPACE}/ledger-5d9c7-x2v4q" in ln for ln in lines), lines
