@@ -38,7 +38,7 @@ def refused_frames(n: int) -> bytes:
         out += frame.pack(
             NETWORK_EVENT.size, 10**12 + i, 1, 4000 + i % 1000, 4000 + i % 1000,
             EV_CONN_REFUSED, socket.AF_INET, 1, 2, 7, 1, 40000 + i % 20000, 9,
-            saddr, saddr, 111, 0, 0, 10, 0, 0, 0, 12_345, comm,
+            saddr, saddr, 111, 0, 0, 10, 0, 0, 0, 12_345, comm, 0, 0, 0,
         )  # fmt: skip
     return bytes(out)
 
@@ -52,7 +52,7 @@ def build_dicts(frames: bytes, sample: dict[str, Any]) -> list[dict[str, Any]]:
     append = out.append
     for (
         _h, ts, gen, pid, tid, _ev, _fam, _ps, _os, _ns, _fl, sport, dport,
-        _sa, _da, _err, _rc, _tr, _cw, _rb, _rcur, _rs, dur, _comm,
+        _sa, _da, _err, _rc, _tr, _cw, _rb, _rcur, _rs, dur, _comm, _cg2, _mcg, _ccg,
     ) in struct.iter_unpack(NETWORK_EVENT.frame.format, frames):  # fmt: skip
         d = dict(top)
         d["id"] = f"{ts:026d}"

@@ -237,7 +237,13 @@ int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
 			.leader_start_ns = BPF_CORE_READ(task, group_leader, start_time),
 		};
 		__u8 one = 1;
-		if (bpf_map_update_elem(&exit_claims, &key, &one, BPF_NOEXIST) == -EEXIST)
+		/*
+		 * Compared as a 32-bit int: before 6.4 the map's update op returns int and the
+		 * verifier calls it directly, so r0 holds -EEXIST zero-extended (0xffffffef); a 64-bit
+		 * compare with -EEXIST never matched there and every claiming thread reported.
+		 */
+		int claimed = (int)bpf_map_update_elem(&exit_claims, &key, &one, BPF_NOEXIST);
+		if (claimed == -EEXIST)
 			return 0; /* claimed by another thread of this group */
 		/* any other failure: report rather than lose the exit */
 	}

@@ -13,7 +13,7 @@
 #ifndef TAPIO_CONFIG_H
 #define TAPIO_CONFIG_H
 
-#define TAPIO_CONFIG_ABI_VERSION 3
+#define TAPIO_CONFIG_ABI_VERSION 4
 
 #define TAPIO_FLAG_NETWORK   (1ULL << 0)
 #define TAPIO_FLAG_STORAGE   (1ULL << 1)
@@ -24,6 +24,12 @@
 #define TAPIO_EXIT_SCOPE_CONTAINERS (1U << 0) /* only tasks outside the root cgroups */
 
 #define TAPIO_MAX_IGNORE_EXIT_CODES 16
+
+/* dns_flags */
+#define TAPIO_DNS_ENABLED  (1U << 0) /* the DNS programs track queries */
+#define TAPIO_DNS_NXDOMAIN (1U << 1) /* NXDOMAIN answers are reported as dns_error */
+
+#define TAPIO_MAX_DNS_PORTS 8
 
 struct tapio_config {
 	__u32 abi_version;               /*   0: must equal TAPIO_CONFIG_ABI_VERSION */
@@ -43,7 +49,12 @@ struct tapio_config {
 	__s32 ignore_exit_codes[TAPIO_MAX_IGNORE_EXIT_CODES]; /* 72 */
 	__u64 ignore_signal_mask;        /* 136: bit n set = ignore deaths by signal n */
 	__u64 runq_latency_threshold_ns; /* 144: node run-queue latency threshold, 0 = inert */
-	__u64 _reserved[13];             /* 152: zero; future fields bump the ABI version */
+	__u64 dns_slow_ns;               /* 152: answer later than this is dns_slow, 0 = inert */
+	__u64 dns_timeout_ns;            /* 160: no answer within this is dns_timeout (agent sweep) */
+	__u32 dns_flags;                 /* 168: TAPIO_DNS_* */
+	__u32 dns_port_count;            /* 172: valid entries of dns_ports, clamped by BPF */
+	__u16 dns_ports[TAPIO_MAX_DNS_PORTS]; /* 176: server ports, host byte order */
+	__u64 _reserved[8];              /* 192: zero; future fields bump the ABI version */
 };                                   /* 256 bytes */
 
 #endif /* TAPIO_CONFIG_H */

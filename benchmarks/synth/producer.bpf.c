@@ -44,9 +44,12 @@ struct network_event {
 	__u8 _pad2[4];
 	__u64 duration_ns;
 	char comm[16];
+	__u64 cgroup_id;
+	__u64 memcg_id;
+	__u64 cpu_cgroup_id;
 };
 
-_Static_assert(sizeof(struct network_event) == 120, "network_event layout");
+_Static_assert(sizeof(struct network_event) == 144, "network_event layout");
 
 struct params {
 	__u32 pid;
@@ -100,8 +103,9 @@ static long produce_one(__u64 i, void *ctx)
 	e->duration_ns = 12345;
 	__builtin_memcpy(e->comm, "tapio-synth", 12);
 	avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, avail >= WAKEUP_BYTES && avail < WAKEUP_BYTES + 128 ? BPF_RB_FORCE_WAKEUP
-										: BPF_RB_NO_WAKEUP);
+	bpf_ringbuf_submit(e, avail >= WAKEUP_BYTES && avail < WAKEUP_BYTES + sizeof(*e) + 8
+				      ? BPF_RB_FORCE_WAKEUP
+				      : BPF_RB_NO_WAKEUP);
 	return 0;
 }
 

@@ -21,11 +21,14 @@ Outcome = Literal["success", "failure", "timeout", "in_progress", "unknown"]
 SOURCE = "tapio"
 PROTOCOL_VERSION = "1.0"
 
-# The 11 anomaly types; the strings are part of the public contract.
+# The 14 anomaly types; the strings are part of the public contract.
 NETWORK_CONNECTION_REFUSED = "kernel.network.connection_refused"
 NETWORK_CONNECTION_TIMEOUT = "kernel.network.connection_timeout"
 NETWORK_RETRANSMIT_SPIKE = "kernel.network.retransmit_spike"
 NETWORK_RTT_DEGRADATION = "kernel.network.rtt_degradation"
+NETWORK_DNS_TIMEOUT = "kernel.network.dns_timeout"
+NETWORK_DNS_ERROR = "kernel.network.dns_error"
+NETWORK_DNS_SLOW = "kernel.network.dns_slow"
 CONTAINER_OOM_KILL = "kernel.container.oom_kill"
 CONTAINER_ABNORMAL_EXIT = "kernel.container.abnormal_exit"
 STORAGE_IO_ERROR = "kernel.storage.io_error"
@@ -39,6 +42,9 @@ ANOMALY_TYPES: tuple[str, ...] = (
     NETWORK_CONNECTION_TIMEOUT,
     NETWORK_RETRANSMIT_SPIKE,
     NETWORK_RTT_DEGRADATION,
+    NETWORK_DNS_TIMEOUT,
+    NETWORK_DNS_ERROR,
+    NETWORK_DNS_SLOW,
     CONTAINER_OOM_KILL,
     CONTAINER_ABNORMAL_EXIT,
     STORAGE_IO_ERROR,

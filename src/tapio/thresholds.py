@@ -23,6 +23,10 @@ NonNegNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Pct = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+#: At most this many DNS server ports (the size of the carrier's ``dns_ports``).
+MAX_DNS_PORTS: Final = 8
+
 ExitScope = Literal["auto", "containers", "all"]
 EXIT_SCOPES: Final[tuple[str, ...]] = ("auto", "containers", "all")
 
@@ -42,6 +46,19 @@ class Thresholds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     rtt_min_baseline_samples: NonNegInt = 5
     rtt_min_delta_us: NonNegInt = 5000
     rtt_sample_interval_us: NonNegInt = 100_000
+    # network: DNS (kernel: ports, slow, NXDOMAIN switch; userspace: timeout sweep, flood control)
+    dns_enabled: bool = True
+    dns_ports: Annotated[tuple[Port, ...], msgspec.Meta(min_length=1, max_length=MAX_DNS_PORTS)] = (
+        53,
+    )
+    dns_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=60_000)] = 5000
+    dns_slow_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 100
+    dns_include_nxdomain: bool = False
+    #: Identical failures (name, server, RCODE, cgroup) within this window are one occurrence
+    #: with a count; 0 reports each one on its own.
+    dns_window_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 5000
+    #: DNS occurrences per second at most; the rest are counted (``dns_rate_capped``).
+    dns_cap: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
     # storage (kernel)
     io_latency_warning_ns: NonNegNs = 50_000_000
     io_latency_critical_ns: NonNegNs = 200_000_000
@@ -58,6 +75,13 @@ class Thresholds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     #: Which exits count as abnormal. Standalone it comes from the TOML ``[container]`` table,
     #: with a controller from the profile; the kernel sees the resolved flag in ``exit_flags``.
     exit_scope: ExitScope = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dns_slow_ms >= self.dns_timeout_ms:
+            raise ValueError(
+                f"dns_slow_ms ({self.dns_slow_ms}) must be below dns_timeout_ms "
+                f"({self.dns_timeout_ms})"
+            )
 
 
 DEFAULTS: Final = Thresholds()

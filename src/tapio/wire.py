@@ -254,6 +254,18 @@ class ConfigResponse(_Msg, kw_only=True):
             raise WireError.invalid_field(
                 "config.storage.slow_io_critical_ns", "must be greater than zero"
             )
+        net = self.config.network
+        # the agent's thresholds take milliseconds within the profile's ranges
+        if not 100 <= net.dns_timeout_ns // 1_000_000 <= 60_000:
+            raise WireError.invalid_field("config.network.dns_timeout_ns", "out of range")
+        if not 1 <= net.dns_slow_ns // 1_000_000 < net.dns_timeout_ns // 1_000_000:
+            raise WireError.invalid_field(
+                "config.network.dns_slow_ns", "must be >= 1 ms and below dns_timeout_ns"
+            )
+        if net.dns_window_ns // 1_000_000 > 600_000:
+            raise WireError.invalid_field("config.network.dns_window_ns", "out of range")
+        if not 1 <= net.dns_cap <= 100_000:
+            raise WireError.invalid_field("config.network.dns_cap", "out of range")
         if self.config.container.exit_scope not in EXIT_SCOPES:
             raise WireError.invalid_field(
                 "config.container.exit_scope", f"unknown scope {self.config.container.exit_scope!r}"

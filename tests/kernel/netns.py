@@ -87,3 +87,24 @@ def have_tool(name: str) -> bool:
             "/sbin",
         ]
     )
+
+
+def add_loss(pair: NsPair, dport: int, percent: int) -> str:
+    """Drop ``percent`` % of the client's packets to ``dport``; returns the method used.
+
+    netem replaces the root qdisc of the client's veth (it then drops from everything the client
+    sends, so use it while only that transfer runs): one small module, installed in milliseconds
+    even on an emulated CPU, where nftables' rule install can take longer than a command may.
+    Kernels built without netem (the 6.18 kernel of the project's own machines) get an nftables
+    rule at the server's input instead, there built in. Either way real segments are lost on the
+    link and TCP really retransmits them.
+    """
+    netem = pair.in_a(f"tc qdisc replace dev {pair.veth_a} root netem loss {percent}%", check=False)
+    if netem.returncode == 0:
+        return "netem"
+    pair.in_b(
+        "nft -f - <<'EOF'\n"
+        "table inet tapio_loss { chain input { type filter hook input priority 0; "
+        f"tcp dport {dport} numgen random mod 100 < {percent} drop; }}; }}\nEOF"
+    )
+    return "nftables"

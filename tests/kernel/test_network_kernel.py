@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from ..ports import closed_port
-from .harness import AgentProcess, agent, require_kernel, wait_until
-from .netns import NsPair, netns_snmp, ns_pair, sh
+from .harness import TIME_SCALE, AgentProcess, agent, require_kernel, wait_until
+from .netns import NsPair, add_loss, netns_snmp, ns_pair, sh
 
 pytestmark = pytest.mark.kernel
 CLIENTS = str(Path(__file__).with_name("net_clients.py"))
@@ -132,7 +132,7 @@ def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path, f
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            out, _ = proc.communicate(timeout=30)
+            out, _ = proc.communicate(timeout=30 * TIME_SCALE)
             assert "TimeoutError" in out, out
             occs = wait_until(
                 lambda: [
@@ -184,13 +184,12 @@ def test_retransmit_spike_is_windowed_and_clean_transfer_is_silent(tmp_path: Pat
         p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate 400mbit burst 256kb latency 100ms")
         before = netns_snmp(p.a, "Tcp", "RetransSegs")
         _transfer(p, 9001, 32 * 1024 * 1024, "tapio-clean")
-        assert netns_snmp(p.a, "Tcp", "RetransSegs") == before, "clean transfer retransmitted"
-        # 3 % random loss of data segments arriving at the server.
-        p.in_b(
-            "nft -f - <<'EOF'\n"
-            "table inet tapio_loss { chain input { type filter hook input priority 0; "
-            "tcp dport 9002 numgen random mod 100 < 3 drop; }; }\nEOF"
-        )
+        clean_retrans = netns_snmp(p.a, "Tcp", "RetransSegs") - before
+        # The clean phase proves silence below the threshold: a paced transfer may still lose a
+        # segment or two on a slow (emulated) CPU, but it must stay well under 20 in any window.
+        assert clean_retrans < 20, f"the clean transfer retransmitted {clean_retrans} segments"
+        # 3 % random loss of the data segments the client sends.
+        loss = add_loss(p, 9002, 3)
         before = netns_snmp(p.a, "Tcp", "RetransSegs")
         _transfer(p, 9002, 16 * 1024 * 1024, "tapio-lossy")
         retrans = netns_snmp(p.a, "Tcp", "RetransSegs") - before
@@ -200,8 +199,8 @@ def test_retransmit_spike_is_windowed_and_clean_transfer_is_silent(tmp_path: Pat
         occs = a.occurrences(kind)
     clean = [o for o in occs if o["data"]["dst_port"] == 9001]
     lossy = [o for o in occs if o["data"]["dst_port"] == 9002]
-    assert clean == []
-    assert retrans >= 50, f"the lossy transfer retransmitted only {retrans} segments"
+    assert clean == [], (clean, clean_retrans)
+    assert retrans >= 50, f"the lossy transfer ({loss}) retransmitted only {retrans} segments"
     assert 1 <= len(lossy) <= retrans // 20, (len(lossy), retrans)
     for o in lossy:
         d = o["data"]
@@ -227,6 +226,7 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
             text=True,
         )
         cli = None
+        sampler: subprocess.Popen[str] | None = None
         try:
             assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
             cli = subprocess.Popen(
@@ -250,17 +250,25 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
             ] == []
             p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate 1mbit burst 16kb latency 2s")
             samples: list[tuple[float, float]] = []
-            stop = threading.Event()
+            # One sampling loop inside the namespace (starting ip and a shell per sample is too
+            # slow under emulation); each rtt line is stamped when it arrives.
+            sampler = subprocess.Popen(
+                p.exec_a(f"while :; do ss -tin dst {p.ip_b} dport = :{port}; sleep 0.02; done"),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
 
             def sample() -> None:
-                while not stop.is_set():
-                    rtt = _ss_rtt_us(p, port)
-                    if rtt is not None:
-                        samples.append((time.time(), rtt))
-                    time.sleep(0.02)
+                assert sampler.stdout is not None
+                for out in sampler.stdout:
+                    m = re.search(r"\brtt:([0-9.]+)/", out)
+                    if m:
+                        samples.append((time.time(), float(m.group(1)) * 1000))
 
             t = threading.Thread(target=sample)
             t.start()
+            # The first sample is in before the load starts: one always precedes the detection.
+            assert wait_until(lambda: samples, 10), "ss showed no RTT for the flow"
             cli.stdin.write("GO\n")
             cli.stdin.flush()
             occs = wait_until(
@@ -272,14 +280,17 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
                 6,
             )
             time.sleep(1)
-            stop.set()
-            t.join()
+            sampler.kill()
+            sampler.wait(5)
+            t.join(10 * TIME_SCALE)
             occs = [
                 o
                 for o in a.occurrences("kernel.network.rtt_degradation")
                 if o["data"]["dst_port"] == port
             ]
         finally:
+            if sampler is not None:
+                sampler.kill()
             if cli is not None:
                 cli.kill()
             srv.kill()
@@ -298,8 +309,14 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
     from tapio.occurrence import parse_timestamp
 
     when = parse_timestamp(occs[0]["timestamp"]) / 1e9
+    # Each sample spawns ip and ss: under emulation they come up to a second apart rather than
+    # 20 ms, so the samples that bracket the detection count too (srtt only grows while the
+    # bucket fills, so the kernel's value lies between them).
+    before = [(ts, rtt) for ts, rtt in samples if ts <= when]
+    after = [(ts, rtt) for ts, rtt in samples if ts >= when]
+    assert before and after, ("no ss samples around the detection", when, samples)
     near = [rtt for ts, rtt in samples if abs(ts - when) <= 0.25]
-    assert near, "no ss sample near the detection"
+    near += [before[-1][1], after[0][1]]
     assert min(near) * 0.5 <= d["current_us"] <= max(near) * 2, (d["current_us"], near)
     assert occs[0]["error"]["code"] == "RTT_SPIKE" and occs[0]["outcome"] == "in_progress"
 

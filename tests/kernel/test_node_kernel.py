@@ -36,7 +36,7 @@ from .cgroups import (
     set_cpu_quota,
     set_memory_limit,
 )
-from .harness import agent, require_kernel, wait_until
+from .harness import AgentProcess, agent, require_kernel, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -196,6 +196,14 @@ def test_memory_pressure_from_page_cache_thrash(tmp_path: Path) -> None:
         _kill_all(procs)
 
 
+def _runq_open(a: AgentProcess) -> bool:
+    """Whether the agent's run-queue latency condition is open: it started (one occurrence)
+    more often than it cleared (one log line)."""
+    started = len(node_occurrences(a, "kernel.node.cpu_stall", signal="runq_latency"))
+    cleared = sum(1 for e in a.logs() if e.get("event") == "run-queue latency cleared")
+    return started > cleared
+
+
 def test_cpu_stall_throttling_runq_latency_and_no_pmu(tmp_path: Path) -> None:
     lay = _require_psi_and("cpu", "unified")
     port = 0  # the metrics server binds a free port itself and logs it
@@ -234,6 +242,13 @@ def test_cpu_stall_throttling_runq_latency_and_no_pmu(tmp_path: Path) -> None:
                 )
                 _kill_all([busy])
                 time.sleep(3)  # let any condition clear
+                # A loaded machine may already have a run-queue latency condition open (waits
+                # caused by other work): the agent reports a condition once, when it starts, so
+                # the burst below must begin from a cleared one to be seen as a new start.
+                assert wait_until(lambda: not _runq_open(a), timeout=30, interval=0.5), (
+                    "run-queue latency never cleared before the burst (machine too loaded)\n"
+                    + a.stderr()[-3000:]
+                )
 
                 # -- run-queue latency: 4x more busy processes than CPUs, all on CPU 0 --------
                 before = {o["id"] for o in node_occurrences(a, "kernel.node.cpu_stall")}

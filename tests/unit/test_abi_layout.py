@@ -24,7 +24,13 @@ def test_tapio_config_layout_matches_header() -> None:
 
 def test_network_event_layout_matches_header() -> None:
     assert_layout("network.h", NETWORK_EVENT)
-    assert NETWORK_EVENT.size == 120
+    assert NETWORK_EVENT.size == 144
+    # The connecting task's cgroup ids follow comm; earlier offsets did not move.
+    assert NETWORK_EVENT.offsets["comm"] == 104
+    assert NETWORK_EVENT.offsets["cgroup_id"] == 120
+    assert NETWORK_EVENT.offsets["memcg_id"] == 128
+    assert NETWORK_EVENT.offsets["cpu_cgroup_id"] == 136
+    assert NETWORK_EVENT.sizes["cgroup_id"] == NETWORK_EVENT.sizes["cpu_cgroup_id"] == 8
 
 
 @pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool not installed")
@@ -55,7 +61,7 @@ def test_zero_config_is_inert_and_pack_is_exact() -> None:
     packed = TapioConfig(generation=7, flags=1, ignore_exit_codes=(1, 2)).pack()
     assert len(packed) == 256
     fields = TAPIO_CONFIG.struct.unpack(packed)
-    assert fields[TAPIO_CONFIG.index["abi_version"]] == 3
+    assert fields[TAPIO_CONFIG.index["abi_version"]] == 4
     assert fields[TAPIO_CONFIG.index["generation"]] == 7
     assert fields[TAPIO_CONFIG.index["ignore_exit_count"]] == 2
     assert packed[152:] == bytes(104)

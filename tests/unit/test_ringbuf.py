@@ -68,6 +68,9 @@ def rec(i: int) -> bytes:
         0,
         1000,
         b"comm".ljust(16, b"\0"),
+        0,
+        0,
+        0,
     )
 
 

@@ -6,8 +6,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import msgspec
+
 from tapio.agent.settings import AgentSettings
 from tapio.bpf.abi import (
+    DNS_ENABLED,
+    DNS_NXDOMAIN,
     EXIT_SCOPE_CONTAINERS,
     MAX_IGNORE_EXIT_CODES,
     OBSERVER_FLAGS,
@@ -51,6 +55,18 @@ def signal_mask(signals: list[int]) -> int:
     return mask
 
 
+def dns_fields(t: Thresholds) -> dict[str, object]:
+    """The carrier's DNS fields from the thresholds (the timeout rides along for the record:
+    the agent's sweep, not the kernel, expires queries)."""
+    flags = (DNS_ENABLED if t.dns_enabled else 0) | (DNS_NXDOMAIN if t.dns_include_nxdomain else 0)
+    return {
+        "dns_slow_ns": t.dns_slow_ms * 1_000_000,
+        "dns_timeout_ns": t.dns_timeout_ms * 1_000_000,
+        "dns_flags": flags,
+        "dns_ports": tuple(dict.fromkeys(t.dns_ports)),
+    }
+
+
 def standalone_config(
     settings: AgentSettings, observers: list[str], generation: int = 1
 ) -> TapioConfig:
@@ -71,6 +87,7 @@ def standalone_config(
         ignore_exit_codes=tuple(dict.fromkeys(settings.container.ignore_exit_codes)),
         ignore_signal_mask=signal_mask(settings.container.ignore_signals),
         runq_latency_threshold_ns=t.runq_latency_ms * 1_000_000,
+        **dns_fields(t),  # type: ignore[arg-type]
     )
 
 
@@ -125,6 +142,13 @@ def from_compiled(
         runq_latency_threshold_ns=node.runq_latency_ns,
     )
     user = Thresholds(
+        dns_enabled=net.dns_enabled,
+        dns_ports=tuple(net.dns_ports),
+        dns_timeout_ms=net.dns_timeout_ns // 1_000_000,
+        dns_slow_ms=net.dns_slow_ns // 1_000_000,
+        dns_include_nxdomain=net.dns_include_nxdomain,
+        dns_window_ms=net.dns_window_ns // 1_000_000,
+        dns_cap=net.dns_cap,
         memory_some_pct=node.memory_some_permille / 10,
         memory_full_pct=node.memory_full_permille / 10,
         cpu_some_pct=node.cpu_some_permille / 10,
@@ -136,4 +160,5 @@ def from_compiled(
         node_pmc_enabled=pmc.enabled,
         exit_scope=scope,  # type: ignore[arg-type]  # checked by ConfigResponse.validate
     )
+    kernel = msgspec.structs.replace(kernel, **dns_fields(user))
     return kernel, user

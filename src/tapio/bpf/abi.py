@@ -82,7 +82,7 @@ class CStruct:
         )
 
 
-TAPIO_CONFIG_ABI_VERSION = 3
+TAPIO_CONFIG_ABI_VERSION = 4
 CONFIG_SIZE = 256
 MAX_IGNORE_EXIT_CODES = 16
 
@@ -99,6 +99,10 @@ FLAG_CONTAINER = OBSERVER_FLAGS["container"]
 FLAG_NODE = OBSERVER_FLAGS["node"]
 
 EXIT_SCOPE_CONTAINERS = 1 << 0
+
+DNS_ENABLED = 1 << 0
+DNS_NXDOMAIN = 1 << 1
+MAX_DNS_PORTS = 8
 
 # tapio_metrics indices (bpf/tapio_common.h)
 METRIC_LOST = 0
@@ -126,7 +130,12 @@ TAPIO_CONFIG = CStruct(
     ignore_exit_codes         16i
     ignore_signal_mask        Q
     runq_latency_threshold_ns Q
-    _reserved                 104x
+    dns_slow_ns               Q
+    dns_timeout_ns            Q
+    dns_flags                 I
+    dns_port_count            I
+    dns_ports                 8H
+    _reserved                 64x
     """,
     CONFIG_SIZE,
 )
@@ -154,12 +163,19 @@ class TapioConfig(msgspec.Struct, frozen=True, kw_only=True):
     ignore_exit_codes: tuple[int, ...] = ()
     ignore_signal_mask: int = 0
     runq_latency_threshold_ns: int = 0
+    dns_slow_ns: int = 0
+    dns_timeout_ns: int = 0
+    dns_flags: int = 0
+    dns_ports: tuple[int, ...] = ()
 
     def pack(self) -> bytes:
         """The exact 256 bytes for the map value; integers are clamped to their C types."""
         codes = list(self.ignore_exit_codes[:MAX_IGNORE_EXIT_CODES])
         count = len(codes)
         codes += [0] * (MAX_IGNORE_EXIT_CODES - count)
+        ports = [p for p in self.dns_ports if 0 < p <= 0xFFFF][:MAX_DNS_PORTS]
+        nports = len(ports)
+        ports += [0] * (MAX_DNS_PORTS - nports)
 
         def u32(v: int) -> int:
             return max(0, min(v, _U32_MAX))
@@ -188,6 +204,11 @@ class TapioConfig(msgspec.Struct, frozen=True, kw_only=True):
             *(s32(c) for c in codes),
             u64(self.ignore_signal_mask),
             u64(self.runq_latency_threshold_ns),
+            u64(self.dns_slow_ns),
+            u64(self.dns_timeout_ns),
+            u32(self.dns_flags),
+            nports,
+            *ports,
         )
 
 

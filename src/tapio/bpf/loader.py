@@ -117,6 +117,23 @@ class Map:
             raise BpfError(err, f"lookup in map {self.name}")
         return bytes(ffi.buffer(out))
 
+    def delete(self, key: bytes) -> bool:
+        """Delete ``key``; False when it was not there (someone else deleted it first)."""
+        rc = lb.lib().bpf_map_delete_elem(self.fd, key)
+        if rc < 0 and (lb.last_errno() if rc == -1 else -rc) == 2:  # ENOENT
+            return False
+        check_rc(rc, f"delete in map {self.name}")
+        return True
+
+    def next_key(self, key: bytes | None) -> bytes | None:
+        """The key after ``key`` (the first for None), or None at the end."""
+        out = ffi.new("char[]", self.key_size)
+        rc = lb.lib().bpf_map_get_next_key(self.fd, key if key is not None else ffi.NULL, out)
+        if rc < 0 and (lb.last_errno() if rc == -1 else -rc) == 2:  # ENOENT
+            return None
+        check_rc(rc, f"iteration of map {self.name}")
+        return bytes(ffi.buffer(out))
+
     def percpu_u64_sum(self, index: int) -> int:
         """Sum over CPUs of a PERCPU_ARRAY of u64 (the metrics map)."""
         raw = self.lookup(index.to_bytes(4, "little"))
@@ -373,11 +390,12 @@ class BpfObject:
         """Attach every loaded program by its section (tracepoint/, tp_btf/, raw_tp/, ...).
 
         Programs in ``perf_event`` sections are skipped: they need a perf fd per CPU, see
-        :meth:`attach_perf_event`. A declared (optional) program that fails to attach is left
+        :meth:`attach_perf_event`; so are ``cgroup_skb`` ones, which need a cgroup, see
+        :meth:`attach_cgroup`. A declared (optional) program that fails to attach is left
         detached and recorded in :attr:`skipped`; a required one raises.
         """
         for prog in self.programs.values():
-            if prog.section.startswith("perf_event"):
+            if prog.section.startswith(("perf_event", "cgroup_skb")):
                 continue
             try:
                 self.attach(prog.name)
@@ -414,6 +432,29 @@ class BpfObject:
                     f"{spec.name}: {self.skipped[spec.name]}"
                 )
         return {cap: "; ".join(reasons) for cap, reasons in why.items() if cap not in running}
+
+    def attach_cgroup(self, name: str, cgroup_fd: int) -> None:
+        """Attach a cgroup program (a link: other programs on the cgroup are left alone). A
+        declared program that fails is recorded in :attr:`skipped`; a required one raises."""
+        prog = self.programs[name]
+        try:
+            link = check_ptr(
+                lb.lib().bpf_program__attach_cgroup(prog.ptr, cgroup_fd),
+                f"attach of {self.name}/{name} ({prog.section}) to cgroup fd {cgroup_fd}",
+            )
+        except BpfError as exc:
+            if name not in self.specs:
+                raise
+            self.skipped[name] = f"attach failed: {exc}"[:240]
+            log.warning(
+                "optional BPF program not attached",
+                object=self.path.name,
+                program=name,
+                error=str(exc),
+            )
+            return
+        self._links.append(link)
+        self.attached.add(name)
 
     def attach_perf_event(self, name: str, perf_fd: int) -> None:
         """Attach to an opened perf event; the link takes ownership of ``perf_fd``."""

@@ -3,19 +3,38 @@
 The kernel side already decided which fact happened (refused, timed out, retransmit spike, RTT
 spike) and filtered everything else, so classification here is formatting: addresses, names,
 the occurrence's severity/outcome/code/message and its ``data`` facts.
+
+Attribution: the kernel records who called ``connect()`` (pid, tid, comm and the task's cgroup2,
+v1 memory and v1 cpu cgroup ids) at connect time, because refusals, timeouts, retransmits and RTT
+samples are seen later in softirq or timer context. Those ids are facts (``cgroup2_id``,
+``memory_cgroup_id``, ``cpu_cgroup_id``, with ``pid_source: "connect"``); the enrichment stage
+(:mod:`tapio.observers.enrich`) turns them into ``cgroup_path``, ``cgroup_id`` and the container
+id, runtime and pod UID, exactly as for container and storage evidence. A socket whose connect
+was not seen (accepted, or opened before the agent) has no owner: ``pid_source: "none"`` and
+zero ids, reported unknown (``cgroup_path: null``), never guessed.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, ClassVar
 
-from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
+import structlog
+
+from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct, TapioConfig
 from tapio.bpf.features import ProgramSpec
-from tapio.observers.base import Observer
+from tapio.bpf.loader import BpfObject
+from tapio.observers.base import Emit, Observer, UserThresholds
+from tapio.observers.cgroups.roots import discover_roots
+from tapio.observers.dns.tracker import DnsTracker
+from tapio.observers.enrich import ByCgroupId, Enrichment
 from tapio.occurrence import (
     NETWORK_CONNECTION_REFUSED,
     NETWORK_CONNECTION_TIMEOUT,
+    NETWORK_DNS_ERROR,
+    NETWORK_DNS_SLOW,
+    NETWORK_DNS_TIMEOUT,
     NETWORK_RETRANSMIT_SPIKE,
     NETWORK_RTT_DEGRADATION,
     Occurrence,
@@ -50,8 +69,11 @@ NETWORK_EVENT = CStruct(
     _pad2             4x
     duration_ns       Q
     comm              16s
+    cgroup_id         Q
+    memcg_id          Q
+    cpu_cgroup_id     Q
     """,
-    120,
+    144,
 )
 
 EV_CONN_REFUSED = 1
@@ -90,6 +112,18 @@ ERRNO_NAMES = {
 AF_INET = 2
 AF_INET6 = 10
 _CACHE_MAX = 4096
+# The connecting task's hierarchies, best first: cgroup2, then the v1 controllers a runtime
+# places pods in on hybrid hosts.
+_ORDER = ("unified", "cpu", "memory")
+_BY_CONNECTOR = ByCgroupId(("unified", "memory", "cpu"), _ORDER)
+
+log = structlog.get_logger("tapio.observers.network")
+
+DNS_TYPES = (NETWORK_DNS_TIMEOUT, NETWORK_DNS_ERROR, NETWORK_DNS_SLOW)
+_DNS_MAPS = ("dns_pending", "dns_events")
+#: The DNS programs attach to the cgroup v2 root; egress has a variant without task helpers.
+DNS_EGRESS = ("dns_egress", "dns_egress_anon")
+DNS_INGRESS = "dns_ingress"
 
 
 def state_name(state: int) -> str:
@@ -107,6 +141,8 @@ class NetworkObserver(Observer):
     kernel_metrics: ClassVar[dict[int, tuple[str, str]]] = {
         METRIC_OBSERVER_BASE + 0: ("kernel_drop", "connect_aborted_by_application"),
         METRIC_OBSERVER_BASE + 1: ("kernel_drop", "untracked_close"),
+        METRIC_OBSERVER_BASE + 10: ("correlation_drop", "dns_unmatched_answer"),
+        METRIC_OBSERVER_BASE + 12: ("kernel_drop", "dns_not_a_query"),
     }
     programs: ClassVar[tuple[ProgramSpec, ...]] = (
         ProgramSpec(
@@ -118,11 +154,66 @@ class NetworkObserver(Observer):
         ProgramSpec("handle_receive_reset", "receive_reset"),
         ProgramSpec("handle_retransmit", "retransmit", (NETWORK_RETRANSMIT_SPIKE,)),
         ProgramSpec("handle_tcp_probe", "tcp_probe", (NETWORK_RTT_DEGRADATION,)),
+        # DNS needs both directions: a query seen without its answer would read as a timeout.
+        ProgramSpec("dns_egress", "dns_query", DNS_TYPES, group="dns_egress", maps=_DNS_MAPS),
+        ProgramSpec("dns_egress_anon", "dns_query", DNS_TYPES, group="dns_egress", maps=_DNS_MAPS),
+        ProgramSpec("dns_ingress", "dns_answer", DNS_TYPES, maps=_DNS_MAPS),
     )
+    # TCP evidence: the connecting task's cgroups; DNS: the sending socket's cgroup2 id.
+    enrichment: ClassVar[dict[str, Enrichment]] = {
+        **{
+            t: _BY_CONNECTOR
+            for t in (
+                NETWORK_CONNECTION_REFUSED,
+                NETWORK_CONNECTION_TIMEOUT,
+                NETWORK_RETRANSMIT_SPIKE,
+                NETWORK_RTT_DEGRADATION,
+            )
+        },
+        **{t: ByCgroupId(("unified",), ("unified",)) for t in DNS_TYPES},
+    }
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._addr_cache: dict[tuple[int, bytes], str] = {}
+        self.dns = DnsTracker(self.ctx.boot_offset_ns, self._comm, self.drop)
+
+    def _comm(self, raw: bytes) -> str:
+        return self.strings.cache.get(raw) or self.strings.decode(raw)
+
+    def attach(self, obj: BpfObject) -> None:
+        """The tracepoint programs by section; the DNS programs at the cgroup v2 root."""
+        obj.attach_all()
+        names = [n for n in (*DNS_EGRESS, DNS_INGRESS) if n in obj.programs]
+        if not names:
+            return
+        root = discover_roots().unified
+        if root is None:
+            for n in names:
+                obj.skipped[n] = "no cgroup v2 hierarchy is mounted"
+            return
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            for n in names:
+                obj.skipped[n] = f"cannot open the cgroup v2 root {root}: {exc.strerror}"
+            return
+        try:
+            for n in names:
+                obj.attach_cgroup(n, fd)
+        finally:
+            os.close(fd)
+        if DNS_INGRESS in obj.attached and obj.attached.intersection(DNS_EGRESS):
+            self.dns.bind(obj)
+
+    def on_config(self, kernel: TapioConfig, user: UserThresholds) -> None:
+        self.dns.configure(kernel, user)
+
+    async def run(self, emit: Emit) -> None:
+        await self.dns.run(emit)
+
+    def close(self) -> None:
+        self.dns.close()
 
     def _addr(self, family: int, raw: bytes) -> str:
         key = (family, raw)
@@ -168,6 +259,9 @@ class NetworkObserver(Observer):
             rtt_samples,
             duration_ns,
             comm_raw,
+            cg2,
+            memcg,
+            cpucg,
         ) = frame
         cache = self._addr_cache
         src = cache.get((family, saddr)) or self._addr(family, saddr)
@@ -176,6 +270,9 @@ class NetworkObserver(Observer):
         fam = "ipv6" if family == AF_INET6 else "ipv4"
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
+        # Before enrichment the first non-zero id stands for the cgroup; the enricher replaces
+        # it with the id of the hierarchy that names the container.
+        primary = cg2 or cpucg or memcg
         if ev_type == EV_CONN_REFUSED:
             return new_occurrence(
                 NETWORK_CONNECTION_REFUSED,
@@ -185,12 +282,17 @@ class NetworkObserver(Observer):
                 "RST_RECEIVED",
                 f"TCP RST {src}:{sport} → {dst}:{dport}",
                 {
+                    "cgroup2_id": cg2,
+                    "cgroup_id": primary,
+                    "cgroup_path": None,  # the enricher's
                     "comm": comm,
                     "config_generation": generation,
                     "connect_duration_ms": duration_ns // 1000 / 1000,
+                    "cpu_cgroup_id": cpucg,
                     "dst_ip": dst,
                     "dst_port": dport,
                     "family": fam,
+                    "memory_cgroup_id": memcg,
                     "pid": pid,
                     "pid_source": psrc,
                     "protocol": "tcp",
@@ -211,13 +313,18 @@ class NetworkObserver(Observer):
                 "SYN_TIMEOUT",
                 f"Connection timeout to {dst}:{dport} (SYN_SENT→CLOSE)",
                 {
+                    "cgroup2_id": cg2,
+                    "cgroup_id": primary,
+                    "cgroup_path": None,  # the enricher's
                     "comm": comm,
                     "config_generation": generation,
                     "connect_duration_ms": duration_ns // 1000 / 1000,
+                    "cpu_cgroup_id": cpucg,
                     "dst_ip": dst,
                     "dst_port": dport,
                     "error": ERRNO_NAMES.get(sk_err, f"errno {sk_err}"),
                     "family": fam,
+                    "memory_cgroup_id": memcg,
                     "new_state": state_name(new_state),
                     "old_state": state_name(old_state),
                     "pid": pid,
@@ -242,11 +349,16 @@ class NetworkObserver(Observer):
                     f"(total={total_retrans}, cwnd={snd_cwnd})"
                 ),
                 {
+                    "cgroup2_id": cg2,
+                    "cgroup_id": primary,
+                    "cgroup_path": None,  # the enricher's
                     "comm": comm,
                     "config_generation": generation,
+                    "cpu_cgroup_id": cpucg,
                     "dst_ip": dst,
                     "dst_port": dport,
                     "family": fam,
+                    "memory_cgroup_id": memcg,
                     "pid": pid,
                     "pid_source": psrc,
                     "protocol": "tcp",
@@ -277,13 +389,18 @@ class NetworkObserver(Observer):
                     "baseline_ms": rtt_base // 1000,
                     "baseline_samples": rtt_samples,
                     "baseline_us": rtt_base,
+                    "cgroup2_id": cg2,
+                    "cgroup_id": primary,
+                    "cgroup_path": None,  # the enricher's
                     "comm": comm,
                     "config_generation": generation,
+                    "cpu_cgroup_id": cpucg,
                     "current_ms": rtt_cur // 1000,
                     "current_us": rtt_cur,
                     "dst_ip": dst,
                     "dst_port": dport,
                     "family": fam,
+                    "memory_cgroup_id": memcg,
                     "pid": pid,
                     "pid_source": psrc,
                     "protocol": "tcp",

@@ -35,6 +35,7 @@ Signal = Annotated[int, msgspec.Meta(ge=1, le=64)]
 
 
 _D: Final = DEFAULTS
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 __all__ = ["EXIT_SCOPES"]
@@ -86,6 +87,14 @@ class NetworkConfig(_Block):
     retransmit_window_ns: U64 = _D.retransmit_window_ms * 1_000_000
     rtt_min_delta_us: U32 = _D.rtt_min_delta_us
     rtt_sample_interval_us: U32 = _D.rtt_sample_interval_us
+    dns_enabled: bool = _D.dns_enabled
+    # a tuple, so the default is one immutable object that omit-if-default can recognise
+    dns_ports: Annotated[tuple[Port, ...], msgspec.Meta(min_length=1, max_length=8)] = _D.dns_ports
+    dns_timeout_ns: U64 = _D.dns_timeout_ms * 1_000_000
+    dns_slow_ns: U64 = _D.dns_slow_ms * 1_000_000
+    dns_include_nxdomain: bool = _D.dns_include_nxdomain
+    dns_window_ns: U64 = _D.dns_window_ms * 1_000_000
+    dns_cap: U32 = _D.dns_cap
 
 
 class StorageConfig(_Block):
@@ -172,6 +181,13 @@ def compile_resolved(r: Resolved) -> CompiledConfig:
             retransmit_window_ns=r.retransmit_window_ms * 1_000_000,
             rtt_min_delta_us=r.rtt_min_delta_ms * 1000,
             rtt_sample_interval_us=r.rtt_sample_interval_ms * 1000,
+            dns_enabled=r.dns_enabled,
+            dns_ports=tuple(r.dns_ports),
+            dns_timeout_ns=r.dns_timeout_ms * 1_000_000,
+            dns_slow_ns=r.dns_slow_ms * 1_000_000,
+            dns_include_nxdomain=r.dns_include_nxdomain,
+            dns_window_ns=r.dns_window_ms * 1_000_000,
+            dns_cap=r.dns_cap,
         ),
         storage=StorageConfig(
             enabled=r.storage_enabled,

@@ -30,8 +30,19 @@ class RttBaseline(_Block):
     sample_interval_ms: int | None = None
 
 
+class Dns(_Block):
+    enabled: bool | None = None
+    ports: list[int] | None = None
+    timeout_ms: int | None = None
+    slow_ms: int | None = None
+    include_nxdomain: bool | None = None
+    window_ms: int | None = None
+    cap: int | None = None
+
+
 class NetworkOverrides(_Block):
     enabled: bool | None = None
+    dns: Dns | None = None
     rtt_spike: RttSpike | None = None
     retransmit: Retransmit | None = None
     rtt_baseline: RttBaseline | None = None

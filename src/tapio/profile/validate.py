@@ -24,7 +24,7 @@ from typing import Any, Final
 from tapio.profile.errors import ProfileError
 from tapio.profile.model import Profile
 from tapio.profile.scheduler import SCHEDULER_QUEUES, SchedulerThresholds
-from tapio.thresholds import DEFAULTS, EXIT_SCOPES
+from tapio.thresholds import DEFAULTS, EXIT_SCOPES, MAX_DNS_PORTS
 
 API_VERSION: Final = "tapio.false.systems/v0"
 KIND: Final = "EvidenceProfile"
@@ -113,6 +113,14 @@ def _int_set(most: int, lo: int, hi: int) -> _Check:
     return check
 
 
+def _ports(path: str, values: list[int]) -> tuple[int, ...]:
+    """DNS server ports: 1 to MAX_DNS_PORTS of them, each a port number, de-duplicated."""
+    if not values:
+        raise ProfileError(path, "at least 1 port, got 0")
+    parent, _, name = path.rpartition(".")
+    return _bounded_set(parent, name, values, MAX_DNS_PORTS, 1, 65535)
+
+
 def _one_of(choices: Sequence[str]) -> _Check:
     def check(path: str, value: str) -> str:
         if value not in choices:
@@ -196,6 +204,13 @@ class Resolved:
     rtt_sample_interval_ms: int = _NET(
         "rtt_baseline.sample_interval_ms", _ints(1, 60_000), _D.rtt_sample_interval_us // 1000
     )
+    dns_enabled: bool = _NET("dns.enabled", _FLAG, _D.dns_enabled)
+    dns_ports: tuple[int, ...] = _NET("dns.ports", _ports, _D.dns_ports)
+    dns_timeout_ms: int = _NET("dns.timeout_ms", _ints(100, 60_000), _D.dns_timeout_ms)
+    dns_slow_ms: int = _NET("dns.slow_ms", _ints(1, 60_000), _D.dns_slow_ms)
+    dns_include_nxdomain: bool = _NET("dns.include_nxdomain", _FLAG, _D.dns_include_nxdomain)
+    dns_window_ms: int = _NET("dns.window_ms", _ints(0, 600_000), _D.dns_window_ms)
+    dns_cap: int = _NET("dns.cap", _ints(1, 100_000), _D.dns_cap)
     storage_enabled: bool = _STO("enabled", _FLAG, True)
     slow_io_warning_ms: int = _STO(
         "slow_io.warning_ms", _ints(1, 60_000), _D.io_latency_warning_ns // 1_000_000
@@ -239,6 +254,8 @@ _AT_LEAST: Final = {
     "slow_io_critical_ms": "slow_io_warning_ms",
     "stall_critical_pct": "stall_warning_pct",
 }
+# A value that must stay strictly below another (declared before it), on the merged values.
+_BELOW: Final = {"dns_slow_ms": "dns_timeout_ms"}
 _RULES: Final = tuple(
     (f.name, f.metadata["rule"]) for f in dataclasses.fields(Resolved) if "rule" in f.metadata
 )
@@ -332,6 +349,15 @@ def resolve(profile: Profile) -> Resolved:
                 raise ProfileError(
                     f"overrides.{rule.path.rpartition('.')[0]}",
                     f"{rust_float(high)} must be >= {rust_float(low)}",
+                )
+        above = _BELOW.get(name)
+        if above is not None:
+            value = merged.get(name, getattr(base, name))
+            limit = merged.get(above, getattr(base, above))
+            if value >= limit:
+                raise ProfileError(
+                    f"overrides.{rule.path}",
+                    f"{value} must be < {above.removeprefix('dns_')} {limit}",
                 )
     scheduler = _scheduler(overrides, base.scheduler)
     if scheduler is not None:

@@ -234,7 +234,7 @@ def test_from_compiled_maps_every_field() -> None:
     c.node_pmc.enabled = False
     c.node = NodeConfig(memory_some_permille=123, runq_latency_ns=7_000_000)
     kernel, user = from_compiled(c, 42, kubernetes=False)
-    assert kernel.generation == 42 and kernel.abi_version == 3
+    assert kernel.generation == 42 and kernel.abi_version == 4
     assert kernel.flags == FLAG_NETWORK | FLAG_CONTAINER | FLAG_NODE
     assert kernel.flags & FLAG_STORAGE == 0
     assert kernel.retransmit_threshold == 9 and kernel.rtt_spike_multiplier == 3

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
+import anyio
 import msgspec
 
 from tapio.observers.base import ObserverContext
+from tapio.observers.cgroups import CgroupResolver
+from tapio.observers.enrich import ByCgroupId, Enricher
 from tapio.observers.network import NETWORK_EVENT, NetworkObserver
-from tapio.occurrence import decode, encode
+from tapio.occurrence import (
+    NETWORK_CONNECTION_REFUSED,
+    NETWORK_CONNECTION_TIMEOUT,
+    NETWORK_RETRANSMIT_SPIKE,
+    NETWORK_RTT_DEGRADATION,
+    decode,
+    encode,
+)
 
 V4_SRC = socket.inet_aton("10.1.2.3") + bytes(12)
 V4_DST = socket.inet_aton("10.9.8.7") + bytes(12)
@@ -42,6 +54,9 @@ def record(**kw: object) -> bytes:
         "rtt_samples": 0,
         "duration_ns": 1_500_000,
         "comm": b"curl".ljust(16, b"\0"),
+        "cgroup_id": 7001,
+        "memcg_id": 7002,
+        "cpu_cgroup_id": 7003,
     }
     f.update(kw)
     names = [n for n, _ in NETWORK_EVENT.fields if not n.startswith("_")]
@@ -63,12 +78,17 @@ def test_refused_ipv4() -> None:
     d = o["data"]
     assert list(d) == sorted(d)  # contract: data keys sorted
     assert d == {
+        "cgroup2_id": 7001,
+        "cgroup_id": 7001,
+        "cgroup_path": None,
         "comm": "curl",
         "config_generation": 3,
         "connect_duration_ms": 1.5,
+        "cpu_cgroup_id": 7003,
         "dst_ip": "10.9.8.7",
         "dst_port": 80,
         "family": "ipv4",
+        "memory_cgroup_id": 7002,
         "pid": 42,
         "pid_source": "connect",
         "protocol": "tcp",
@@ -95,6 +115,7 @@ def test_timeout() -> None:
     d = o["data"]
     assert (d["old_state"], d["new_state"], d["error"]) == ("SYN_SENT", "CLOSE", "ETIMEDOUT")
     assert d["connect_duration_ms"] == 3000.0
+    assert (d["cgroup_id"], d["cpu_cgroup_id"]) == (7001, 7003)
     assert list(d) == sorted(d)
 
 
@@ -109,6 +130,9 @@ def test_retransmit_spike() -> None:
             duration_ns=1_000_000_000,
             pid_source=0,
             pid=0,
+            cgroup_id=0,
+            memcg_id=0,
+            cpu_cgroup_id=0,
         )
     )
     assert o["type"] == "kernel.network.retransmit_spike"
@@ -120,6 +144,8 @@ def test_retransmit_spike() -> None:
         "ESTABLISHED",
     )
     assert d["pid_source"] == "none" and d["pid"] == 0
+    # No connect seen: no owner, so no cgroup either (unknown, never guessed).
+    assert (d["cgroup2_id"], d["cgroup_id"], d["cgroup_path"]) == (0, 0, None)
     assert list(d) == sorted(d)
 
 
@@ -138,6 +164,7 @@ def test_rtt_degradation() -> None:
         2000,
         50000,
     )
+    assert (d["cgroup2_id"], d["memory_cgroup_id"], d["cpu_cgroup_id"]) == (7001, 7002, 7003)
     assert list(d) == sorted(d)
 
 
@@ -156,3 +183,57 @@ def test_occurrence_round_trips_and_validates() -> None:
     raw = encode(occ)
     for key in (b"reasoning", b"context", b"history", b"possible_causes", b"suggested_fix"):
         assert key not in raw
+
+
+def test_primary_id_falls_back_to_a_v1_controller() -> None:
+    """No cgroup2 id (a task outside the unified tree): the cpu, then memory id stands for it."""
+    [o] = classify(record(cgroup_id=0, memcg_id=11, cpu_cgroup_id=12))
+    assert (o["data"]["cgroup_id"], o["data"]["cgroup2_id"]) == (12, 0)
+    [o] = classify(record(cgroup_id=0, memcg_id=11, cpu_cgroup_id=0))
+    assert o["data"]["cgroup_id"] == 11
+
+
+def test_every_tcp_type_is_enriched_by_the_connectors_cgroups() -> None:
+    spec = NetworkObserver.enrichment
+    tcp = {
+        NETWORK_CONNECTION_REFUSED,
+        NETWORK_CONNECTION_TIMEOUT,
+        NETWORK_RETRANSMIT_SPIKE,
+        NETWORK_RTT_DEGRADATION,
+    }
+    assert tcp <= set(spec)
+    assert all(isinstance(spec[t], ByCgroupId) for t in spec)  # DNS types too
+    for s in (spec[t] for t in tcp):
+        assert isinstance(s, ByCgroupId)
+        assert set(s.hierarchies) == {"unified", "memory", "cpu"}
+        assert s.order[0] == "unified"
+
+
+def test_the_connecting_tasks_cgroup_names_its_pod(tmp_path: Path) -> None:
+    """Hybrid host: the pod lives in the v1 cpu tree, the task is in the unified root."""
+    uid, cid = "0d5c1b0e-7a7f-4c39-9d4e-2b1f3c4d5e6f", "b" * 64
+    roots = {h: tmp_path / h for h in ("unified", "memory", "cpu")}
+    for r in roots.values():
+        r.mkdir()
+    pod = roots["cpu"] / "kubepods" / "burstable" / f"pod{uid}" / cid
+    pod.mkdir(parents=True)
+    obs = NetworkObserver(ObserverContext(boot_offset_ns=BOOT))
+    batch = obs.classify(
+        NETWORK_EVENT.framed(
+            record(
+                cgroup_id=os.stat(roots["unified"]).st_ino,
+                memcg_id=os.stat(roots["memory"]).st_ino,
+                cpu_cgroup_id=os.stat(pod).st_ino,
+            ),
+            record(pid_source=0, pid=0, cgroup_id=0, memcg_id=0, cpu_cgroup_id=0),
+        )
+    )
+    enricher = Enricher.for_specs([NetworkObserver.enrichment], CgroupResolver(roots))
+    anyio.run(enricher.enrich, batch)
+    owned, orphan = (o.data for o in batch)
+    assert owned is not None and orphan is not None
+    assert owned["cgroup_path"] == f"/kubepods/burstable/pod{uid}/{cid}"
+    assert owned["cgroup_id"] == os.stat(pod).st_ino
+    assert (owned["container_id"], owned["pod_uid"]) == (cid, uid)
+    assert owned["container_runtime"] == "containerd" and list(owned) == sorted(owned)
+    assert orphan["cgroup_path"] is None and "container_id" not in orphan

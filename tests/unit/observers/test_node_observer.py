@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tapio.bpf.abi import FLAG_NETWORK, FLAG_NODE, TapioConfig
+from tapio.bpf.abi import FLAG_NETWORK, FLAG_NODE, TAPIO_CONFIG_ABI_VERSION, TapioConfig
 from tapio.observers import REGISTRY, observer_class
 from tapio.observers.base import ObserverContext, UserThresholds
 from tapio.observers.cgroups import CgroupRoots
@@ -41,7 +41,7 @@ def make_observer(
     *,
     runq_ms: int = 10,
     flags: int = FLAG_NODE,
-    abi: int = 3,
+    abi: int = TAPIO_CONFIG_ABI_VERSION,
     **user: object,
 ) -> NodeObserver:
     roots = CgroupRoots(
