@@ -267,8 +267,6 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
 
             t = threading.Thread(target=sample)
             t.start()
-            # The first sample is in before the load starts: one always precedes the detection.
-            assert wait_until(lambda: samples, 10), "ss showed no RTT for the flow"
             cli.stdin.write("GO\n")
             cli.stdin.flush()
             occs = wait_until(
