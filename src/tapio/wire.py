@@ -154,9 +154,15 @@ class DegradedReason(_OpenEnum):
     UNKNOWN = "unknown"
 
 
-def _required(field: str, value: str) -> None:
-    if not value.strip():
-        raise WireError.missing_field(field)
+def _required(obj: msgspec.Struct, *names: str) -> None:
+    for name in names:
+        if not getattr(obj, name).strip():
+            raise WireError.missing_field(name)
+
+
+def _positive(field: str, value: int) -> None:
+    if value == 0:
+        raise WireError.invalid_field(field, "must be greater than zero")
 
 
 def _check_version(version: str) -> None:
@@ -193,11 +199,7 @@ class HelloRequest(_Msg):
 
     def validate(self) -> None:
         _check_version(self.wire_version)
-        _required("agent_id", self.agent_id)
-        _required("node_name", self.node_name)
-        _required("tapio_version", self.tapio_version)
-        _required("kernel_release", self.kernel_release)
-        _required("arch", self.arch)
+        _required(self, "agent_id", "node_name", "tapio_version", "kernel_release", "arch")
 
 
 class HelloResponse(_Msg):
@@ -213,12 +215,9 @@ class HelloResponse(_Msg):
 
     def validate(self) -> None:
         _check_version(self.wire_version)
-        _required("controller_id", self.controller_id)
-        _required("config_version", self.config_version)
-        if self.send_interval_ms == 0:
-            raise WireError.invalid_field("send_interval_ms", "must be greater than zero")
-        if self.max_batch_events == 0:
-            raise WireError.invalid_field("max_batch_events", "must be greater than zero")
+        _required(self, "controller_id", "config_version")
+        _positive("send_interval_ms", self.send_interval_ms)
+        _positive("max_batch_events", self.max_batch_events)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,36 +243,27 @@ class ConfigResponse(_Msg, kw_only=True):
         """Version, required fields, hash syntax, exit scope; an empty hash is left for the agent
         to refuse."""
         _check_version(self.wire_version)
-        _required("version", self.version)
+        _required(self, "version")
         storage = self.config.storage
-        if storage.slow_io_warning_ns == 0:
-            raise WireError.invalid_field(
-                "config.storage.slow_io_warning_ns", "must be greater than zero"
-            )
-        if storage.slow_io_critical_ns == 0:
-            raise WireError.invalid_field(
-                "config.storage.slow_io_critical_ns", "must be greater than zero"
-            )
+        _positive("config.storage.slow_io_warning_ns", storage.slow_io_warning_ns)
+        _positive("config.storage.slow_io_critical_ns", storage.slow_io_critical_ns)
         net = self.config.network
         # the agent's thresholds take milliseconds within the profile's ranges
-        if not 100 <= net.dns_timeout_ns // 1_000_000 <= 60_000:
+        timeout_ms, slow_ms = net.dns_timeout_ns // 1_000_000, net.dns_slow_ns // 1_000_000
+        if not 100 <= timeout_ms <= 60_000:
             raise WireError.invalid_field("config.network.dns_timeout_ns", "out of range")
-        if not 1 <= net.dns_slow_ns // 1_000_000 < net.dns_timeout_ns // 1_000_000:
-            raise WireError.invalid_field(
-                "config.network.dns_slow_ns", "must be >= 1 ms and below dns_timeout_ns"
-            )
+        if not 1 <= slow_ms < timeout_ms:
+            message = "must be >= 1 ms and below dns_timeout_ns"
+            raise WireError.invalid_field("config.network.dns_slow_ns", message)
         if net.dns_window_ns // 1_000_000 > 600_000:
             raise WireError.invalid_field("config.network.dns_window_ns", "out of range")
         if not 1 <= net.dns_cap <= 100_000:
             raise WireError.invalid_field("config.network.dns_cap", "out of range")
-        if self.config.container.exit_scope not in EXIT_SCOPES:
-            raise WireError.invalid_field(
-                "config.container.exit_scope", f"unknown scope {self.config.container.exit_scope!r}"
-            )
-        if self.batching.send_interval_ms == 0:
-            raise WireError.invalid_field("batching.send_interval_ms", "must be greater than zero")
-        if self.batching.max_batch_events == 0:
-            raise WireError.invalid_field("batching.max_batch_events", "must be greater than zero")
+        scope = self.config.container.exit_scope
+        if scope not in EXIT_SCOPES:
+            raise WireError.invalid_field("config.container.exit_scope", f"unknown scope {scope!r}")
+        _positive("batching.send_interval_ms", self.batching.send_interval_ms)
+        _positive("batching.max_batch_events", self.batching.max_batch_events)
 
     def generation(self) -> int:
         """``version`` as the u32 generation stamped into events; INVALID_FIELD otherwise."""
@@ -334,9 +324,7 @@ class HeartbeatRequest(_Msg, kw_only=True):
 
     def validate(self) -> None:
         _check_version(self.wire_version)
-        _required("agent_id", self.agent_id)
-        _required("node_name", self.node_name)
-        _required("config_version", self.config_version)
+        _required(self, "agent_id", "node_name", "config_version")
         if not self.observers:
             raise WireError.missing_field("observers")
 
@@ -348,7 +336,7 @@ class HeartbeatResponse(_Msg):
 
     def validate(self) -> None:
         _check_version(self.wire_version)
-        _required("next_config_version", self.next_config_version)
+        _required(self, "next_config_version")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,8 +381,7 @@ class WireEvent(_Msg):
         _bound_u64(self, "timestamp_unix_nanos")
 
     def validate(self) -> None:
-        _required("type", self.type)
-        _required("observer", self.observer)
+        _required(self, "type", "observer")
         if not self.type.startswith("kernel."):
             raise WireError.invalid_field("type", "must be a kernel.* event")
         path = find_reasoning_field(self.facts)
@@ -415,8 +402,7 @@ class EventBatchRequest(_Msg):
 
     def validate(self, max_batch_events: int) -> None:
         _check_version(self.wire_version)
-        _required("agent_id", self.agent_id)
-        _required("node_name", self.node_name)
+        _required(self, "agent_id", "node_name")
         if not self.events:
             raise WireError.missing_field("events")
         if len(self.events) > max_batch_events:
