@@ -30,6 +30,7 @@
 #include <bpf/bpf_tracing.h>
 
 #include "tapio_common.h"
+#include "tapio_cgroup.h"
 #include "container.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -71,23 +72,6 @@ struct {
 	__type(value, __u8);
 } exit_claims SEC(".maps");
 
-/* The cgroup of one controller's hierarchy for this task, or NULL if the controller is absent. */
-static __always_inline struct cgroup *controller_cgroup(struct task_struct *task, int enum_ok,
-							__u32 id)
-{
-	struct css_set *cs;
-	struct cgroup_subsys_state *css = 0;
-	if (!enum_ok || id >= 12)
-		return 0;
-	cs = BPF_CORE_READ(task, cgroups);
-	if (!cs)
-		return 0;
-	bpf_core_read(&css, sizeof(css), &cs->subsys[id]);
-	if (!css)
-		return 0;
-	return BPF_CORE_READ(css, cgroup);
-}
-
 static __always_inline __u64 cgroup_id_of(struct cgroup *cg)
 {
 	if (!cg)
@@ -123,8 +107,8 @@ static __noinline int fill_task_cgroups(struct container_event *e, struct task_s
 	int mem_ok = 0, cpu_ok = 0;
 	__u32 mem = memory_id(&mem_ok), cpu = cpu_id(&cpu_ok);
 	struct cgroup *dfl = BPF_CORE_READ(task, cgroups, dfl_cgrp);
-	struct cgroup *memcg = controller_cgroup(task, mem_ok, mem);
-	struct cgroup *cpucg = controller_cgroup(task, cpu_ok, cpu);
+	struct cgroup *memcg = tapio_subsys_cgroup(task, mem_ok, mem);
+	struct cgroup *cpucg = tapio_subsys_cgroup(task, cpu_ok, cpu);
 
 	e->cgroup_id = cgroup_id_of(dfl);
 	e->memcg_id = cgroup_id_of(memcg);
@@ -294,8 +278,8 @@ int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
 		int mem_ok = 0, cpu_ok = 0;
 		__u32 mem = memory_id(&mem_ok), cpu = cpu_id(&cpu_ok);
 		struct cgroup *dfl = BPF_CORE_READ(task, cgroups, dfl_cgrp);
-		if (cgroup_level(dfl) == 0 && cgroup_level(controller_cgroup(task, mem_ok, mem)) == 0 &&
-		    cgroup_level(controller_cgroup(task, cpu_ok, cpu)) == 0) {
+		if (cgroup_level(dfl) == 0 && cgroup_level(tapio_subsys_cgroup(task, mem_ok, mem)) == 0 &&
+		    cgroup_level(tapio_subsys_cgroup(task, cpu_ok, cpu)) == 0) {
 			tapio_metric_inc(CT_METRIC_EXIT_IGNORED);
 			return 0; /* a host process: root cgroup in every hierarchy */
 		}

@@ -573,11 +573,14 @@ static __always_inline void dns_handle(struct __sk_buff *skb, int egress, int wi
 		if (avail >= DNS_QRAW_LEN) {
 			if (bpf_skb_load_bytes(skb, qoff, q.qraw, DNS_QRAW_LEN) == 0)
 				q.qraw_len = DNS_QRAW_LEN;
-		} else {
-			__u64 len = avail;
-			/* the mask in an asm block: clang would drop it as redundant, the verifier needs it */
+		} else if (avail > 0) {
+			/* 1..127 in a form every verifier since 5.10 can bound: the mask sits in an asm
+			 * block (clang would drop it as redundant) and the +1 after it keeps the length
+			 * non-zero without a branch the verifier may not tie to this register */
+			__u64 len = avail - 1;
 			asm volatile("%0 &= 0x7f" : "+r"(len));
-			if (len > 0 && bpf_skb_load_bytes(skb, qoff, q.qraw, len) == 0)
+			len += 1;
+			if (bpf_skb_load_bytes(skb, qoff, q.qraw, len) == 0)
 				q.qraw_len = len;
 		}
 		if (bpf_map_update_elem(&dns_pending, &k, &q, BPF_NOEXIST) == 0)

@@ -21,6 +21,7 @@
 #include <bpf/bpf_tracing.h>
 
 #include "tapio_common.h"
+#include "tapio_cgroup.h"
 #include "storage.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -65,24 +66,6 @@ static __always_inline int io_key_of(struct io_key *k, __u32 dev, __u64 sector, 
 	return 1;
 }
 
-static __always_inline __u64 current_memcg_id(void)
-{
-	if (!bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id))
-		return 0;
-	__u32 id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
-	if (id >= 12)
-		return 0;
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct css_set *cs = BPF_CORE_READ(task, cgroups);
-	struct cgroup_subsys_state *css = 0;
-	if (!cs)
-		return 0;
-	bpf_core_read(&css, sizeof(css), &cs->subsys[id]);
-	if (!css)
-		return 0;
-	return BPF_CORE_READ(css, cgroup, kn, id);
-}
-
 SEC("tracepoint/block/block_rq_issue")
 int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 {
@@ -116,7 +99,7 @@ int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	val.issue_ns = bpf_ktime_get_ns();
 	val.cgroup_id = bpf_get_current_cgroup_id();
-	val.memcg_id = current_memcg_id();
+	val.memcg_id = tapio_current_memcg_id();
 	val.pid = pid_tgid >> 32;
 	val.tid = (__u32)pid_tgid;
 	val.bytes = bytes ? bytes : nr_sector * 512;

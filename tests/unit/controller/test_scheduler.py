@@ -402,3 +402,29 @@ def test_a_reload_that_changes_only_the_scheduler_block_keeps_the_generation(
     assert store.reload_now(force=False).result is ReloadResult.APPLIED
     assert store.active.generation == 1 and store.active.scheduler.latency_spike.p99_ms == 300
     assert store.reload_now(force=False).result is ReloadResult.UNCHANGED
+
+
+def test_controller_flags_and_settings_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tapio.controller.cli import build_parser, main
+    from tapio.controller.settings import apply_config_file
+
+    assert main(["--scheduler-token-file", "t"]) == 2
+    assert "--scheduler-token-file needs --scheduler-metrics-url" in capsys.readouterr().err
+    assert main(["--scheduler-metrics-url", "ftp://x/metrics"]) == 2
+    assert "http:// or https://" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "scheduler_metrics_url: https://10.0.0.1:10259/metrics\nscheduler_scrape_interval: 30\n"
+        "scheduler_insecure_skip_tls_verify: true\nevidence_window_max_events: 1000\n"
+        "evidence_window_max_age: 600\n"
+    )
+    args = build_parser().parse_args(["--scheduler-scrape-interval", "5"])
+    apply_config_file(args, str(cfg))
+    assert args.scheduler_metrics_url == "https://10.0.0.1:10259/metrics"
+    assert args.scheduler_scrape_interval == 5.0  # the flag wins
+    assert args.scheduler_insecure_skip_tls_verify is True
+    assert (args.evidence_window_max_events, args.evidence_window_max_age) == (1000, 600.0)
+    settings = ScrapeSettings(url="https://u:p@10.0.0.1:10259/metrics?x=1", interval=30)
+    assert settings.display_url == "https://10.0.0.1:10259/metrics" and settings.timeout == 10
