@@ -2,7 +2,7 @@
 # Build the agent and controller images from deploy/Dockerfile with podman and run them the way a
 # cluster does, on this host's kernel:
 #   1. the agent with exactly the DaemonSet's security context (CAP_BPF, CAP_PERFMON,
-#      CAP_SYS_RESOURCE; read-only root; host pid namespace; host BTF, tracefs and cgroupfs),
+#      CAP_SYS_RESOURCE, CAP_NET_ADMIN; read-only root; host pid namespace; host BTF, tracefs and cgroupfs),
 #      under podman's default seccomp profile and then under deploy/seccomp/tapio-agent.json,
 #      in its own cgroup namespace: a refused loopback connect on the host must be reported, and
 #      an ordinary workload container's exit code 3 attributed to that container's id;
@@ -146,10 +146,10 @@ mkdir -p "$work/data"
 # Exactly the DaemonSet's capabilities. A host whose own bounding set lacks one (this CI host
 # has no CAP_SYS_RESOURCE) cannot grant it: the runtimes then start the container without it, so
 # the agent's bounding set must be the DaemonSet's set intersected with the host's.
-caps=(BPF PERFMON SYS_RESOURCE)
+caps=(BPF PERFMON SYS_RESOURCE NET_ADMIN)
 want_capbnd=$(python3 - "${caps[@]}" <<'EOF'
 import sys
-bit = {"BPF": 39, "PERFMON": 38, "SYS_RESOURCE": 24}
+bit = {"BPF": 39, "PERFMON": 38, "SYS_RESOURCE": 24, "NET_ADMIN": 12}
 host = int(open("/proc/self/status").read().split("CapBnd:")[1].split()[0], 16)
 want = sum(1 << bit[c] for c in sys.argv[1:])
 if want & ~host:
@@ -160,7 +160,7 @@ EOF
 )
 ctr_caps=()
 for c in "${caps[@]}"; do
-  case $c in BPF) b=39 ;; PERFMON) b=38 ;; SYS_RESOURCE) b=24 ;; esac
+  case $c in BPF) b=39 ;; PERFMON) b=38 ;; SYS_RESOURCE) b=24 ;; NET_ADMIN) b=12 ;; esac
   ((0x$want_capbnd >> b & 1)) && ctr_caps+=("$c")
 done
 
