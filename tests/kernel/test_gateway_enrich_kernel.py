@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,13 +30,13 @@ from ..ports import closed_port, reported_port
 from ..unit.controller.k8s_apiserver import FakeApiServer, owned, pod
 from .cgroups import cgroup_dirs, missing
 from .harness import AgentProcess, require_kernel, wait_until
+from .podcg import ROLES, pod_cgroup_rel
 
 pytestmark = pytest.mark.kernel
 
 CLIENTS = str(Path(__file__).with_name("net_clients.py"))
 POD_UID = "5b8e1c2d-3f4a-4b5c-8d6e-7f8091a2b3c4"
 CID = "c" * 32 + "fedcba9876543210" * 2
-ROLES = ("unified", "memory", "cpu")
 
 
 @contextmanager
@@ -84,11 +83,7 @@ def test_refused_connect_and_exit_from_a_pod_arrive_named(tmp_path: Path) -> Non
     require_kernel(("network", "container"))
     if missing(ROLES):
         pytest.skip(f"no cgroup hierarchy for {missing(ROLES)}")
-    uid_ = POD_UID.replace("-", "_")
-    rel = (
-        f"tapio-test-{uuid.uuid4().hex[:8]}/kubepods.slice/kubepods-burstable.slice/"
-        f"kubepods-burstable-pod{uid_}.slice/cri-containerd-{CID}.scope"
-    )
+    rel = pod_cgroup_rel(POD_UID, CID)
     out, ctl_log = tmp_path / "evidence", tmp_path / "controller.log"
     port = closed_port(socket.AF_INET, "127.0.0.1")
     agent: AgentProcess | None = None

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,13 @@ import pytest
 from ..ports import closed_port
 from .cgroups import cgroup_dirs, layout, missing
 from .harness import agent, require_kernel, wait_until
+from .podcg import ROLES, pod_cgroup_rel
 
 pytestmark = pytest.mark.kernel
 
 CLIENTS = str(Path(__file__).with_name("net_clients.py"))
 POD_UID = "3c9b2a1d-4e5f-4a6b-9c8d-7e6f5a4b3c2d"
 CID = "e" * 32 + "0123456789abcdef" * 2
-ROLES = ("unified", "memory", "cpu")
 REFUSED = "kernel.network.connection_refused"
 
 
@@ -37,11 +36,7 @@ def test_a_refused_connect_carries_the_connecting_tasks_cgroup_and_pod(tmp_path:
     require_kernel(("network",))
     if missing(ROLES):
         pytest.skip(f"no cgroup hierarchy for {missing(ROLES)}")
-    uid_ = POD_UID.replace("-", "_")
-    rel = (
-        f"tapio-test-{uuid.uuid4().hex[:8]}/kubepods.slice/kubepods-burstable.slice/"
-        f"kubepods-burstable-pod{uid_}.slice/cri-containerd-{CID}.scope"
-    )
+    rel = pod_cgroup_rel(POD_UID, CID)
     port = closed_port(socket.AF_INET, "127.0.0.1")
     # On cgroup2 a controller's cgroup is the nearest ancestor that enables it: delegate both
     # down to the leaf so every id names the leaf, as a kubelet-made pod cgroup does.
