@@ -56,7 +56,7 @@ def test_refused_ipv4_and_ipv6_exactly_one_each(tmp_path: Path) -> None:
         assert c4.returncode == 0 and c6.returncode == 0
         assert out4.split() == ["200"] and out6.split() == ["200"]
 
-        def mine() -> list[dict[str, object]]:
+        def mine() -> list[dict[str, Any]]:
             return [
                 o for o in a.occurrences("kernel.network.") if o["data"]["dst_port"] in (p4, p6)
             ]
