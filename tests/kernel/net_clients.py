@@ -102,10 +102,11 @@ def pingpong(host: str, port: int, steady_secs: float, bulk_secs: float, samples
     5 ms while a reader thread drains the echo, so the sender's queue builds behind tbf.
 
     A sampler thread reads the socket's own smoothed RTT (TCP_INFO) every 5 ms from connect until
-    'STOP' on stdin, then writes ``<wall clock s> <phase> <srtt us>`` lines to ``samples``. One
-    getsockopt per sample costs microseconds even on an emulated CPU, where spawning ``ss`` for
-    each sample took longer than the whole degradation; the samples stay in memory until the
-    end so sampling does no I/O while the flow is measured.
+    'STOP' on stdin, then writes ``<wall clock s> <phase> <srtt us>`` lines to ``samples``
+    (phase: steady, idle until 'GO', load). One getsockopt per sample costs microseconds even
+    on an emulated CPU, where spawning ``ss`` for each sample took longer than the whole
+    degradation; the samples stay in memory until the end so sampling does no I/O while the
+    flow is measured.
     """
     s = socket.create_connection((host, port), timeout=60)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -138,6 +139,8 @@ def pingpong(host: str, port: int, steady_secs: float, bulk_secs: float, samples
     while time.monotonic() < end:
         s.send(b"p")
         time.sleep(0.02)
+    # Until 'GO' nothing is sent and srtt stands still: those samples are not the steady phase.
+    phase[0] = "idle"
     print("steady-done", flush=True)
     sys.stdin.readline()
     phase[0] = "load"
