@@ -33,8 +33,9 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import ContextManager, NamedTuple
+from typing import NamedTuple
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 CpuSet = frozenset[int] | None
@@ -107,9 +108,7 @@ class Pairs(NamedTuple):
         )
 
 
-def alternate(
-    workload: Callable[[], float], agent_round: Callable[[], float], pairs: int
-) -> Pairs:
+def alternate(workload: Callable[[], float], agent_round: Callable[[], float], pairs: int) -> Pairs:
     """bare, agent, bare, ..., bare: ``pairs`` agent rounds, each between two bare rounds."""
     bare = [workload()]
     agent: list[float] = []
@@ -181,9 +180,7 @@ def program_costs(
 def cost_table(costs: list[ProgCost], bare_ns: float) -> list[str]:
     lines = [f"  {'program (bpf_stats)':24} {'runs/op':>8} {'ns/run':>8} {'ns/op':>8}"]
     for c in costs:
-        lines.append(
-            f"  {c.name:24} {c.runs_per_op:8.2f} {c.ns_per_run:8.0f} {c.ns_per_op:8.0f}"
-        )
+        lines.append(f"  {c.name:24} {c.runs_per_op:8.2f} {c.ns_per_run:8.0f} {c.ns_per_op:8.0f}")
     total = sum(c.ns_per_op for c in costs)
     lines.append(
         f"  {'all programs':24} {'':8} {'':8} {total:8.0f}"
@@ -205,7 +202,7 @@ class HotPath(NamedTuple):
 def hot_path(
     title: str,
     workload: Callable[[CpuSet], float],
-    agent: Callable[[CpuSet], ContextManager[int]],
+    agent: Callable[[CpuSet], AbstractContextManager[int]],
     *,
     pairs: int,
     ops: int,
