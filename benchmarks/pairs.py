@@ -132,9 +132,27 @@ def bpf_stats(enabled: bool) -> Iterator[None]:
         STATS.write_text(before)
 
 
+def prog_ids(pid: int) -> set[int]:
+    """Ids of the BPF programs process ``pid`` holds a file descriptor of (/proc fdinfo)."""
+    ids: set[int] = set()
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:bpf-prog":
+                continue
+            info = (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("prog_id:"):
+                ids.add(int(line.split()[1]))
+    return ids
+
+
 def prog_stats(pid: int) -> dict[str, tuple[int, int]]:
     """{program name: (run_cnt, run_time_ns)} of the BPF programs process ``pid`` holds."""
     bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    ids = prog_ids(pid)
     try:
         out = subprocess.run(
             [bpftool, "-j", "prog", "show"], check=True, capture_output=True, text=True
@@ -143,7 +161,7 @@ def prog_stats(pid: int) -> dict[str, tuple[int, int]]:
         return {}
     found: dict[str, tuple[int, int]] = {}
     for prog in json.loads(out):
-        if not any(p.get("pid") == pid for p in prog.get("pids", ())):
+        if prog.get("id") not in ids:
             continue
         name = str(prog.get("name", prog.get("id")))
         cnt, ns = found.get(name, (0, 0))
