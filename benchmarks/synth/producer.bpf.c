@@ -10,13 +10,14 @@
  * benchmarks/bench_throughput.py builds and loads it.
  *
  * The packet handed to the test run carries the pid/tid to report, a port base and the record
- * count; the wakeup policy is the observers' one (force a wakeup only when pending data crosses
- * 64 KiB).
+ * count; the wakeup policy is the observers' one (bpf/tapio_common.h: force a wakeup only when
+ * the pending data crosses 1/16 of the ring; while the agent is parked, the kernel's rule), with
+ * the agent's own network wake flag (its tapio_wake map, reused by id like the ring).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#define WAKEUP_BYTES (64 * 1024)
+#define WAKEUP_SHIFT 4 /* as TAPIO_WAKEUP_SHIFT */
 
 struct network_event {
 	__u64 timestamp_ns;
@@ -67,6 +68,14 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u32);
+} tapio_wake SEC(".maps");
+
 __u64 seq = 0;
 __u64 lost = 0;
 
@@ -74,7 +83,9 @@ static long produce_one(__u64 i, void *ctx)
 {
 	struct params *p = ctx;
 	struct network_event *e;
-	__u64 avail, n;
+	__u64 avail, wake, flags, n;
+	__u32 zero = 0;
+	__u32 *parked;
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -103,9 +114,13 @@ static long produce_one(__u64 i, void *ctx)
 	e->duration_ns = 12345;
 	__builtin_memcpy(e->comm, "tapio-synth", 12);
 	avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, avail >= WAKEUP_BYTES && avail < WAKEUP_BYTES + sizeof(*e) + 8
-				      ? BPF_RB_FORCE_WAKEUP
-				      : BPF_RB_NO_WAKEUP);
+	wake = bpf_ringbuf_query(&events, BPF_RB_RING_SIZE) >> WAKEUP_SHIFT;
+	flags = BPF_RB_NO_WAKEUP;
+	if (avail >= wake && avail < wake + sizeof(*e) + 8)
+		flags = BPF_RB_FORCE_WAKEUP;
+	else if ((parked = bpf_map_lookup_elem(&tapio_wake, &zero)) && *parked)
+		flags = 0;
+	bpf_ringbuf_submit(e, flags);
 	return 0;
 }
 
