@@ -17,13 +17,29 @@ from ..ports import closed_port, refuse
 from .harness import TIME_SCALE, agent, require_kernel, wait_until
 
 
+def held_map_ids(pid: int) -> set[int]:
+    """The ids of the BPF maps process ``pid`` holds an fd of (its fdinfo says ``map_id``)."""
+    ids = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:  # the fd was closed meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith("map_id:"):
+                ids.add(int(line.split()[1]))
+    return ids
+
+
 def wake_flags(pid: int) -> list[int]:
     """The values of the ``tapio_wake`` maps that process ``pid`` holds."""
-    maps = json.loads(subprocess.run(["bpftool", "-j", "map", "show"], check=True,
-                                     capture_output=True, text=True).stdout or "[]")  # fmt: skip
+    shown = subprocess.run(
+        ["bpftool", "-j", "map", "show"], check=True, capture_output=True, text=True
+    )
+    held = held_map_ids(pid)
     values = []
-    for m in maps:
-        if m.get("name") != "tapio_wake" or pid not in [p.get("pid") for p in m.get("pids", [])]:
+    for m in json.loads(shown.stdout or "[]"):
+        if m.get("name") != "tapio_wake" or m["id"] not in held:
             continue
         out = subprocess.run(
             ["bpftool", "-j", "map", "lookup", "id", str(m["id"]), "key", "0", "0", "0", "0"],
@@ -31,8 +47,7 @@ def wake_flags(pid: int) -> list[int]:
             capture_output=True,
             text=True,
         ).stdout
-        value = json.loads(out)["value"]
-        values.append(int.from_bytes(bytes(int(b, 16) for b in value), "little"))
+        values.append(int(json.loads(out)["formatted"]["value"]))
     return values
 
 
