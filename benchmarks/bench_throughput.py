@@ -49,7 +49,7 @@ def build(tmp: Path) -> tuple[Path, Path]:
     arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
     obj, runner = tmp / "producer.bpf.o", tmp / "runner"
     src = str(HERE / "synth" / "producer.bpf.c")
-    cflags = ["-O2", "-g", "-target", "bpf", "-I", arch_inc]
+    cflags = ["-O2", "-g", "-target", "bpf", "-I", arch_inc, "-I", str(HERE.parent / "bpf")]
     subprocess.run([clang, *cflags, "-c", src, "-o", str(obj)], check=True)
     subprocess.run([gcc, "-O2", "-o", str(runner), str(HERE / "synth" / "runner.c")], check=True)
     return obj, runner

@@ -10,14 +10,13 @@
  * benchmarks/bench_throughput.py builds and loads it.
  *
  * The packet handed to the test run carries the pid/tid to report, a port base and the record
- * count; the wakeup policy is the observers' one (bpf/tapio_common.h: force a wakeup only when
- * the pending data crosses 1/16 of the ring; while the agent is parked, the kernel's rule), with
- * the agent's own network wake flag (its tapio_wake map, reused by id like the ring).
+ * count; records are submitted with the observers' own tapio_submit (bpf/tapio_common.h), with
+ * the agent's network wake flag (its tapio_wake map, reused by id like the ring).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#define WAKEUP_SHIFT 4 /* as TAPIO_WAKEUP_SHIFT */
+#include "tapio_common.h"
 
 struct network_event {
 	__u64 timestamp_ns;
@@ -68,14 +67,6 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, __u32);
-} tapio_wake SEC(".maps");
-
 __u64 seq = 0;
 __u64 lost = 0;
 
@@ -83,9 +74,7 @@ static long produce_one(__u64 i, void *ctx)
 {
 	struct params *p = ctx;
 	struct network_event *e;
-	__u64 avail, wake, flags, n;
-	__u32 zero = 0;
-	__u32 *parked;
+	__u64 n;
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -113,14 +102,7 @@ static long produce_one(__u64 i, void *ctx)
 	e->sk_err = 111;
 	e->duration_ns = 12345;
 	__builtin_memcpy(e->comm, "tapio-synth", 12);
-	avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	wake = bpf_ringbuf_query(&events, BPF_RB_RING_SIZE) >> WAKEUP_SHIFT;
-	flags = BPF_RB_NO_WAKEUP;
-	if (avail >= wake && avail < wake + sizeof(*e) + 8)
-		flags = BPF_RB_FORCE_WAKEUP;
-	else if ((parked = bpf_map_lookup_elem(&tapio_wake, &zero)) && *parked)
-		flags = 0;
-	bpf_ringbuf_submit(e, flags);
+	tapio_submit(&events, e);
 	return 0;
 }
 

@@ -1,9 +1,10 @@
 """The drainer parks when the rings are quiet, and a record wakes it at once.
 
 The real agent with the network observer: after a quiet spell every object's ``tapio_wake``
-flag is set (read back with bpftool), a refused connect is then delivered well before the
-parked drainer's 1 s safety pass would have found it, and the flag is cleared while the agent
-is awake again.
+flag is set (read back with bpftool), and a refused connect is then delivered well before the
+parked drainer's 1 s safety pass would have found it. (That the flags are cleared on waking is
+the unit tests' part: here the agent parks again a second later, less than a bpftool call takes
+in an emulated guest.)
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ def test_a_parked_agent_is_woken_by_the_first_record(tmp_path: Path) -> None:
                 interval=0.01,
             ), a.stderr()[-2000:]
             latencies.append(time.monotonic() - t0)
-            assert not all(wake_flags(pid)), "the agent woke but left its flags set"
         # A wakeup that did not arrive would leave the record to the 1 s safety pass: three
         # such waits all under 0.4 s would be a 6 % chance; a woken agent takes milliseconds.
         assert max(latencies) < 0.4 * TIME_SCALE, latencies

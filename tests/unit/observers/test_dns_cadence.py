@@ -16,33 +16,13 @@ from tapio.observers.dns.tracker import DnsTracker, monotonic_ns
 from tapio.occurrence import Occurrence
 from tapio.thresholds import Thresholds
 
-
-class Pending:
-    """A stand-in for the ``dns_pending`` map: key -> value, walked by ``next_key``."""
-
-    max_entries = 16
-
-    def __init__(self) -> None:
-        self.entries: dict[bytes, bytes] = {}
-
-    def next_key(self, key: bytes | None) -> bytes | None:
-        keys = sorted(self.entries)
-        if key is None:
-            return keys[0] if keys else None
-        later = [k for k in keys if k > key]
-        return later[0] if later else None
-
-    def lookup(self, key: bytes) -> bytes | None:
-        return self.entries.get(key)
-
-    def delete(self, key: bytes) -> bool:
-        return self.entries.pop(key, None) is not None
+from .test_dns_records import FakeMap
 
 
-def bound(timeout_ms: int) -> tuple[DnsTracker, Pending, list[float]]:
+def bound(timeout_ms: int) -> tuple[DnsTracker, FakeMap, list[float]]:
     t = DnsTracker(1_000, lambda raw: "x", lambda reason, n: None)
     t.configure(TapioConfig(generation=1, dns_flags=1), Thresholds(dns_timeout_ms=timeout_ms))
-    pending = Pending()
+    pending = FakeMap({})
     t._ring = RingBuffer(bytearray(4096), bytearray(4096 + 4096), 4096, page=4096)
     t._pending = pending  # type: ignore[assignment]
     sweeps: list[float] = []
