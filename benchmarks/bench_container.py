@@ -22,8 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_agent import agent_running, cpu_seconds
-from pairs import hot_path, placements, run_ns
+from pairs import placements, run_ns, with_default_agent
 
 LOOP_C = r"""
 #include <stdio.h>
@@ -74,18 +73,16 @@ def main() -> int:
         exe = build(tmp)
         for placement in placements(args.placement or ["split"]):
             for code in args.code or [0, 1]:
-                hp = hot_path(
+                argv = [str(exe), str(args.n), str(code)]
+                with_default_agent(
                     f"fork + exit {code} + wait, {args.n} per round",
-                    lambda cpus, code=code: run_ns([str(exe), str(args.n), str(code)], cpus),
-                    lambda cpus: agent_running(tmp, cpus),
+                    lambda cpus, argv=argv: run_ns(argv, cpus),
+                    tmp,
                     pairs=args.pairs,
                     ops=args.n,
                     target=1.05,
                     placement=placement,
-                    settle=0.5,
-                    cpu_seconds=cpu_seconds,
                 )
-                print("\n".join(hp.lines) + "\n", flush=True)
     return 0
 
 

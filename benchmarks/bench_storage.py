@@ -25,8 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench_agent import agent_running, cpu_seconds
-from pairs import hot_path, placements, run_ns
+from pairs import placements, run_ns, with_default_agent
 
 READ_C = r"""
 #define _GNU_SOURCE
@@ -107,18 +106,15 @@ def main() -> int:
         with tmpfs_loop(tmp) as dev:
             argv = [str(exe), dev, str(args.n), str(IMAGE // 4096)]
             for placement in placements(args.placement or ["split"]):
-                hp = hot_path(
+                with_default_agent(
                     f"4 KiB O_DIRECT read, loop device on tmpfs, {args.n} per round",
                     lambda cpus: run_ns(argv, cpus),
-                    lambda cpus: agent_running(tmp, cpus),
+                    tmp,
                     pairs=args.pairs,
                     ops=args.n,
                     target=1.05,
                     placement=placement,
-                    settle=0.5,
-                    cpu_seconds=cpu_seconds,
                 )
-                print("\n".join(hp.lines) + "\n", flush=True)
     return 0
 
 

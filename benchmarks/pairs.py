@@ -260,3 +260,32 @@ def hot_path(
         *cost_table(costs, bare),
     ]
     return HotPath(lines, placement.name, bare, with_agent, result.ratio(), result, costs)
+
+
+def with_default_agent(
+    title: str,
+    workload: Callable[[CpuSet], float],
+    tmp: Path,
+    *,
+    pairs: int,
+    ops: int,
+    target: float,
+    placement: Placement,
+) -> HotPath:
+    """``hot_path`` against the default agent of ``bench_agent.py`` (imported here, not at the
+    top: ``bench_agent`` imports this module)."""
+    from bench_agent import agent_running, cpu_seconds
+
+    hp = hot_path(
+        title,
+        workload,
+        lambda cpus: agent_running(tmp, cpus),
+        pairs=pairs,
+        ops=ops,
+        target=target,
+        placement=placement,
+        settle=0.5,
+        cpu_seconds=cpu_seconds,
+    )
+    print("\n".join(hp.lines) + "\n", flush=True)
+    return hp

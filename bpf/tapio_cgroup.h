@@ -39,12 +39,22 @@ static __always_inline __u64 tapio_subsys_cgroup_id(struct task_struct *task, in
 	return cg ? BPF_CORE_READ(cg, kn, id) : 0;
 }
 
+/* The current task's memory controller cgroup id (v1 on hybrid hosts), by probe reads. */
+static __always_inline __u64 tapio_current_memcg_id(void)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	int ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id);
+	return tapio_subsys_cgroup_id(task, ok,
+				      ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0);
+}
+
 /*
  * From 5.11 tracing programs get the current task as a BTF pointer (bpf_get_current_task_btf):
  * its cgroup pointers are then plain loads instead of one probe-read helper call per pointer
- * (five per controller), on paths that run for every connect() and every block request. libbpf
- * resolves this check against the running kernel's BTF at load; on 5.10 the branch is dead code
- * the verifier never walks (and removes), so the probe-read path below serves it.
+ * (five per controller) on every connect(). libbpf resolves this check against the running
+ * kernel's BTF at load; on 5.10 the branch is dead code the verifier never walks (and removes),
+ * so the probe-read path serves it. Only for tp_btf programs: the agent's own load probe refuses
+ * a classic tracepoint that names a helper the kernel lacks, even in dead code (storage).
  */
 #define TAPIO_HAVE_TASK_BTF bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_get_current_task_btf)
 
@@ -63,17 +73,7 @@ static __always_inline __u64 tapio_css_set_cgroup_id(struct css_set *cs, int ok,
 	return kn ? kn->id : 0;
 }
 
-/* The current task's memory controller cgroup id (v1 on hybrid hosts). */
-static __always_inline __u64 tapio_current_memcg_id(void)
-{
-	int ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id);
-	__u32 mem = ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0;
-	if (TAPIO_HAVE_TASK_BTF)
-		return tapio_css_set_cgroup_id(bpf_get_current_task_btf()->cgroups, ok, mem);
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	return tapio_subsys_cgroup_id(task, ok, mem);
-}
-
+/* The connecting task's three cgroup ids (tp_btf programs only, see TAPIO_HAVE_TASK_BTF). */
 static __always_inline void tapio_current_cgroup_ids(struct tapio_cgroup_ids *out)
 {
 	int cpu_ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, cpu_cgrp_id);

@@ -88,15 +88,11 @@ static __always_inline int tapio_config_on(const struct tapio_config **out, __u6
 	__u32 zero = 0;
 	const struct tapio_config *cfg = bpf_map_lookup_elem(&tapio_config, &zero);
 	*out = cfg;
-	if (!cfg)
-		return 0;
-	__u32 abi = cfg->abi_version;
-	if (abi != TAPIO_CONFIG_ABI_VERSION) {
-		if (abi != 0)
-			tapio_metric_inc(TAPIO_METRIC_ABI_MISMATCH);
-		return 0;
-	}
-	return (cfg->flags & flag) != 0;
+	if (cfg && cfg->abi_version == TAPIO_CONFIG_ABI_VERSION)
+		return (cfg->flags & flag) != 0;
+	if (cfg && cfg->abi_version != 0)
+		tapio_metric_inc(TAPIO_METRIC_ABI_MISMATCH);
+	return 0;
 }
 
 /*
