@@ -34,13 +34,24 @@ def free_port() -> int:
 
 
 def make_batch(agent: str, sequence: int, size: int) -> bytes:
+    # Events as an agent's controller sink sends them: the occurrence's data plus its id,
+    # outcome and error (the controller keys its records by that id).
     events = [
         {
             "type": "kernel.network.connection_refused",
-            "timestamp_unix_nanos": 1_700_000_000_000_000_000 + i,
+            "timestamp_unix_nanos": 1_700_000_000_000_000_000 + sequence * size + i,
             "observer": "network",
             "severity": "warning",
-            "facts": {"dst_addr": "10.0.0.1", "dst_port": 443, "pid": 1234, "comm": "curl"},
+            "facts": {
+                "comm": "curl",
+                "dst_addr": "10.0.0.1",
+                "dst_port": 443,
+                "error_code": "RST_RECEIVED",
+                "error_message": "TCP RST 10.0.0.2:40000 → 10.0.0.1:443",
+                "occurrence_id": f"01BENCH{agent[-6:]:0>6}{sequence:08d}{i:05d}"[:26],
+                "outcome": "failure",
+                "pid": 1234,
+            },
         }
         for i in range(size)
     ]

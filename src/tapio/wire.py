@@ -20,6 +20,7 @@ and the message (docs/wire.md, errors), ready for the ``{"error":{"code","messag
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import Annotated, Any, Final, Self, TypeVar
 
 import msgspec
@@ -343,12 +344,32 @@ class HeartbeatResponse(_Msg):
 # Events
 
 
+def _holds_reasoning_key(facts: Any) -> bool:
+    stack = [facts]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if not REASONING_KEYS.isdisjoint(value):
+                return True
+            children: Iterable[Any] = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append(child)
+    return False
+
+
 def find_reasoning_field(facts: Any) -> str | None:
     """Path of the first reasoning key in ``facts`` (objects and arrays), or None.
 
     Iterative depth-first pre-order walk, object keys sorted: bounded stack use whatever the
     nesting (the body limit bounds the total work).
     """
+    if not _holds_reasoning_key(facts):  # the common case, without building any path
+        return None
     stack: list[tuple[Any, str]] = [(facts, "$")]
     while stack:
         value, path = stack.pop()

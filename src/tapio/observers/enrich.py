@@ -25,6 +25,8 @@ and ``tapio_enrichment_errors_total`` counts it.
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,11 @@ MEMO_TTL_SECS = 5.0  # facts for one id tuple are reused this long (ids can be r
 MEMO_SIZE = 4096
 
 
+@functools.cache
+def _id_getter(hierarchies: tuple[str, ...]) -> Callable[[Mapping[str, Any]], Any]:
+    return operator.itemgetter(*[ID_KEYS[h] for h in hierarchies])
+
+
 @dataclass(frozen=True, slots=True)
 class ByCgroupId:
     """Enrich from the task's cgroup ids (see the module docstring)."""
@@ -57,6 +64,11 @@ class ByCgroupId:
     memory_limit: bool = False
     #: Re-renders ``error.message`` when enrichment filled in a fact the message shows.
     message: Callable[[Mapping[str, Any]], str] | None = None
+
+    def ids_of(self, data: Mapping[str, Any]) -> tuple[object, ...]:
+        """The id facts of ``hierarchies``, in order, in one C call (KeyError if one is absent)."""
+        got = _id_getter(self.hierarchies)(data)
+        return got if len(self.hierarchies) > 1 else (got,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +126,11 @@ def cgroup_facts(
     return facts
 
 
+def _ids(spec: ByCgroupId, key: tuple[object, ...]) -> dict[str, int]:
+    """Hierarchy → cgroup id from a memo key ``(type, *ids in spec.hierarchies order)``."""
+    return {h: int(v) for h, v in zip(spec.hierarchies, key[1:], strict=True)}  # type: ignore[call-overload]
+
+
 class Enricher:
     """Adds cgroup facts to occurrences, per anomaly type, from one shared resolver."""
 
@@ -133,6 +150,8 @@ class Enricher:
         self.specs = dict(specs)
         self._memo: dict[tuple[object, ...], tuple[dict[str, object], str | None]] = {}
         self._memo_at = time.monotonic()
+        #: data keys in arrival order → a dict of None with those keys sorted ({}: already are)
+        self._orders: dict[tuple[str, ...], dict[str, Any]] = {}
 
     @classmethod
     def for_specs(
@@ -175,20 +194,32 @@ class Enricher:
             await anyio.sleep(REFRESH_SECS)
 
     async def enrich(self, batch: Sequence[Occurrence]) -> None:
-        """Enrich ``batch`` in place; ids the cache does not know are walked for off-loop."""
-        todo: list[tuple[Occurrence, Enrichment]] = []
+        """Enrich ``batch`` in place; ids the cache does not know are walked for off-loop.
+
+        A batch under load is thousands of occurrences from a handful of cgroups, so the cache
+        is asked once per distinct (type, ids) in the batch, not once per occurrence.
+        """
+        todo: list[tuple[Occurrence, Enrichment, tuple[object, ...] | None]] = []
+        seen: set[tuple[object, ...]] = set()
         missing: set[tuple[str, int]] = set()
         lookup = self.resolver.lookup
         for occ in batch:
             spec = self.specs.get(occ.type)
-            if spec is None or occ.data is None:
+            data = occ.data
+            if spec is None or data is None:
                 continue
-            todo.append((occ, spec))
-            if isinstance(spec, ByCgroupId) and occ.data.get("cgroup_source", "task") == "task":
-                for h in spec.hierarchies:
-                    cid = occ.data.get(ID_KEYS[h], 0)
-                    if isinstance(lookup(h, cid), Miss):
-                        missing.add((h, cid))
+            key: tuple[object, ...] | None = None
+            if isinstance(spec, ByCgroupId) and data.get("cgroup_source", "task") == "task":
+                try:
+                    key = (occ.type, *spec.ids_of(data))
+                except KeyError:  # an id the observer did not report is 0 (none)
+                    key = (occ.type, *[data.get(ID_KEYS[h], 0) for h in spec.hierarchies])
+                if key not in seen:
+                    seen.add(key)
+                    for h, cid in _ids(spec, key).items():
+                        if isinstance(lookup(h, cid), Miss):
+                            missing.add((h, cid))
+            todo.append((occ, spec, key))
         if not todo:
             return
         if missing:
@@ -196,21 +227,51 @@ class Enricher:
                 await self.resolver.resolve(missing)
             except Exception:  # unresolved ids are reported unknown below
                 log.exception("cgroup walk failed")
-        for occ, spec in todo:
+        self._expire_memo()
+        for occ, spec, key in todo:
             try:
-                if isinstance(spec, ByCgroupId):
-                    self._by_id(occ, spec)
-                else:
+                if isinstance(spec, ByCgroupPath):
                     self._by_path(occ, spec)
+                elif key is not None:
+                    self._by_key(occ, spec, key)
+                else:
+                    self._by_id(occ, spec)
             except Exception:
                 ENRICHMENT_ERRORS.labels(observer=occ.observer).inc()
                 log.exception("enrichment failed; occurrence kept as classified", type=occ.type)
 
+    def _by_key(self, occ: Occurrence, spec: ByCgroupId, key: tuple[object, ...]) -> None:
+        """The hot path: a task's own cgroup ids, facts reused from the memo."""
+        data = occ.data
+        assert data is not None
+        hit = self._memo.get(key)
+        facts, mem_path = hit if hit is not None else self._memoized(spec, key)
+        data.update(facts)
+        if spec.memory_limit:
+            self._limit(occ, data, spec, mem_path)
+        # ``data`` keys stay sorted, as every encoder emits them. An occurrence type's keys are
+        # the same from one record to the next, so the sorted order is computed once per shape
+        # and kept as an empty template: a copy of it updated from ``data`` keeps the
+        # template's key order and costs a third of rebuilding the dict key by key.
+        shape = tuple(data)
+        template = self._orders.get(shape)
+        if template is None:
+            if len(self._orders) >= MEMO_SIZE:
+                self._orders.clear()
+            order = sorted(shape)
+            template = self._orders[shape] = {} if order == list(shape) else dict.fromkeys(order)
+        if template:
+            sorted_data = template.copy()
+            sorted_data.update(data)
+            occ.data = sorted_data
+
     def _by_id(self, occ: Occurrence, spec: ByCgroupId) -> None:
+        """Ids the kernel could not read (``cgroup_source: unknown``): resolved through /proc."""
         data = occ.data
         assert data is not None
         r = self.resolver
         ids = {h: int(data.get(ID_KEYS[h], 0)) for h in spec.hierarchies}
+        mem_path: str | None = None
         if spec.proc_fallback and data.get("cgroup_source") == "unknown":
             by_pid = r.paths_for_pid(int(data.get("pid", 0)))
             paths: dict[str, str | None] = {h: by_pid.get(h) for h in ids}
@@ -220,28 +281,35 @@ class Enricher:
             facts = cgroup_facts(r, ids, paths, spec.order, spec.hierarchies)
             mem_path = paths.get("memory")
         else:
-            facts, mem_path = self._memoized(occ.type, spec, ids)
+            facts, mem_path = self._memoized(spec, (occ.type, *ids.values()))
         data.update(facts)
+        self._limit(occ, data, spec, mem_path)
+        occ.data = dict(sorted(data.items()))
+
+    def _limit(
+        self, occ: Occurrence, data: dict[str, Any], spec: ByCgroupId, mem_path: str | None
+    ) -> None:
         if spec.memory_limit and data.get("memory_limit_bytes") is None and mem_path is not None:
-            limit = r.memory_limit(mem_path)
+            limit = self.resolver.memory_limit(mem_path)
             if limit is not None:
                 data["memory_limit_bytes"] = limit
                 if spec.message is not None and occ.error is not None:
                     occ.error = OccurrenceError(occ.error.code, spec.message(data))
-        occ.data = dict(sorted(data.items()))
 
-    def _memoized(
-        self, type_: str, spec: ByCgroupId, ids: dict[str, int]
-    ) -> tuple[dict[str, object], str | None]:
+    def _expire_memo(self) -> None:
         # The same few cgroups produce most events; their facts are reused for a few seconds
         # so a cgroup that disappears (or an id that is reused) is not described stale for long.
         now = time.monotonic()
         if now - self._memo_at > MEMO_TTL_SECS or len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
             self._memo_at = now
-        key = (type_, *ids.values())
+
+    def _memoized(
+        self, spec: ByCgroupId, key: tuple[object, ...]
+    ) -> tuple[dict[str, object], str | None]:
         hit = self._memo.get(key)
         if hit is None:
+            ids = _ids(spec, key)
             paths = {h: self.resolver.cached(h, cid) for h, cid in ids.items()}
             facts = cgroup_facts(self.resolver, ids, paths, spec.order, spec.hierarchies)
             hit = (facts, paths.get("memory"))

@@ -291,8 +291,8 @@ def test_controller_flags_probes_and_service(rendered: list[Obj]) -> None:
     assert host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["http"] == port
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     svc = one(rendered, "Service", "tapio-controller")
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
     labels = dep["spec"]["template"]["metadata"]["labels"]

@@ -237,3 +237,46 @@ def test_the_connecting_tasks_cgroup_names_its_pod(tmp_path: Path) -> None:
     assert (owned["container_id"], owned["pod_uid"]) == (cid, uid)
     assert owned["container_runtime"] == "containerd" and list(owned) == sorted(owned)
     assert orphan["cgroup_path"] is None and "container_id" not in orphan
+
+
+def test_a_large_batch_asks_the_cache_once_per_cgroup(tmp_path: Path) -> None:
+    """Thousands of refusals from a few cgroups: each distinct id tuple is looked up once per
+    batch, and every occurrence still gets its own cgroup's facts with its keys sorted."""
+    uid, cid = "0d5c1b0e-7a7f-4c39-9d4e-2b1f3c4d5e6f", "c" * 64
+    roots = {h: tmp_path / h for h in ("unified", "memory", "cpu")}
+    for r in roots.values():
+        r.mkdir()
+    pod = roots["unified"] / "kubepods.slice" / f"kubepods-pod{uid.replace('-', '_')}.slice"
+    ctr = pod / f"cri-containerd-{cid}.scope"
+    ctr.mkdir(parents=True)
+    host = os.stat(roots["unified"]).st_ino
+    in_pod = os.stat(ctr).st_ino
+    obs = NetworkObserver(ObserverContext(boot_offset_ns=BOOT))
+    recs = [
+        record(cgroup_id=in_pod if i % 3 else host, memcg_id=0, cpu_cgroup_id=0, sport=1000 + i)
+        for i in range(600)
+    ]
+    batch = obs.classify(NETWORK_EVENT.framed(*recs))
+    resolver = CgroupResolver(roots)
+    calls: list[tuple[str, int]] = []
+    lookup = resolver.lookup
+
+    def counted(h: str, c: int) -> object:
+        calls.append((h, c))
+        return lookup(h, c)
+
+    resolver.lookup = counted  # type: ignore[method-assign,assignment]
+    anyio.run(Enricher.for_specs([NetworkObserver.enrichment], resolver).enrich, batch)
+    # Two distinct id tuples: the batch scan, the walk's re-check and the memo's completeness
+    # check ask for each at most a few times, however many occurrences carry it (600 here).
+    assert len([c for c in calls if c[1] in (host, in_pod)]) <= 2 * 4
+    assert len(batch) == 600
+    for i, occ in enumerate(batch):
+        d = occ.data
+        assert d is not None and list(d) == sorted(d), list(d or ())
+        assert d["src_port"] == 1000 + i
+        if i % 3:
+            assert (d["container_id"], d["pod_uid"], d["cgroup_id"]) == (cid, uid, in_pod)
+            assert d["cgroup_path"] == f"/{ctr.relative_to(roots['unified'])}"
+        else:
+            assert d["cgroup_path"] == "/" and "container_id" not in d
