@@ -186,8 +186,6 @@ class BpfObject:
         self.specs: dict[str, ProgramSpec] = {s.name: s for s in programs}
         self._obj: Any = None
         self._links: list[Any] = []
-        #: program name -> its link, for the programs attached by name (``detach``)
-        self._link_of: dict[str, Any] = {}
         self._log_buf: Any = None
         self.maps: dict[str, Map] = {}
         self.programs: dict[str, Program] = {}
@@ -420,19 +418,7 @@ class BpfObject:
             "is tracefs mounted and does this kernel have the tracepoint?",
         )
         self._links.append(link)
-        self._link_of[name] = link
         self.attached.add(name)
-
-    def detach(self, name: str) -> bool:
-        """Destroy the link of a program attached with :meth:`attach`; the program stays loaded
-        (same id, same maps), so it can be attached again. False when it was not attached."""
-        link = self._link_of.pop(name, None)
-        if link is None:
-            return False
-        self._links.remove(link)
-        self.attached.discard(name)
-        lb.lib().bpf_link__destroy(link)
-        return True
 
     def unavailable(self) -> dict[str, str]:
         """Capability -> why, for every declared capability none of whose programs runs."""
@@ -490,7 +476,6 @@ class BpfObject:
 
     def close(self) -> None:
         lib = lb.lib() if self._obj is not None or self._links else None
-        self._link_of.clear()
         while self._links:
             link = self._links.pop()
             assert lib is not None

@@ -4,10 +4,14 @@ to match each config, without reloading anything."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from tapio.agent.kconfig import from_compiled, standalone_config
 from tapio.agent.settings import parse_settings
+from tapio.bpf import libbpf
 from tapio.bpf.abi import FLAG_NODE, TapioConfig
 from tapio.metrics import REGISTRY
 from tapio.observers.base import ObserverContext
@@ -62,45 +66,64 @@ def test_profile_opt_in_reaches_the_carrier_and_the_thresholds() -> None:
 
 
 def test_profile_rejects_a_non_boolean_switch() -> None:
-    import pytest
-
     from tapio.profile import ProfileError
 
     with pytest.raises(ProfileError, match="runq_sampling"):
         profile({"runq_sampling": 1})
 
 
+class FakeProgram:
+    def __init__(self, name: str) -> None:
+        self.name, self.ptr, self.section = name, object(), "tp_btf/sched_switch"
+
+
 class FakeObj:
-    """The loaded node object as the observer sees it: one run-queue hook, links by name."""
+    """The loaded node object as the observer sees it: programs by name."""
 
     def __init__(self, programs: tuple[str, ...] = ("node_switch",)) -> None:
-        self.programs: dict[str, object] = dict.fromkeys(programs, object())
-        self.attached: set[str] = set()
-        self.calls: list[tuple[str, str]] = []
+        self.programs = {n: FakeProgram(n) for n in programs}
 
     def map(self, name: str) -> object:
         return object()
 
-    def attach(self, name: str) -> None:
-        self.calls.append(("attach", name))
-        self.attached.add(name)
 
-    def detach(self, name: str) -> bool:
-        self.calls.append(("detach", name))
-        self.attached.discard(name)
-        return True
+class FakeLib:
+    """libbpf's attach and link destroy, recorded by program name."""
+
+    def __init__(self, obj: FakeObj) -> None:
+        self.names = {id(p.ptr): n for n, p in obj.programs.items()}
+        self.links: dict[int, str] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def bpf_program__attach(self, ptr: object) -> object:
+        link = object()
+        self.links[id(link)] = self.names[id(ptr)]
+        self.calls.append(("attach", self.names[id(ptr)]))
+        return link
+
+    def bpf_link__destroy(self, link: object) -> int:
+        self.calls.append(("detach", self.links.pop(id(link))))
+        return 0
+
+
+@pytest.fixture
+def fake_obj(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeObj, FakeLib]]:
+    obj = FakeObj()
+    fake = FakeLib(obj)
+    monkeypatch.setattr(libbpf, "lib", lambda: fake)
+    yield obj, fake
 
 
 def cfg(threshold_ms: int, flags: int = FLAG_NODE) -> TapioConfig:
     return TapioConfig(generation=1, flags=flags, runq_latency_threshold_ns=threshold_ms * MS)
 
 
-def test_the_hook_follows_every_config_change() -> None:
+def test_the_hook_follows_every_config_change(fake_obj: tuple[FakeObj, FakeLib]) -> None:
     obs = NodeObserver(ObserverContext(boot_offset_ns=0))
-    obj = FakeObj()
+    obj, lib = fake_obj
     obs.on_config(cfg(0), Thresholds())
     obs.attach(obj)  # type: ignore[arg-type]
-    assert obj.calls == [] and not obs.runq_on
+    assert lib.calls == [] and not obs.runq_on
     caps = {c.name: c for c in obs.capabilities()}
     assert caps["runq_sampling"].available is False and caps["runq_sampling"].off is True
     assert "runq_sampling = true" in caps["runq_sampling"].detail
@@ -108,27 +131,34 @@ def test_the_hook_follows_every_config_change() -> None:
     assert REGISTRY.get_sample_value("tapio_observer_capability", CAP) == 0
 
     obs.on_config(cfg(50), Thresholds(runq_sampling=True))
-    assert obj.calls == [("attach", "node_switch")] and obs.runq_on
+    assert lib.calls == [("attach", "node_switch")] and obs.runq_on
     assert REGISTRY.get_sample_value("tapio_observer_capability", CAP) == 1
     caps = {c.name: c for c in obs.capabilities()}
     assert caps["runq_sampling"].available is True and caps["runq_sampling"].off is False
     obs.on_config(cfg(40), Thresholds(runq_sampling=True))  # a new threshold: no relink
-    assert obj.calls == [("attach", "node_switch")]
+    assert lib.calls == [("attach", "node_switch")]
     obs.on_config(cfg(40, flags=0), Thresholds())  # node observer off: hook off too
-    assert obj.calls[-1] == ("detach", "node_switch") and not obs.runq_on
+    assert lib.calls[-1] == ("detach", "node_switch") and not obs.runq_on
     obs.on_config(cfg(40), Thresholds(runq_sampling=True))
     obs.on_config(cfg(0), Thresholds())
-    assert obj.calls[-2:] == [("attach", "node_switch"), ("detach", "node_switch")]
+    assert lib.calls[-2:] == [("attach", "node_switch"), ("detach", "node_switch")]
     assert REGISTRY.get_sample_value("tapio_observer_capability", CAP) == 0
     assert obs.read_runq() == (None, None)  # detached: the maps are not even read
+    obs.on_config(cfg(40), Thresholds(runq_sampling=True))
+    obs.close()  # the link goes before the object is closed
+    assert lib.calls[-1] == ("detach", "node_switch") and lib.links == {}
 
 
-def test_the_basic_hook_is_the_one_attached_where_it_was_loaded() -> None:
+def test_the_basic_hook_is_the_one_attached_where_it_was_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     obs = NodeObserver(ObserverContext(boot_offset_ns=0))
     obj = FakeObj(("node_switch_basic",))
+    lib = FakeLib(obj)
+    monkeypatch.setattr(libbpf, "lib", lambda: lib)
     obs.on_config(cfg(10), Thresholds(runq_sampling=True))
     obs.attach(obj)  # type: ignore[arg-type]
-    assert obj.calls == [("attach", "node_switch_basic")]
+    assert lib.calls == [("attach", "node_switch_basic")]
 
 
 def test_no_hook_loaded_means_no_runq_sampling_capability() -> None:

@@ -110,6 +110,9 @@ class NodeObserver(Observer):
         self._last_scan = -1e9
         #: why attaching the run-queue hook failed at runtime (None: it did not fail)
         self._runq_error: str | None = None
+        #: the run-queue hook's link while attached (owned here: created and destroyed on
+        #: config changes, destroyed in ``close`` before the object is closed)
+        self._runq_link: object | None = None
         #: the kernel totals already added to RUNQ_WAITS (the maps count from load)
         self._runq_seen = RunqTotals.zero()
 
@@ -150,8 +153,7 @@ class NodeObserver(Observer):
 
     @property
     def runq_on(self) -> bool:
-        prog = self.runq_program()
-        return prog is not None and self._obj is not None and prog in self._obj.attached
+        return self._runq_link is not None
 
     def runq_wanted(self) -> bool:
         return self.enabled and self.kernel.runq_latency_threshold_ns > 0
@@ -164,8 +166,12 @@ class NodeObserver(Observer):
             return
         want, on = self.runq_wanted(), self.runq_on
         if want and not on:
+            program = self._obj.programs[prog]
             try:
-                self._obj.attach(prog)
+                self._runq_link = lb.check_ptr(
+                    lb.lib().bpf_program__attach(program.ptr),
+                    f"attach of node/{prog} ({program.section})",
+                )
             except BpfError as exc:
                 self._runq_error = f"attach failed: {exc}"[:240]
                 log.warning("run-queue sampling not attached", program=prog, error=str(exc))
@@ -173,7 +179,7 @@ class NodeObserver(Observer):
                 self._runq_error = None
                 log.info("run-queue sampling on", program=prog)
         elif on and not want:
-            self._obj.detach(prog)
+            self._detach_runq()
             log.info("run-queue sampling off", program=prog, detail=RUNQ_OFF)
         if want != on:
             self._runq_edge = Hysteresis()
@@ -181,6 +187,11 @@ class NodeObserver(Observer):
         OBSERVER_CAPABILITY.labels(observer=self.name, capability="runq_sampling").set(
             1 if self.runq_on else 0
         )
+
+    def _detach_runq(self) -> None:
+        link, self._runq_link = self._runq_link, None
+        if link is not None:
+            lb.lib().bpf_link__destroy(link)
 
     def capabilities(self) -> list[Capability]:
         caps = [*super().capabilities(), Capability("pmu", self.pmu.available, self.pmu.detail)]
@@ -225,6 +236,7 @@ class NodeObserver(Observer):
         return []
 
     def close(self) -> None:
+        self._detach_runq()
         self.psi.close()
         self.pmu.close()
         self._obj = None
