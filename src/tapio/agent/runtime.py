@@ -156,8 +156,10 @@ class Agent:
                         1 if cap.available else 0
                     )
                     if not cap.available:
-                        log.warning(
-                            "capability unavailable",
+                        (log.info if cap.off else log.warning)(
+                            "capability off by configuration"
+                            if cap.off
+                            else "capability unavailable",
                             observer=name,
                             capability=cap.name,
                             detail=cap.detail,

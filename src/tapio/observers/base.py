@@ -88,6 +88,9 @@ class Capability:
     detail: str = ""
     #: anomaly types this observer cannot produce while the capability is unavailable
     anomalies: tuple[str, ...] = ()
+    #: unavailable only because the configuration leaves it off (an opt-in feature): reported
+    #: like any capability (metric 0, status), logged at info level, never a degradation
+    off: bool = False
 
 
 class Observer(abc.ABC):
