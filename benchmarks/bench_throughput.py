@@ -9,10 +9,12 @@ run writes many connection-refused records (a loop inside the program), exactly 
 observer would, so the producer can outrun the agent.
 
 Each probe runs a rate for a few seconds and passes when every produced record was delivered by
-the stdout sink with ``tapio_lost_events_total`` and ``tapio_sink_drops_total`` unchanged. The
-highest passing rate is then held for 30 s (stepping down until it holds), and printed as
-occurrences/s and as a fraction of 1/floor, the floor (``floor.py``) measured in the same run
-(target >= 60 %).
+the stdout sink with ``tapio_lost_events_total`` and ``tapio_sink_drops_total`` unchanged; a
+probe that lost something runs once more before it counts as failed (one stall of a shared
+machine is not the agent's limit). Rates step up in fractions of 1/floor, then one step halfway
+to the first failure. The highest passing rate is then held for 30 s (again with one retry,
+then 10 % steps down until it holds), and printed as occurrences/s and as a fraction of
+1/floor, the floor (``floor.py``) measured in the same run (target >= 60 %).
 
 Needs root, clang, gcc and bpftool. Run under ``flock /tmp/tapio-kernel.lock``.
 """
@@ -47,7 +49,7 @@ def build(tmp: Path) -> tuple[Path, Path]:
     arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
     obj, runner = tmp / "producer.bpf.o", tmp / "runner"
     src = str(HERE / "synth" / "producer.bpf.c")
-    cflags = ["-O2", "-g", "-target", "bpf", "-I", arch_inc]
+    cflags = ["-O2", "-g", "-target", "bpf", "-I", arch_inc, "-I", str(HERE.parent / "bpf")]
     subprocess.run([clang, *cflags, "-c", src, "-o", str(obj)], check=True)
     subprocess.run([gcc, "-O2", "-o", str(runner), str(HERE / "synth" / "runner.c")], check=True)
     return obj, runner
@@ -59,25 +61,30 @@ def bpftool_json(*args: str) -> list[dict[str, object]]:
     return doc if isinstance(doc, list) else [doc]
 
 
-def network_ring_id(agent_pid: int) -> int:
-    """The id of the ring map used by the agent's network programs."""
-    rings = {int(str(m["id"])) for m in bpftool_json("map", "show") if m.get("type") == "ringbuf"}
+def network_maps(agent_pid: int) -> tuple[int, int]:
+    """The ids of the ring map and the wake-flag map used by the agent's network programs."""
+    maps = bpftool_json("map", "show")
+    rings = {int(str(m["id"])) for m in maps if m.get("type") == "ringbuf"}
+    flags = {int(str(m["id"])) for m in maps if m.get("name") == "tapio_wake"}
     for prog in bpftool_json("prog", "show"):
         pids = [p.get("pid") for p in prog.get("pids", [])]  # type: ignore[attr-defined]
         if prog.get("name") in NETWORK_PROGS and (not pids or agent_pid in pids):
-            for map_id in prog.get("map_ids", []):  # type: ignore[attr-defined]
-                if int(map_id) in rings:
-                    return int(map_id)
-    sys.exit("bench_throughput: the agent's network ring map was not found")
+            ids = [int(i) for i in prog.get("map_ids", [])]  # type: ignore[attr-defined]
+            ring = [i for i in ids if i in rings]
+            flag = [i for i in ids if i in flags]
+            if ring and flag:
+                return ring[0], flag[0]
+    sys.exit("bench_throughput: the agent's network ring or wake flag map was not found")
 
 
 class Producer:
     """The synthetic producer, loaded against the agent's ring and pinned while in use."""
 
-    def __init__(self, obj: Path, runner: Path, ring_id: int) -> None:
+    def __init__(self, obj: Path, runner: Path, ids: tuple[int, int]) -> None:
         self.runner = runner
         self.pin = Path(f"/sys/fs/bpf/tapio_bench_synth_{os.getpid()}")
-        reuse = ["map", "name", "events", "id", str(ring_id)]
+        reuse = ["map", "name", "events", "id", str(ids[0])]
+        reuse += ["map", "name", "tapio_wake", "id", str(ids[1])]
         load = ["bpftool", "prog", "load", str(obj), str(self.pin), "type", "xdp", *reuse]
         subprocess.run(load, check=True)
 
@@ -112,6 +119,8 @@ def probe(agent: Agent, producer: Producer, rate: float, secs: float) -> Probe:
     ok0 = total(m0, "tapio_sink_writes_total", sink="stdout", result="ok")
     bad0 = total(m0, "tapio_sink_drops_total") + total(m0, "tapio_lost_events_total")
     produced, took = producer.run(rate, secs)
+    # No scrape while the producer runs (a scrape costs the agent milliseconds of CPU); after
+    # it, a few until everything is delivered or 10 s passed.
     deadline = time.monotonic() + 10
     delivered = 0
     while time.monotonic() < deadline:
@@ -119,12 +128,61 @@ def probe(agent: Agent, producer: Producer, rate: float, secs: float) -> Probe:
         delivered = int(total(m, "tapio_sink_writes_total", sink="stdout", result="ok") - ok0)
         if delivered >= produced:
             break
-        time.sleep(0.2)
+        time.sleep(0.5)
     cpu_us = (cpu_seconds(agent.proc.pid) - c0) / max(delivered, 1) * 1e6
     time.sleep(6.0)  # one kernel-metrics interval: lost events reach /metrics
     m = agent.metrics()
     bad = total(m, "tapio_sink_drops_total") + total(m, "tapio_lost_events_total") - bad0
     return Probe(bad == 0 and delivered >= produced, produced, produced / took, delivered, cpu_us)
+
+
+def show(what: str, rate: float, secs: float, p: Probe) -> None:
+    print(
+        f"{what} ({rate:.0f}/s for {secs:.0f} s): produced {p.produced} at {p.rate:.0f}/s,"
+        f" delivered {p.delivered}, agent CPU {p.cpu_us:.2f} us/occurrence,"
+        f" {'ok' if p.ok else 'LOSS'}",
+        flush=True,
+    )
+
+
+def probe_twice(agent: Agent, producer: Producer, rate: float, secs: float, what: str) -> Probe:
+    """A probe, and once more when it lost something: one stall of a shared machine (another
+    process taking the agent's CPU for a moment) is not the rate the agent sustains."""
+    p = probe(agent, producer, rate, secs)
+    show(what, rate, secs, p)
+    if not p.ok:
+        p = probe(agent, producer, rate, secs)
+        show(f"{what} again", rate, secs, p)
+    return p
+
+
+def search(agent: Agent, producer: Producer, top: float, secs: float) -> tuple[float, float]:
+    """The highest fraction of 1/floor that passes short probes: up through ``FRACTIONS``, then
+    one step halfway to the first fraction that failed twice; (fraction, rate produced)."""
+    best, rate, failed = 0.0, 0.0, 0.0
+    for frac in FRACTIONS:
+        p = probe_twice(agent, producer, frac * top, secs, f"probe {frac:.0%}")
+        if not p.ok:
+            failed = frac
+            break
+        best, rate = frac, p.rate
+        if p.rate < 0.95 * frac * top:
+            print("the producer cannot go faster on this machine", flush=True)
+            return best, rate
+    if failed and best:
+        mid = round((best + failed) / 2, 3)
+        p = probe_twice(agent, producer, mid * top, secs, f"probe {mid:.0%}")
+        if p.ok:
+            best, rate = mid, p.rate
+    return best, rate
+
+
+def holds(best: float) -> list[float]:
+    """The fractions to hold for the long run: the best probe's, then 10 % steps down."""
+    steps = [best]
+    while steps[-1] > 0.15:
+        steps.append(round(steps[-1] - 0.1, 3))
+    return steps[:3]
 
 
 def main() -> int:
@@ -143,7 +201,7 @@ def main() -> int:
         agent = Agent(tmp, str(out_path), serve_metrics=True)
         try:
             time.sleep(1.0)
-            first = Producer(obj, runner, network_ring_id(agent.proc.pid))
+            first = Producer(obj, runner, network_maps(agent.proc.pid))
             try:
                 first.run(1000, 0.2)
             finally:
@@ -157,40 +215,20 @@ def main() -> int:
         producer: Producer | None = None
         try:
             time.sleep(1.0)
-            producer = Producer(obj, runner, network_ring_id(agent.proc.pid))
-            best = 0.0
-            for frac in FRACTIONS:
-                p = probe(agent, producer, frac * top, args.probe_secs)
-                print(
-                    f"probe {frac:.0%} of 1/floor ({frac * top:.0f}/s): produced {p.produced}"
-                    f" at {p.rate:.0f}/s"
-                    f" delivered {p.delivered}, agent CPU {p.cpu_us:.2f} us/occurrence,"
-                    f" {'ok' if p.ok else 'LOSS'}",
-                    flush=True,
-                )
-                if not p.ok:
-                    break
-                best = frac
-                if p.rate < 0.95 * frac * top:
-                    print("the producer cannot go faster on this machine", flush=True)
-                    break
-            held = 0.0
-            rate = 0.0
-            frac = best
-            while frac > 0:
-                p = probe(agent, producer, frac * top, args.hold_secs)
-                print(
-                    f"hold {frac:.0%} for {args.hold_secs:.0f} s: produced {p.produced}"
-                    f" at {p.rate:.0f}/s"
-                    f" delivered {p.delivered}, agent CPU {p.cpu_us:.2f} us/occurrence,"
-                    f" {'ok' if p.ok else 'LOSS'}",
-                    flush=True,
-                )
+            producer = Producer(obj, runner, network_maps(agent.proc.pid))
+            best, _ = search(agent, producer, top, args.probe_secs)
+            held = rate = 0.0
+            for i, frac in enumerate(holds(best)):
+                what = f"hold {frac:.0%}"
+                if i == 0:  # the best probe's rate gets its retry; the steps down do not
+                    p = probe_twice(agent, producer, frac * top, args.hold_secs, what)
+                else:
+                    p = probe(agent, producer, frac * top, args.hold_secs)
+                    show(what, frac * top, args.hold_secs, p)
                 if p.ok:
                     rate = p.rate
                     held = rate / top
                     break
-                frac = round(frac - 0.15, 2)
         finally:
             if producer is not None:
                 producer.close()

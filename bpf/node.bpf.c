@@ -14,13 +14,18 @@
  * CFS-bandwidth throttling keeps a task "queued" while its cgroup has no quota left; such a wait
  * is throttling (its own signal, read from cpu.stat), not run-queue latency. A task switched out
  * runnable while throttled (task-based throttling of 6.18+, or a throttled cfs_rq hierarchy before)
- * gets the rq clock stamped in task-local storage; a wait of at least RUNQ_THROTTLE_CHECK_NS that
+ * gets the rq clock stamped in task-local storage; a wait of at least RUNQ_LONG_NS that
  * contains such a stamp is counted as throttled. Short waits (the ping-pong case) never touch the
- * task storage.
+ * task storage nor the worst slot.
  *
  * Each wait goes into per-CPU counters and a log2 histogram (struct runq_hist); the longest wait
  * per CPU is kept with its task (struct runq_worst). Nothing is sent per event: userspace reads
  * the maps once per interval (bpf/node.h).
+ *
+ * Run-queue sampling is opt-in: the object is always loaded, but the agent attaches this hook
+ * only while the configuration asks for run-queue latency (and detaches it when a new config
+ * turns it off), so a default node pays nothing per context switch. CPU stalls are still
+ * detected from PSI and cpu.stat without it.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -96,6 +101,13 @@ static __always_inline __u32 log2_slot(__u64 v)
  * The body of both sched_switch programs. ``split_throttle`` is a compile-time constant: the
  * basic variant (kernels without task-local storage, < 5.11) has no task storage call and no
  * reference to runq_throttled, so throttled waits count as run-queue waits there.
+ *
+ * The program runs on every context switch, so the common case is kept short: one inlined
+ * array lookup (the carrier), the queued stamp, the rq clock, one per-CPU histogram update.
+ * Only a wait of at least RUNQ_LONG_NS (which a sub-millisecond ping-pong never has) touches
+ * the task storage and the per-CPU worst slot; a switch to a task that was not waiting (the
+ * idle task, a task that just forked) returns before the run queue is even reached, unless the
+ * task being switched out is runnable and must be checked for a quota throttle.
  */
 static __always_inline int runq_switch(bool preempt, struct task_struct *prev,
 				       struct task_struct *next, const int split_throttle)
@@ -119,6 +131,10 @@ static __always_inline int runq_switch(bool preempt, struct task_struct *prev,
 	if (!bpf_core_field_exists(next->sched_info.last_queued))
 		return 0; /* kernel without CONFIG_SCHED_INFO: nothing to measure */
 	__u64 queued = next->sched_info.last_queued;
+	/* Only a task switched out runnable can be leaving because of a quota throttle. */
+	int mark_prev = split_throttle && (preempt || task_state(prev) == 0);
+	if (!queued && !mark_prev)
+		return 0; /* the idle task, or a task that was not waiting: nothing to do */
 	/*
 	 * This CPU's run queue, reached through the task being picked (set_task_rq() points every
 	 * task's se.cfs_rq at a cfs_rq of its CPU): "runqueues" is not in kallsyms without
@@ -135,7 +151,7 @@ static __always_inline int runq_switch(bool preempt, struct task_struct *prev,
 	__u64 now = rq->clock;
 
 	/* Switched out runnable because of a quota throttle: remember when. */
-	if (split_throttle && (preempt || task_state(prev) == 0) && task_throttled(prev)) {
+	if (mark_prev && task_throttled(prev)) {
 		__u64 *mark = bpf_task_storage_get(&runq_throttled, prev, 0,
 						   BPF_LOCAL_STORAGE_GET_F_CREATE);
 		if (mark)
@@ -143,7 +159,7 @@ static __always_inline int runq_switch(bool preempt, struct task_struct *prev,
 	}
 
 	if (!queued)
-		return 0; /* the idle task, or a task that was not waiting */
+		return 0;
 	if (now < queued) {
 		tapio_metric_inc(NODE_METRIC_CLOCK_SKEW);
 		return 0;
@@ -153,7 +169,17 @@ static __always_inline int runq_switch(bool preempt, struct task_struct *prev,
 	struct runq_hist *h = bpf_map_lookup_elem(&runq_hist, &zero);
 	if (!h)
 		return 0;
-	if (split_throttle && delta >= RUNQ_THROTTLE_CHECK_NS) {
+	if (delta < RUNQ_LONG_NS) {
+		/* The common case: a short wait, counted and done; it can be neither over the
+		 * threshold (>= 1 ms) nor a throttle, and it is never the interval's worst. */
+		h->waits += 1;
+		h->wait_ns += delta;
+		__u64 short_slot = log2_slot(delta);
+		barrier_var(short_slot);
+		h->slots[short_slot & 15] += 1; /* < RUNQ_LONG_NS: slot <= 9 */
+		return 0;
+	}
+	if (split_throttle) {
 		__u64 *mark = bpf_task_storage_get(&runq_throttled, next, 0, 0);
 		if (mark && *mark >= queued && *mark <= now) {
 			*mark = 0;

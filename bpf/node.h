@@ -18,8 +18,12 @@
 /* observer-specific tapio_metrics indices */
 #define NODE_METRIC_CLOCK_SKEW (TAPIO_METRIC_OBSERVER_BASE + 0) /* queued stamp ahead of the rq clock */
 
-/* Waits at least this long are checked against a CFS-bandwidth throttle mark. */
-#define RUNQ_THROTTLE_CHECK_NS (1000ULL * 1000)
+/*
+ * A "long" wait: only waits at least this long are checked against a CFS-bandwidth throttle
+ * mark and may become the interval's worst (runq_worst). Shorter ones are only counted in
+ * runq_hist. Thresholds are whole milliseconds, so a short wait is never over one.
+ */
+#define RUNQ_LONG_NS (1000ULL * 1000)
 
 /*
  * One per CPU (PERCPU_ARRAY "runq_hist", key 0). Monotonic since load; userspace works on the
@@ -31,14 +35,14 @@ struct runq_hist {
 	__u64 waits;                /*   0: run-queue waits measured (queued -> picked) */
 	__u64 wait_ns;              /*   8: their sum */
 	__u64 over;                 /*  16: waits >= runq_latency_threshold_ns */
-	__u64 throttled_waits;      /*  24: waits (>= RUNQ_THROTTLE_CHECK_NS) that were a throttle */
+	__u64 throttled_waits;      /*  24: waits (>= RUNQ_LONG_NS) that were a throttle */
 	__u64 throttled_ns;         /*  32: their sum */
 	__u64 slots[RUNQ_SLOTS];    /*  40: log2 histogram, see RUNQ_SLOTS */
 };                              /* 232 bytes */
 
 /*
- * One per CPU (PERCPU_ARRAY "runq_worst", key 0): the longest wait since userspace last zeroed
- * it (it does so after every read), and the task that waited.
+ * One per CPU (PERCPU_ARRAY "runq_worst", key 0): the longest wait (of at least RUNQ_LONG_NS)
+ * since userspace last zeroed it (it does so after every read), and the task that waited.
  */
 struct runq_worst {
 	__u64 max_ns;               /*   0 */

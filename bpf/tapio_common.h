@@ -15,10 +15,12 @@
 #define TAPIO_METRIC_MAX           32
 
 /*
- * Force a consumer wakeup only when this much is pending; below it the agent's drain timer
- * picks records up. A default-flags submit costs ~6 us of irq_work per event (docs/architecture.md).
+ * Force a consumer wakeup when 1 / 2^TAPIO_WAKEUP_SHIFT of the ring is pending (128 KiB of the
+ * network ring's 2 MiB); below it the agent's drain timer picks records up. A fraction, not a
+ * fixed size, so that a ring resized at load ([agent] ring_kib) keeps its headroom after the
+ * wakeup. A default-flags submit costs ~6 us of irq_work per event (docs/architecture.md).
  */
-#define TAPIO_WAKEUP_BYTES (64 * 1024)
+#define TAPIO_WAKEUP_SHIFT 4
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -33,6 +35,18 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } tapio_metrics SEC(".maps");
+
+/*
+ * The agent's wake flag (one per object, mapped into the agent): non-zero while the agent is
+ * parked, that is asleep without a drain timer after a quiet spell. See tapio_submit_sized.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u32);
+} tapio_wake SEC(".maps");
 
 static __always_inline void tapio_metric_inc(__u32 idx)
 {
@@ -62,16 +76,48 @@ static __always_inline int tapio_config_gate(struct tapio_config *out, __u64 fla
 }
 
 /*
- * Submit without a wakeup; force one only for the record that makes the pending data cross
- * TAPIO_WAKEUP_BYTES. Forcing on every record above the threshold would turn a slow consumer
- * into an irq_work storm (~6 us per event) exactly when the node is busiest.
+ * The same gate for the hot paths (every TCP state change, every block request, every exit):
+ * returns 1 when this observer may run and points *out at the carrier itself (use it only then),
+ * without copying its 256 bytes to the stack. The caller reads each field it needs once into a
+ * local, so one decision still sees one value per field. (An int and an out pointer rather than
+ * a returned pointer: clang turns "flag ? cfg : NULL" into a mask on the pointer, which the
+ * verifier rejects.)
+ */
+static __always_inline int tapio_config_on(const struct tapio_config **out, __u64 flag)
+{
+	__u32 zero = 0;
+	const struct tapio_config *cfg = bpf_map_lookup_elem(&tapio_config, &zero);
+	*out = cfg;
+	if (cfg && cfg->abi_version == TAPIO_CONFIG_ABI_VERSION)
+		return (cfg->flags & flag) != 0;
+	if (cfg && cfg->abi_version != 0)
+		tapio_metric_inc(TAPIO_METRIC_ABI_MISMATCH);
+	return 0;
+}
+
+/*
+ * Submit without a wakeup; force one only for the record that makes the pending data cross the
+ * wakeup threshold. Forcing on every record above the threshold would turn a slow consumer into
+ * an irq_work storm (~6 us per event) exactly when the node is busiest. While the agent is
+ * parked (tapio_wake set) the kernel's own rule applies instead (flags 0): wake the consumer iff
+ * it has caught up with this record, i.e. the ring was empty, so the first record after a quiet
+ * spell wakes the agent and the records behind it, still unread, do not; the agent clears the
+ * flag as soon as it wakes.
  */
 static __always_inline void tapio_submit_sized(void *ringbuf, void *rec, __u64 size)
 {
 	__u64 avail = bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA);
+	__u64 wake = bpf_ringbuf_query(ringbuf, BPF_RB_RING_SIZE) >> TAPIO_WAKEUP_SHIFT;
 	__u64 total = (size + 8 + 7) & ~7ULL; /* record plus ring header, 8-byte aligned */
-	int crossed = avail >= TAPIO_WAKEUP_BYTES && avail < TAPIO_WAKEUP_BYTES + total;
-	bpf_ringbuf_submit(rec, crossed ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	__u64 flags = BPF_RB_NO_WAKEUP;
+	__u32 zero = 0;
+	__u32 *parked;
+
+	if (avail >= wake && avail < wake + total)
+		flags = BPF_RB_FORCE_WAKEUP;
+	else if ((parked = bpf_map_lookup_elem(&tapio_wake, &zero)) && *parked)
+		flags = 0;
+	bpf_ringbuf_submit(rec, flags);
 }
 
 #define tapio_submit(ringbuf, rec) tapio_submit_sized(ringbuf, rec, sizeof(*(rec)))

@@ -10,13 +10,13 @@
  * benchmarks/bench_throughput.py builds and loads it.
  *
  * The packet handed to the test run carries the pid/tid to report, a port base and the record
- * count; the wakeup policy is the observers' one (force a wakeup only when pending data crosses
- * 64 KiB).
+ * count; records are submitted with the observers' own tapio_submit (bpf/tapio_common.h), with
+ * the agent's network wake flag (its tapio_wake map, reused by id like the ring).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#define WAKEUP_BYTES (64 * 1024)
+#include "tapio_common.h"
 
 struct network_event {
 	__u64 timestamp_ns;
@@ -74,7 +74,7 @@ static long produce_one(__u64 i, void *ctx)
 {
 	struct params *p = ctx;
 	struct network_event *e;
-	__u64 avail, n;
+	__u64 n;
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -102,10 +102,7 @@ static long produce_one(__u64 i, void *ctx)
 	e->sk_err = 111;
 	e->duration_ns = 12345;
 	__builtin_memcpy(e->comm, "tapio-synth", 12);
-	avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, avail >= WAKEUP_BYTES && avail < WAKEUP_BYTES + sizeof(*e) + 8
-				      ? BPF_RB_FORCE_WAKEUP
-				      : BPF_RB_NO_WAKEUP);
+	tapio_submit(&events, e);
 	return 0;
 }
 

@@ -55,6 +55,12 @@ def signal_mask(signals: list[int]) -> int:
     return mask
 
 
+def runq_threshold_ns(sampling: bool, threshold_ns: int) -> int:
+    """The carrier's run-queue threshold: 0 (no sampling, the hook stays detached) unless
+    run-queue sampling is opted in."""
+    return threshold_ns if sampling else 0
+
+
 def dns_fields(t: Thresholds) -> dict[str, object]:
     """The carrier's DNS fields from the thresholds (the timeout rides along for the record:
     the agent's sweep, not the kernel, expires queries)."""
@@ -86,7 +92,7 @@ def standalone_config(
         exit_flags=exit_flags(settings.container.exit_scope),
         ignore_exit_codes=tuple(dict.fromkeys(settings.container.ignore_exit_codes)),
         ignore_signal_mask=signal_mask(settings.container.ignore_signals),
-        runq_latency_threshold_ns=t.runq_latency_ms * 1_000_000,
+        runq_latency_threshold_ns=runq_threshold_ns(t.runq_sampling, t.runq_latency_ms * 1_000_000),
         **dns_fields(t),  # type: ignore[arg-type]
     )
 
@@ -139,7 +145,7 @@ def from_compiled(
         exit_flags=scope_flags,
         ignore_exit_codes=tuple(dict.fromkeys(con.ignore_exit_codes))[:MAX_IGNORE_EXIT_CODES],
         ignore_signal_mask=signal_mask(list(con.ignore_signals)),
-        runq_latency_threshold_ns=node.runq_latency_ns,
+        runq_latency_threshold_ns=runq_threshold_ns(node.runq_sampling, node.runq_latency_ns),
     )
     user = Thresholds(
         dns_enabled=net.dns_enabled,
@@ -158,6 +164,8 @@ def from_compiled(
         stall_pct_critical=pmc.stall_critical_permille / 10,
         ipc_degradation=pmc.ipc_degradation_milli / 1000,
         node_pmc_enabled=pmc.enabled,
+        runq_sampling=node.runq_sampling,
+        runq_latency_ms=node.runq_latency_ns // 1_000_000,
         exit_scope=scope,  # type: ignore[arg-type]  # checked by ConfigResponse.validate
     )
     kernel = msgspec.structs.replace(kernel, **dns_fields(user))

@@ -34,7 +34,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tapio.bpf.loader import BpfObject
-from tapio.bpf.ringbuf import RingBuffer
+from tapio.bpf.ringbuf import RingBuffer, WakeFlag
 from tapio.metrics import ANOMALIES, DRAIN_BATCH, DRAIN_CAP, EVENTS, MALFORMED_EVENTS
 from tapio.observers.base import Observer
 from tapio.observers.cgroups import CgroupResolver
@@ -81,8 +81,32 @@ def count_anomalies(observer: str, batch: Sequence[Occurrence], stats: PipelineS
         ANOMALIES.labels(observer=observer, anomaly_type=anomaly_type).inc(n)
 
 
+#: After this long of empty drain passes the drainer parks: no drain timer, the rings' own
+#: wakeups instead (each object's ``tapio_wake`` flag, ``bpf/tapio_common.h``).
+PARK_AFTER_SECS = 1.0
+#: The parked drainer's safety pass: a record that races the parking itself (the flag store
+#: and the producer's read of it crossing) waits at most this long.
+PARKED_PASS_SECS = 1.0
+
+
 class Drainer:
-    """Drains every ring on one epoll fd: woken by forced BPF wakeups or by the drain timer."""
+    """Drains every ring on one epoll fd: woken by forced BPF wakeups or by the drain timer.
+
+    Awake, the drain timer (``interval``) bounds a record's wait; the BPF side submits without a
+    wakeup (a wakeup per record costs the producer's CPU ~6 us of irq_work) and forces one only
+    when a ring fills. After ``PARK_AFTER_SECS`` of empty passes, and when every ring's object
+    has a ``tapio_wake`` flag, the drainer parks: it sets the flags, looks at the rings once more
+    (a record that came before the flag was seen is drained, not slept on) and then waits for a
+    ring's wakeup, with a ``PARKED_PASS_SECS`` safety pass. A submit that finds the flag set lets
+    the kernel wake the consumer when the ring was empty before it, so the first record after a
+    quiet spell wakes the agent at once and the ones behind it do not; the agent clears the flags
+    as soon as it wakes and runs on the timer again. An idle agent so wakes once a second
+    instead of ten times.
+
+    Rings that an observer drains itself (``Observer.side_rings``, the DNS ring) are watched
+    here too: a pass that finds records pending there calls the observer's callback, so that
+    observer needs no timer of its own.
+    """
 
     def __init__(
         self,
@@ -92,22 +116,40 @@ class Drainer:
         stats: PipelineStats,
     ) -> None:
         self.observers = [o for o in observers if o.ring is not None]
+        self.side = [side for o in observers for side in o.observer.side_rings()]
         self.interval = interval
         self.max_per_tick = max_per_tick
         self.scope = anyio.CancelScope()
         self.stats = stats
+        self.flags: list[WakeFlag] = []  # while running: one per object with rings
+        self._park_after = max(1, round(PARK_AFTER_SECS / interval))
+        self._activity = 0
         self._events = {o.name: EVENTS.labels(observer=o.name) for o in self.observers}
         self._malformed = {o.name: MALFORMED_EVENTS.labels(observer=o.name) for o in self.observers}
         self._cap = {o.name: DRAIN_CAP.labels(observer=o.name) for o in self.observers}
         self._batch = {o.name: DRAIN_BATCH.labels(observer=o.name) for o in self.observers}
+        # Parking needs a wake flag in the object of every ring that is watched.
+        owners = [o for o in observers if o.ring is not None or o.observer.side_rings()]
+        flags = [o.obj.maps.get("tapio_wake") if o.obj is not None else None for o in owners]
+        self._flag_fds = [m.fd for m in flags if m is not None]
+        if not owners or len(self._flag_fds) != len(owners):
+            self._flag_fds = []
+
+    def rings(self) -> list[RingBuffer]:
+        return [o.ring for o in self.observers if o.ring is not None] + [r for r, _ in self.side]
 
     async def drain_once(self, senders: dict[str, MemoryObjectSendStream[bytes]]) -> bool:
         """One pass over every ring; True when some ring hit the per-tick cap."""
         capped_any = False
+        for ring, notify in self.side:
+            if ring.pending_bytes():
+                self._activity += 1
+                notify()
         for ro in self.observers:
             assert ro.ring is not None
             drained = ro.ring.consume_fixed(ro.observer.record.size, self.max_per_tick)
             if drained.malformed:
+                self._activity += 1
                 self._malformed[ro.name].inc(drained.malformed)
                 ro.malformed_total += drained.malformed
                 if ro.malformed_total <= 10 or ro.malformed_total & (ro.malformed_total - 1) == 0:
@@ -117,6 +159,7 @@ class Drainer:
                         total=ro.malformed_total,
                     )
             if drained.records:
+                self._activity += 1
                 self.stats.events += drained.records
                 self._events[ro.name].inc(drained.records)
                 self._batch[ro.name].observe(drained.records)
@@ -129,25 +172,63 @@ class Drainer:
     async def run(self, senders: dict[str, MemoryObjectSendStream[bytes]]) -> None:
         """Drain until ``scope`` is cancelled, then drain what is left and close the senders."""
         ep = select.epoll()
+        flags: list[WakeFlag] = []
+        self.flags = flags
         try:
+            rings = self.rings()
             for ro in self.observers:
                 assert ro.ring is not None
                 ep.register(ro.ring.fd, select.EPOLLIN)
+            # Edge-triggered: a side ring stays readable until its owner drained it, and a
+            # level-triggered fd would wake this loop again and again until then.
+            for ring, _ in self.side:
+                ep.register(ring.fd, select.EPOLLIN | select.EPOLLET)
+            flags.extend(WakeFlag(fd) for fd in self._flag_fds)
             with self.scope, Readiness(ep.fileno()) as ready:
+                empty, parked = 0, False
                 while True:
-                    await ready.wait(self.interval)
+                    await ready.wait(PARKED_PASS_SECS if parked else self.interval)
+                    if parked:
+                        for flag in flags:
+                            flag.set(False)
+                        parked = False
                     ep.poll(0)  # re-arms level-triggered readiness of the rings
+                    before = self._activity
                     if await self.drain_once(senders):
+                        empty = 0
                         await anyio.lowlevel.checkpoint()
+                        continue
+                    empty = 0 if self._activity != before else empty + 1
+                    if flags and empty >= self._park_after:
+                        parked = self._park(flags, rings, ep)
             # Shutdown: everything already in the rings still reaches the sinks.
             with anyio.CancelScope(shield=True):
                 for _ in range(64):
                     if not await self.drain_once(senders):
                         break
         finally:
+            for flag in flags:
+                flag.set(False)
+                flag.close()
+            self.flags = []
             ep.close()
             for s in senders.values():
                 await s.aclose()
+
+    @staticmethod
+    def _park(flags: list[WakeFlag], rings: list[RingBuffer], ep: select.epoll) -> bool:
+        """Set the wake flags, then look at the rings again: True when they are still empty
+        (parked), False (flags cleared) when a record came in the meantime."""
+        for flag in flags:
+            flag.set(True)
+        # A syscall that takes the epoll lock between the flag stores and the ring reads below
+        # keeps x86 from reading the rings before the stores are visible to the producers.
+        ep.poll(0)
+        if any(ring.pending_bytes() for ring in rings):
+            for flag in flags:
+                flag.set(False)
+            return False
+        return True
 
 
 class Readiness:

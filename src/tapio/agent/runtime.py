@@ -36,7 +36,7 @@ from tapio.agent.pipeline import (
 )
 from tapio.agent.settings import AgentSettings
 from tapio.bpf.abi import METRIC_ABI_MISMATCH, METRIC_LOST, TapioConfig
-from tapio.bpf.libbpf import BpfError
+from tapio.bpf.libbpf import BpfError, release_heap
 from tapio.bpf.ringbuf import RingBuffer
 from tapio.metrics import (
     CONFIG_ABI_MISMATCH,
@@ -156,8 +156,10 @@ class Agent:
                         1 if cap.available else 0
                     )
                     if not cap.available:
-                        log.warning(
-                            "capability unavailable",
+                        (log.info if cap.off else log.warning)(
+                            "capability off by configuration"
+                            if cap.off
+                            else "capability unavailable",
                             observer=name,
                             capability=cap.name,
                             detail=cap.detail,
@@ -301,6 +303,7 @@ class Agent:
             # pass every 700 allocations.
             gc.freeze()
             gc.set_threshold(50_000, 20, 50)
+            release_heap()  # what loading the objects left free in the C heap
             await self.serve()
         finally:
             self.detach()

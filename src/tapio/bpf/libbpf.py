@@ -174,3 +174,20 @@ def check_rc(rc: int, what: str, hint: str = "") -> int:
     if rc < 0:
         raise BpfError(-rc if rc != -1 else last_errno(), what, hint)
     return rc
+
+
+def release_heap() -> None:
+    """Give the C heap that loading left free back to the kernel (glibc's ``malloc_trim``).
+
+    Start-up frees megabytes of C heap (libbpf parses the kernel's BTF for every object it
+    loads and frees it after the load) that glibc keeps mapped: without this the idle agent's
+    RSS carried about 4.5 MiB of it for its whole life. Not glibc: nothing to do.
+    """
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)

@@ -1,9 +1,12 @@
 """A BPF ring buffer consumer that copies records in batches, with no per-record callback.
 
-The map is mmap'ed the way libbpf does it: one read-write consumer page, then the read-only
-producer page followed by the data area mapped twice, so a run of records that wraps is still
-contiguous. Every record is framed by the kernel as an 8-byte header (length with BUSY/DISCARD
-bits, page offset) plus the payload padded to 8 bytes.
+The map is mmap'ed as two mappings: one read-write consumer page, then the read-only producer
+page followed by the data area, mapped **once**. (libbpf maps the data area twice so that a run
+of records that wraps is contiguous in memory; every page of a ring mapping counts in the
+agent's RSS from the first moment, so the second copy would cost the ring's whole size again,
+2 MiB for the network ring. A run that wraps is copied here in two slices instead.) Every record
+is framed by the kernel as an 8-byte header (length with BUSY/DISCARD bits, page offset) plus the
+payload padded to 8 bytes; a header never wraps (positions and the size are multiples of 8).
 
 Fast path: when every frame between the consumer and producer positions is a committed record
 of the observer's own size, the whole run is copied with one slice and later decoded with one
@@ -40,7 +43,8 @@ class RingBuffer:
     """Consumer over the two mappings of a BPF_MAP_TYPE_RINGBUF map.
 
     ``cons`` is the writable consumer page; ``prod`` is the producer page followed by the data
-    area mapped twice. Tests pass plain ``bytearray`` buffers laid out the same way.
+    area (once, or twice as libbpf maps it: only the first copy is read). Tests pass plain
+    ``bytearray`` buffers laid out the same way.
     """
 
     def __init__(
@@ -54,7 +58,7 @@ class RingBuffer:
     ) -> None:
         if max_entries <= 0 or max_entries & (max_entries - 1):
             raise ValueError("ring buffer size must be a power of two")
-        if len(prod) < page + 2 * max_entries:
+        if len(prod) < page + max_entries:
             raise ValueError("producer mapping too small")
         self.fd = fd
         self.size = max_entries
@@ -66,12 +70,12 @@ class RingBuffer:
 
     @classmethod
     def open(cls, map_fd: int, max_entries: int) -> RingBuffer:
-        """mmap a ring buffer map the way libbpf does."""
+        """mmap a ring buffer map: the consumer page, then the producer page and the data once."""
         page = mmap.PAGESIZE
         cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
             prod = mmap.mmap(
-                map_fd, page + 2 * max_entries, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+                map_fd, page + max_entries, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
             )
         except BaseException:
             cons.close()
@@ -93,16 +97,26 @@ class RingBuffer:
         stride = (HDR_SIZE + record_size + 7) & ~7
         avail = prod - cons
         n = min(avail // stride, max_records)
-        base = self._page + (cons & self._mask)
         if n and avail % stride == 0:
-            run = view[base : base + n * stride]
-            headers = run.cast("I")[:: stride // 4].tolist()
+            frames = self._copy(cons, n * stride)
+            headers = memoryview(frames).cast("I")[:: stride // 4].tolist()
             if headers.count(record_size) == n:
-                frames = bytes(run)
                 cons += n * stride
                 _U64.pack_into(self._cons, 0, cons)
                 return Drained(frames, n, 0, cons < prod)
         return self._consume_slow(cons, prod, record_size, stride, max_records)
+
+    def _copy(self, pos: int, length: int) -> bytes:
+        """``length`` bytes of the data area from ring position ``pos``, across the wrap."""
+        view = self._view
+        assert view is not None
+        start = pos & self._mask
+        base = self._page
+        end = start + length
+        if end <= self.size:
+            return bytes(view[base + start : base + end])
+        head = bytes(view[base + start : base + self.size])
+        return head + bytes(view[base : base + end - self.size])
 
     def _consume_slow(
         self, cons: int, prod: int, record_size: int, stride: int, max_records: int
@@ -129,7 +143,7 @@ class RingBuffer:
             if not hdr & DISCARD_BIT:
                 if length >= record_size:
                     out += header
-                    out += view[off + HDR_SIZE : off + HDR_SIZE + record_size]
+                    out += self._copy(cons + HDR_SIZE, record_size)
                     out += pad
                     count += 1
                 else:
@@ -146,3 +160,28 @@ class RingBuffer:
                 self._prod.close()
             if isinstance(self._cons, mmap.mmap):
                 self._cons.close()
+
+
+class WakeFlag:
+    """An object's ``tapio_wake`` map (one ``__u32``, ``BPF_F_MMAPABLE``), mapped writable.
+
+    Non-zero while the agent is parked: the object's submits then let the kernel wake the
+    consumer when it has caught up (``bpf/tapio_common.h``). One store, no syscall.
+    """
+
+    def __init__(self, map_fd: int) -> None:
+        self._mm: mmap.mmap | None = mmap.mmap(
+            map_fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+
+    def set(self, parked: bool) -> None:
+        if self._mm is not None:
+            _U32.pack_into(self._mm, 0, 1 if parked else 0)
+
+    def is_set(self) -> bool:
+        return self._mm is not None and _U32.unpack_from(self._mm, 0)[0] != 0
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None

@@ -32,6 +32,7 @@ from tapio.occurrence import Occurrence
 from tapio.thresholds import Thresholds
 
 if TYPE_CHECKING:
+    from tapio.bpf.ringbuf import RingBuffer
     from tapio.observers.enrich import Enrichment
 
 Emit = Callable[[Sequence[Occurrence]], Awaitable[None]]
@@ -87,6 +88,9 @@ class Capability:
     detail: str = ""
     #: anomaly types this observer cannot produce while the capability is unavailable
     anomalies: tuple[str, ...] = ()
+    #: unavailable only because the configuration leaves it off (an opt-in feature): reported
+    #: like any capability (metric 0, status), logged at info level, never a degradation
+    off: bool = False
 
 
 class Observer(abc.ABC):
@@ -183,6 +187,12 @@ class Observer(abc.ABC):
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
         """One ring frame → its occurrence, or None when it is dropped (and counted)."""
         raise NotImplementedError(f"{type(self).__name__} has no ring records to classify")
+
+    def side_rings(self) -> Sequence[tuple[RingBuffer, Callable[[], None]]]:
+        """Rings this observer drains itself (in ``run``), each with the callback the drainer
+        calls when it finds records pending there: the observer then needs no timer of its own
+        to notice them (they wake a parked agent like the main ring does)."""
+        return ()
 
     async def run(self, emit: Emit) -> None:  # noqa: B027 - optional hook
         """Long-running side task for non-BPF facts; returns when there is nothing to do."""

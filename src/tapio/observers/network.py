@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
@@ -40,6 +41,9 @@ from tapio.occurrence import (
     Occurrence,
     new_occurrence,
 )
+
+if TYPE_CHECKING:
+    from tapio.bpf.ringbuf import RingBuffer
 
 NETWORK_EVENT = CStruct(
     "network_event",
@@ -208,6 +212,9 @@ class NetworkObserver(Observer):
 
     def on_config(self, kernel: TapioConfig, user: UserThresholds) -> None:
         self.dns.configure(kernel, user)
+
+    def side_rings(self) -> Sequence[tuple[RingBuffer, Callable[[], None]]]:
+        return self.dns.side_rings()
 
     async def run(self, emit: Emit) -> None:
         await self.dns.run(emit)

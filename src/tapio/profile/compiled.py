@@ -132,6 +132,9 @@ class NodeConfig(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     runq_latency_ns: U64 = _D.runq_latency_ms * 1_000_000
     throttle_permille: U32 = permille(_D.throttle_pct)
     hysteresis_permille: U32 = permille(_D.hysteresis_pct)
+    #: Run-queue sampling (the per-context-switch hook) is opt-in; omitted when off, so the
+    #: default config's canonical form and hash are those of agents that predate it.
+    runq_sampling: bool = _D.runq_sampling
 
 
 NODE_DEFAULT: Final = NodeConfig()
@@ -214,6 +217,7 @@ def compile_resolved(r: Resolved) -> CompiledConfig:
             runq_latency_ns=r.runq_latency_ms * 1_000_000,
             throttle_permille=permille(r.throttle_pct),
             hysteresis_permille=permille(r.hysteresis_pct),
+            runq_sampling=r.runq_sampling,
         ),
     )
 

@@ -89,6 +89,7 @@ class NodeOverrides(_Block):
     enabled: bool | None = None
     memory_pressure: MemoryPressure | None = None
     cpu_pressure: CpuPressure | None = None
+    runq_sampling: bool | None = None
     runq_latency_ms: int | None = None
     throttle_pct: float | None = None
     hysteresis_pct: float | None = None

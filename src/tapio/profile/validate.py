@@ -240,6 +240,7 @@ class Resolved:
         "memory_pressure.full_pct", _floats(0.0, 100.0), _D.memory_full_pct
     )
     cpu_some_pct: float = _NODE("cpu_pressure.some_pct", _floats(0.0, 100.0), _D.cpu_some_pct)
+    runq_sampling: bool = _NODE("runq_sampling", _FLAG, _D.runq_sampling)
     runq_latency_ms: int = _NODE("runq_latency_ms", _ints(1, 10_000), _D.runq_latency_ms)
     throttle_pct: float = _NODE("throttle_pct", _floats(0.0, 100.0), _D.throttle_pct)
     hysteresis_pct: float = _NODE("hysteresis_pct", _floats(0.0, 100.0), _D.hysteresis_pct)

@@ -232,7 +232,7 @@ def test_from_compiled_maps_every_field() -> None:
     c.node_pmc.stall_warning_permille = 255
     c.node_pmc.ipc_degradation_milli = 1500
     c.node_pmc.enabled = False
-    c.node = NodeConfig(memory_some_permille=123, runq_latency_ns=7_000_000)
+    c.node = NodeConfig(memory_some_permille=123, runq_latency_ns=7_000_000, runq_sampling=True)
     kernel, user = from_compiled(c, 42, kubernetes=False)
     assert kernel.generation == 42 and kernel.abi_version == 4
     assert kernel.flags == FLAG_NETWORK | FLAG_CONTAINER | FLAG_NODE
@@ -246,6 +246,7 @@ def test_from_compiled_maps_every_field() -> None:
     assert kernel.exit_flags == 0
     assert user.stall_pct_warning == 25.5 and user.ipc_degradation == 1.5
     assert user.memory_some_pct == 12.3 and user.node_pmc_enabled is False
+    assert user.runq_sampling is True and user.runq_latency_ms == 7
     assert len(kernel.pack()) == 256
 
 

@@ -133,6 +133,9 @@ def test_idle_intervals_are_not_judged() -> None:
 
 def test_no_pmu_is_a_capability_and_a_degraded_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     class FakeObj:
+        programs: dict[str, object] = {}  # noqa: RUF012 - no run-queue hook loaded
+        attached: set[str] = set()  # noqa: RUF012
+
         def map(self, name: str) -> object:
             return object()
 

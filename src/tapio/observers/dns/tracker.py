@@ -2,12 +2,17 @@
 
 The kernel sends only failed and slow answers, on their own ring (``dns_events``, separate from
 the TCP records so each ring keeps one fixed record size). A query nobody answers never
-produces a packet, so its evidence is found here: every ``SWEEP_SECS`` the pending map is
-walked and entries older than the timeout are deleted. The delete is the claim: the kernel
-deletes an entry before reporting its answer, so a query becomes exactly one of answer or
-timeout, never both. The LRU map forgets the oldest pending queries when full; how many is
-computed at each sweep from the kernel's counters (tracked - answered - expired - still
-pending) and counted as ``dns_query_evicted``.
+produces a packet, so its evidence is found here: the pending map is walked and entries older
+than the timeout are deleted, every ``SWEEP_SECS`` while the last walk found queries pending, and
+one timeout after a walk that found none (a query that came later cannot be due before that).
+The delete is the claim: the kernel deletes an entry before reporting its answer, so a query
+becomes exactly one of answer or timeout, never both. The LRU map forgets the oldest pending
+queries when full; how many is computed at each sweep from the kernel's counters (tracked -
+answered - expired - still pending) and counted as ``dns_query_evicted``.
+
+Nothing here runs on a timer while DNS is quiet: the agent's drainer watches the DNS ring with
+the others and calls :meth:`DnsTracker.wake` when records are pending there; while records come
+or flood groups are open, the ring is polled every ``POLL_SECS``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ log = structlog.get_logger("tapio.observers.dns")
 
 POLL_SECS = 0.1
 SWEEP_SECS = 0.25
+IDLE_SECS = 60.0  # DNS not configured: only a wake (records, a config) has work for the loop
 MAX_PER_POLL = 4096
 METRIC_TRACKED = METRIC_OBSERVER_BASE + 8
 METRIC_ANSWERED = METRIC_OBSERVER_BASE + 9
@@ -62,6 +68,9 @@ class DnsTracker:
         self._metrics: Map | None = None
         self._expired = 0
         self._evicted = 0
+        self._live = 0  # queries pending at the last sweep
+        self._woken: anyio.Event | None = None
+        self._sweep_now = True
 
     def bind(self, obj: BpfObject) -> bool:
         """Use the object's DNS maps; False when the DNS programs are not loaded here."""
@@ -78,6 +87,17 @@ class DnsTracker:
         self.active = kernel.abi_version != 0 and bool(kernel.dns_flags & 1)
         self.timeout_ns = user.dns_timeout_ms * 1_000_000
         self.flood.configure(user.dns_window_ms * 1_000_000, user.dns_cap)
+        self._sweep_now = True  # a shorter timeout may make pending queries due at once
+        self.wake()
+
+    def side_rings(self) -> list[tuple[RingBuffer, Callable[[], None]]]:
+        """The DNS ring for the agent's drainer, which calls :meth:`wake` when it holds records."""
+        return [(self._ring, self.wake)] if self._ring is not None else []
+
+    def wake(self) -> None:
+        """Records are pending on the ring (or the config changed): run the loop now."""
+        if self._woken is not None:
+            self._woken.set()
 
     def _drop1(self, reason: str) -> None:
         self._drop(reason, 1)
@@ -127,6 +147,7 @@ class DnsTracker:
                 live -= 1
                 record = timeout_record(key, value, now_ns, self.generation)
                 out.append(DNS_EVENT.struct.unpack(record))
+        self._live = max(live, 0)
         evicted = tracked - self._metric(METRIC_ANSWERED) - self._expired - max(live, 0)
         if evicted > self._evicted:
             self._drop("dns_query_evicted", evicted - self._evicted)
@@ -137,25 +158,37 @@ class DnsTracker:
         return self._metrics.percpu_u64_sum(index) if self._metrics is not None else 0
 
     async def run(self, emit: Emit) -> None:
-        """Poll the ring, sweep the pending map, emit what flood control lets out."""
+        """Drain the ring, sweep the pending map when due, emit what flood control lets out;
+        sleep until the next of: a poll while busy, the next sweep, a :meth:`wake`."""
         if self._ring is None:
             return
         next_sweep = 0.0
         try:
             while True:
+                self._woken = woken = anyio.Event()
                 now = monotonic_ns()
                 records = self.drain()
-                if self.active and time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + SWEEP_SECS
+                if self.active and (self._sweep_now or time.monotonic() >= next_sweep):
+                    self._sweep_now = False
                     try:
                         records += self.sweep(now)
                     except BpfError as exc:
                         log.warning("dns pending sweep failed", error=str(exc))
+                    quiet = self.timeout_ns / 1e9 if not self._live else SWEEP_SECS
+                    next_sweep = now / 1e9 + quiet  # both clocks are CLOCK_MONOTONIC
                 batch = self.classify(records, now) + self.flood.due(now)
                 if batch:
                     await emit(batch)
-                await anyio.sleep(POLL_SECS)
+                if records or len(self.flood):
+                    delay = POLL_SECS
+                elif self.active:
+                    delay = max(0.0, next_sweep - time.monotonic())
+                else:
+                    delay = IDLE_SECS
+                with anyio.move_on_after(delay):
+                    await woken.wait()
         finally:
+            self._woken = None
             rest = self.flood.due(0, everything=True)
             if rest:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):

@@ -1,7 +1,9 @@
 """Node observer: memory pressure, CPU stall and (with hardware counters) IPC degradation.
 
 Signals: PSI of the node and of watched cgroup2 directories (memory and cpu), run-queue latency
-aggregated in kernel maps by ``node.bpf.c``, CFS bandwidth throttling from ``cpu.stat``, and,
+aggregated in kernel maps by ``node.bpf.c`` (opt-in: its sched_switch hook is attached only while
+the config asks for run-queue sampling, capability ``runq_sampling``), CFS bandwidth throttling
+from ``cpu.stat``, and,
 only with hardware counters, IPC and backend stalls (otherwise the capability ``pmu`` is
 unavailable, ``degraded_reasons: ["no_pmu"]``, and the rest keeps working). Every condition is
 edge-triggered with hysteresis (:mod:`.board`): one occurrence when it starts (built in
@@ -24,6 +26,7 @@ from tapio.bpf.abi import FLAG_NODE, METRIC_OBSERVER_BASE, TAPIO_CONFIG_ABI_VERS
 from tapio.bpf.features import ProgramSpec
 from tapio.bpf.libbpf import BpfError
 from tapio.bpf.loader import BpfObject
+from tapio.metrics import OBSERVER_CAPABILITY
 from tapio.observers.base import Capability, Emit, Observer, ObserverContext, UserThresholds
 from tapio.observers.cgroups import CgroupRoots, discover_roots
 from tapio.observers.enrich import ByCgroupPath, Enrichment
@@ -40,7 +43,14 @@ from tapio.observers.node.board import (
 )
 from tapio.observers.node.discovery import Watched, discover
 from tapio.observers.node.psi import NODE, PsiReading, PsiWatch
-from tapio.observers.node.runq import RUNQ_HIST, RunqTotals, WorstWait, sum_runq_hist, worst_of
+from tapio.observers.node.runq import (
+    RUNQ_HIST,
+    RUNQ_WAITS,
+    RunqTotals,
+    WorstWait,
+    sum_runq_hist,
+    worst_of,
+)
 from tapio.observers.node.throttle import ThrottleDelta, ThrottleWatch
 from tapio.occurrence import NODE_CPU_STALL, NODE_MEMORY_PRESSURE, Occurrence
 
@@ -53,6 +63,12 @@ RESCAN_SECS = 10.0  # cgroup discovery
 MAX_TRIGGERS = 64  # PSI trigger fds per resource (memory, cpu)
 RUNQ_MIN_OVER = 3  # waits over the threshold in one interval before the condition starts
 PMU_MIN_CYCLES = 10_000_000  # cycles per interval before IPC means anything
+RUNQ_PROGRAMS = ("node_switch", "node_switch_basic")  # alternatives: at most one is loaded
+RUNQ_OFF = (
+    "off by configuration: run-queue latency sampling is opt-in ([thresholds] runq_sampling = "
+    "true, or node.runq_sampling in the Evidence Profile); cpu_stall still comes from PSI and "
+    "CPU throttling"
+)
 
 
 class NodeObserver(Observer):
@@ -92,13 +108,22 @@ class NodeObserver(Observer):
         self._ipc_edge = Hysteresis()
         self._stall_edge = Hysteresis()
         self._last_scan = -1e9
+        #: why attaching the run-queue hook failed at runtime (None: it did not fail)
+        self._runq_error: str | None = None
+        #: the run-queue hook's link while attached (owned here: created and destroyed on
+        #: config changes, destroyed in ``close`` before the object is closed)
+        self._runq_link: object | None = None
+        #: the kernel totals already added to RUNQ_WAITS (the maps count from load)
+        self._runq_seen = RunqTotals.zero()
 
     # ---- lifecycle ---------------------------------------------------------------------
     def attach(self, obj: BpfObject) -> None:
+        """Only loads: the run-queue hook is attached when the config asks for it
+        (:meth:`sync_runq`), so a node that does not opt in pays nothing per context switch."""
         self._obj = obj
         for name in ("runq_hist", "runq_worst"):
             obj.map(name)  # fail early (BpfError) if the object is not ours
-        obj.attach_all()
+        self.sync_runq()
         if not self.pmu.probe():
             self._degrade_pmu()
             self.pmu.detail += (
@@ -110,8 +135,71 @@ class NodeObserver(Observer):
         if "no_pmu" not in self.degraded_reasons:
             self.degraded_reasons.append("no_pmu")
 
+    def note_programs(self, obj: BpfObject) -> None:
+        """As for every observer, except that a loaded run-queue hook left detached because the
+        config does not ask for it is not "no program runs": PSI and throttling still do."""
+        try:
+            super().note_programs(obj)
+        except BpfError:
+            if self.runq_program() is None:
+                raise
+
+    # ---- run-queue sampling: attached only while configured -----------------------------------
+    def runq_program(self) -> str | None:
+        """The run-queue hook loaded on this kernel (one of :data:`RUNQ_PROGRAMS`), if any."""
+        if self._obj is None:
+            return None
+        return next((n for n in RUNQ_PROGRAMS if n in self._obj.programs), None)
+
+    @property
+    def runq_on(self) -> bool:
+        return self._runq_link is not None
+
+    def runq_wanted(self) -> bool:
+        return self.enabled and self.kernel.runq_latency_threshold_ns > 0
+
+    def sync_runq(self) -> None:
+        """Attach or detach the loaded hook to match the config; the program is never reloaded
+        (same id, same maps), a config change only creates or destroys its link."""
+        prog = self.runq_program()
+        if prog is None or self._obj is None:
+            return
+        want, on = self.runq_wanted(), self.runq_on
+        if want and not on:
+            program = self._obj.programs[prog]
+            try:
+                self._runq_link = lb.check_ptr(
+                    lb.lib().bpf_program__attach(program.ptr),
+                    f"attach of node/{prog} ({program.section})",
+                )
+            except BpfError as exc:
+                self._runq_error = f"attach failed: {exc}"[:240]
+                log.warning("run-queue sampling not attached", program=prog, error=str(exc))
+            else:
+                self._runq_error = None
+                log.info("run-queue sampling on", program=prog)
+        elif on and not want:
+            self._detach_runq()
+            log.info("run-queue sampling off", program=prog, detail=RUNQ_OFF)
+        if want != on:
+            self._runq_edge = Hysteresis()
+            self._runq_prev = None
+        OBSERVER_CAPABILITY.labels(observer=self.name, capability="runq_sampling").set(
+            1 if self.runq_on else 0
+        )
+
+    def _detach_runq(self) -> None:
+        link, self._runq_link = self._runq_link, None
+        if link is not None:
+            lb.lib().bpf_link__destroy(link)
+
     def capabilities(self) -> list[Capability]:
         caps = [*super().capabilities(), Capability("pmu", self.pmu.available, self.pmu.detail)]
+        if self.runq_program() is not None:
+            on = self.runq_on
+            error = self._runq_error if self.runq_wanted() else None
+            detail = "" if on else (error or RUNQ_OFF)
+            caps.append(Capability("runq_sampling", on, detail, off=not on and error is None))
         for name, probe, missing in (
             (
                 "runq_latency",
@@ -131,6 +219,7 @@ class NodeObserver(Observer):
         if enabled != self.enabled or not enabled:
             self._reset_state()
         self.enabled = enabled
+        self.sync_runq()
 
     def _reset_state(self) -> None:
         self._mem_board.reset()
@@ -147,6 +236,7 @@ class NodeObserver(Observer):
         return []
 
     def close(self) -> None:
+        self._detach_runq()
         self.psi.close()
         self.pmu.close()
         self._obj = None
@@ -240,8 +330,9 @@ class NodeObserver(Observer):
                 await emit(batch)
 
     def read_runq(self) -> tuple[RunqTotals | None, WorstWait | None]:
-        """Cumulative totals and the interval's worst wait (whose slots are then zeroed)."""
-        if self._obj is None:
+        """Cumulative totals and the interval's worst wait (whose slots are then zeroed); nothing
+        while the hook is detached."""
+        if self._obj is None or not self.runq_on:
             return None, None
         try:
             hist_raw = self._obj.map("runq_hist").lookup(bytes(4))
@@ -256,6 +347,12 @@ class NodeObserver(Observer):
             return None, None
         totals = sum_runq_hist(hist_raw) if hist_raw is not None else None
         worst = worst_of(worst_raw) if worst_raw is not None else None
+        if totals is not None:
+            seen, self._runq_seen = self._runq_seen, totals
+            RUNQ_WAITS.labels(kind="runqueue").inc(max(0, totals.waits - seen.waits))
+            RUNQ_WAITS.labels(kind="throttled").inc(
+                max(0, totals.throttled_waits - seen.throttled_waits)
+            )
         return totals, worst
 
     def judge_runq(

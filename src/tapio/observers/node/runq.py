@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from tapio.bpf.abi import CStruct
+from tapio.metrics import REGISTRY
 
 RUNQ_SLOTS = 24
 RUNQ_HIST = CStruct(
@@ -38,6 +41,16 @@ RUNQ_WORST = CStruct(
     comm              16s
     """,
     56,
+)
+
+
+#: The kernel's run-queue aggregates as counters: ``runqueue`` waits are run-queue latency,
+#: ``throttled`` ones were CFS-quota throttling, told apart in the kernel and left out of it.
+RUNQ_WAITS = Counter(
+    "tapio_node_runq_waits_total",
+    "Waits measured by the run-queue hook, by kind (runqueue, or throttled: excluded)",
+    ["kind"],
+    registry=REGISTRY,
 )
 
 
