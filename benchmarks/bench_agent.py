@@ -3,7 +3,9 @@
 baseline measured in the same run.
 
 Prints, side by side in one run:
-  1. ns per connect() to a closed port: no agent vs the agent running (target <= 1.10x),
+  1. ns per connect() to a closed port: no agent vs the agent running, in alternating short
+     pairs with the workload and the agent on different CPUs (``pairs.py``: the median of the
+     per-pair ratios and its spread, per-program bpf_stats; target <= 1.10x),
   2. for the stdout sink and for the file sink: the agent's CPU per occurrence over a burst of
      refused connects from one C loop, the floor (``floor.py``: the irreducible Python work for
      the same records) and their ratio (target <= 2.0x); every occurrence of the burst delivered
@@ -30,10 +32,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from floor import floor_us, sample_line
+from pairs import CpuSet, HotPath, hot_path, pin, placements, run_ns
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -99,6 +103,7 @@ class Agent:
         observers: tuple[str, ...] = (),
         extra_config: str = "",
         serve_metrics: bool = False,
+        cpus: CpuSet = None,
     ) -> None:
         self.tmp = tmp
         self.err = open(tmp / "agent.err", "wb")  # noqa: SIM115
@@ -111,7 +116,9 @@ class Agent:
         argv += ["--log-format", "json", "--data-dir", str(tmp / "data")]
         for name in observers:
             argv += ["--observer", name]
-        self.proc = subprocess.Popen(argv, stdout=self.out, stderr=self.err, cwd=tmp)
+        self.proc = subprocess.Popen(
+            argv, stdout=self.out, stderr=self.err, cwd=tmp, preexec_fn=pin(cpus)
+        )
         deadline = time.monotonic() + 30
         while b"agent started" not in (tmp / "agent.err").read_bytes():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -133,20 +140,36 @@ def connect_ns(exe: Path, port: int, n: int) -> float:
     return float(out.stdout)
 
 
-def bench_connect(exe: Path, tmp: Path, n: int, rounds: int) -> tuple[float, float]:
+@contextlib.contextmanager
+def agent_running(tmp: Path, cpus: CpuSet = None) -> Iterator[int]:
+    """The default agent (stdout to /dev/null), pinned to ``cpus``; yields its pid."""
+    agent = Agent(tmp, cpus=cpus)
+    try:
+        yield agent.proc.pid
+    finally:
+        agent.stop()
+
+
+def bench_connect(exe: Path, tmp: Path, n: int, pairs: int, where: list[str]) -> list[HotPath]:
+    """connect() to a closed port, bare and with the default agent, in alternating pairs
+    (``pairs.py``); prints each placement's table and returns the results."""
     port = closed_port()
-    connect_ns(exe, port, 2000)  # warm up
-    bare, with_agent = [], []
-    for _ in range(rounds):
-        bare.append(connect_ns(exe, port, n))
-        agent = Agent(tmp)
-        try:
-            time.sleep(0.5)
-            with_agent.append(connect_ns(exe, port, n))
-            time.sleep(0.3)
-        finally:
-            agent.stop()
-    return statistics.median(bare), statistics.median(with_agent)
+    results = []
+    for placement in placements(where):
+        hp = hot_path(
+            f"connect() to a closed loopback port, {n} per round",
+            lambda cpus: run_ns([str(exe), str(port), str(n)], cpus),
+            lambda cpus: agent_running(tmp, cpus),
+            pairs=pairs,
+            ops=n,
+            target=1.10,
+            placement=placement,
+            settle=0.5,
+            cpu_seconds=cpu_seconds,
+        )
+        print("\n".join(hp.lines), flush=True)
+        results.append(hp)
+    return results
 
 
 class Written:
@@ -305,7 +328,11 @@ def yes(ok: bool) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--connects", type=int, default=50_000)
+    parser.add_argument("--connects", type=int, default=20_000, help="per connect round")
+    parser.add_argument("--pairs", type=int, default=9, help="bare/agent pairs (connect)")
+    parser.add_argument(
+        "--placement", action="append", help="connect: split (default) and/or free (pairs.py)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--occurrences", type=int, default=50_000)
     parser.add_argument("--file-occurrences", type=int, default=10_000)
@@ -319,13 +346,19 @@ def main() -> int:
         tmp = Path(t)
         exe = build_connect_loop(tmp)
         if "connect" not in args.skip:
-            bare, agent = bench_connect(exe, tmp, args.connects, args.rounds)
-            ratio = agent / bare
-            rows += [
-                ("connect() closed port, no agent (ns)", f"{bare:.0f}", "", ""),
-                ("connect() closed port, agent running (ns)", f"{agent:.0f}", "", ""),
-                ("  ratio", f"{ratio:.3f}x", "<= 1.10x", yes(ratio <= 1.10)),
-            ]
+            where = args.placement or ["split"]
+            for hp in bench_connect(exe, tmp, args.connects, args.pairs, where):
+                name = f"connect() closed port, {hp.placement}"
+                rows += [
+                    (f"{name}: no agent (ns)", f"{hp.bare:.0f}", "", ""),
+                    (f"{name}: agent (ns)", f"{hp.agent:.0f}", "", ""),
+                    (
+                        "  median of the per-pair ratios",
+                        f"{hp.ratio:.3f}x",
+                        "<= 1.10x",
+                        yes(hp.ratio <= 1.10),
+                    ),
+                ]
         for sink, n in (("stdout", args.occurrences), ("file", args.file_occurrences)):
             if sink in args.skip:
                 continue

@@ -1,33 +1,28 @@
 #!/usr/bin/env python3
-"""Container observer overhead: ns per fork + exit + wait of a short process.
+"""Fork + exit + wait of a short process: bare against the default agent (every observer).
 
-Runs a C loop (compiled here with gcc, so Python does not dilute the ratio) that forks a child
-which exits immediately, and waits for it; with and without the container programs attached
-(loaded in-process with ``tapio.bpf.loader.BpfObject`` and a standalone ``TapioConfig``).
+A C loop (compiled here with gcc, so Python does not dilute the ratio) forks a child that exits
+at once and waits for it. Two workloads: exit 0, the common case, which the container program
+drops in the kernel; and exit 1, an abnormal exit for every process (what the agent then does
+with it depends on its exit scope: by default host processes are dropped in the kernel too).
+The path also crosses the node observer's scheduler hook (two context switches per fork).
 
-Two workloads:
-  * exit 0: the common case, filtered in the kernel (target <= 1.10x);
-  * exit 1: every process is an abnormal exit and produces a record (worst case), with the
-    ring drained by this process meanwhile.
-
-Needs root. Alternates bare/attached runs and reports medians.
+Bare and agent rounds alternate (``pairs.py``): the median of the per-pair ratios with its
+spread, the bare figure, the agent's CPU per fork, and each BPF program's runs and ns per fork
+from ``bpf_stats`` in one extra round. Target <= 1.05x. Needs root.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
-from tapio.bpf.abi import FLAG_CONTAINER, TapioConfig
-from tapio.bpf.loader import BpfObject, objects_dir
-from tapio.bpf.ringbuf import RingBuffer
-from tapio.observers.container import CONTAINER_EVENT
+from pairs import placements, run_ns, with_default_agent
 
 LOOP_C = r"""
 #include <stdio.h>
@@ -64,64 +59,30 @@ def build(tmp: Path) -> Path:
     return exe
 
 
-def run_loop(exe: Path, n: int, code: int) -> float:
-    out = subprocess.run([str(exe), str(n), str(code)], check=True, capture_output=True, text=True)
-    return float(out.stdout)
-
-
-def measure(exe: Path, n: int, code: int, rounds: int, scope: int) -> tuple[float, float, int]:
-    bare: list[float] = []
-    attached: list[float] = []
-    records = 0
-    cfg = TapioConfig(generation=1, flags=FLAG_CONTAINER, exit_flags=scope)
-    for _ in range(rounds):
-        bare.append(run_loop(exe, n, code))
-        with BpfObject(objects_dir() / "container.bpf.o") as obj:
-            obj.map("tapio_config").update(bytes(4), cfg.pack())
-            events = obj.map("events")
-            ring = RingBuffer.open(events.fd, events.max_entries)
-            stop = threading.Event()
-            seen = [0]
-
-            def drain(
-                ring: RingBuffer = ring, stop: threading.Event = stop, seen: list[int] = seen
-            ) -> None:
-                while not stop.wait(0.01):
-                    seen[0] += ring.consume_fixed(CONTAINER_EVENT.size, 1 << 20).records
-
-            t = threading.Thread(target=drain)
-            t.start()
-            obj.attach_all()
-            try:
-                attached.append(run_loop(exe, n, code))
-            finally:
-                stop.set()
-                t.join()
-                seen[0] += ring.consume_fixed(CONTAINER_EVENT.size, 1 << 20).records
-                ring.close()
-            records += seen[0]
-    return statistics.median(bare), statistics.median(attached), records
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-n", type=int, default=5000, help="forks per run")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("-n", type=int, default=3000, help="forks per round")
+    ap.add_argument("--pairs", type=int, default=9, help="bare/agent pairs per workload")
+    ap.add_argument("--placement", action="append", help="split (default) and/or free")
+    ap.add_argument("--code", type=int, action="append", help="exit codes (default 0 and 1)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = build(Path(tmp))
-        run_loop(exe, 500, 0)  # warm up
-        rows = []
-        for label, code, scope in (
-            ("exit 0 (filtered)", 0, 0),
-            ("exit 1, scope all (1 record each)", 1, 0),
-        ):
-            b, a, recs = measure(exe, args.n, code, args.rounds, scope)
-            rows.append((label, b, a, a / b, recs))
-    print(f"{'workload':44} {'bare ns':>10} {'attached ns':>12} {'ratio':>7} {'records':>8}")
-    for label, b, a, r, recs in rows:
-        print(f"{label:44} {b:10.0f} {a:12.0f} {r:7.3f} {recs:8d}")
-    print(f"(median of {args.rounds} alternating runs, {args.n} fork+exit+wait per run)")
+    if os.geteuid() != 0:
+        sys.exit("bench_container: run as root")
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        exe = build(tmp)
+        for placement in placements(args.placement or ["split"]):
+            for code in args.code or [0, 1]:
+                argv = [str(exe), str(args.n), str(code)]
+                with_default_agent(
+                    f"fork + exit {code} + wait, {args.n} per round",
+                    lambda cpus, argv=argv: run_ns(argv, cpus),
+                    tmp,
+                    pairs=args.pairs,
+                    ops=args.n,
+                    target=1.05,
+                    placement=placement,
+                )
     return 0
 
 

@@ -1,30 +1,31 @@
 #!/usr/bin/env python3
-"""Storage observer overhead: ns per 4 KiB O_DIRECT read from a loop device on a tmpfs file.
+"""4 KiB O_DIRECT reads from a loop device on tmpfs: bare against the default agent (every
+observer).
 
 A C loop (compiled here with gcc, so Python does not dilute the ratio) reads 4 KiB blocks with
 O_DIRECT from a read-only loop device whose backing file lives on a private tmpfs, so every read
 is a real block request (issue + complete) served from memory: the fastest block I/O this host
-can do, i.e. the worst case for relative overhead. Runs with and without the storage programs
-attached (loaded in-process with ``tapio.bpf.loader.BpfObject`` and a standalone
-``TapioConfig``; default thresholds, so requests are correlated but none is reported).
-Target <= 1.10x. Needs root. Alternates bare/attached runs and reports medians.
+can do, i.e. the worst case for relative overhead. The agent runs with its default thresholds,
+so every request is correlated and none is reported.
+
+Bare and agent rounds alternate (``pairs.py``): the median of the per-pair ratios with its
+spread, the bare figure, the agent's CPU per read, and each BPF program's runs and ns per read
+from ``bpf_stats`` in one extra round. Target <= 1.05x. Needs root.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tapio.bpf.abi import FLAG_STORAGE, TapioConfig
-from tapio.bpf.loader import BpfObject, objects_dir
-from tapio.observers.storage import METRIC_AMBIGUOUS, METRIC_UNMATCHED
+from pairs import placements, run_ns, with_default_agent
 
 READ_C = r"""
 #define _GNU_SOURCE
@@ -91,49 +92,29 @@ def tmpfs_loop(tmp: Path) -> Iterator[str]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def run_loop(exe: Path, dev: str, n: int) -> float:
-    out = subprocess.run(
-        [str(exe), dev, str(n), str(IMAGE // 4096)], check=True, capture_output=True, text=True
-    )
-    return float(out.stdout)
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-n", type=int, default=50000, help="reads per run")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("-n", type=int, default=20000, help="reads per round")
+    ap.add_argument("--pairs", type=int, default=9, help="bare/agent pairs")
+    ap.add_argument("--placement", action="append", help="split (default) and/or free")
     args = ap.parse_args()
-    cfg = TapioConfig(
-        generation=1,
-        flags=FLAG_STORAGE,
-        slow_io_threshold_ns=50_000_000,
-        io_latency_critical_ns=200_000_000,
-    )
-    bare: list[float] = []
-    attached: list[float] = []
-    drops = {"ambiguous": 0, "unmatched": 0}
+    if os.geteuid() != 0:
+        sys.exit("bench_storage: run as root")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         exe = build(tmp)
         with tmpfs_loop(tmp) as dev:
-            run_loop(exe, dev, 5000)  # warm up
-            for _ in range(args.rounds):
-                bare.append(run_loop(exe, dev, args.n))
-                with BpfObject(objects_dir() / "storage.bpf.o") as obj:
-                    obj.map("tapio_config").update(bytes(4), cfg.pack())
-                    obj.attach_all()
-                    attached.append(run_loop(exe, dev, args.n))
-                    metrics = obj.map("tapio_metrics")
-                    drops["ambiguous"] += metrics.percpu_u64_sum(METRIC_AMBIGUOUS)
-                    drops["unmatched"] += metrics.percpu_u64_sum(METRIC_UNMATCHED)
-    b, a = statistics.median(bare), statistics.median(attached)
-    print(f"{'4 KiB O_DIRECT read, loop on tmpfs':36} {'ns/read':>10}")
-    print(f"{'bare':36} {b:10.0f}")
-    print(f"{'storage programs attached':36} {a:10.0f}")
-    print(f"{'ratio (target <= 1.10)':36} {a / b:10.3f}")
-    print(
-        f"(median of {args.rounds} alternating runs, {args.n} reads per run; drops counted: {drops})"
-    )
+            argv = [str(exe), dev, str(args.n), str(IMAGE // 4096)]
+            for placement in placements(args.placement or ["split"]):
+                with_default_agent(
+                    f"4 KiB O_DIRECT read, loop device on tmpfs, {args.n} per round",
+                    lambda cpus: run_ns(argv, cpus),
+                    tmp,
+                    pairs=args.pairs,
+                    ops=args.n,
+                    target=1.05,
+                    placement=placement,
+                )
     return 0
 
 

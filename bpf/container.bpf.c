@@ -232,8 +232,8 @@ int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
 		/* any other failure: report rather than lose the exit */
 	}
 
-	struct tapio_config cfg;
-	if (!tapio_config_gate(&cfg, TAPIO_FLAG_CONTAINER))
+	const struct tapio_config *cfg;
+	if (!tapio_config_on(&cfg, TAPIO_FLAG_CONTAINER))
 		return 0;
 
 	__u32 sflags = BPF_CORE_READ(task, signal, flags);
@@ -256,25 +256,26 @@ int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
 		return 0;
 
 	if (sig != 0) {
-		if (cfg.ignore_signal_mask & (1ULL << (sig & 63))) {
+		if (cfg->ignore_signal_mask & (1ULL << (sig & 63))) {
 			tapio_metric_inc(CT_METRIC_EXIT_IGNORED);
 			return 0;
 		}
 	} else {
-		__u32 n = cfg.ignore_exit_count;
+		__u32 n = cfg->ignore_exit_count;
 		if (n > TAPIO_MAX_IGNORE_EXIT_CODES)
 			n = TAPIO_MAX_IGNORE_EXIT_CODES;
 		for (__u32 i = 0; i < TAPIO_MAX_IGNORE_EXIT_CODES; i++) {
 			if (i >= n)
 				break;
-			if (cfg.ignore_exit_codes[i] == code) {
+			if (cfg->ignore_exit_codes[i] == code) {
 				tapio_metric_inc(CT_METRIC_EXIT_IGNORED);
 				return 0;
 			}
 		}
 	}
 
-	if (cfg.exit_flags & TAPIO_EXIT_SCOPE_CONTAINERS) {
+	__u32 generation = cfg->generation;
+	if (cfg->exit_flags & TAPIO_EXIT_SCOPE_CONTAINERS) {
 		int mem_ok = 0, cpu_ok = 0;
 		__u32 mem = memory_id(&mem_ok), cpu = cpu_id(&cpu_ok);
 		struct cgroup *dfl = BPF_CORE_READ(task, cgroups, dfl_cgrp);
@@ -289,7 +290,7 @@ int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
 	if (!e)
 		return 0;
 	e->timestamp_ns = bpf_ktime_get_ns();
-	e->config_generation = cfg.generation;
+	e->config_generation = generation;
 	e->event_type = CT_EV_EXIT;
 	e->pid = tgid;
 	e->tid = (__u32)pid_tgid;

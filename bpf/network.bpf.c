@@ -135,21 +135,26 @@ static __always_inline void sk_addrs(struct network_event *e, const struct sock 
 }
 
 /*
- * tp_btf (raw tracepoint with BTF-typed arguments): no trace record is assembled for us, which
- * keeps the cost on every TCP state change of the node to a few loads.
+ * tp_btf (raw tracepoint with BTF-typed arguments): no trace record is assembled for us, and the
+ * socket's fields are plain loads (no probe-read helper), which keeps the cost on every TCP state
+ * change of the node to a few loads. The transitions that can never become evidence (everything
+ * but connect() and a close) leave before anything else is read.
  */
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const int newstate)
 {
-	struct tapio_config cfg;
+	const struct tapio_config *cfg;
 	__u64 skey = (__u64)sk;
+	int connecting = oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT;
 
-	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+	if (!connecting && newstate != TCP_CLOSE)
+		return 0;
+	if (sk->sk_protocol != IPPROTO_TCP)
 		return 0;
 
-	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
+	if (connecting) {
 		/* connect(): runs in the caller's context, so current is the owner. */
-		if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK))
+		if (!tapio_config_on(&cfg, TAPIO_FLAG_NETWORK))
 			return 0;
 		struct conn_info ci = {};
 		__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -162,9 +167,6 @@ int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const 
 		return 0;
 	}
 
-	if (newstate != TCP_CLOSE)
-		return 0;
-
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
 	if (oldstate != TCP_SYN_SENT) {
 		if (ci)
@@ -172,13 +174,14 @@ int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const 
 		return 0;
 	}
 
-	if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK)) {
+	if (!tapio_config_on(&cfg, TAPIO_FLAG_NETWORK)) {
 		if (ci)
 			bpf_map_delete_elem(&conns, &skey);
 		return 0;
 	}
+	__u32 generation = cfg->generation;
 
-	__u32 sk_err = BPF_CORE_READ(sk, sk_err);
+	__u32 sk_err = sk->sk_err;
 	__u8 type;
 	if (ci && ci->rst_seen)
 		type = NET_EV_CONN_REFUSED;
@@ -197,16 +200,16 @@ int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const 
 	struct network_event *e = TAPIO_RESERVE(&events, struct network_event);
 	if (e) {
 		e->timestamp_ns = bpf_ktime_get_ns();
-		e->config_generation = cfg.generation;
+		e->config_generation = generation;
 		e->event_type = type;
 		e->old_state = oldstate;
 		e->new_state = newstate;
 		e->sport = bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
-		e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		e->dport = bpf_ntohs(sk->__sk_common.skc_dport);
 		e->sk_err = sk_err;
 		if (ci && ci->rst_seen)
 			e->flags |= NET_FLAG_RST;
-		sk_addrs(e, sk, BPF_CORE_READ(sk, __sk_common.skc_family));
+		sk_addrs(e, sk, sk->__sk_common.skc_family);
 		if (ci) {
 			fill_owner(e, ci);
 			e->duration_ns = e->timestamp_ns - ci->start_ns;
@@ -315,13 +318,26 @@ int BPF_PROG(handle_retransmit, const struct sock *sk, const struct sk_buff *skb
 SEC("tp_btf/tcp_probe")
 int BPF_PROG(handle_tcp_probe, struct sock *sk, const struct sk_buff *skb)
 {
-	struct tapio_config cfg;
+	const struct tapio_config *cfgp;
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 	__u32 srtt = BPF_CORE_READ(tp, srtt_us) >> 3; /* microseconds */
 	if (srtt == 0)
 		return 0;
-	if (!tapio_config_gate(&cfg, TAPIO_FLAG_NETWORK))
+	/* Every segment received on an established socket: the carrier by pointer, each field
+	 * read once, not a 256-byte copy. */
+	if (!tapio_config_on(&cfgp, TAPIO_FLAG_NETWORK))
 		return 0;
+	struct {
+		__u32 generation, rtt_spike_multiplier, rtt_spike_abs_us, rtt_min_baseline_samples;
+		__u32 rtt_min_delta_us, rtt_sample_interval_us;
+	} cfg = {
+		.generation = cfgp->generation,
+		.rtt_spike_multiplier = cfgp->rtt_spike_multiplier,
+		.rtt_spike_abs_us = cfgp->rtt_spike_abs_us,
+		.rtt_min_baseline_samples = cfgp->rtt_min_baseline_samples,
+		.rtt_min_delta_us = cfgp->rtt_min_delta_us,
+		.rtt_sample_interval_us = cfgp->rtt_sample_interval_us,
+	};
 	if (cfg.rtt_min_baseline_samples == 0 ||
 	    (cfg.rtt_spike_multiplier == 0 && cfg.rtt_spike_abs_us == 0))
 		return 0;
@@ -414,8 +430,8 @@ int BPF_PROG(handle_tcp_probe, struct sock *sk, const struct sk_buff *skb)
 /* ---- DNS ------------------------------------------------------------------------------------
  * cgroup_skb programs attached at the cgroup v2 root see every packet of every socket of every
  * network namespace, at the socket layer (after reassembly on ingress, before fragmentation on
- * egress). They must stay cheap for the packets that are not DNS (two small loads and a port
- * compare) and always return 1: Tapio observes, it never drops.
+ * egress). They must stay cheap for the packets that are not DNS (dns_maybe: a few plain loads
+ * from the packet and a port compare) and always return 1: Tapio observes, it never drops.
  */
 #define ETH_P_IP_BE   0x0008 /* htons(0x0800) */
 #define ETH_P_IPV6_BE 0xDD86 /* htons(0x86DD) */
@@ -447,6 +463,46 @@ static __always_inline int dns_port_match(const struct tapio_config *cfg, __u16 
 			return 1;
 	}
 	return 0;
+}
+
+/*
+ * The fast reject, for the packets that are not DNS (nearly all of them, a loopback SYN or RST
+ * included): the port straight from the packet's linear head, which for cgroup_skb starts at the
+ * network header, with plain loads and no helper call or copy. 0 only when dns_l4 and
+ * dns_port_match would reject the packet too; 1 when it may be DNS, or when the head is too short
+ * to tell (then the full parse below decides).
+ */
+static __always_inline int dns_maybe(struct __sk_buff *skb, const struct tapio_config *cfg,
+				     int egress)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 l4;
+	__u8 proto;
+	if (skb->protocol == ETH_P_IP_BE) {
+		struct iphdr *ip = data;
+		if ((void *)(ip + 1) > end)
+			return 1;
+		if (ip->ihl < 5 || (ip->frag_off & bpf_htons(0x3fff)))
+			return 0;
+		proto = ip->protocol;
+		l4 = ip->ihl * 4;
+	} else if (skb->protocol == ETH_P_IPV6_BE) {
+		struct ipv6hdr *ip6 = data;
+		if ((void *)(ip6 + 1) > end)
+			return 1;
+		proto = ip6->nexthdr;
+		l4 = sizeof(*ip6);
+	} else {
+		return 0;
+	}
+	if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
+		return 0;
+	__u8 *ports = data + l4; /* source then destination port, the same for UDP and TCP */
+	if ((void *)(ports + 4) > end)
+		return 1;
+	__u16 port = egress ? ((__u16)ports[2] << 8) | ports[3] : ((__u16)ports[0] << 8) | ports[1];
+	return dns_port_match(cfg, port);
 }
 
 /* Read the L3/L4 headers into *k (client/server still as source/destination) and return the
@@ -510,6 +566,8 @@ static __always_inline void dns_handle(struct __sk_buff *skb, int egress, int wi
 	struct tapio_config *cfgp = bpf_map_lookup_elem(&tapio_config, &zero);
 	if (!cfgp || cfgp->abi_version != TAPIO_CONFIG_ABI_VERSION ||
 	    !(cfgp->flags & TAPIO_FLAG_NETWORK) || !(cfgp->dns_flags & TAPIO_DNS_ENABLED))
+		return;
+	if (!dns_maybe(skb, cfgp, egress))
 		return;
 
 	struct dns_key k;

@@ -80,8 +80,8 @@ int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 	struct io_key key;
 	if (!io_key_of(&key, dev, sector, nr_sector, rwbs))
 		return 0;
-	struct tapio_config cfg;
-	if (!tapio_config_gate(&cfg, TAPIO_FLAG_STORAGE))
+	const struct tapio_config *cfg;
+	if (!tapio_config_on(&cfg, TAPIO_FLAG_STORAGE))
 		return 0;
 
 	struct io_value *old = bpf_map_lookup_elem(&inflight, &key);
@@ -197,8 +197,8 @@ int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
 	if (!io_key_of(&key, dev, sector, nr_sector, rwbs))
 		return 0;
 
-	struct tapio_config cfg;
-	int enabled = tapio_config_gate(&cfg, TAPIO_FLAG_STORAGE);
+	const struct tapio_config *cfg;
+	int enabled = tapio_config_on(&cfg, TAPIO_FLAG_STORAGE);
 	struct io_value *v = bpf_map_lookup_elem(&inflight, &key);
 	if (!v) {
 		if (enabled)
@@ -218,12 +218,14 @@ int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
 
 	__u64 now = bpf_ktime_get_ns();
 	__u64 latency = now - v->issue_ns;
+	__u64 critical_ns = cfg->io_latency_critical_ns, slow_ns = cfg->slow_io_threshold_ns;
+	__u32 generation = cfg->generation;
 	__u8 severity;
 	if (error != 0)
 		severity = STORAGE_SEV_CRITICAL;
-	else if (cfg.io_latency_critical_ns && latency >= cfg.io_latency_critical_ns)
+	else if (critical_ns && latency >= critical_ns)
 		severity = STORAGE_SEV_CRITICAL;
-	else if (cfg.slow_io_threshold_ns && latency >= cfg.slow_io_threshold_ns)
+	else if (slow_ns && latency >= slow_ns)
 		severity = STORAGE_SEV_WARNING;
 	else {
 		bpf_map_delete_elem(&inflight, &key);
@@ -234,7 +236,7 @@ int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
 	if (e) {
 		e->timestamp_ns = now;
 		e->latency_ns = latency;
-		e->config_generation = cfg.generation;
+		e->config_generation = generation;
 		e->error_code = error;
 		e->severity = severity;
 		fill_event(e, v, &key);

@@ -39,7 +39,7 @@ static __always_inline __u64 tapio_subsys_cgroup_id(struct task_struct *task, in
 	return cg ? BPF_CORE_READ(cg, kn, id) : 0;
 }
 
-/* The current task's memory controller cgroup id (v1 on hybrid hosts). */
+/* The current task's memory controller cgroup id (v1 on hybrid hosts), by probe reads. */
 static __always_inline __u64 tapio_current_memcg_id(void)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
@@ -48,14 +48,48 @@ static __always_inline __u64 tapio_current_memcg_id(void)
 				      ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0);
 }
 
+/*
+ * From 5.11 tracing programs get the current task as a BTF pointer (bpf_get_current_task_btf):
+ * its cgroup pointers are then plain loads instead of one probe-read helper call per pointer
+ * (five per controller) on every connect(). libbpf resolves this check against the running
+ * kernel's BTF at load; on 5.10 the branch is dead code the verifier never walks (and removes),
+ * so the probe-read path serves it. Only for tp_btf programs: the agent's own load probe refuses
+ * a classic tracepoint that names a helper the kernel lacks, even in dead code (storage).
+ */
+#define TAPIO_HAVE_TASK_BTF bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_get_current_task_btf)
+
+/* kn->id of the cgroup controller `id` places the task of `cs` in, by plain loads; 0 if none. */
+static __always_inline __u64 tapio_css_set_cgroup_id(struct css_set *cs, int ok, __u32 id)
+{
+	if (!ok || id >= 12 || !cs) /* CGROUP_SUBSYS_COUNT bound for the verifier */
+		return 0;
+	struct cgroup_subsys_state *css = cs->subsys[id];
+	if (!css)
+		return 0;
+	struct cgroup *cg = css->cgroup;
+	if (!cg)
+		return 0;
+	struct kernfs_node *kn = cg->kn;
+	return kn ? kn->id : 0;
+}
+
+/* The connecting task's three cgroup ids (tp_btf programs only, see TAPIO_HAVE_TASK_BTF). */
 static __always_inline void tapio_current_cgroup_ids(struct tapio_cgroup_ids *out)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	int cpu_ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, cpu_cgrp_id);
 	__u32 cpu = cpu_ok ? bpf_core_enum_value(enum cgroup_subsys_id, cpu_cgrp_id) : 0;
+	int mem_ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id);
+	__u32 mem = mem_ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0;
 
 	out->cgroup_id = bpf_get_current_cgroup_id();
-	out->memcg_id = tapio_current_memcg_id();
+	if (TAPIO_HAVE_TASK_BTF) {
+		struct css_set *cs = bpf_get_current_task_btf()->cgroups;
+		out->memcg_id = tapio_css_set_cgroup_id(cs, mem_ok, mem);
+		out->cpu_id = tapio_css_set_cgroup_id(cs, cpu_ok, cpu);
+		return;
+	}
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	out->memcg_id = tapio_subsys_cgroup_id(task, mem_ok, mem);
 	out->cpu_id = tapio_subsys_cgroup_id(task, cpu_ok, cpu);
 }
 

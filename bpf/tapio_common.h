@@ -76,6 +76,26 @@ static __always_inline int tapio_config_gate(struct tapio_config *out, __u64 fla
 }
 
 /*
+ * The same gate for the hot paths (every TCP state change, every block request, every exit):
+ * returns 1 when this observer may run and points *out at the carrier itself (use it only then),
+ * without copying its 256 bytes to the stack. The caller reads each field it needs once into a
+ * local, so one decision still sees one value per field. (An int and an out pointer rather than
+ * a returned pointer: clang turns "flag ? cfg : NULL" into a mask on the pointer, which the
+ * verifier rejects.)
+ */
+static __always_inline int tapio_config_on(const struct tapio_config **out, __u64 flag)
+{
+	__u32 zero = 0;
+	const struct tapio_config *cfg = bpf_map_lookup_elem(&tapio_config, &zero);
+	*out = cfg;
+	if (cfg && cfg->abi_version == TAPIO_CONFIG_ABI_VERSION)
+		return (cfg->flags & flag) != 0;
+	if (cfg && cfg->abi_version != 0)
+		tapio_metric_inc(TAPIO_METRIC_ABI_MISMATCH);
+	return 0;
+}
+
+/*
  * Submit without a wakeup; force one only for the record that makes the pending data cross the
  * wakeup threshold. Forcing on every record above the threshold would turn a slow consumer into
  * an irq_work storm (~6 us per event) exactly when the node is busiest. While the agent is

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import socket
+import struct
 import sys
 import threading
 import time
@@ -83,12 +84,37 @@ def bulk(host: str, port: int, nbytes: int) -> None:
     print(sent, flush=True)
 
 
-def pingpong(host: str, port: int, steady_secs: float, bulk_secs: float) -> None:
+# struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_rtt is the 16th u32. It has
+# been at this offset since the structure was introduced, on every kernel the matrix runs.
+_TCPI_RTT_OFFSET = 8 + 15 * 4
+_TCP_INFO_LEN = 104
+
+
+def tcp_srtt_us(s: socket.socket) -> int:
+    """The kernel's smoothed RTT of ``s`` in microseconds: ``tcpi_rtt`` is ``srtt_us >> 3``, the
+    very value the network observer's RTT hook reads from the socket."""
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    return int(struct.unpack_from("=I", info, _TCPI_RTT_OFFSET)[0])
+
+
+def pingpong(host: str, port: int, steady_secs: float, bulk_secs: float, samples: str) -> None:
     """Phase 1: one byte every 20 ms (echoed). Phase 2 (after 'GO' on stdin): 8 KiB every
-    5 ms while a reader thread drains the echo, so the sender's queue builds behind tbf."""
+    5 ms while a reader thread drains the echo, so the sender's queue builds behind tbf.
+
+    A sampler thread reads the socket's own smoothed RTT (TCP_INFO) every 5 ms from connect until
+    'STOP' on stdin, then writes ``<wall clock s> <phase> <srtt us>`` lines to ``samples``
+    (phase: steady, idle until 'GO', load). One getsockopt per sample costs microseconds even
+    on an emulated CPU, where spawning ``ss`` for each sample took longer than the whole
+    degradation; the samples stay in memory until the end so sampling does no I/O while the
+    flow is measured.
+    """
     s = socket.create_connection((host, port), timeout=60)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     stop = threading.Event()
+    phase = ["steady"]
+    taken: list[tuple[float, str, int]] = []
+    # Bounded: at most this many samples (10 minutes at 5 ms), whatever the test does.
+    max_samples = 120_000
 
     def reader() -> None:
         while not stop.is_set():
@@ -98,20 +124,37 @@ def pingpong(host: str, port: int, steady_secs: float, bulk_secs: float) -> None
             except OSError:
                 return
 
+    def sampler() -> None:
+        while not stop.is_set() and len(taken) < max_samples:
+            try:
+                taken.append((time.time(), phase[0], tcp_srtt_us(s)))
+            except OSError:
+                return
+            time.sleep(0.005)
+
     threading.Thread(target=reader, daemon=True).start()
+    sampling = threading.Thread(target=sampler, daemon=True)
+    sampling.start()
     end = time.monotonic() + steady_secs
     while time.monotonic() < end:
         s.send(b"p")
         time.sleep(0.02)
+    # Until 'GO' nothing is sent and srtt stands still: those samples are not the steady phase.
+    phase[0] = "idle"
     print("steady-done", flush=True)
     sys.stdin.readline()
+    phase[0] = "load"
     end = time.monotonic() + bulk_secs
     chunk = b"y" * 8192
     while time.monotonic() < end:
         s.send(chunk)
         time.sleep(0.005)
-    stop.set()
     print("bulk-done", flush=True)
+    sys.stdin.readline()  # STOP (or end of input): the queue drains meanwhile, still sampled
+    stop.set()
+    sampling.join(5)
+    with open(samples, "w", encoding="ascii") as f:
+        f.writelines(f"{t:.6f} {ph} {us}\n" for t, ph, us in taken)
     s.close()
 
 
@@ -128,6 +171,6 @@ if __name__ == "__main__":
     elif mode == "bulk":
         bulk(args[0], int(args[1]), int(args[2]))
     elif mode == "pingpong":
-        pingpong(args[0], int(args[1]), float(args[2]), float(args[3]))
+        pingpong(args[0], int(args[1]), float(args[2]), float(args[3]), args[4])
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -123,8 +123,8 @@ def test_each_failure_exactly_once_with_its_sender(tmp_path: Path, world: World)
     with agent(tmp_path, config=CONFIG) as a:
         pids: dict[str, int] = {}
         for comm, cns, server, name, transport, expect in plan:
-            pid, answers = query(comm, server, f"{name}.test", transport, ns=cns)
-            assert answers == [expect], (comm, answers)
+            pid, answered = query(comm, server, f"{name}.test", transport, ns=cns)
+            assert answered == [expect], (comm, answered)
             pids[comm] = pid
         expected = {
             "dq-ns-fail": "kernel.network.dns_error",

@@ -66,11 +66,11 @@ def test_a_parked_agent_is_woken_by_the_first_record(tmp_path: Path) -> None:
             before = len(a.occurrences("kernel.network.connection_refused"))
             t0 = time.monotonic()
             refuse(port)
-            assert wait_until(
-                lambda n=before: len(a.occurrences("kernel.network.connection_refused")) > n,
-                5,
-                interval=0.01,
-            ), a.stderr()[-2000:]
+
+            def arrived(n: int = before) -> bool:
+                return len(a.occurrences("kernel.network.connection_refused")) > n
+
+            assert wait_until(arrived, 5, interval=0.01), a.stderr()[-2000:]
             latencies.append(time.monotonic() - t0)
         # A wakeup that did not arrive would leave the record to the 1 s safety pass: three
         # such waits all under 0.4 s would be a 6 % chance; a woken agent takes milliseconds.

@@ -124,7 +124,7 @@ def test_refused_connect_and_exit_from_a_pod_arrive_named(tmp_path: Path) -> Non
             )
             agent.start()
             assert wait_until(
-                lambda: any(e.get("event") == "config applied" for e in agent.logs()),  # type: ignore[union-attr]
+                lambda: any(e.get("event") == "config applied" for e in agent.logs()),
                 15,
             ), agent.stderr()[-3000:]
 

@@ -64,7 +64,12 @@ def refuse_from_child(port: int, count: int) -> int:
 
 def ours(url: str, port: int) -> list[Any]:
     msgs = asyncio.run(stream_messages(url))
-    return [m for m in msgs if json.loads(m.data)["data"].get("dst_port") == port]
+    out = []
+    for m in msgs:
+        assert m.data is not None, m
+        if json.loads(m.data)["data"].get("dst_port") == port:
+            out.append(m)
+    return out
 
 
 def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) -> None:
@@ -110,10 +115,10 @@ def test_agent_controller_nats_50_then_outage_50_exactly_once(tmp_path: Path) ->
                 "TAPIO_CONTROLLER_TOKEN_FILE": str(agent_token),
             },
         )
-        agent.start()
+        started = agent.start()
         assert wait_until(
-            lambda: any(e.get("event") == "config applied" for e in agent.logs()),
-            15,  # type: ignore[union-attr]
+            lambda: any(e.get("event") == "config applied" for e in started.logs()),
+            15,
         ), agent.stderr()[-3000:]
 
         port_a, port_b = closed_port(), closed_port()

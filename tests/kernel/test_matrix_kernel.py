@@ -50,10 +50,10 @@ def test_default_agent_runs_all_four_observers(tmp_path: Path) -> None:
     for name in OBSERVERS:
         st = observers[name]
         assert st["state"] == "running", (name, st)
-        unsupported = dict(st.get("unsupported", {}))  # type: ignore[call-overload]
+        unsupported = dict(st.get("unsupported", {}))
         for anomaly in unsupported:
             assert anomaly in DOCUMENTED_UNSUPPORTED, (name, anomaly, unsupported[anomaly])
             cap = DOCUMENTED_UNSUPPORTED[anomaly]
-            assert st.get("capabilities", {}).get(cap) is False, (name, cap, st)  # type: ignore[attr-defined]
+            assert st.get("capabilities", {}).get(cap) is False, (name, cap, st)
     failed = [e for e in logs if e.get("level") in ("error", "critical")]
     assert failed == [], failed

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import re
 import socket
+import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ def test_refused_ipv4_and_ipv6_exactly_one_each(tmp_path: Path) -> None:
         assert c4.returncode == 0 and c6.returncode == 0
         assert out4.split() == ["200"] and out6.split() == ["200"]
 
-        def mine() -> list[dict[str, object]]:
+        def mine() -> list[dict[str, Any]]:
             return [
                 o for o in a.occurrences("kernel.network.") if o["data"]["dst_port"] in (p4, p6)
             ]
@@ -211,14 +211,18 @@ def test_retransmit_spike_is_windowed_and_clean_transfer_is_silent(tmp_path: Pat
         assert o["error"]["code"] == "RETRANSMIT"
 
 
-def _ss_rtt_us(p: NsPair, port: int) -> float | None:
-    out = p.in_a(f"ss -tin dst {p.ip_b} dport = :{port}", check=False).stdout
-    m = re.search(r"\brtt:([0-9.]+)/", out)
-    return float(m.group(1)) * 1000 if m else None
+def _srtt_samples(path: Path) -> list[tuple[float, str, int]]:
+    """The ping-pong client's own smoothed-RTT samples: (wall clock s, phase, srtt us)."""
+    out = []
+    for line in path.read_text(encoding="ascii").splitlines():
+        t, phase, us = line.split()
+        out.append((float(t), phase, int(us)))
+    return out
 
 
 def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
     port = 9003
+    samples_path = tmp_path / "srtt-samples"
     with ns_pair() as p, agent(tmp_path) as a:
         srv = subprocess.Popen(
             client("server", "tapio-echo", p.ip_b, port, "echo", ns=p.b),
@@ -229,77 +233,73 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
         try:
             assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
             cli = subprocess.Popen(
-                client("pingpong", "tapio-rtt", p.ip_b, port, 2.5, 4, ns=p.a),
+                client("pingpong", "tapio-rtt", p.ip_b, port, 2.5, 4, samples_path, ns=p.a),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
             )
             assert cli.stdout is not None and cli.stdin is not None
-            while True:
-                line = cli.stdout.readline()
-                if "steady-done" in line or not line:
-                    break
+            line = cli.stdout.readline()
             assert "steady-done" in line, "the client ended before its steady phase finished"
-            steady_rtt = _ss_rtt_us(p, port)
-            # A steady flow gives nothing.
-            assert [
-                o
-                for o in a.occurrences("kernel.network.rtt_degradation")
-                if o["data"]["dst_port"] == port
-            ] == []
-            p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate 1mbit burst 16kb latency 2s")
-            samples: list[tuple[float, float]] = []
-            stop = threading.Event()
 
-            def sample() -> None:
-                while not stop.is_set():
-                    rtt = _ss_rtt_us(p, port)
-                    if rtt is not None:
-                        samples.append((time.time(), rtt))
-                    time.sleep(0.02)
-
-            t = threading.Thread(target=sample)
-            t.start()
-            cli.stdin.write("GO\n")
-            cli.stdin.flush()
-            occs = wait_until(
-                lambda: [
+            def mine() -> list[dict[str, Any]]:
+                return [
                     o
                     for o in a.occurrences("kernel.network.rtt_degradation")
                     if o["data"]["dst_port"] == port
-                ],
-                6,
-            )
-            time.sleep(1)
-            stop.set()
-            t.join()
-            occs = [
-                o
-                for o in a.occurrences("kernel.network.rtt_degradation")
-                if o["data"]["dst_port"] == port
-            ]
+                ]
+
+            # A steady flow gives nothing.
+            assert mine() == []
+            p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate 1mbit burst 16kb latency 2s")
+            cli.stdin.write("GO\n")
+            cli.stdin.flush()
+            wait_until(mine, 6)
+            time.sleep(1)  # a second (wrong) report would be in by now
+            occs = mine()
+            # The client writes its samples and exits once its load phase is over.
+            cli.stdin.write("STOP\n")
+            cli.stdin.close()
+            assert cli.wait(30 * TIME_SCALE) == 0, "the ping-pong client failed"
         finally:
             if cli is not None:
                 cli.kill()
+                cli.wait(5)
             srv.kill()
-    assert len(occs) == 1, occs
+            srv.wait(5)
+    samples = _srtt_samples(samples_path)
+    load = [us for _, phase, us in samples if phase == "load"]
+    assert len(occs) == 1, (occs, "max srtt under load", max(load, default=None))
     d = occs[0]["data"]
     assert d["comm"] == "tapio-rtt" and d["dst_ip"] == p.ip_b
-    # The baseline was learned from the steady phase: the same order of magnitude as ss -ti
-    # showed for that phase in this run (tens of microseconds on a veth, a few milliseconds
-    # under emulation), never the degraded RTT.
-    assert steady_rtt is not None, "ss showed no RTT for the steady flow"
-    assert d["baseline_us"] <= 3 * steady_rtt + 500, (steady_rtt, d)
+    # The baseline was learned from the steady phase: the same order of magnitude as the
+    # socket's own srtt in that phase of this run (tens of microseconds on a veth, a few
+    # milliseconds under emulation), never the degraded RTT. srtt moves by at most 1/8 of the
+    # gap per RTT measurement, so no value it took between two 5 ms samples is below half the
+    # smallest sample: neither is the baseline, a mean of such values.
+    steady = [us for _, phase, us in samples if phase == "steady"]
+    assert len(steady) >= 10, f"only {len(steady)} srtt samples in the steady phase"
+    steady_rtt = statistics.median(steady)
+    assert min(steady) / 2 <= d["baseline_us"] <= 3 * steady_rtt + 500, (steady_rtt, d)
     assert d["current_us"] >= 2 * steady_rtt, (steady_rtt, d)
     assert d["current_us"] >= 2 * d["baseline_us"] and d["current_us"] >= d["baseline_us"] + 5000
-    # The current value is the kernel's smoothed RTT at detection time: ss -ti must have shown
-    # a value of the same size around then (sampled every 20 ms; srtt moves between samples).
+    # The current value is the kernel's smoothed RTT at detection time: the socket's own samples
+    # right before and right after it (each within 250 ms) bracket it, with a factor of two for
+    # the updates between two samples.
     from tapio.occurrence import parse_timestamp
 
     when = parse_timestamp(occs[0]["timestamp"]) / 1e9
-    near = [rtt for ts, rtt in samples if abs(ts - when) <= 0.25]
-    assert near, "no ss sample near the detection"
-    assert min(near) * 0.5 <= d["current_us"] <= max(near) * 2, (d["current_us"], near)
+    before = [us for ts, _, us in samples if when - 0.25 <= ts <= when]
+    after = [us for ts, _, us in samples if when < ts <= when + 0.25]
+    around = [(round(ts - when, 3), us) for ts, _, us in samples if abs(ts - when) <= 0.25]
+    assert before and after, ("no srtt sample on both sides of the detection", around)
+    lo, hi = sorted((before[-1], after[0]))
+    print(
+        f"rtt: steady srtt median {steady_rtt} us (min {min(steady)}, {len(steady)} samples),"
+        f" baseline {d['baseline_us']} us, current {d['current_us']} us, srtt before/after"
+        f" detection {before[-1]}/{after[0]} us, {len(samples)} samples"
+    )
+    assert lo * 0.5 <= d["current_us"] <= hi * 2, (d["current_us"], around)
     assert occs[0]["error"]["code"] == "RTT_SPIKE" and occs[0]["outcome"] == "in_progress"
 
 

@@ -116,7 +116,7 @@ async def test_quiet_rings_park_and_a_wakeup_unparks_at_once(
         main.wake()
         with anyio.fail_after(1):
             frames = await recv.receive()
-        assert time.monotonic() - t0 < 0.2
+        assert time.monotonic() - t0 < 1.0  # (the safety pass is 30 s away)
         main.quiet()
         assert struct.unpack_from("<Q", frames, 8)[0] == 7
         assert not any(f.is_set() for f in drainer.flags)
