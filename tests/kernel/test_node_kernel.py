@@ -431,7 +431,12 @@ def test_default_agent_leaves_the_runq_hook_detached_and_still_reports_cpu_stall
         assert "runq_sampling = true" in lines[0]["detail"], lines
         node = status["observers"]["node"]
         assert node["state"] == "running" and node["capabilities"]["runq_sampling"] is False
-        assert not [r for r in node.get("degraded_reasons", []) if "runq" in r], node
+        # Off by configuration is not a degradation: every degraded reason left is a capability
+        # this kernel lacks (e.g. no_runq_throttle_split on 5.10, no_pmu in a VM).
+        reasons = node.get("degraded_reasons", [])
+        assert "no_runq_sampling" not in reasons, node
+        for reason in reasons:
+            assert node["capabilities"].get(reason.removeprefix("no_")) is False, (reason, node)
         assert not node.get("unsupported", {}).get("kernel.node.cpu_stall"), node
     finally:
         _kill_all(procs)
