@@ -32,10 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from tapio.bpf import libbpf as lb  # noqa: E402
 from tapio.bpf.abi import FLAG_NODE, TapioConfig  # noqa: E402
 from tapio.bpf.loader import BpfObject  # noqa: E402
 from tapio.observers.node import NodeObserver  # noqa: E402
@@ -141,10 +143,14 @@ def waits_of(raw: bytes) -> int:
     return sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 232))
 
 
-def attached_run(obj: BpfObject, prog: str, cfg: TapioConfig) -> None:
+def attached_run(obj: BpfObject, prog: str, cfg: TapioConfig) -> Any:
+    """Configure and link the hook; the caller destroys the returned link (as the observer
+    does when run-queue sampling is switched off)."""
     obj.map("tapio_config").update(bytes(4), cfg.pack())
-    obj.attach(prog)
+    program = obj.programs[prog]
+    link = lb.check_ptr(lb.lib().bpf_program__attach(program.ptr), f"attach of {prog}")
     time.sleep(0.05)
+    return link
 
 
 def main() -> int:
@@ -193,7 +199,7 @@ def main() -> int:
                     obj.map("tapio_config").update(bytes(4), default_cfg.pack())
                     default.append(run_once(cmd, args.round_trips, cpu))  # loaded, detached
                     before = obj.map("runq_hist").lookup(bytes(4)) or b""
-                    attached_run(obj, prog, on_cfg)
+                    link = attached_run(obj, prog, on_cfg)
                     try:
                         on.append(run_once(cmd, args.round_trips, cpu))
                         raw = obj.map("runq_hist").lookup(bytes(4)) or b""
@@ -210,7 +216,7 @@ def main() -> int:
                             if c0 is not None and c1 is not None and c1[0] > c0[0]:
                                 costs.append((c1[1] - c0[1]) / (c1[0] - c0[0]))
                     finally:
-                        obj.detach(prog)
+                        lb.lib().bpf_link__destroy(link)
                     waits += waits_of(raw) - waits_of(before)
                 m_off, m_def, m_on = (statistics.median(x) for x in (off, default, on))
                 rows.append((label, m_off, m_def, m_on, waits // args.repeats))
