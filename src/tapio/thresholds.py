@@ -63,10 +63,6 @@ class Thresholds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     io_latency_warning_ns: NonNegNs = 50_000_000
     io_latency_critical_ns: NonNegNs = 200_000_000
     # node: run-queue latency (kernel), PSI and throttling (userspace)
-    #: Run-queue sampling is opt-in: its sched_switch hook runs on every context switch of the
-    #: node, so it is attached only when this is on (CPU stalls are still found from PSI and
-    #: cpu.stat without it). Off, the carrier's run-queue threshold is 0.
-    runq_sampling: bool = False
     runq_latency_ms: NonNegInt = 50
     memory_some_pct: Pct = 10.0
     memory_full_pct: Pct = 5.0
@@ -76,6 +72,10 @@ class Thresholds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     #: Whether the node observer judges its hardware counters at all (a profile's
     #: ``node_pmc.enabled``; there is no kernel-side switch for it).
     node_pmc_enabled: bool = True
+    #: Run-queue sampling is opt-in: its sched_switch hook runs on every context switch of the
+    #: node, so it is attached only when this is on (CPU stalls are still found from PSI and
+    #: cpu.stat without it). Off, the carrier's run-queue threshold is 0.
+    runq_sampling: bool = False
     #: Which exits count as abnormal. Standalone it comes from the TOML ``[container]`` table,
     #: with a controller from the profile; the kernel sees the resolved flag in ``exit_flags``.
     exit_scope: ExitScope = "auto"
