@@ -37,6 +37,21 @@ def require_kernel(objects: Sequence[str] = ("network",)) -> None:
             pytest.skip(f"{name}.bpf.o not built (run python build_bpf.py)")
 
 
+def stop_process(
+    proc: subprocess.Popen[Any], timeout: float, sig: int = signal.SIGTERM
+) -> int | None:
+    """Signal ``proc`` (if it still runs), wait ``timeout`` seconds, then kill it; the exit
+    code (a killed process's is negative)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout * TIME_SCALE
     while True:
@@ -185,13 +200,7 @@ class AgentProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout * TIME_SCALE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout * TIME_SCALE, sig)
         self._stderr.close()
         self._stdout.close()
         return int(self.proc.returncode)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ..ports import closed_port
-from .harness import agent, require_kernel, wait_until
+from .harness import agent, require_kernel, stop_process, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -110,12 +110,7 @@ def test_mounts_tracefs_itself_when_missing(tmp_path: Path) -> None:
         ok = wait_until(refused, 20, interval=0.2)
         assert ok, "no occurrence: the agent did not get tracefs"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 20)
     assert proc.returncode == 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from ..ports import closed_port, refuse
+from .harness import stop_process
 
 pytestmark = pytest.mark.kernel
 
@@ -95,13 +96,7 @@ def _process(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, 20, sig)
 
 
 def test_watch_prints_each_kernel_refusal_exactly_once(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ import pytest
 from ..ports import closed_port, reported_port
 from ..unit.controller.k8s_apiserver import FakeApiServer, owned, pod
 from .cgroups import cgroup_dirs, missing
-from .harness import AgentProcess, require_kernel, wait_until
+from .harness import AgentProcess, require_kernel, stop_process, wait_until
 from .podcg import ROLES, pod_cgroup_rel
 
 pytestmark = pytest.mark.kernel
@@ -170,12 +170,7 @@ def test_refused_connect_and_exit_from_a_pod_arrive_named(tmp_path: Path) -> Non
             if agent is not None:
                 agent.stop()
             if ctl is not None:
-                ctl.terminate()
-                try:
-                    ctl.wait(15)
-                except subprocess.TimeoutExpired:
-                    ctl.kill()
-                    ctl.wait(5)
+                stop_process(ctl, 15)
 
     assert sorted(o["type"] for o in got) == [
         "kernel.container.abnormal_exit",
