@@ -249,10 +249,15 @@ class Enricher:
         data.update(facts)
         if spec.memory_limit:
             self._limit(occ, data, spec, mem_path)
-        # ``data`` keys stay sorted, as every encoder emits them. An occurrence type's keys are
-        # the same from one record to the next, so the sorted order is computed once per shape
-        # and kept as an empty template: a copy of it updated from ``data`` keeps the
-        # template's key order and costs a third of rebuilding the dict key by key.
+        self._sort(occ, data)
+
+    def _sort(self, occ: Occurrence, data: dict[str, Any]) -> None:
+        """Set ``occ.data`` to ``data`` with its keys sorted, as every encoder emits them.
+
+        An occurrence type's keys are the same from one record to the next, so the sorted order
+        is computed once per shape and kept as an empty template: a copy of it updated from
+        ``data`` keeps the template's key order and costs a third of rebuilding the dict.
+        """
         shape = tuple(data)
         template = self._orders.get(shape)
         if template is None:
@@ -263,7 +268,8 @@ class Enricher:
         if template:
             sorted_data = template.copy()
             sorted_data.update(data)
-            occ.data = sorted_data
+            data = sorted_data
+        occ.data = data
 
     def _by_id(self, occ: Occurrence, spec: ByCgroupId) -> None:
         """Ids the kernel could not read (``cgroup_source: unknown``): resolved through /proc."""
@@ -284,7 +290,7 @@ class Enricher:
             facts, mem_path = self._memoized(spec, (occ.type, *ids.values()))
         data.update(facts)
         self._limit(occ, data, spec, mem_path)
-        occ.data = dict(sorted(data.items()))
+        self._sort(occ, data)
 
     def _limit(
         self, occ: Occurrence, data: dict[str, Any], spec: ByCgroupId, mem_path: str | None
@@ -336,4 +342,4 @@ class Enricher:
                 data.update(r.attribution(p).facts())
                 changed = True
         if changed:
-            occ.data = dict(sorted(data.items()))
+            self._sort(occ, data)
