@@ -20,6 +20,7 @@ already (an agent re-sent a batch after a lost answer) is not added twice.
 from __future__ import annotations
 
 import heapq
+import operator
 import sys
 import time
 from collections import Counter, deque
@@ -42,8 +43,20 @@ DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 #: 298 bytes with 200,000 entries on CPython 3.11; the margin covers the set table doubling).
 ENTRY_OVERHEAD: Final = 384
 
-#: The entry overhead plus the bytes/str object headers of one record (eight strings).
-_FIXED_COST: Final = ENTRY_OVERHEAD + sys.getsizeof(b"") + 8 * sys.getsizeof("")
+#: The record's strings whose size is accounted on top of its document.
+_STRING_FIELDS: Final = (
+    "id",
+    "type",
+    "node_name",
+    "severity",
+    "namespace",
+    "pod",
+    "workload_kind",
+    "workload_name",
+)
+_strings: Final = operator.attrgetter(*_STRING_FIELDS)
+#: The entry overhead plus the object headers of the document (bytes) and of those strings.
+_FIXED_COST: Final = ENTRY_OVERHEAD + sys.getsizeof(b"") + len(_STRING_FIELDS) * sys.getsizeof("")
 
 Key = tuple[int, str]
 """(timestamp ns, id): the order queries page in, newest first."""
@@ -56,19 +69,11 @@ class Page:
 
 
 def cost(rec: Record) -> int:
-    strings = (
-        rec.id,
-        rec.type,
-        rec.node_name,
-        rec.severity,
-        rec.namespace,
-        rec.pod,
-        rec.workload_kind,
-        rec.workload_name,
-    )
-    # Every string here is ASCII (ids, types, DNS-1123 names), whose size is its length plus a
-    # fixed header: summing lengths is exact for them and a fraction of the getsizeof calls.
-    return _FIXED_COST + len(rec.body) + sum(map(len, strings))
+    # The strings are ids, types and DNS-1123 names: ASCII, whose size is its length plus the
+    # fixed header, so summing lengths is exact for them and a fraction of the getsizeof calls
+    # (a non-ASCII string would take up to 4 bytes a character; the document, the bulk of an
+    # entry, is counted exactly either way).
+    return _FIXED_COST + len(rec.body) + sum(map(len, _strings(rec)))
 
 
 def _keys_match(flt: store.Filter, rec: Record) -> bool:

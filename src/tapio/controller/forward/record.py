@@ -103,7 +103,7 @@ def _content_id(batch: wire.EventBatchRequest, event: wire.WireEvent) -> str:
     for part in (batch.agent_id, batch.node_name, event.type, str(event.timestamp_unix_nanos)):
         digest.update(part.encode())
         digest.update(b"\0")
-    digest.update(msgspec.json.encode(event.facts, order="deterministic"))
+    digest.update(_ENCODER.encode(event.facts))
     return "sha256-" + digest.hexdigest()[:32]
 
 
