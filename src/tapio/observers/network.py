@@ -39,7 +39,9 @@ from tapio.occurrence import (
     NETWORK_RETRANSMIT_SPIKE,
     NETWORK_RTT_DEGRADATION,
     Occurrence,
+    Row,
     new_occurrence,
+    occurrences,
 )
 
 if TYPE_CHECKING:
@@ -235,8 +237,21 @@ class NetworkObserver(Observer):
             self._addr_cache[key] = text
         return text
 
+    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
+        """A batch of ring frames: one row per record, then the occurrences in one pass."""
+        boot = self.ctx.boot_offset_ns
+        row = self._row
+        return occurrences(
+            [r for frame in self.record.iter_frames(payload) if (r := row(frame, boot)) is not None]
+        )
+
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
-        """One ring frame: (header_len, *network_event fields) → occurrence or None.
+        """One ring frame → its occurrence (or None, counted)."""
+        r = self._row(frame, boot_offset_ns)
+        return None if r is None else new_occurrence(*r, data_sorted=True)
+
+    def _row(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Row | None:
+        """One ring frame: (header_len, *network_event fields) → the occurrence's row or None.
 
         ``data`` dicts are written in sorted key order (the contract's key order) so no sort
         is needed on this hot path; tests assert the order.
@@ -281,7 +296,7 @@ class NetworkObserver(Observer):
         # it with the id of the hierarchy that names the container.
         primary = cg2 or cpucg or memcg
         if ev_type == EV_CONN_REFUSED:
-            return new_occurrence(
+            return (
                 NETWORK_CONNECTION_REFUSED,
                 "warning",
                 "failure",
@@ -309,10 +324,9 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
-                data_sorted=True,
             )
         if ev_type == EV_CONN_TIMEOUT:
-            return new_occurrence(
+            return (
                 NETWORK_CONNECTION_TIMEOUT,
                 "error",
                 "failure",
@@ -342,10 +356,9 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
-                data_sorted=True,
             )
         if ev_type == EV_RETRANS_SPIKE:
-            return new_occurrence(
+            return (
                 NETWORK_RETRANSMIT_SPIKE,
                 "warning",
                 "failure",
@@ -379,10 +392,9 @@ class NetworkObserver(Observer):
                     "total_retrans": total_retrans,
                     "window_ms": duration_ns // 1000 / 1000,
                 },
-                data_sorted=True,
             )
         if ev_type == EV_RTT_SPIKE:
-            return new_occurrence(
+            return (
                 NETWORK_RTT_DEGRADATION,
                 "warning",
                 "in_progress",
@@ -417,7 +429,6 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
-                data_sorted=True,
             )
         self.drop("unknown_record_type")  # a newer BPF object than this agent knows
         return None
