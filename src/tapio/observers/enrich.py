@@ -211,6 +211,8 @@ class Enricher:
         missing: set[tuple[str, int]] = set()
         lookup = self.resolver.lookup
         specs = self.specs
+        self._expire_memo()
+        memo = self._memo
         for occ in batch:
             spec = specs.get(occ.type)
             data = occ.data
@@ -223,15 +225,19 @@ class Enricher:
                 key = (occ.type, *spec.ids_of(data))
             except KeyError:  # an id the observer did not report is 0 (none)
                 key = (occ.type, *[data.get(ID_KEYS[h], 0) for h in spec.hierarchies])
+            if spec.memory_limit:
+                todo.append((occ, spec, key))
+            else:
+                hit = memo.get(key)  # memoized facts: every id was resolved
+                if hit is not None:
+                    self._update(occ, data, hit[0])
+                    continue
+                fast.append((occ, data, spec, key))
             if key not in seen:
                 seen.add(key)
                 for h, cid in _ids(spec, key).items():
                     if isinstance(lookup(h, cid), Miss):
                         missing.add((h, cid))
-            if spec.memory_limit:
-                todo.append((occ, spec, key))
-            else:
-                fast.append((occ, data, spec, key))
         if not todo and not fast:
             return
         if missing:
@@ -240,20 +246,13 @@ class Enricher:
             except Exception:  # unresolved ids are reported unknown below
                 log.exception("cgroup walk failed")
         self._expire_memo()
-        memo = self._memo
         for occ, data, spec, key in fast:
-            # The hot path: a task's own cgroup ids, facts reused from the memo. ``data``
-            # arrives with its keys sorted (``new_occurrence``): facts that only overwrite keys
-            # it has keep that order, and only new keys need the sorted copy.
             try:
-                hit = memo.get(key)
-                facts = (hit if hit is not None else self._memoized(spec, key))[0]
-                grows = not facts.keys() <= data.keys()
-                data.update(facts)
-                if grows:
-                    self._sort(occ, data)
+                facts = self._memoized(spec, key)[0]
             except Exception:
                 self._failed(occ)
+            else:
+                self._update(occ, data, facts)
         for occ, other, other_key in todo:
             try:
                 if isinstance(other, ByCgroupPath):
@@ -264,6 +263,18 @@ class Enricher:
                     self._by_id(occ, other)
             except Exception:
                 self._failed(occ)
+
+    def _update(self, occ: Occurrence, data: dict[str, Any], facts: dict[str, object]) -> None:
+        """The hot path: a task's own cgroup facts into ``data``. ``data`` arrives with its
+        keys sorted (``new_occurrence``): facts that only overwrite keys it has keep that
+        order, and only new keys need the sorted copy."""
+        try:
+            grows = not facts.keys() <= data.keys()
+            data.update(facts)
+            if grows:
+                self._sort(occ, data)
+        except Exception:
+            self._failed(occ)
 
     @staticmethod
     def _failed(occ: Occurrence) -> None:

@@ -181,7 +181,10 @@ class NetworkObserver(Observer):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._addr_cache: dict[tuple[int, bytes], str] = {}
+        # Formatted addresses by raw bytes, one bounded memo per family (no key tuple per
+        # lookup); anything that is not IPv6 is formatted as IPv4.
+        self._v4: dict[bytes, str] = {}
+        self._v6: dict[bytes, str] = {}
         self.dns = DnsTracker(self.ctx.boot_offset_ns, self._comm, self.drop)
 
     def _comm(self, raw: bytes) -> str:
@@ -225,16 +228,17 @@ class NetworkObserver(Observer):
         self.dns.close()
 
     def _addr(self, family: int, raw: bytes) -> str:
-        key = (family, raw)
-        text = self._addr_cache.get(key)
+        v6 = family == AF_INET6
+        cache = self._v6 if v6 else self._v4
+        text = cache.get(raw)
         if text is None:
-            if len(self._addr_cache) >= _CACHE_MAX:
-                self._addr_cache.clear()
-            if family == AF_INET6:
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            if v6:
                 text = socket.inet_ntop(socket.AF_INET6, raw)
             else:
                 text = socket.inet_ntop(socket.AF_INET, raw[:4])
-            self._addr_cache[key] = text
+            cache[raw] = text
         return text
 
     def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
@@ -285,11 +289,13 @@ class NetworkObserver(Observer):
             memcg,
             cpucg,
         ) = frame
-        cache = self._addr_cache
-        src = cache.get((family, saddr)) or self._addr(family, saddr)
-        dst = cache.get((family, daddr)) or self._addr(family, daddr)
+        if family == AF_INET6:
+            cache, fam = self._v6, "ipv6"
+        else:
+            cache, fam = self._v4, "ipv4"
+        src = cache.get(saddr) or self._addr(family, saddr)
+        dst = cache.get(daddr) or self._addr(family, daddr)
         comm = self.strings.cache.get(comm_raw) or self.strings.decode(comm_raw)
-        fam = "ipv6" if family == AF_INET6 else "ipv4"
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
         # Before enrichment the first non-zero id stands for the cgroup; the enricher replaces
