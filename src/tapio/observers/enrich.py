@@ -230,7 +230,11 @@ class Enricher:
             else:
                 hit = memo.get(key)  # memoized facts: every id was resolved
                 if hit is not None:
-                    self._update(occ, data, hit[0])
+                    facts = hit[0]
+                    if facts.keys() <= data.keys():  # the hot path, see _update
+                        data.update(facts)
+                    else:
+                        self._update(occ, data, facts)
                     continue
                 fast.append((occ, data, spec, key))
             if key not in seen:
