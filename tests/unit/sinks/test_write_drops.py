@@ -16,11 +16,11 @@ from typing import Any
 import anyio
 import pytest
 
-from tapio.occurrence import Occurrence
+from tapio.occurrence import Occurrence, encode_lines
 from tapio.sinks.base import Batch, SinkError
 from tapio.sinks.file import FileSink, FileSinkSettings
 from tapio.sinks.memory import MemorySink
-from tapio.sinks.stdout import StdoutSink
+from tapio.sinks.stdout import CHUNK, StdoutSink
 
 from .conftest import drops, occ, running, writes
 
@@ -87,6 +87,47 @@ async def test_stdout_partial_write_counts_the_completed_lines(
         assert counters.delta() == {"ok": 1, "err": 2, "write_error": 2}
     finally:
         os.close(r)
+
+
+async def test_stdout_spill_is_written_in_chunks_and_a_failure_counts_the_earlier_chunks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A batch larger than one chunk is written in several writes, in order; a write that
+    fails in the second chunk counts the whole first chunk plus the second's completed lines."""
+    path = tmp_path / "out.jsonl"
+    real_write = os.write
+    calls = 0
+    fd_out = -1
+
+    def fail_in_second_chunk(fd: int, data: Any) -> int:
+        nonlocal calls
+        if fd != fd_out:
+            return real_write(fd, data)
+        calls += 1
+        if calls == 1:
+            return real_write(fd, data)
+        if calls == 2:  # the second chunk: one line and a bit of the next, then the disk is full
+            first = bytes(data).index(b"\n") + 1
+            return real_write(fd, bytes(data)[: first + 3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    n = CHUNK + 10
+    counters = Counters("stdout")
+    with path.open("wb") as stream:
+        fd_out = stream.fileno()
+        monkeypatch.setattr("tapio.sinks.stdout.os.write", fail_in_second_chunk)
+        await feed(StdoutSink(stream), [occ(i) for i in range(n)])
+    assert calls == 3
+    assert counters.delta() == {"ok": CHUNK + 1, "err": 9, "write_error": 9}
+    lines = path.read_bytes().split(b"\n")
+    assert len(lines) == CHUNK + 2 and lines[0] and lines[CHUNK]  # whole lines, then a tail
+
+    monkeypatch.setattr("tapio.sinks.stdout.os.write", real_write)
+    whole = tmp_path / "whole.jsonl"
+    batch = [occ(i) for i in range(n)]
+    with whole.open("wb") as stream:
+        await feed(StdoutSink(stream), batch)
+    assert whole.read_bytes() == encode_lines(batch)
 
 
 def _tmp_files(d: Path) -> list[Path]:
