@@ -8,6 +8,10 @@
 
 Idle RSS and CPU of a running agent are measured by benchmarks/bench_agent.py (privileged);
 this one runs unprivileged. Usage: ``.venv/bin/python benchmarks/bench_lean.py [--runs 5]``.
+
+``--python OTHER`` (repeatable) measures other interpreters' trees in the same run, e.g. the
+venv of a checkout before a change: each case's samples alternate between the trees (this one
+first), so a comparison is not skewed by whatever else the machine did meanwhile.
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ CASES: tuple[tuple[str, str, float | None], ...] = (
 RSS_PROBE = "; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 
 
-def run_once(code: str) -> tuple[float, int]:
+def run_once(code: str, python: str = sys.executable) -> tuple[float, int]:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", code + RSS_PROBE],
+        [python, "-c", code + RSS_PROBE],
         check=True,
         capture_output=True,
         text=True,
@@ -55,24 +59,37 @@ def run_once(code: str) -> tuple[float, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="OTHER",
+        help="also measure this interpreter's tree, alternating with this one (repeatable)",
+    )
     args = parser.parse_args()
-    rows: list[tuple[str, float, float, float | None]] = []
-    floor = 0.0
+    pythons = [sys.executable, *args.python]
+    rows: dict[str, list[tuple[str, float, float, float | None]]] = {p: [] for p in pythons}
     for name, code, target in CASES:
-        run_once(code)  # warm the page cache and bytecode
-        samples = [run_once(code) for _ in range(args.runs)]
-        wall = statistics.median(s[0] for s in samples)
-        rss = statistics.median(s[1] for s in samples) / 1024
-        if code == "pass":
-            floor = wall
-        rows.append((name, wall, rss, target))
-    print(f"lean: import cost in a fresh interpreter (median of {args.runs})")
-    print(f"{'case':44} {'wall ms':>9} {'- floor':>9} {'max RSS MiB':>12} {'target':>10}  ok")
-    for name, wall, rss, target in rows:
-        extra = wall - floor
-        ok = "" if target is None else ("yes" if extra <= target else "NO")
-        tgt = "" if target is None else f"<= {target * 1000:.0f} ms"
-        print(f"{name:44} {wall * 1000:9.1f} {extra * 1000:9.1f} {rss:12.1f} {tgt:>10}  {ok}")
+        samples: dict[str, list[tuple[float, int]]] = {p: [] for p in pythons}
+        for python in pythons:
+            run_once(code, python)  # warm the page cache and bytecode
+        for _ in range(args.runs):
+            for python in pythons:
+                samples[python].append(run_once(code, python))
+        for python in pythons:
+            wall = statistics.median(s[0] for s in samples[python])
+            rss = statistics.median(s[1] for s in samples[python]) / 1024
+            rows[python].append((name, wall, rss, target))
+    for python in pythons:
+        # The interpreter floor is the first case.
+        floor = rows[python][0][1]
+        print(f"lean: import cost in a fresh interpreter (median of {args.runs}): {python}")
+        print(f"{'case':44} {'wall ms':>9} {'- floor':>9} {'max RSS MiB':>12} {'target':>10}  ok")
+        for name, wall, rss, target in rows[python]:
+            extra = wall - floor
+            ok = "" if target is None else ("yes" if extra <= target else "NO")
+            tgt = "" if target is None else f"<= {target * 1000:.0f} ms"
+            print(f"{name:44} {wall * 1000:9.1f} {extra * 1000:9.1f} {rss:12.1f} {tgt:>10}  {ok}")
     return 0
 
 
