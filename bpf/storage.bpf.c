@@ -66,13 +66,8 @@ static __always_inline int io_key_of(struct io_key *k, __u32 dev, __u64 sector, 
 	return 1;
 }
 
-/*
- * Every block request of the node runs this, so it is built twice from one body: with btf set
- * (handle_rq_issue_btf, 5.11+) the issuer's memory cgroup is read by plain loads through
- * bpf_get_current_task_btf(); without (handle_rq_issue, for 5.10) by five probe-read calls. The
- * agent loads the first of the two its kernel accepts (one program group); both record the same.
- */
-static __always_inline int rq_issue(struct trace_event_raw_block_rq *ctx, const int btf)
+SEC("tracepoint/block/block_rq_issue")
+int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 {
 	/* Scalars and arrays out of ctx first (no loads through an offset ctx pointer). */
 	__u32 dev = ctx->dev;
@@ -104,13 +99,7 @@ static __always_inline int rq_issue(struct trace_event_raw_block_rq *ctx, const 
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	val.issue_ns = bpf_ktime_get_ns();
 	val.cgroup_id = bpf_get_current_cgroup_id();
-	if (btf) {
-		int ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id);
-		__u32 mem = ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0;
-		val.memcg_id = tapio_css_set_cgroup_id(bpf_get_current_task_btf()->cgroups, ok, mem);
-	} else {
-		val.memcg_id = tapio_current_memcg_id();
-	}
+	val.memcg_id = tapio_current_memcg_id();
 	val.pid = pid_tgid >> 32;
 	val.tid = (__u32)pid_tgid;
 	val.bytes = bytes ? bytes : nr_sector * 512;
@@ -123,18 +112,6 @@ static __always_inline int rq_issue(struct trace_event_raw_block_rq *ctx, const 
 			old->ambiguous = 1;
 	}
 	return 0;
-}
-
-SEC("tracepoint/block/block_rq_issue")
-int handle_rq_issue_btf(struct trace_event_raw_block_rq *ctx)
-{
-	return rq_issue(ctx, 1);
-}
-
-SEC("tracepoint/block/block_rq_issue")
-int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
-{
-	return rq_issue(ctx, 0);
 }
 
 /*

@@ -169,20 +169,7 @@ class StorageObserver(Observer):
     }
     # Both anomaly types need the issue (who, when) and the completion (error, latency).
     programs: ClassVar[tuple[ProgramSpec, ...]] = (
-        # One body built twice: the issuer's memory cgroup by plain loads through the BTF-typed
-        # task (5.11+), else by probe reads.
-        ProgramSpec(
-            "handle_rq_issue_btf",
-            "block_rq_issue",
-            (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE),
-            group="issue",
-        ),
-        ProgramSpec(
-            "handle_rq_issue",
-            "block_rq_issue",
-            (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE),
-            group="issue",
-        ),
+        ProgramSpec("handle_rq_issue", "block_rq_issue", (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE)),
         ProgramSpec(
             "handle_rq_complete", "block_rq_complete", (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE)
         ),
