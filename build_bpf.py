@@ -11,9 +11,14 @@ Everything that could leak the build host into an object is pinned: the header, 
 (compiled relative to the repository, with the repository directory mapped to ``.`` in the debug
 info), the flags, and the environment the compiler sees (locale, ``SOURCE_DATE_EPOCH``).
 
-``--check`` rebuilds into a temporary directory and fails if the packaged objects differ from what
-the sources produce. ``--gen-vmlinux BTF`` regenerates the pinned header from a BTF file (done
-rarely, on purpose, and committed).
+The same step writes ``src/tapio/bpf/_libbpf_ffi.py``: cffi's out-of-line ABI mode parses the
+libbpf declarations of ``tapio/bpf/libbpf_cdef.py`` once, here, into pre-parsed type tables, so
+the agent never imports a C parser at start (it is generated, not committed: it belongs to the
+cffi release that wrote it).
+
+``--check`` rebuilds into a temporary directory and fails if the packaged objects (or the
+generated binding) differ from what the sources produce. ``--gen-vmlinux BTF`` regenerates the
+pinned header from a BTF file (done rarely, on purpose, and committed).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import filecmp
 import os
 import platform
+import runpy
 import shutil
 import subprocess
 import sys
@@ -32,6 +38,8 @@ ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "bpf"
 OUT = ROOT / "src" / "tapio" / "bpf" / "objects"
 VMLINUX = SRC / "vmlinux"
+CDEF = ROOT / "src" / "tapio" / "bpf" / "libbpf_cdef.py"
+FFI_MODULE = ROOT / "src" / "tapio" / "bpf" / "_libbpf_ffi.py"
 
 # machine name -> (pinned header directory, clang's __TARGET_ARCH_ suffix)
 ARCHES = {
@@ -113,6 +121,24 @@ def compile_one(src: Path, out: Path, arch_dir: str, arch: str, clang: str) -> N
         subprocess.run([llvm_strip, "-g", str(out)], check=True, env=_toolchain_env())
 
 
+def generate_ffi(target: Path) -> Path:
+    """Write the out-of-line ABI module of the libbpf binding (pre-parsed cffi type tables)."""
+    try:
+        import cffi
+    except ImportError:
+        sys.exit(
+            "build_bpf: cffi is needed to generate the libbpf binding; run this with the "
+            "environment the package is installed in (pip install -e . first)"
+        )
+    builder = cffi.FFI()
+    builder.cdef(runpy.run_path(str(CDEF))["CDEF"])
+    builder.set_source("tapio.bpf._libbpf_ffi", None)
+    tmp = target.with_name(target.name + ".tmp")
+    builder.emit_python_code(str(tmp))
+    tmp.replace(target)
+    return target
+
+
 def build(out_dir: Path) -> list[Path]:
     clang = os.environ.get("CLANG") or shutil.which("clang") or "clang"
     arch_dir, arch = target_arch()
@@ -160,6 +186,10 @@ def main() -> int:
                 if not (args.out / p.name).exists()
                 or not filecmp.cmp(p, args.out / p.name, shallow=False)
             ]
+            if CDEF.is_file():
+                fresh_ffi = generate_ffi(Path(tmp) / FFI_MODULE.name)
+                if not FFI_MODULE.exists() or not filecmp.cmp(fresh_ffi, FFI_MODULE, False):
+                    stale.append(str(FFI_MODULE.relative_to(ROOT)))
         if stale:
             print(f"build_bpf: stale objects: {', '.join(stale)}", file=sys.stderr)
             return 1
@@ -167,6 +197,9 @@ def main() -> int:
         return 0
     for obj in build(args.out):
         print(f"built {obj} ({obj.stat().st_size} bytes)")
+    # A copy of bpf/ alone (no package next to it) builds objects only.
+    if CDEF.is_file():
+        print(f"generated {generate_ffi(FFI_MODULE)}")
     return 0
 
 

@@ -6,6 +6,11 @@ the real controller sink does) for a fixed duration. Prints accepted events/s an
 latency percentiles. Usage::
 
     .venv/bin/python benchmarks/controller_ingest.py [--agents 8] [--batch 256] [--seconds 10]
+        [--python OTHER_TREE/.venv/bin/python]
+
+``--python`` runs the controller with another interpreter (e.g. another checkout's venv, whose
+editable install points at that checkout's source) while this same client drives it, so two
+trees are compared with identical traffic.
 """
 
 from __future__ import annotations
@@ -140,12 +145,15 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=8)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter that runs the controller"
+    )
     args = parser.parse_args()
     port = free_port()
     env = dict(os.environ)
     proc = subprocess.Popen(
         [
-            sys.executable,
+            args.python,
             "-m",
             "tapio",
             "controller",

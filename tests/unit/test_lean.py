@@ -49,6 +49,9 @@ FORBIDDEN_PREFIXES = (
     "kubernetes_validate",
     "aiohttp.web",
     "opentelemetry",  # only with --sink otlp
+    # The libbpf declarations are parsed at build time (build_bpf.py): no C parser at start.
+    "cffi",
+    "pycparser",
 )
 
 _PROBE = """

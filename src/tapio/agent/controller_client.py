@@ -12,13 +12,15 @@ import os
 import platform
 import socket
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
-import aiohttp
 import msgspec
 
 from tapio import wire
 from tapio.transport import ControllerLink, describe_exc
+
+if TYPE_CHECKING:  # aiohttp loads with the first session, not with controller mode
+    import aiohttp
 
 #: Response caps: the config carries the compiled profile (small, but allow growth); the rest
 #: are a few hundred bytes.

@@ -39,9 +39,8 @@ import re
 import time
 from collections import deque
 from datetime import datetime
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-import aiohttp
 import structlog
 
 from tapio import wire
@@ -55,6 +54,9 @@ from tapio.transport import (
     classify_status,
     read_bounded,
 )
+
+if TYPE_CHECKING:  # aiohttp loads with the first session, not with controller mode
+    import aiohttp
 
 log = structlog.get_logger("tapio.sinks.controller")
 

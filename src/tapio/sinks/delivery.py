@@ -29,14 +29,12 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-import aiohttp
 import anyio
 import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
-from yarl import URL
 
 from tapio.metrics import SINK_QUEUE_DEPTH, SINK_REQUEST_DURATION, SINK_RETRIES
 from tapio.occurrence import Occurrence
@@ -50,6 +48,10 @@ from tapio.transport import (
     safe_url,
     tls_for,
 )
+
+if TYPE_CHECKING:  # the client session comes from tapio.transport, built when a sink starts
+    import aiohttp
+    from yarl import URL
 
 log = structlog.get_logger("tapio.sinks")
 

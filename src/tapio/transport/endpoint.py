@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ssl
+from typing import TYPE_CHECKING
 
-from yarl import URL
+if TYPE_CHECKING:  # yarl loads when an endpoint is parsed, not when a module imports this one
+    from yarl import URL
 
 
 def parse_endpoint(endpoint: str, *, what: str) -> URL:
@@ -13,6 +15,8 @@ def parse_endpoint(endpoint: str, *, what: str) -> URL:
     Credentials inside the URL are refused: they would end up in logs and ``repr``; tokens have
     their own, redacted, settings.
     """
+    from yarl import URL
+
     text = endpoint.strip()
     if not text:
         raise ValueError(f"{what}: endpoint must not be empty")

@@ -10,15 +10,17 @@ from __future__ import annotations
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import aiohttp
 import anyio
-from yarl import URL
 
 from tapio.transport.credentials import BearerToken
 from tapio.transport.endpoint import parse_endpoint, tls_for
 from tapio.transport.session import client_session
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
 
 DEFAULT_MAX_BATCH_EVENTS: Final = 256
 DEFAULT_SEND_INTERVAL_MS: Final = 1000

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import Literal
 
-import aiohttp
-
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), else None."""
@@ -110,6 +108,8 @@ def classify_status(status: int, retry_after_header: str | None) -> Attempt:
 def classify_exception(exc: BaseException) -> Attempt:
     """TLS failures are final (never downgraded, retrying will not fix a certificate); every other
     transport error or timeout is retried."""
+    import aiohttp  # loaded already: only an aiohttp request produces the exceptions seen here
+
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         return Attempt("tls_error", describe_exc(exc))
     return Attempt("retry", describe_exc(exc))

@@ -9,9 +9,10 @@ and no proxy or credentials picked up from the environment.
 from __future__ import annotations
 
 import ssl
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import aiohttp
+if TYPE_CHECKING:  # aiohttp's client (and its TLS setup) loads when a session is first built
+    import aiohttp
 
 #: Largest response body a client reads by default (the rest is discarded with the connection).
 MAX_RESPONSE_BYTES: Final = 64 * 1024
@@ -29,6 +30,8 @@ def client_session(
 
     ``ssl_context`` None means the default verifying context (aiohttp's ``ssl=True``).
     """
+    import aiohttp
+
     client_timeout = aiohttp.ClientTimeout(
         total=timeout,
         connect=connect_timeout,

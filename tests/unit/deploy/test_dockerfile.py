@@ -187,6 +187,10 @@ def test_the_build_uses_the_commands_of_setup_sh(stages: dict[str, Stage]) -> No
     # Objects are compiled before the wheel is built, so the wheel ships them.
     order = [joined.index(venv + " build_bpf.py"), joined.index(venv + " -m pip wheel")]
     assert order == sorted(order)
+    # build_bpf.py also generates the libbpf binding with cffi (setup.sh has it from `pip
+    # install -e .`): cffi is in the venv before it runs, and the wheel's binding imports.
+    assert joined.index(f'{venv} -m pip install -q "cffi>=') < joined.index(venv + " build_bpf.py")
+    assert "import tapio.agent.cli, tapio.bpf.libbpf" in joined
     # setup.sh's build packages are all installed in the build stage.
     setup_pkgs = set(re.search(r"pkgs=\(([^)]*)\)", SETUP.read_text(), re.S).group(1).split())  # type: ignore[union-attr]
     needed = setup_pkgs - {"libbpf1", "iproute2", "util-linux"}
