@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -203,7 +204,7 @@ def ulid_time_ms(ulid: str) -> int:
     return value
 
 
-_ts_cache: list[object] = [-1, ""]
+_ts_cache: list[Any] = [-1, ""]
 
 
 def format_timestamp(ns: int) -> str:
@@ -218,6 +219,57 @@ def format_timestamp(ns: int) -> str:
     if frac:
         return f"{base}.{frac:09d}+00:00"
     return f"{base}+00:00"
+
+
+#: An occurrence before its id and timestamp, for a batch: type, severity, outcome, Unix
+#: nanoseconds, error code, error message, and ``data`` with its keys already sorted.
+Row = tuple[str, Severity, Outcome, int, str, str, dict[str, Any]]
+
+
+def occurrences(rows: Iterable[Row]) -> list[Occurrence]:
+    """``new_occurrence`` for a batch of rows, in order, with the same ids and timestamps.
+
+    A burst is thousands of records per batch: three Python calls per occurrence (the
+    constructor, its ULID and its timestamp) cost a sixth of the network observer's
+    classification, so the batch keeps the ULID and timestamp state in locals instead and makes
+    each occurrence with one positional Struct construction.
+    """
+    st = _ulid
+    last_ms, prefix, pool, off = st.ms, st.prefix, st.pool, st.offset
+    last_secs, base = _ts_cache
+    out: list[Occurrence] = []
+    append = out.append
+    for type_, severity, outcome, ns, code, message, data in rows:
+        ms = ns // 1_000_000
+        if ms != last_ms:
+            value = ms & 0xFFFF_FFFF_FFFF
+            prefix = "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(45, -5, -5))
+            last_ms = ms
+        if off >= _POOL_CHARS:
+            pool = os.urandom(_POOL_CHARS).translate(_BYTE_TO_CHAR).decode("ascii")
+            off = 0
+        secs, frac = divmod(ns, 1_000_000_000)
+        if secs != last_secs:
+            base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+            last_secs = secs
+        append(
+            Occurrence(
+                prefix + pool[off : off + 16],
+                f"{base}.{frac:09d}+00:00" if frac else f"{base}+00:00",
+                SOURCE,
+                type_,
+                severity,
+                outcome,
+                PROTOCOL_VERSION,
+                OccurrenceError(code, message),
+                None,
+                data,
+            )
+        )
+        off += 16
+    st.ms, st.prefix, st.pool, st.offset = last_ms, prefix, pool, off
+    _ts_cache[0], _ts_cache[1] = last_secs, base
+    return out
 
 
 _TS_RE = re.compile(

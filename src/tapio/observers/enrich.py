@@ -29,7 +29,7 @@ import functools
 import operator
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -64,10 +64,15 @@ class ByCgroupId:
     memory_limit: bool = False
     #: Re-renders ``error.message`` when enrichment filled in a fact the message shows.
     message: Callable[[Mapping[str, Any]], str] | None = None
+    #: ``hierarchies``' id facts of a ``data`` mapping in one C call (built once per spec).
+    _get: Callable[[Mapping[str, Any]], Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_get", _id_getter(self.hierarchies))
 
     def ids_of(self, data: Mapping[str, Any]) -> tuple[object, ...]:
         """The id facts of ``hierarchies``, in order, in one C call (KeyError if one is absent)."""
-        got = _id_getter(self.hierarchies)(data)
+        got = self._get(data)
         return got if len(self.hierarchies) > 1 else (got,)
 
 
@@ -197,30 +202,47 @@ class Enricher:
         """Enrich ``batch`` in place; ids the cache does not know are walked for off-loop.
 
         A batch under load is thousands of occurrences from a handful of cgroups, so the cache
-        is asked once per distinct (type, ids) in the batch, not once per occurrence.
+        is asked once per distinct (type, ids) in the batch, not once per occurrence, and each
+        occurrence then costs one memo lookup and one ``dict.update``.
         """
+        fast: list[tuple[Occurrence, dict[str, Any], ByCgroupId, tuple[object, ...]]] = []
         todo: list[tuple[Occurrence, Enrichment, tuple[object, ...] | None]] = []
         seen: set[tuple[object, ...]] = set()
         missing: set[tuple[str, int]] = set()
         lookup = self.resolver.lookup
+        specs = self.specs
+        self._expire_memo()
+        memo = self._memo
         for occ in batch:
-            spec = self.specs.get(occ.type)
+            spec = specs.get(occ.type)
             data = occ.data
             if spec is None or data is None:
                 continue
-            key: tuple[object, ...] | None = None
-            if isinstance(spec, ByCgroupId) and data.get("cgroup_source", "task") == "task":
-                try:
-                    key = (occ.type, *spec.ids_of(data))
-                except KeyError:  # an id the observer did not report is 0 (none)
-                    key = (occ.type, *[data.get(ID_KEYS[h], 0) for h in spec.hierarchies])
-                if key not in seen:
-                    seen.add(key)
-                    for h, cid in _ids(spec, key).items():
-                        if isinstance(lookup(h, cid), Miss):
-                            missing.add((h, cid))
-            todo.append((occ, spec, key))
-        if not todo:
+            if isinstance(spec, ByCgroupPath) or data.get("cgroup_source", "task") != "task":
+                todo.append((occ, spec, None))
+                continue
+            try:
+                key = (occ.type, *spec.ids_of(data))
+            except KeyError:  # an id the observer did not report is 0 (none)
+                key = (occ.type, *[data.get(ID_KEYS[h], 0) for h in spec.hierarchies])
+            if spec.memory_limit:
+                todo.append((occ, spec, key))
+            else:
+                hit = memo.get(key)  # memoized facts: every id was resolved
+                if hit is not None:
+                    facts = hit[0]
+                    if facts.keys() <= data.keys():  # the hot path, see _update
+                        data.update(facts)
+                    else:
+                        self._update(occ, data, facts)
+                    continue
+                fast.append((occ, data, spec, key))
+            if key not in seen:
+                seen.add(key)
+                for h, cid in _ids(spec, key).items():
+                    if isinstance(lookup(h, cid), Miss):
+                        missing.add((h, cid))
+        if not todo and not fast:
             return
         if missing:
             try:
@@ -228,27 +250,49 @@ class Enricher:
             except Exception:  # unresolved ids are reported unknown below
                 log.exception("cgroup walk failed")
         self._expire_memo()
-        for occ, spec, key in todo:
+        for occ, data, spec, key in fast:
             try:
-                if isinstance(spec, ByCgroupPath):
-                    self._by_path(occ, spec)
-                elif key is not None:
-                    self._by_key(occ, spec, key)
-                else:
-                    self._by_id(occ, spec)
+                facts = self._memoized(spec, key)[0]
             except Exception:
-                ENRICHMENT_ERRORS.labels(observer=occ.observer).inc()
-                log.exception("enrichment failed; occurrence kept as classified", type=occ.type)
+                self._failed(occ)
+            else:
+                self._update(occ, data, facts)
+        for occ, other, other_key in todo:
+            try:
+                if isinstance(other, ByCgroupPath):
+                    self._by_path(occ, other)
+                elif other_key is not None:
+                    self._by_key(occ, other, other_key)
+                else:
+                    self._by_id(occ, other)
+            except Exception:
+                self._failed(occ)
+
+    def _update(self, occ: Occurrence, data: dict[str, Any], facts: dict[str, object]) -> None:
+        """The hot path: a task's own cgroup facts into ``data``. ``data`` arrives with its
+        keys sorted (``new_occurrence``): facts that only overwrite keys it has keep that
+        order, and only new keys need the sorted copy."""
+        try:
+            grows = not facts.keys() <= data.keys()
+            data.update(facts)
+            if grows:
+                self._sort(occ, data)
+        except Exception:
+            self._failed(occ)
+
+    @staticmethod
+    def _failed(occ: Occurrence) -> None:
+        ENRICHMENT_ERRORS.labels(observer=occ.observer).inc()
+        log.exception("enrichment failed; occurrence kept as classified", type=occ.type)
 
     def _by_key(self, occ: Occurrence, spec: ByCgroupId, key: tuple[object, ...]) -> None:
-        """The hot path: a task's own cgroup ids, facts reused from the memo."""
+        """A task's own cgroup ids with a memory limit to add: facts reused from the memo."""
         data = occ.data
         assert data is not None
         hit = self._memo.get(key)
         facts, mem_path = hit if hit is not None else self._memoized(spec, key)
         data.update(facts)
-        if spec.memory_limit:
-            self._limit(occ, data, spec, mem_path)
+        self._limit(occ, data, spec, mem_path)
         self._sort(occ, data)
 
     def _sort(self, occ: Occurrence, data: dict[str, Any]) -> None:

@@ -39,7 +39,9 @@ from tapio.occurrence import (
     NETWORK_RETRANSMIT_SPIKE,
     NETWORK_RTT_DEGRADATION,
     Occurrence,
+    Row,
     new_occurrence,
+    occurrences,
 )
 
 if TYPE_CHECKING:
@@ -179,7 +181,10 @@ class NetworkObserver(Observer):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._addr_cache: dict[tuple[int, bytes], str] = {}
+        # Formatted addresses by raw bytes, one bounded memo per family (no key tuple per
+        # lookup); anything that is not IPv6 is formatted as IPv4.
+        self._v4: dict[bytes, str] = {}
+        self._v6: dict[bytes, str] = {}
         self.dns = DnsTracker(self.ctx.boot_offset_ns, self._comm, self.drop)
 
     def _comm(self, raw: bytes) -> str:
@@ -223,20 +228,34 @@ class NetworkObserver(Observer):
         self.dns.close()
 
     def _addr(self, family: int, raw: bytes) -> str:
-        key = (family, raw)
-        text = self._addr_cache.get(key)
+        v6 = family == AF_INET6
+        cache = self._v6 if v6 else self._v4
+        text = cache.get(raw)
         if text is None:
-            if len(self._addr_cache) >= _CACHE_MAX:
-                self._addr_cache.clear()
-            if family == AF_INET6:
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            if v6:
                 text = socket.inet_ntop(socket.AF_INET6, raw)
             else:
                 text = socket.inet_ntop(socket.AF_INET, raw[:4])
-            self._addr_cache[key] = text
+            cache[raw] = text
         return text
 
+    def classify(self, payload: bytes | bytearray) -> list[Occurrence]:
+        """A batch of ring frames: one row per record, then the occurrences in one pass."""
+        boot = self.ctx.boot_offset_ns
+        row = self._row
+        return occurrences(
+            [r for frame in self.record.iter_frames(payload) if (r := row(frame, boot)) is not None]
+        )
+
     def classify_one(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Occurrence | None:
-        """One ring frame: (header_len, *network_event fields) → occurrence or None.
+        """One ring frame → its occurrence (or None, counted)."""
+        r = self._row(frame, boot_offset_ns)
+        return None if r is None else new_occurrence(*r, data_sorted=True)
+
+    def _row(self, frame: tuple[Any, ...], boot_offset_ns: int) -> Row | None:
+        """One ring frame: (header_len, *network_event fields) → the occurrence's row or None.
 
         ``data`` dicts are written in sorted key order (the contract's key order) so no sort
         is needed on this hot path; tests assert the order.
@@ -270,18 +289,20 @@ class NetworkObserver(Observer):
             memcg,
             cpucg,
         ) = frame
-        cache = self._addr_cache
-        src = cache.get((family, saddr)) or self._addr(family, saddr)
-        dst = cache.get((family, daddr)) or self._addr(family, daddr)
+        if family == AF_INET6:
+            cache, fam = self._v6, "ipv6"
+        else:
+            cache, fam = self._v4, "ipv4"
+        src = cache.get(saddr) or self._addr(family, saddr)
+        dst = cache.get(daddr) or self._addr(family, daddr)
         comm = self.strings.cache.get(comm_raw) or self.strings.decode(comm_raw)
-        fam = "ipv6" if family == AF_INET6 else "ipv4"
         psrc = PID_SOURCES.get(pid_source, "none")
         when = boot_offset_ns + ts
         # Before enrichment the first non-zero id stands for the cgroup; the enricher replaces
         # it with the id of the hierarchy that names the container.
         primary = cg2 or cpucg or memcg
         if ev_type == EV_CONN_REFUSED:
-            return new_occurrence(
+            return (
                 NETWORK_CONNECTION_REFUSED,
                 "warning",
                 "failure",
@@ -309,10 +330,9 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
-                data_sorted=True,
             )
         if ev_type == EV_CONN_TIMEOUT:
-            return new_occurrence(
+            return (
                 NETWORK_CONNECTION_TIMEOUT,
                 "error",
                 "failure",
@@ -342,10 +362,9 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
-                data_sorted=True,
             )
         if ev_type == EV_RETRANS_SPIKE:
-            return new_occurrence(
+            return (
                 NETWORK_RETRANSMIT_SPIKE,
                 "warning",
                 "failure",
@@ -379,10 +398,9 @@ class NetworkObserver(Observer):
                     "total_retrans": total_retrans,
                     "window_ms": duration_ns // 1000 / 1000,
                 },
-                data_sorted=True,
             )
         if ev_type == EV_RTT_SPIKE:
-            return new_occurrence(
+            return (
                 NETWORK_RTT_DEGRADATION,
                 "warning",
                 "in_progress",
@@ -417,7 +435,6 @@ class NetworkObserver(Observer):
                     "tid": tid,
                     "timestamp_ns": ts,
                 },
-                data_sorted=True,
             )
         self.drop("unknown_record_type")  # a newer BPF object than this agent knows
         return None
