@@ -59,7 +59,7 @@ default_tests=(
   "tests/kernel/test_container_kernel.py::test_kubernetes_layouts_are_attributed_and_scope_filters_host_processes"
   "tests/kernel/test_storage_kernel.py::test_read_errors_are_reported_with_the_reader_and_sectors"
   "tests/kernel/test_storage_kernel.py::test_slow_reads_are_latency_spikes_by_threshold"
-  "tests/kernel/test_node_kernel.py::test_memory_pressure_from_page_cache_thrash"
+  "tests/kernel/test_node_kernel.py::test_memory_pressure_in_a_limited_cgroup"
   "tests/kernel/test_node_kernel.py::test_cpu_stall_throttling_runq_latency_and_no_pmu"
 )
 if [[ -n ${TAPIO_MATRIX_TESTS:-} ]]; then
