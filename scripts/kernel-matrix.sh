@@ -73,6 +73,10 @@ need_vm=0
 for k in "${kernels[@]}"; do [[ $k != host ]] && need_vm=1; done
 if [[ ! -x .venv/bin/python ]]; then
   scripts/setup.sh --test || exit 1
+else
+  # The guests run this checkout as it is: its BPF objects and the generated libbpf binding
+  # must match the sources, also in a checkout whose .venv predates the last change to them.
+  .venv/bin/python build_bpf.py >/dev/null || exit 1
 fi
 if ((need_vm)); then
   bash scripts/kmatrix/tools.sh || exit 1
