@@ -104,6 +104,7 @@ class Agent:
         extra_config: str = "",
         serve_metrics: bool = False,
         cpus: CpuSet = None,
+        ebpf_dir: Path | None = None,
     ) -> None:
         self.tmp = tmp
         self.err = open(tmp / "agent.err", "wb")  # noqa: SIM115
@@ -116,6 +117,8 @@ class Agent:
         argv += ["--log-format", "json", "--data-dir", str(tmp / "data")]
         for name in observers:
             argv += ["--observer", name]
+        if ebpf_dir is not None:
+            argv += ["--ebpf-dir", str(ebpf_dir)]
         self.proc = subprocess.Popen(
             argv, stdout=self.out, stderr=self.err, cwd=tmp, preexec_fn=pin(cpus)
         )
@@ -141,9 +144,10 @@ def connect_ns(exe: Path, port: int, n: int) -> float:
 
 
 @contextlib.contextmanager
-def agent_running(tmp: Path, cpus: CpuSet = None) -> Iterator[int]:
-    """The default agent (stdout to /dev/null), pinned to ``cpus``; yields its pid."""
-    agent = Agent(tmp, cpus=cpus)
+def agent_running(tmp: Path, cpus: CpuSet = None, ebpf_dir: Path | None = None) -> Iterator[int]:
+    """The default agent (stdout to /dev/null), pinned to ``cpus``, with the BPF objects of
+    ``ebpf_dir`` (default: the packaged ones); yields its pid."""
+    agent = Agent(tmp, cpus=cpus, ebpf_dir=ebpf_dir)
     try:
         yield agent.proc.pid
     finally:

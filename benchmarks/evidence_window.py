@@ -11,7 +11,9 @@ released first, so what is measured is what the window keeps). Two runs:
 
 * the default bounds (50,000 occurrences, 1 h, 64 MiB) with typical documents, where the count
   bound is the one that holds;
-* a 16 MiB byte bound with 2 KiB documents, where the byte bound holds.
+* a 16 MiB byte bound with 2 KiB documents, where the byte bound holds;
+* the same with the records as ingest makes them when no output forwards them
+  (``ingest_records``: each keeps its event's JSON instead of an encoded document).
 
 Prints, per run, the bound, the window's own accounting and the measured peak, and exits 1 if
 the measured memory ever exceeded the bound. Usage::
@@ -22,16 +24,17 @@ the measured memory ever exceeded the bound. Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import sys
 import time
 import tracemalloc
 from dataclasses import dataclass
 
+import msgspec
+
 from tapio import wire
 from tapio.controller.evidence import DEFAULT_MAX_BYTES, EvidenceWindow
-from tapio.controller.forward import Record, build_records
+from tapio.controller.forward import Record, build_records, ingest_records
 
 BATCH = 256
 CHECK_EVERY = 50_000
@@ -94,10 +97,11 @@ def copies(template: Record, start: int) -> list[Record]:
     for i in range(start, start + BATCH):
         oid = f"01BENCH{i:019d}"
         out.append(
-            dataclasses.replace(
+            msgspec.structs.replace(
                 template,
                 id=oid,
                 body=template.body.replace(tid, oid.encode()),
+                event=template.event.replace(tid, oid.encode()),
                 ts_ns=T0 + i,
                 node_name=f"node-{i % 300}",
                 namespace=f"team-{i % 40}",
@@ -108,8 +112,13 @@ def copies(template: Record, start: int) -> list[Record]:
     return out
 
 
-def run(name: str, occurrences: int, pad: int, **bounds: int) -> Result:
-    (template,) = build_records(make_batch(0, pad))
+def run(name: str, occurrences: int, pad: int, lazy: bool = False, **bounds: int) -> Result:
+    batch = make_batch(0, pad)
+    if lazy:
+        body = msgspec.json.encode(batch)
+        (template,) = ingest_records(wire.decode(body, wire.EventBatchRequest), body)
+    else:
+        (template,) = build_records(batch)
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -141,6 +150,14 @@ def main() -> int:
             "16 MiB byte bound, 2 KiB documents",
             args.occurrences,
             2048,
+            max_bytes=16 * 1024 * 1024,
+            max_events=1_000_000,
+        ),
+        run(
+            "16 MiB byte bound, 2 KiB events, documents not yet encoded",
+            args.occurrences,
+            2048,
+            lazy=True,
             max_bytes=16 * 1024 * 1024,
             max_events=1_000_000,
         ),

@@ -199,26 +199,93 @@ int handle_mark_victim(struct trace_event_raw_mark_victim *ctx)
 	return 0;
 }
 
-SEC("tracepoint/sched/sched_process_exit")
-int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
+/*
+ * The memory cgroup's page_counter max through the task's css_set (probe reads: css is embedded
+ * in struct mem_cgroup, so the step back by its offset leaves the typed pointer). 1 when read.
+ */
+static __always_inline int memcg_limit_pages(struct css_set *cs, __u32 mem, __u64 *out)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	__u8 fallback = 0;
+	struct cgroup_subsys_state *css = 0;
+	if (!cs || mem >= 12)
+		return 0;
+	bpf_core_read(&css, sizeof(css), &cs->subsys[mem]);
+	if (!css)
+		return 0;
+	struct mem_cgroup *mcg = (void *)css - bpf_core_field_offset(struct mem_cgroup, css);
+	*out = BPF_CORE_READ(mcg, memory.max);
+	return 1;
+}
 
+/*
+ * fill_task_cgroups by plain loads through the BTF-typed current task (5.11+), for the exit
+ * program that runs on every process exit of the node: the same ids and limit as the probe-read
+ * path, without its dozen helper calls.
+ */
+static __always_inline void fill_task_cgroups_btf(struct container_event *e, struct task_struct *task)
+{
+	int mem_ok = 0, cpu_ok = 0;
+	__u32 mem = memory_id(&mem_ok), cpu = cpu_id(&cpu_ok);
+	struct css_set *cs = task->cgroups;
+	struct cgroup *memcg = tapio_css_set_cgroup(cs, mem_ok, mem);
+	e->cgroup_id = tapio_cgroup_kn_id(cs ? cs->dfl_cgrp : 0);
+	e->memcg_id = tapio_cgroup_kn_id(memcg);
+	e->cpu_cgroup_id = tapio_css_set_cgroup_id(cs, cpu_ok, cpu);
+	e->flags |= CT_FLAG_TASK_CGROUPS;
+	if (memcg && mem_ok && bpf_core_type_exists(struct mem_cgroup) &&
+	    bpf_core_field_exists(((struct mem_cgroup *)0)->memory.max)) {
+		__u64 pages = 0;
+		if (memcg_limit_pages(cs, mem, &pages)) {
+			e->memory_limit_pages = pages;
+			e->flags |= CT_FLAG_LIMIT_VALID;
+		}
+	}
+}
+
+/* Whether the task sits in the root cgroup of every hierarchy (a host process). */
+static __always_inline int host_task(struct task_struct *task, const int btf)
+{
+	int mem_ok = 0, cpu_ok = 0;
+	__u32 mem = memory_id(&mem_ok), cpu = cpu_id(&cpu_ok);
+	if (btf) {
+		struct css_set *cs = task->cgroups;
+		struct cgroup *dfl = cs ? cs->dfl_cgrp : 0;
+		struct cgroup *memcg = tapio_css_set_cgroup(cs, mem_ok, mem);
+		struct cgroup *cpucg = tapio_css_set_cgroup(cs, cpu_ok, cpu);
+		return (dfl ? dfl->level : 0) == 0 && (memcg ? memcg->level : 0) == 0 &&
+		       (cpucg ? cpucg->level : 0) == 0;
+	}
+	struct cgroup *dfl = BPF_CORE_READ(task, cgroups, dfl_cgrp);
+	return cgroup_level(dfl) == 0 && cgroup_level(tapio_subsys_cgroup(task, mem_ok, mem)) == 0 &&
+	       cgroup_level(tapio_subsys_cgroup(task, cpu_ok, cpu)) == 0;
+}
+
+/*
+ * Every process exit of the node runs this, so it is built twice from one body: with btf set
+ * (handle_process_exit_btf, 5.11+) the task's fields are plain loads through
+ * bpf_get_current_task_btf(); without (handle_process_exit) they are probe reads, for 5.10. The
+ * agent loads the first of the two its kernel accepts (one program group); both decide and
+ * record exactly the same.
+ */
+static __always_inline int process_exit(struct trace_event_raw_sched_process_exit *ctx, const int btf)
+{
+	struct task_struct *task = btf ? bpf_get_current_task_btf()
+				       : (struct task_struct *)bpf_get_current_task();
+	__u8 fallback = 0;
 	if (bpf_core_field_exists(ctx->group_dead)) {
 		if (!BPF_CORE_READ(ctx, group_dead))
 			return 0; /* another thread of the group is still alive */
 	} else {
-		if (BPF_CORE_READ(task, signal, live.counter) != 0)
+		int live = btf ? task->signal->live.counter : BPF_CORE_READ(task, signal, live.counter);
+		if (live != 0)
 			return 0; /* another thread of the group has not reached do_exit yet */
 		fallback = CT_FLAG_GROUP_FALLBACK;
 	}
-
 	if (fallback) {
 		/* Several threads may read live == 0: the first to claim the group reports it. */
 		struct exit_claim_key key = {
 			.tgid = (__u32)(bpf_get_current_pid_tgid() >> 32),
-			.leader_start_ns = BPF_CORE_READ(task, group_leader, start_time),
+			.leader_start_ns = btf ? task->group_leader->start_time
+					       : BPF_CORE_READ(task, group_leader, start_time),
 		};
 		__u8 one = 1;
 		/*
@@ -231,19 +298,22 @@ int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
 			return 0; /* claimed by another thread of this group */
 		/* any other failure: report rather than lose the exit */
 	}
-
 	const struct tapio_config *cfg;
 	if (!tapio_config_on(&cfg, TAPIO_FLAG_CONTAINER))
 		return 0;
-
-	__u32 sflags = BPF_CORE_READ(task, signal, flags);
-	__u32 status = (sflags & SIGNAL_GROUP_EXIT) ? BPF_CORE_READ(task, signal, group_exit_code)
-						    : BPF_CORE_READ(task, exit_code);
+	__u32 status;
+	if (btf) {
+		struct signal_struct *sig_s = task->signal;
+		status = (sig_s->flags & SIGNAL_GROUP_EXIT) ? sig_s->group_exit_code : task->exit_code;
+	} else {
+		__u32 sflags = BPF_CORE_READ(task, signal, flags);
+		status = (sflags & SIGNAL_GROUP_EXIT) ? BPF_CORE_READ(task, signal, group_exit_code)
+						      : BPF_CORE_READ(task, exit_code);
+	}
 	__s32 code = (status >> 8) & 0xff;
 	__s32 sig = status & 0x7f;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
-
 	/* An OOM victim's death was already reported as the oom_kill. */
 	if (bpf_map_lookup_elem(&oom_victims, &tgid)) {
 		bpf_map_delete_elem(&oom_victims, &tgid);
@@ -275,15 +345,9 @@ int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
 	}
 
 	__u32 generation = cfg->generation;
-	if (cfg->exit_flags & TAPIO_EXIT_SCOPE_CONTAINERS) {
-		int mem_ok = 0, cpu_ok = 0;
-		__u32 mem = memory_id(&mem_ok), cpu = cpu_id(&cpu_ok);
-		struct cgroup *dfl = BPF_CORE_READ(task, cgroups, dfl_cgrp);
-		if (cgroup_level(dfl) == 0 && cgroup_level(tapio_subsys_cgroup(task, mem_ok, mem)) == 0 &&
-		    cgroup_level(tapio_subsys_cgroup(task, cpu_ok, cpu)) == 0) {
-			tapio_metric_inc(CT_METRIC_EXIT_IGNORED);
-			return 0; /* a host process: root cgroup in every hierarchy */
-		}
+	if ((cfg->exit_flags & TAPIO_EXIT_SCOPE_CONTAINERS) && host_task(task, btf)) {
+		tapio_metric_inc(CT_METRIC_EXIT_IGNORED);
+		return 0; /* a host process: root cgroup in every hierarchy */
 	}
 
 	struct container_event *e = TAPIO_RESERVE(&events, struct container_event);
@@ -301,7 +365,22 @@ int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
 	if (status & 0x80)
 		e->flags |= CT_FLAG_CORE_DUMPED;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	fill_task_cgroups(e, task);
+	if (btf)
+		fill_task_cgroups_btf(e, task);
+	else
+		fill_task_cgroups(e, task);
 	tapio_submit(&events, e);
 	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int handle_process_exit_btf(struct trace_event_raw_sched_process_exit *ctx)
+{
+	return process_exit(ctx, 1);
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int handle_process_exit(struct trace_event_raw_sched_process_exit *ctx)
+{
+	return process_exit(ctx, 0);
 }

@@ -58,19 +58,26 @@ static __always_inline __u64 tapio_current_memcg_id(void)
  */
 #define TAPIO_HAVE_TASK_BTF bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_get_current_task_btf)
 
-/* kn->id of the cgroup controller `id` places the task of `cs` in, by plain loads; 0 if none. */
-static __always_inline __u64 tapio_css_set_cgroup_id(struct css_set *cs, int ok, __u32 id)
+/* The cgroup controller `id` places the task of `cs` in, by plain loads; NULL if none. */
+static __always_inline struct cgroup *tapio_css_set_cgroup(struct css_set *cs, int ok, __u32 id)
 {
 	if (!ok || id >= 12 || !cs) /* CGROUP_SUBSYS_COUNT bound for the verifier */
 		return 0;
 	struct cgroup_subsys_state *css = cs->subsys[id];
-	if (!css)
-		return 0;
-	struct cgroup *cg = css->cgroup;
-	if (!cg)
-		return 0;
-	struct kernfs_node *kn = cg->kn;
+	return css ? css->cgroup : 0;
+}
+
+/* kn->id of a cgroup reached by plain loads (the directory's inode), 0 for none. */
+static __always_inline __u64 tapio_cgroup_kn_id(struct cgroup *cg)
+{
+	struct kernfs_node *kn = cg ? cg->kn : 0;
 	return kn ? kn->id : 0;
+}
+
+/* kn->id of the cgroup controller `id` places the task of `cs` in, by plain loads; 0 if none. */
+static __always_inline __u64 tapio_css_set_cgroup_id(struct css_set *cs, int ok, __u32 id)
+{
+	return tapio_cgroup_kn_id(tapio_css_set_cgroup(cs, ok, id));
 }
 
 /* The connecting task's three cgroup ids (tp_btf programs only, see TAPIO_HAVE_TASK_BTF). */

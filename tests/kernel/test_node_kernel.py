@@ -1,6 +1,7 @@
 """Node observer end to end: the real agent, real cgroups, real pressure.
 
-* page-cache thrash in a memory-limited cgroup → ONE ``memory_pressure`` naming the cgroup;
+* memory pressure in a limited cgroup (anonymous memory above ``memory.high`` on cgroup v2,
+  page-cache thrash under a v1 limit on a hybrid host) → ONE ``memory_pressure`` naming it;
 * a busy loop under a 10 % CPU quota → ONE ``cpu_stall`` with ``signal: throttling``;
 * 8 busy processes pinned to CPU 0 → ONE ``cpu_stall`` with ``signal: runq_latency`` (run-queue
   sampling opted in: ``runq_sampling = true``);
@@ -33,6 +34,9 @@ from typing import Any
 
 import pytest
 
+from tapio.observers.cgroups.roots import discover_roots
+
+from . import memload
 from .cgroups import (
     Layout,
     cgroup_dirs,
@@ -47,34 +51,6 @@ from .test_controller_kernel import metric
 
 pytestmark = pytest.mark.kernel
 
-CG = Path("/sys/fs/cgroup")
-# On a block-backed file system (a tmpfs would keep the pages unreclaimable); the kernel matrix
-# points this at the guest's scratch disk.
-THRASH_FILE = Path(os.environ.get("TAPIO_TEST_SCRATCH", "/var/tmp")) / "tapio-node-thrash.bin"
-THRASH_FILE_MIB = 256
-THRASH_REGION_MIB = 64  # re-read region: 1.33x the limit keeps refaults in the workingset
-MEMORY_LIMIT_MIB = 48
-
-# 8 threads of random 4 KiB preads (released GIL) over a region larger than the memcg limit:
-# every miss charges a page (direct reclaim) and refaults of workingset pages stall in I/O. The
-# cache of the whole file is dropped first so the pages are charged to this cgroup.
-THRASH = r"""
-import os, random, sys, threading, time
-path, secs, mib = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-end = time.monotonic() + secs
-fd = os.open(path, os.O_RDONLY)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-pages = (mib << 20) // 4096
-def worker():
-    r = random.Random()
-    while time.monotonic() < end:
-        for _ in range(64):
-            os.pread(fd, 4096, r.randrange(pages) * 4096)
-ts = [threading.Thread(target=worker) for _ in range(8)]
-for t in ts: t.start()
-for t in ts: t.join()
-"""
 BUSY = "while True: pass"
 
 
@@ -150,54 +126,55 @@ def brief(occs: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
-def _thrash_file() -> Path:
-    if THRASH_FILE.exists() and THRASH_FILE.stat().st_size == THRASH_FILE_MIB << 20:
-        return THRASH_FILE
-    chunk = os.urandom(1 << 20)
-    with open(THRASH_FILE, "wb") as fh:
-        for _ in range(THRASH_FILE_MIB):
-            fh.write(chunk)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return THRASH_FILE
-
-
-def test_memory_pressure_from_page_cache_thrash(tmp_path: Path) -> None:
-    _require_psi_and("memory", "unified")
-    path = _thrash_file()
+def test_memory_pressure_in_a_limited_cgroup(tmp_path: Path) -> None:
+    """ONE ``memory_pressure`` naming the cgroup under pressure (the node's echo folded in), from
+    the load that fits the layout the observer sees (:mod:`.memload`): anonymous memory above
+    ``memory.high`` on cgroup v2, page-cache thrash under a v1 limit on a hybrid host."""
+    lay = _require_psi_and("memory", "unified")
+    roots = discover_roots()
+    how = memload.mode(roots)
+    # The test creates its cgroups where the observer looks for them, or it proves nothing.
+    assert (roots.unified, roots.memory) == (lay.unified, lay.memory), (roots, lay)
+    # The load lasts the whole (time-scaled) wait and the check after it: it is killed when the
+    # test ends.
+    secs = (30 + 8) * TIME_SCALE + 30
+    if how == "high":
+        argv = memload.alloc_argv(sys.executable, secs)
+    else:
+        argv = memload.thrash_argv(sys.executable, secs)  # writes the file first
     name = f"tapio-node-mem-{os.getpid()}"
     procs: list[subprocess.Popen[bytes]] = []
     try:
         with cgroup_dirs(("memory", "unified"), name, ("memory",)) as dirs:
-            set_memory_limit(dirs["memory"], MEMORY_LIMIT_MIB << 20)
+            if how == "high":
+                memload.set_memory_high(dirs["memory"])
+            else:
+                set_memory_limit(dirs["memory"], memload.LIMIT_MIB * memload.MIB)
+            # An earlier test's pressure on the node would be an incident of its own.
+            wait_for_quiet_memory()
             # The cgroup exists before the agent starts, so the first discovery pass sees it.
             with agent(tmp_path, observers=("node",)) as a:
                 start = time.monotonic()
-                # The thrash lasts the whole (time-scaled) wait and the check after it: it is
-                # killed when the test ends. A fixed 40 s ended it long before a scaled wait.
-                secs = str(round((30 + 8) * TIME_SCALE + 30))
-                procs.append(
-                    spawn(
-                        [sys.executable, "-c", THRASH, str(path), secs, str(THRASH_REGION_MIB)],
-                        list(dict.fromkeys(dirs.values())),
-                    )
-                )
+                procs.append(spawn(argv, list(dict.fromkeys(dirs.values()))))
                 first = wait_until(
                     lambda: node_occurrences(a, "kernel.node.memory_pressure", cgroup=f"/{name}"),
                     timeout=30,
                     interval=0.5,
                 )
                 assert first, (
-                    f"no memory_pressure for /{name} within 30 s; cgroup PSI now: "
+                    f"no memory_pressure for /{name} within 30 s ({how}); cgroup PSI now: "
                     f"{(dirs['unified'] / 'memory.pressure').read_text()!r}\n"
                     f"{a.stderr()[-3000:]}"
                 )
                 latency = time.monotonic() - start
-                time.sleep(8)  # the thrash goes on: still exactly one occurrence
-                assert procs[0].poll() is None, "thrasher died (OOM?)"
+                time.sleep(8)  # the load goes on: still exactly one occurrence
+                assert procs[0].poll() is None, f"the {how} load died (OOM?)"
                 mine = node_occurrences(a, "kernel.node.memory_pressure", cgroup=f"/{name}")
                 everything = a.occurrences("kernel.node.memory_pressure")
-                events = memory_events(dirs["memory"])
+                if how == "high":
+                    high = memload.high_events(dirs["memory"])
+                else:
+                    events = memory_events(dirs["memory"])
         assert len(mine) == 1, brief(mine)
         # The node shows the same pressure (node some >= cgroup some) but is folded into the
         # cgroup's occurrence rather than reported as a second incident.
@@ -208,10 +185,16 @@ def test_memory_pressure_from_page_cache_thrash(tmp_path: Path) -> None:
         assert occ["error"]["code"] == "MEMORY_PRESSURE"
         assert f"/{name}" in occ["error"]["message"]
         assert data["scope"] == "cgroup" and data["resource"] == "memory"
+        assert data["cgroup_hierarchy"] == "v2"  # PSI is a cgroup2 file in both layouts
         assert data["some_avg10"] >= 10.0 or data["full_avg10"] >= 5.0, data
         assert data["some_total_us"] > 0 and "some_avg60" in data and "full_avg60" in data
-        assert events["limit_hits"] > 0 and events["oom_kill"] == 0, events
-        print(f"memory_pressure after {latency:.1f}s: {data}")
+        if how == "high":
+            # Throttled above memory.high, never at the hard limit, never OOM-killed.
+            assert high["high"] > 0 and high["max"] == 0, high
+            assert high["oom"] == 0 and high["oom_kill"] == 0, high
+        else:
+            assert events["limit_hits"] > 0 and events["oom_kill"] == 0, events
+        print(f"memory_pressure ({how}) after {latency:.1f}s: {data}")
     finally:
         _kill_all(procs)
 

@@ -47,6 +47,16 @@ def test_failed_alternative_falls_back_to_the_next() -> None:
     assert obj.unused == {}
 
 
+def test_alternative_missing_from_the_object_leaves_the_next_in_place() -> None:
+    # An object built before "fast" existed: "basic" must still load, not be left out as the
+    # unused alternative of a program that is not there.
+    obj = _obj()
+    off = obj._plan({}, present={"basic", "retrans", "probe"})
+    assert off == set()
+    assert obj.unused == {}
+    assert obj.skipped == {}
+
+
 def test_culprit_is_the_optional_program_libbpf_names(monkeypatch: pytest.MonkeyPatch) -> None:
     obj = _obj()
     obj.programs = {n: _fake_program(n) for n in ("fast", "retrans", "probe")}

@@ -272,14 +272,16 @@ class BpfObject:
                     reasons[p.name] = f"map type of {', '.join(maps)} not supported by this kernel"
         return reasons
 
-    def _plan(self, failed: dict[str, str]) -> set[str]:
-        """The declared programs to leave out; fills ``skipped`` and ``unused``."""
+    def _plan(self, failed: dict[str, str], present: set[str] | None = None) -> set[str]:
+        """The declared programs to leave out; fills ``skipped`` and ``unused``. A declared
+        program the object does not contain (an object built before it existed) never takes
+        its group's place from an alternative that is there."""
         self.skipped = dict(failed)
         self.unused = {}
         off = set(failed)
         chosen: dict[str, str] = {}
         for spec in self.specs.values():
-            if spec.name in off:
+            if spec.name in off or (present is not None and spec.name not in present):
                 continue
             if spec.group and spec.group in chosen:
                 off.add(spec.name)
@@ -309,12 +311,11 @@ class BpfObject:
                         program=name,
                         why=why,
                     )
-            off = self._plan(failed)
+            present = {Program(prog).name for prog in self._iter_programs()}
+            off = self._plan(failed, present)
             self.programs = {}
-            present: set[str] = set()
             for prog in self._iter_programs():
                 p = Program(prog)
-                present.add(p.name)
                 if (self._autoload is not None and p.name not in self._autoload) or p.name in off:
                     lib.bpf_program__set_autoload(prog, False)
                 else:

@@ -32,7 +32,7 @@ from tapio import wire
 from tapio.controller.auth import TokenFile, is_protected, unauthorized
 from tapio.controller.config import ActiveConfig, ConfigStore, ReloadOutcome, ReloadResult
 from tapio.controller.evidence import EvidenceWindow, evidence_response
-from tapio.controller.forward import Forwarder, Record, build_records
+from tapio.controller.forward import Forwarder, Record, ingest_records
 from tapio.controller.forward.engine import RETRY_AFTER_SECONDS
 from tapio.controller.httputil import (
     CODES_BY_STATUS,
@@ -225,7 +225,8 @@ class Controller:
         )
 
     async def events(self, request: web.Request) -> web.Response:
-        batch = wire.decode(await read_json_body(request), wire.EventBatchRequest)
+        body = await read_json_body(request)
+        batch = wire.decode(body, wire.EventBatchRequest)
         active = self.active
         try:
             batch.validate(active.batching.max_batch_events)
@@ -241,7 +242,7 @@ class Controller:
             raise wire.WireError(
                 409, "UNKNOWN_AGENT", "agent is not registered; POST /v1/agents/hello first"
             )
-        if not self.emit(build_records(batch, self.enrich)):
+        if not self.emit(ingest_records(batch, body, self.enrich)):
             self.metrics.events_refused.labels("queue_full").inc(count)
             self.metrics.batches.labels("queue_full").inc()
             return error_response(

@@ -134,7 +134,13 @@ class ContainerObserver(Observer):
     }
     programs: ClassVar[tuple[ProgramSpec, ...]] = (
         ProgramSpec("handle_mark_victim", "oom_mark_victim", (CONTAINER_OOM_KILL,)),
-        ProgramSpec("handle_process_exit", "process_exit", (CONTAINER_ABNORMAL_EXIT,)),
+        # One body built twice: plain loads through the BTF-typed task (5.11+), else probe reads.
+        ProgramSpec(
+            "handle_process_exit_btf", "process_exit", (CONTAINER_ABNORMAL_EXIT,), group="exit"
+        ),
+        ProgramSpec(
+            "handle_process_exit", "process_exit", (CONTAINER_ABNORMAL_EXIT,), group="exit"
+        ),
     )
 
     enrichment: ClassVar[dict[str, Enrichment]] = {

@@ -149,10 +149,11 @@ def evidence_response(window: EvidenceWindow, query: MultiMapping[str]) -> Evide
     docs: list[msgspec.Raw] = []
     size = 0
     for rec in page.records:
-        if docs and size + len(rec.body) > MAX_RESPONSE_BYTES:
+        doc = rec.document()  # encoded here, for what is returned, unless an output sealed it
+        if docs and size + len(doc) > MAX_RESPONSE_BYTES:
             break
-        docs.append(msgspec.Raw(rec.body))
-        size += len(rec.body) + 1
+        docs.append(msgspec.Raw(doc))
+        size += len(doc) + 1
     returned = len(docs)
     cursor = None
     if returned < page.matched and returned:

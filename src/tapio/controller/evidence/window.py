@@ -7,20 +7,22 @@ enforced on every insert (oldest arrivals leave first, counted by bound):
 * ``max_events`` occurrences (default 50,000);
 * ``max_age`` seconds since the controller accepted an occurrence (default 3600);
 * ``max_bytes`` of accounted memory (default 64 MiB). Each occurrence is charged the size of
-  its encoded document and of each string the window filters on (``sys.getsizeof``: what the
+  what it holds of its document (the encoded document, or the event JSON it is built from
+  while no output has needed it; see :class:`~tapio.controller.forward.record.Record`) and
+  of each string the window filters on (``sys.getsizeof``: what the
   objects occupy, whatever their characters), plus a fixed ``ENTRY_OVERHEAD`` for the objects
   that hold them; ``benchmarks/evidence_window.py`` measures the real memory against this
   bound, so the window stays within ``max_bytes`` whatever the documents look like.
 
-Entries keep the document as the bytes every output received (no second copy) and the few
-fields a query filters on, so a query decodes only what it returns. An occurrence id seen
+Entries keep the document as the bytes every output received (no second copy), or the event
+it is built from, and the few fields a query filters on, so a query decodes and encodes only
+what it returns. An occurrence id seen
 already (an agent re-sent a batch after a lost answer) is not added twice.
 """
 
 from __future__ import annotations
 
 import heapq
-import operator
 import sys
 import time
 from collections import Counter, deque
@@ -54,9 +56,11 @@ _STRING_FIELDS: Final = (
     "workload_kind",
     "workload_name",
 )
-_strings: Final = operator.attrgetter(*_STRING_FIELDS)
-#: The entry overhead plus the object headers of the document (bytes) and of those strings.
-_FIXED_COST: Final = ENTRY_OVERHEAD + sys.getsizeof(b"") + len(_STRING_FIELDS) * sys.getsizeof("")
+#: The entry overhead plus the object headers of the document and event (bytes) and of those
+#: strings.
+_FIXED_COST: Final = (
+    ENTRY_OVERHEAD + 2 * sys.getsizeof(b"") + len(_STRING_FIELDS) * sys.getsizeof("")
+)
 
 Key = tuple[int, str]
 """(timestamp ns, id): the order queries page in, newest first."""
@@ -73,7 +77,20 @@ def cost(rec: Record) -> int:
     # fixed header, so summing lengths is exact for them and a fraction of the getsizeof calls
     # (a non-ASCII string would take up to 4 bytes a character; the document, the bulk of an
     # entry, is counted exactly either way).
-    return _FIXED_COST + len(rec.body) + sum(map(len, _strings(rec)))
+    # Written out rather than summed over _STRING_FIELDS: this runs once per ingested event.
+    return (
+        _FIXED_COST
+        + len(rec.body)
+        + len(rec.event)
+        + len(rec.id)
+        + len(rec.type)
+        + len(rec.node_name)
+        + len(rec.severity)
+        + len(rec.namespace)
+        + len(rec.pod)
+        + len(rec.workload_kind)
+        + len(rec.workload_name)
+    )
 
 
 def _keys_match(flt: store.Filter, rec: Record) -> bool:
@@ -139,25 +156,43 @@ class EvidenceWindow:
     def add(self, records: Sequence[Record]) -> None:
         now = self.clock()
         cutoff = now - self.max_age
-        while self._entries and self._entries[0][0] < cutoff:
+        entries, ids = self._entries, self._ids
+        while entries and entries[0][0] < cutoff:
             self._evict_one("age")
+        max_events, max_bytes, total = self.max_events, self.max_bytes, self.bytes
+        duplicates = too_big = by_count = by_bytes = 0
+        # One pass with the bounds inlined (this runs once per ingested event); the order of
+        # checks and evictions is the rule the module docstring states, per record.
         for rec in records:
-            if rec.id in self._ids:
-                if self.metrics is not None:
-                    self.metrics.window_duplicates.inc()
+            rid = rec.id
+            if rid in ids:
+                duplicates += 1
                 continue
             size = cost(rec)
-            if size > self.max_bytes:
-                if self.metrics is not None:
-                    self.metrics.window_evicted.labels("bytes").inc()
+            if size > max_bytes:
+                too_big += 1
                 continue
-            while len(self._entries) >= self.max_events:
-                self._evict_one("count")
-            while self.bytes + size > self.max_bytes:
-                self._evict_one("bytes")
-            self._entries.append((now, size, rec))
-            self._ids.add(rec.id)
-            self.bytes += size
+            while len(entries) >= max_events:
+                _, old_size, old = entries.popleft()
+                ids.discard(old.id)
+                total -= old_size
+                by_count += 1
+            while total + size > max_bytes:
+                _, old_size, old = entries.popleft()
+                ids.discard(old.id)
+                total -= old_size
+                by_bytes += 1
+            entries.append((now, size, rec))
+            ids.add(rid)
+            total += size
+        self.bytes = total
+        evicted = self._evicted
+        if by_count:
+            evicted["count"] += by_count
+        if by_bytes or too_big:
+            evicted["bytes"] += by_bytes + too_big
+        if duplicates and self.metrics is not None:
+            self.metrics.window_duplicates.inc(duplicates)
         self._publish()
 
     # -- queries -------------------------------------------------------------------------------
@@ -171,7 +206,7 @@ class EvidenceWindow:
 
     def _full_match(self, flt: store.Filter, rec: Record) -> store.Record | None:
         try:
-            full = record_from_doc(rec.body)
+            full = record_from_doc(rec.document())
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
         return full if flt.matches(full) else None

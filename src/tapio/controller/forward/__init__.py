@@ -18,7 +18,7 @@ from tapio.controller.forward.engine import (
     Forwarder,
     Output,
 )
-from tapio.controller.forward.record import Record, build_records
+from tapio.controller.forward.record import Record, build_records, ingest_records
 
 __all__ = [
     "DEFAULT_DRAIN_GRACE",
@@ -29,6 +29,7 @@ __all__ = [
     "Record",
     "build_output",
     "build_records",
+    "ingest_records",
 ]
 
 

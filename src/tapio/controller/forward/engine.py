@@ -190,9 +190,14 @@ class Forwarder:
         return sum(len(lane) for lane in self.lanes)
 
     def offer(self, records: Sequence[Record]) -> bool:
-        """All lanes take ``records`` or none does (False: answer 503, nothing changed)."""
+        """All lanes take ``records`` or none does (False: answer 503, nothing changed).
+
+        Taken records are sealed (their documents encoded once, here), so every output sends
+        the same ``body`` and the evidence window charges what the record then holds."""
         if any(lane.room() < len(records) for lane in self.lanes):
             return False
+        for rec in records:
+            rec.seal()
         for lane in self.lanes:
             lane.push(records)
         return True

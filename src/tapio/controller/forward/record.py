@@ -3,7 +3,14 @@
 Agents send ``WireEvent``s; Tapio agents carry the occurrence's ``id``, ``outcome`` and
 ``error`` inside ``facts`` (``occurrence_id``, ``outcome``, ``error_code``, ``error_message``).
 The controller turns each event back into an occurrence-shaped JSON document, adds who sent it
-(``node_name``, ``agent_id``), and encodes it once; every output ships the same bytes.
+(``node_name``, ``agent_id``), and encodes it at most once for every output; all of them ship
+the same bytes.
+
+A record is built at ingest from what the route already decoded (its key and the fields the
+evidence window filters on) plus the event's JSON as the agent sent it; its document is encoded
+only when something sends it: the forwarders (:meth:`Record.seal`, once, when a batch enters
+their queues) and the evidence endpoints (:meth:`Record.document`, for what they return). A
+controller without outputs so never encodes the documents its window forgets unread.
 
 The occurrence id is the de-duplication key downstream (JetStream ``Nats-Msg-Id``, the file
 output's recent-id set). An event without one (an agent that does not send it) gets an id
@@ -50,26 +57,54 @@ class ForwardedOccurrence(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: ForwardedError | None = None
 
 
-class Record(msgspec.Struct, frozen=True):
-    """One forwardable occurrence: key, routing and the encoded document, plus the few fields
-    the evidence window filters on (so a query never decodes a document it does not return).
-    A Struct, not a dataclass: one is built per ingested event, and its construction in C is a
-    fraction of a frozen dataclass's."""
+class Origin(msgspec.Struct, frozen=True, gc=False):
+    """Who sent a batch: one object shared by the records of that batch."""
+
+    agent_id: str
+    node_name: str
+
+
+class Record(msgspec.Struct, gc=False):
+    """One forwardable occurrence: key, routing and the document, plus the few fields the
+    evidence window filters on (so a query never decodes a document it does not return).
+
+    Either ``body`` holds the encoded document, or ``event`` holds the agent's event JSON as
+    received and ``origin`` its sender, from which :meth:`document` builds the same bytes.
+    A Struct (built in C, one per ingested event) outside the garbage collector's tracking:
+    it holds only strings, bytes and an :class:`Origin`, so it can never be part of a cycle,
+    and a full evidence window adds nothing to every collection's work."""
 
     id: str
     type: str
     node_name: str
-    body: bytes
+    body: bytes = b""
     ts_ns: int = 0
     severity: str = ""
     namespace: str = ""
     pod: str = ""
     workload_kind: str = ""
     workload_name: str = ""
+    event: bytes = b""
+    origin: Origin | None = None
 
     @property
     def subject(self) -> str:
         return subject_for(self.type)
+
+    def document(self) -> bytes:
+        """The encoded document (built again on each call while the record is not sealed)."""
+        if self.origin is None:
+            return self.body
+        event = _EVENT_DECODER.decode(self.event)
+        return _ENCODER.encode(_occurrence(self.origin, event, self.id, None))
+
+    def seal(self) -> bytes:
+        """Encode the document once and keep it instead of the event (what outputs send)."""
+        if self.origin is not None:
+            self.body = self.document()
+            self.event = b""
+            self.origin = None
+        return self.body
 
 
 def subject_for(event_type: str) -> str:
@@ -98,9 +133,9 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _content_id(batch: wire.EventBatchRequest, event: wire.WireEvent) -> str:
+def _content_id(origin: Origin, event: wire.WireEvent) -> str:
     digest = hashlib.sha256()
-    for part in (batch.agent_id, batch.node_name, event.type, str(event.timestamp_unix_nanos)):
+    for part in (origin.agent_id, origin.node_name, event.type, str(event.timestamp_unix_nanos)):
         digest.update(part.encode())
         digest.update(b"\0")
     digest.update(_ENCODER.encode(event.facts))
@@ -111,13 +146,21 @@ def _content_id(batch: wire.EventBatchRequest, event: wire.WireEvent) -> str:
 Enrich = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def build_record(
-    batch: wire.EventBatchRequest, event: wire.WireEvent, enrich: Enrich | None = None
-) -> Record:
-    facts = event.facts if isinstance(event.facts, dict) else {"value": event.facts}
+def _facts(event: wire.WireEvent) -> dict[str, Any]:
+    return event.facts if isinstance(event.facts, dict) else {"value": event.facts}
+
+
+def _key(origin: Origin, event: wire.WireEvent, facts: dict[str, Any]) -> str:
     occurrence_id = _text(facts.get("occurrence_id"))
     if occurrence_id is None or len(occurrence_id) > _MAX_ID_CHARS:
-        occurrence_id = _content_id(batch, event)
+        return _content_id(origin, event)
+    return occurrence_id
+
+
+def _occurrence(
+    origin: Origin, event: wire.WireEvent, occurrence_id: str, enrich: Enrich | None
+) -> ForwardedOccurrence:
+    facts = _facts(event)
     data = dict(facts)
     for key in _EXTRA_FACTS:
         data.pop(key, None)
@@ -128,7 +171,7 @@ def build_record(
     code, message = _text(facts.get("error_code")), _text(facts.get("error_message"))
     if code is not None:
         error = ForwardedError(code=code, message=message or "")
-    doc = ForwardedOccurrence(
+    return ForwardedOccurrence(
         id=occurrence_id,
         timestamp=rfc3339_nanos(event.timestamp_unix_nanos),
         timestamp_unix_nanos=event.timestamp_unix_nanos,
@@ -137,12 +180,19 @@ def build_record(
         severity=event.severity.value,
         outcome=_text(facts.get("outcome")) or "unknown",
         observer=event.observer,
-        node_name=batch.node_name,
-        agent_id=batch.agent_id,
+        node_name=origin.node_name,
+        agent_id=origin.agent_id,
         data=data,
         error=error,
     )
-    return record_of(doc)
+
+
+def build_record(
+    batch: wire.EventBatchRequest, event: wire.WireEvent, enrich: Enrich | None = None
+) -> Record:
+    """The record of one event, its document encoded now."""
+    origin = Origin(batch.agent_id, batch.node_name)
+    return record_of(_occurrence(origin, event, _key(origin, event, _facts(event)), enrich))
 
 
 def record_of(doc: ForwardedOccurrence) -> Record:
@@ -164,3 +214,61 @@ def record_of(doc: ForwardedOccurrence) -> Record:
 
 def build_records(batch: wire.EventBatchRequest, enrich: Enrich | None = None) -> list[Record]:
     return [build_record(batch, event, enrich) for event in batch.events]
+
+
+class _RawEvents(msgspec.Struct):
+    events: list[msgspec.Raw]
+
+
+_RAW_EVENTS: Final = msgspec.json.Decoder(_RawEvents)
+_EVENT_DECODER: Final = msgspec.json.Decoder(wire.WireEvent)
+#: The facts the evidence window filters on; an event carrying none of them (what agents send:
+#: the controller's enrichment adds them) skips looking each one up.
+_FILTER_FACTS: Final = frozenset({"pod_namespace", "pod_name", "workload_kind", "workload_name"})
+
+
+def ingest_records(
+    batch: wire.EventBatchRequest, body: bytes, enrich: Enrich | None = None
+) -> list[Record]:
+    """The records of a decoded, validated batch whose request body was ``body``, documents not
+    yet encoded. Each record keeps its event's JSON exactly as received (a copy, so the window
+    holds no request body). Enriched records are encoded now (the window would otherwise hold
+    each one's enrichment besides the event)."""
+    if enrich is not None:
+        return build_records(batch, enrich)
+    raws = _RAW_EVENTS.decode(body).events
+    if len(raws) != len(batch.events):  # cannot happen for a body that decoded as ``batch``
+        return build_records(batch)
+    origin = Origin(batch.agent_id, batch.node_name)
+    node_name = batch.node_name
+    records = []
+    for event, raw in zip(batch.events, raws, strict=True):
+        facts = event.facts
+        if type(facts) is not dict:
+            facts = _facts(event)
+        occurrence_id = facts.get("occurrence_id")
+        if type(occurrence_id) is not str or not 0 < len(occurrence_id) <= _MAX_ID_CHARS:
+            occurrence_id = _key(origin, event, facts)  # the general rule, content id included
+        namespace = pod = workload_kind = workload_name = ""
+        if not _FILTER_FACTS.isdisjoint(facts):
+            namespace = _text(facts.get("pod_namespace")) or ""
+            pod = _text(facts.get("pod_name")) or ""
+            workload_kind = _text(facts.get("workload_kind")) or ""
+            workload_name = _text(facts.get("workload_name")) or ""
+        records.append(
+            Record(
+                occurrence_id,
+                event.type,
+                node_name,
+                b"",
+                event.timestamp_unix_nanos,
+                event.severity.value,
+                namespace,
+                pod,
+                workload_kind,
+                workload_name,
+                bytes(raw),
+                origin,
+            )
+        )
+    return records

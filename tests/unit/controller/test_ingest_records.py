@@ -1,0 +1,184 @@
+"""Records built at ingest encode their documents only when sent, and send the same bytes.
+
+``ingest_records`` keeps each event's JSON as received; ``document()`` (the evidence
+endpoints) and ``seal()`` (the forwarders) must produce exactly what ``build_records`` encodes
+at once, for every shape of event, and the window must charge what a record holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from tapio import wire
+from tapio.controller.evidence import EvidenceWindow
+from tapio.controller.evidence.window import _FIXED_COST, _STRING_FIELDS, cost
+from tapio.controller.forward import Forwarder, ingest_records
+from tapio.controller.forward.record import build_records
+from tapio.controller.metrics import ControllerMetrics
+
+from .ctl_harness import batch, enc, event
+
+SHAPES: list[dict[str, Any]] = [
+    # what a Tapio agent sends: id, outcome and error inside the facts
+    {
+        "occurrence_id": "01ABCDEFGHJKMNPQRSTVWXYZ00",
+        "outcome": "failure",
+        "error_code": "RST_RECEIVED",
+        "error_message": "TCP RST 10.0.0.2:40000 → 10.0.0.1:443",
+        "pid": 1234,
+        "comm": "curl",
+    },
+    {"dst_port": 6},  # no id: a content id
+    {"occurrence_id": "x" * 129, "dst_port": 7},  # too long to be a key: a content id
+    {"occurrence_id": 5, "dst_port": 8},  # not a string: a content id
+    {"occurrence_id": "", "outcome": 3},
+    {"pod_namespace": "payments", "pod_name": "pay-1", "workload_kind": "Deployment"},
+    {"workload_name": "ledger", "nested": {"a": [1, {"b": None}]}, "list": [1.5, "x"]},
+]
+
+
+def _decoded(events: list[dict[str, Any]]) -> tuple[wire.EventBatchRequest, bytes]:
+    body = enc(batch(events=events))
+    decoded = wire.decode(body, wire.EventBatchRequest)
+    decoded.validate(1000)
+    return decoded, body
+
+
+def test_lazy_documents_are_the_eager_bytes_for_every_shape() -> None:
+    events = [event(facts=f) for f in SHAPES]
+    events += [event(facts=[1, 2]), event(facts="text"), event(facts=None)]
+    events.append(event(severity="no-such-severity", facts={"k": "v"}))
+    decoded, body = _decoded(events)
+    eager = build_records(decoded)
+    lazy = ingest_records(decoded, body)
+    assert len(lazy) == len(eager) == len(events)
+    for e, rec in zip(eager, lazy, strict=True):
+        assert rec.body == b"" and rec.event and rec.origin is not None
+        assert (rec.id, rec.type, rec.node_name, rec.ts_ns, rec.severity) == (
+            e.id,
+            e.type,
+            e.node_name,
+            e.ts_ns,
+            e.severity,
+        )
+        assert (rec.namespace, rec.pod, rec.workload_kind, rec.workload_name) == (
+            e.namespace,
+            e.pod,
+            e.workload_kind,
+            e.workload_name,
+        )
+        assert rec.document() == e.body and rec.document() == e.body  # not cached, stable
+        assert rec.body == b""
+        assert rec.seal() == e.body
+        assert rec.body == e.body and rec.event == b"" and rec.origin is None
+        assert rec.document() == e.body and rec.seal() == e.body
+    assert lazy[0].id == "01ABCDEFGHJKMNPQRSTVWXYZ00"
+    assert all(r.id.startswith("sha256-") for r in lazy[1:5])
+    assert lazy[5].namespace == "payments" and lazy[5].pod == "pay-1"
+    doc = msgspec.json.decode(eager[0].body)
+    assert doc["error"]["code"] == "RST_RECEIVED" and "occurrence_id" not in doc["data"]
+
+
+def test_the_event_kept_is_the_agents_json_as_received() -> None:
+    decoded, body = _decoded([event(facts=f) for f in SHAPES[:2]])
+    for rec, sent in zip(ingest_records(decoded, body), SHAPES[:2], strict=True):
+        assert msgspec.json.decode(rec.event)["facts"] == sent
+        assert rec.event in body
+
+
+def test_enriched_records_are_encoded_at_once() -> None:
+    decoded, body = _decoded([event(facts={"pod_uid": "u-1", "dst_port": 1})])
+
+    def enrich(data: dict[str, Any]) -> dict[str, Any]:
+        return {"pod_name": "p", "pod_namespace": "ns", "dst_port": 99}
+
+    (rec,) = ingest_records(decoded, body, enrich)
+    assert rec.origin is None and rec.event == b"" and rec.pod == "p" and rec.namespace == "ns"
+    assert msgspec.json.decode(rec.body)["data"] == {
+        "dst_port": 1,  # the agent's fact is never overwritten
+        "pod_name": "p",
+        "pod_namespace": "ns",
+        "pod_uid": "u-1",
+    }
+
+
+def test_cost_counts_what_a_record_holds() -> None:
+    decoded, body = _decoded([event(facts=f) for f in SHAPES])
+    for rec in ingest_records(decoded, body):
+        strings = sum(len(getattr(rec, name)) for name in _STRING_FIELDS)
+        before = cost(rec)
+        assert before == _FIXED_COST + len(rec.event) + strings
+        rec.seal()
+        assert cost(rec) == _FIXED_COST + len(rec.body) + strings
+
+
+async def test_forwarded_records_are_sealed_before_the_window_charges_them() -> None:
+    class Sink:
+        name = "sink"
+
+        async def connect(self) -> None: ...
+
+        async def deliver(self, records: Any) -> list[bool]:
+            return [True] * len(records)
+
+        async def close(self) -> None: ...
+
+    m = ControllerMetrics()
+    fwd = Forwarder([Sink()], m, None)
+    window = EvidenceWindow(metrics=m)
+    decoded, body = _decoded([event(facts=f) for f in SHAPES])
+    records = ingest_records(decoded, body)
+    eager = build_records(decoded)
+    assert fwd.offer(records)
+    window.add(records)
+    assert [r.body for r in records] == [e.body for e in eager]
+    assert all(r.event == b"" for r in records)
+    assert window.bytes == sum(cost(e) for e in eager)
+
+
+def test_window_charges_unsealed_records_by_their_event() -> None:
+    decoded, body = _decoded([event(facts=f) for f in SHAPES])
+    records = ingest_records(decoded, body)
+    window = EvidenceWindow(max_events=3)
+    window.add(records)
+    assert len(window) == 3 and window.bytes == sum(cost(r) for r in records[-3:])
+
+
+@pytest.mark.parametrize(
+    ("facts", "path"),
+    [
+        ({"reasoning": "x"}, "$.reasoning"),
+        ({"a": {"root_cause": 1}}, "$.a.root_cause"),
+        ({"a": [{"b": 1}, {"remediation": 2}]}, "$.a[1].remediation"),
+        ([{"explanation": 1}], "$[0].explanation"),
+    ],
+)
+def test_a_batch_with_one_reasoning_event_is_refused_whatever_its_neighbours(
+    facts: Any, path: str
+) -> None:
+    events = [event(), event(facts=facts), event()]
+    decoded = wire.decode(enc(batch(events=events)), wire.EventBatchRequest)
+    with pytest.raises(wire.WireError) as err:
+        decoded.validate(1000)
+    assert err.value.code == "REASONING_FIELD" and err.value.message.endswith(path)
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "field"),
+    [
+        ({"type": " "}, "MISSING_FIELD", "type"),
+        ({"observer": ""}, "MISSING_FIELD", "observer"),
+        ({"type": "user.thing"}, "INVALID_FIELD", "type"),
+    ],
+)
+def test_the_first_bad_event_of_a_batch_names_its_error(
+    bad: dict[str, Any], code: str, field: str
+) -> None:
+    events = [event(), event(**bad), event(facts={"reasoning": 1})]
+    decoded = wire.decode(enc(batch(events=events)), wire.EventBatchRequest)
+    with pytest.raises(wire.WireError) as err:
+        decoded.validate(1000)
+    assert err.value.code == code and field in err.value.message
