@@ -48,32 +48,60 @@ def build_dicts(frames: bytes, sample: dict[str, Any]) -> list[dict[str, Any]]:
     record (ints) or is a string made per record, as the agent does."""
     top = {k: v for k, v in sample.items() if k != "data"}
     code = sample.get("error", {}).get("code", "RST_RECEIVED")
+    sample_data = sample.get("data", {})
+    pid_source = sample_data.get("pid_source", "connect")
+    # A line that names the connecting task's cgroups carries five keys more: the ids come
+    # from the record, the path from a lookup (a constant here: the cheapest lookup there is).
+    cgroup_path = sample_data.get("cgroup_path")
     out: list[dict[str, Any]] = []
     append = out.append
     for (
         _h, ts, gen, pid, tid, _ev, _fam, _ps, _os, _ns, _fl, sport, dport,
-        _sa, _da, _err, _rc, _tr, _cw, _rb, _rcur, _rs, dur, _comm, _cg2, _mcg, _ccg,
+        _sa, _da, _err, _rc, _tr, _cw, _rb, _rcur, _rs, dur, _comm, cg2, mcg, ccg,
     ) in struct.iter_unpack(NETWORK_EVENT.frame.format, frames):  # fmt: skip
         d = dict(top)
         d["id"] = f"{ts:026d}"
         d["timestamp"] = f"{ts}"
         d["error"] = {"code": code, "message": f"TCP RST 127.0.0.1:{sport} → 127.0.0.1:{dport}"}
-        d["data"] = {
-            "comm": "connect_loop",
-            "config_generation": gen,
-            "connect_duration_ms": dur // 1000 / 1000,
-            "dst_ip": "127.0.0.1",
-            "dst_port": dport,
-            "family": "ipv4",
-            "pid": pid,
-            "pid_source": "task",
-            "protocol": "tcp",
-            "reason": "rst",
-            "src_ip": "127.0.0.1",
-            "src_port": sport,
-            "tid": tid,
-            "timestamp_ns": ts,
-        }
+        if cgroup_path is None:
+            d["data"] = {
+                "comm": "connect_loop",
+                "config_generation": gen,
+                "connect_duration_ms": dur // 1000 / 1000,
+                "dst_ip": "127.0.0.1",
+                "dst_port": dport,
+                "family": "ipv4",
+                "pid": pid,
+                "pid_source": pid_source,
+                "protocol": "tcp",
+                "reason": "rst",
+                "src_ip": "127.0.0.1",
+                "src_port": sport,
+                "tid": tid,
+                "timestamp_ns": ts,
+            }
+        else:
+            d["data"] = {
+                "cgroup2_id": cg2,
+                "cgroup_id": mcg,
+                "cgroup_path": cgroup_path,
+                "comm": "connect_loop",
+                "config_generation": gen,
+                "connect_duration_ms": dur // 1000 / 1000,
+                "cpu_cgroup_id": ccg,
+                "dst_ip": "127.0.0.1",
+                "dst_port": dport,
+                "family": "ipv4",
+                "memory_cgroup_id": mcg,
+                "pid": pid,
+                "pid_source": pid_source,
+                "protocol": "tcp",
+                "reason": "rst",
+                "src_ip": "127.0.0.1",
+                "src_port": sport,
+                "tid": tid,
+                "timestamp_ns": ts,
+            }
         append(d)
     return out
 
