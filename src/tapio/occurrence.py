@@ -174,19 +174,27 @@ class _UlidState:
 _ulid = _UlidState()
 
 
+def _time_prefix(ms: int) -> str:
+    """A ULID's first 10 characters: the 48-bit millisecond time in Crockford base32."""
+    value = ms & 0xFFFF_FFFF_FFFF
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(45, -5, -5))
+
+
+def _entropy_pool() -> str:
+    """Random characters for the next 512 ULIDs (16 each), from one ``os.urandom`` call."""
+    return os.urandom(_POOL_CHARS).translate(_BYTE_TO_CHAR).decode("ascii")
+
+
 def new_ulid(ms: int | None = None) -> str:
     """A ULID: 48-bit millisecond time then 80 random bits, Crockford base32, 26 characters."""
     if ms is None:
         ms = time.time_ns() // 1_000_000
     st = _ulid
     if ms != st.ms:
-        value = ms & 0xFFFF_FFFF_FFFF
-        st.prefix = "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(45, -5, -5))
-        st.ms = ms
+        st.prefix, st.ms = _time_prefix(ms), ms
     off = st.offset
     if off >= _POOL_CHARS:
-        st.pool = os.urandom(_POOL_CHARS).translate(_BYTE_TO_CHAR).decode("ascii")
-        off = 0
+        st.pool, off = _entropy_pool(), 0
     st.offset = off + 16
     return st.prefix + st.pool[off : off + 16]
 
@@ -207,13 +215,18 @@ def ulid_time_ms(ulid: str) -> int:
 _ts_cache: list[Any] = [-1, ""]
 
 
+def _second(secs: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a Unix second, UTC: formatted once per second by callers."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+
+
 def format_timestamp(ns: int) -> str:
     """UTC ``YYYY-MM-DDTHH:MM:SS.nnnnnnnnn+00:00``; the fraction is omitted when exactly zero."""
     secs, frac = divmod(ns, 1_000_000_000)
     if _ts_cache[0] == secs:
         base = _ts_cache[1]
     else:
-        base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        base = _second(secs)
         _ts_cache[0] = secs
         _ts_cache[1] = base
     if frac:
@@ -242,16 +255,12 @@ def occurrences(rows: Iterable[Row]) -> list[Occurrence]:
     for type_, severity, outcome, ns, code, message, data in rows:
         ms = ns // 1_000_000
         if ms != last_ms:
-            value = ms & 0xFFFF_FFFF_FFFF
-            prefix = "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(45, -5, -5))
-            last_ms = ms
+            prefix, last_ms = _time_prefix(ms), ms
         if off >= _POOL_CHARS:
-            pool = os.urandom(_POOL_CHARS).translate(_BYTE_TO_CHAR).decode("ascii")
-            off = 0
+            pool, off = _entropy_pool(), 0
         secs, frac = divmod(ns, 1_000_000_000)
         if secs != last_secs:
-            base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-            last_secs = secs
+            base, last_secs = _second(secs), secs
         append(
             Occurrence(
                 prefix + pool[off : off + 16],
