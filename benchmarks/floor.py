@@ -53,6 +53,8 @@ def build_dicts(frames: bytes, sample: dict[str, Any]) -> list[dict[str, Any]]:
     # A line that names the connecting task's cgroups carries five keys more: the ids come
     # from the record, the path from a lookup (a constant here: the cheapest lookup there is).
     cgroup_path = sample_data.get("cgroup_path")
+    # A line without some of them (a task whose cgroups were not named) keeps only its own keys.
+    keys = None if "cgroup_path" in sample_data else list(sample_data)
     out: list[dict[str, Any]] = []
     append = out.append
     for (
@@ -63,45 +65,28 @@ def build_dicts(frames: bytes, sample: dict[str, Any]) -> list[dict[str, Any]]:
         d["id"] = f"{ts:026d}"
         d["timestamp"] = f"{ts}"
         d["error"] = {"code": code, "message": f"TCP RST 127.0.0.1:{sport} → 127.0.0.1:{dport}"}
-        if cgroup_path is None:
-            d["data"] = {
-                "comm": "connect_loop",
-                "config_generation": gen,
-                "connect_duration_ms": dur // 1000 / 1000,
-                "dst_ip": "127.0.0.1",
-                "dst_port": dport,
-                "family": "ipv4",
-                "pid": pid,
-                "pid_source": pid_source,
-                "protocol": "tcp",
-                "reason": "rst",
-                "src_ip": "127.0.0.1",
-                "src_port": sport,
-                "tid": tid,
-                "timestamp_ns": ts,
-            }
-        else:
-            d["data"] = {
-                "cgroup2_id": cg2,
-                "cgroup_id": mcg,
-                "cgroup_path": cgroup_path,
-                "comm": "connect_loop",
-                "config_generation": gen,
-                "connect_duration_ms": dur // 1000 / 1000,
-                "cpu_cgroup_id": ccg,
-                "dst_ip": "127.0.0.1",
-                "dst_port": dport,
-                "family": "ipv4",
-                "memory_cgroup_id": mcg,
-                "pid": pid,
-                "pid_source": pid_source,
-                "protocol": "tcp",
-                "reason": "rst",
-                "src_ip": "127.0.0.1",
-                "src_port": sport,
-                "tid": tid,
-                "timestamp_ns": ts,
-            }
+        data = {
+            "cgroup2_id": cg2,
+            "cgroup_id": mcg,
+            "cgroup_path": cgroup_path,
+            "comm": "connect_loop",
+            "config_generation": gen,
+            "connect_duration_ms": dur // 1000 / 1000,
+            "cpu_cgroup_id": ccg,
+            "dst_ip": "127.0.0.1",
+            "dst_port": dport,
+            "family": "ipv4",
+            "memory_cgroup_id": mcg,
+            "pid": pid,
+            "pid_source": pid_source,
+            "protocol": "tcp",
+            "reason": "rst",
+            "src_ip": "127.0.0.1",
+            "src_port": sport,
+            "tid": tid,
+            "timestamp_ns": ts,
+        }
+        d["data"] = data if keys is None else {k: data[k] for k in keys if k in data}
         append(d)
     return out
 
