@@ -42,12 +42,18 @@ def test_xfail():
 """
 
 
+#: The inner suites' own configuration: the marker, and pytest-asyncio's loop scope as the
+#: project sets it (unset, the plugin warns in every inner run).
+INI = (
+    "[pytest]\nmarkers =\n    allow_skip(reason): may skip under CI\naddopts = --strict-markers\n"
+    "asyncio_default_fixture_loop_scope = function\n"
+)
+
+
 @pytest.fixture
 def suite(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeconftest(ROOT_CONFTEST.read_text())
-    pytester.makeini(
-        "[pytest]\nmarkers =\n    allow_skip(reason): may skip under CI\naddopts = --strict-markers\n"
-    )
+    pytester.makeini(INI)
     pytester.makepyfile(test_suite=SUITE)
     return pytester
 
@@ -87,6 +93,7 @@ def test_a_module_skipped_at_collection_fails_under_ci(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytester.makeconftest(ROOT_CONFTEST.read_text())
+    pytester.makeini(INI)
     pytester.makepyfile(
         test_gone='import pytest\npytest.skip("no gadget", allow_module_level=True)\n'
     )
