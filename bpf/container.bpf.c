@@ -99,6 +99,26 @@ static __always_inline __u32 cpu_id(int *ok)
 }
 
 /*
+ * The limit of the memory cgroup the task of `cs` is in, when the kernel has the field, into e
+ * (probe reads, for both exit builds: css is embedded in struct mem_cgroup, so stepping back by
+ * its offset gives the typed pointer).
+ */
+static __always_inline void fill_memory_limit(struct container_event *e, struct css_set *cs,
+					      int mem_ok, __u32 mem)
+{
+	struct cgroup_subsys_state *css = 0;
+	if (!mem_ok || !cs || mem >= 12 || !bpf_core_type_exists(struct mem_cgroup) ||
+	    !bpf_core_field_exists(((struct mem_cgroup *)0)->memory.max))
+		return;
+	bpf_core_read(&css, sizeof(css), &cs->subsys[mem]);
+	if (!css)
+		return;
+	struct mem_cgroup *mcg = (void *)css - bpf_core_field_offset(struct mem_cgroup, css);
+	e->memory_limit_pages = BPF_CORE_READ(mcg, memory.max);
+	e->flags |= CT_FLAG_LIMIT_VALID;
+}
+
+/*
  * Fill the task's cgroup ids and its memory cgroup's limit. Not inlined on purpose: its
  * signature puts struct container_event into the object's BTF, which the layout test reads.
  */
@@ -115,19 +135,8 @@ static __noinline int fill_task_cgroups(struct container_event *e, struct task_s
 	e->cpu_cgroup_id = cgroup_id_of(cpucg);
 	e->flags |= CT_FLAG_TASK_CGROUPS;
 
-	if (memcg && mem_ok && bpf_core_type_exists(struct mem_cgroup) &&
-	    bpf_core_field_exists(((struct mem_cgroup *)0)->memory.max)) {
-		struct css_set *cs = BPF_CORE_READ(task, cgroups);
-		struct cgroup_subsys_state *css = 0;
-		bpf_core_read(&css, sizeof(css), &cs->subsys[mem]);
-		if (css) {
-			/* css is embedded in struct mem_cgroup: step back by its offset. */
-			struct mem_cgroup *mcg =
-				(void *)css - bpf_core_field_offset(struct mem_cgroup, css);
-			e->memory_limit_pages = BPF_CORE_READ(mcg, memory.max);
-			e->flags |= CT_FLAG_LIMIT_VALID;
-		}
-	}
+	if (memcg)
+		fill_memory_limit(e, BPF_CORE_READ(task, cgroups), mem_ok, mem);
 	return 0;
 }
 
@@ -200,23 +209,6 @@ int handle_mark_victim(struct trace_event_raw_mark_victim *ctx)
 }
 
 /*
- * The memory cgroup's page_counter max through the task's css_set (probe reads: css is embedded
- * in struct mem_cgroup, so the step back by its offset leaves the typed pointer). 1 when read.
- */
-static __always_inline int memcg_limit_pages(struct css_set *cs, __u32 mem, __u64 *out)
-{
-	struct cgroup_subsys_state *css = 0;
-	if (!cs || mem >= 12)
-		return 0;
-	bpf_core_read(&css, sizeof(css), &cs->subsys[mem]);
-	if (!css)
-		return 0;
-	struct mem_cgroup *mcg = (void *)css - bpf_core_field_offset(struct mem_cgroup, css);
-	*out = BPF_CORE_READ(mcg, memory.max);
-	return 1;
-}
-
-/*
  * fill_task_cgroups by plain loads through the BTF-typed current task (5.11+), for the exit
  * program that runs on every process exit of the node: the same ids and limit as the probe-read
  * path, without its dozen helper calls.
@@ -231,14 +223,8 @@ static __always_inline void fill_task_cgroups_btf(struct container_event *e, str
 	e->memcg_id = tapio_cgroup_kn_id(memcg);
 	e->cpu_cgroup_id = tapio_css_set_cgroup_id(cs, cpu_ok, cpu);
 	e->flags |= CT_FLAG_TASK_CGROUPS;
-	if (memcg && mem_ok && bpf_core_type_exists(struct mem_cgroup) &&
-	    bpf_core_field_exists(((struct mem_cgroup *)0)->memory.max)) {
-		__u64 pages = 0;
-		if (memcg_limit_pages(cs, mem, &pages)) {
-			e->memory_limit_pages = pages;
-			e->flags |= CT_FLAG_LIMIT_VALID;
-		}
-	}
+	if (memcg)
+		fill_memory_limit(e, cs, mem_ok, mem);
 }
 
 /* Whether the task sits in the root cgroup of every hierarchy (a host process). */
