@@ -333,7 +333,12 @@ def yes(ok: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--connects", type=int, default=20_000, help="per connect round")
-    parser.add_argument("--pairs", type=int, default=9, help="bare/agent pairs (connect)")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=21,
+        help="bare/agent pairs (connect); fewer make a noisy median",
+    )
     parser.add_argument(
         "--placement", action="append", help="connect: split (default) and/or free (pairs.py)"
     )

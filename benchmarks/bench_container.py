@@ -62,7 +62,7 @@ def build(tmp: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("-n", type=int, default=3000, help="forks per round")
-    ap.add_argument("--pairs", type=int, default=9, help="bare/agent pairs per workload")
+    ap.add_argument("--pairs", type=int, default=15, help="bare/agent pairs per workload")
     ap.add_argument("--placement", action="append", help="split (default) and/or free")
     ap.add_argument("--code", type=int, action="append", help="exit codes (default 0 and 1)")
     args = ap.parse_args()

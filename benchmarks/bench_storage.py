@@ -95,7 +95,7 @@ def tmpfs_loop(tmp: Path) -> Iterator[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("-n", type=int, default=20000, help="reads per round")
-    ap.add_argument("--pairs", type=int, default=9, help="bare/agent pairs")
+    ap.add_argument("--pairs", type=int, default=21, help="bare/agent pairs")
     ap.add_argument("--placement", action="append", help="split (default) and/or free")
     args = ap.parse_args()
     if os.geteuid() != 0:

@@ -10,7 +10,9 @@ latency percentiles. Usage::
 
 ``--python`` runs the controller with another interpreter (e.g. another checkout's venv, whose
 editable install points at that checkout's source) while this same client drives it, so two
-trees are compared with identical traffic.
+trees are compared with identical traffic. ``--pairs N`` (with ``--python``) alternates the two:
+N rounds of the other tree's controller, then this tree's, each printed, then the totals and
+their ratio.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ async def agent_loop(
     return accepted, latencies, failures
 
 
-async def run(url: str, agents: int, size: int, seconds: float) -> None:
+async def run(url: str, agents: int, size: int, seconds: float) -> float:
     connector = aiohttp.TCPConnector(limit=agents)
     async with aiohttp.ClientSession(connector=connector) as session:
         await wait_ready(session, url)
@@ -138,22 +140,15 @@ async def run(url: str, agents: int, size: int, seconds: float) -> None:
     print(f"accepted events/s: {accepted / elapsed:,.0f} (controller total {total:,})")
     p50, p99, worst = q[49] * 1000, q[98] * 1000, latencies[-1] * 1000
     print(f"batch latency: p50={p50:.2f} ms p99={p99:.2f} ms max={worst:.2f} ms")
+    return accepted / elapsed
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--agents", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument(
-        "--python", default=sys.executable, help="interpreter that runs the controller"
-    )
-    args = parser.parse_args()
+def one_round(python: str, agents: int, size: int, seconds: float) -> float:
+    """Start a controller with ``python``, drive it for ``seconds``, stop it; events/s."""
     port = free_port()
-    env = dict(os.environ)
     proc = subprocess.Popen(
         [
-            args.python,
+            python,
             "-m",
             "tapio",
             "controller",
@@ -162,10 +157,10 @@ def main() -> int:
             "--log-level",
             "warning",
         ],
-        env=env,
+        env=dict(os.environ),
     )
     try:
-        asyncio.run(run(f"http://127.0.0.1:{port}", args.agents, args.batch, args.seconds))
+        return asyncio.run(run(f"http://127.0.0.1:{port}", agents, size, seconds))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -173,6 +168,35 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter that runs the controller"
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="alternate N rounds of --python's controller with this tree's (same client)",
+    )
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    if args.pairs < 1:
+        one_round(args.python, args.agents, args.batch, args.seconds)
+        return 0
+    other, this = [], []
+    for pair in range(1, args.pairs + 1):
+        for label, python, out in (("other", args.python, other), ("this", sys.executable, this)):
+            print(f"-- pair {pair}, {label} tree ({python})")
+            out.append(one_round(python, args.agents, args.batch, args.seconds))
+    print("pair  other events/s  this events/s  this/other")
+    for pair, (o, t) in enumerate(zip(other, this, strict=True), 1):
+        print(f"{pair:>4}  {o:>14,.0f}  {t:>13,.0f}  {t / o:>10.2f}")
+    print(f"total {sum(other):>14,.0f}  {sum(this):>13,.0f}  {sum(this) / sum(other):>10.2f}")
     return 0
 
 

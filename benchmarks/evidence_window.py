@@ -35,6 +35,7 @@ import msgspec
 from tapio import wire
 from tapio.controller.evidence import DEFAULT_MAX_BYTES, EvidenceWindow
 from tapio.controller.forward import Record, build_records, ingest_records
+from tapio.controller.forward.record import held_bytes
 
 BATCH = 256
 CHECK_EVERY = 50_000
@@ -96,19 +97,20 @@ def copies(template: Record, start: int) -> list[Record]:
     out = []
     for i in range(start, start + BATCH):
         oid = f"01BENCH{i:019d}"
-        out.append(
-            msgspec.structs.replace(
-                template,
-                id=oid,
-                body=template.body.replace(tid, oid.encode()),
-                event=template.event.replace(tid, oid.encode()),
-                ts_ns=T0 + i,
-                node_name=f"node-{i % 300}",
-                namespace=f"team-{i % 40}",
-                pod=f"checkout-7d9f8b6c4-{i % 5000:05d}",
-                workload_name=f"checkout-{i % 200}",
-            )
+        copy = msgspec.structs.replace(
+            template,
+            id=oid,
+            body=template.body.replace(tid, oid.encode()),
+            event=template.event.replace(tid, oid.encode()),
+            ts_ns=T0 + i,
+            node_name=f"node-{i % 300}",
+            namespace=f"team-{i % 40}",
+            pod=f"checkout-7d9f8b6c4-{i % 5000:05d}",
+            workload_name=f"checkout-{i % 200}",
         )
+        if copy.held:  # what ingest computes with the batch's columns, for this copy
+            copy.held = held_bytes(copy)
+        out.append(copy)
     return out
 
 

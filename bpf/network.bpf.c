@@ -120,8 +120,11 @@ static __always_inline void read_tcp_counters(struct network_event *e, const voi
 	e->snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
 }
 
-/* The local port: inet_sport survives inet_put_port() on close (skc_num is zeroed). */
-/* Copy a socket's addresses (tp_btf programs see the struct sock itself). */
+/*
+ * Copy a socket's addresses. tp_btf programs see the struct sock itself, so the IPv4 addresses
+ * are two plain loads from its common part, with no probe-read helper call; the IPv6 ones are
+ * copied 16 bytes at a time by probe read, which keeps the object small.
+ */
 static __always_inline void sk_addrs(struct network_event *e, const struct sock *sk, __u16 family)
 {
 	e->family = family;
@@ -129,9 +132,21 @@ static __always_inline void sk_addrs(struct network_event *e, const struct sock 
 		BPF_CORE_READ_INTO(&e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
 		BPF_CORE_READ_INTO(&e->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	} else {
-		BPF_CORE_READ_INTO((__u32 *)e->saddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__u32 *)e->daddr, sk, __sk_common.skc_daddr);
+		*(__u32 *)e->saddr = sk->__sk_common.skc_rcv_saddr;
+		*(__u32 *)e->daddr = sk->__sk_common.skc_daddr;
 	}
+}
+
+/*
+ * The local port, host order. inet_sport, not skc_num: the close transition is traced after
+ * inet_put_port() zeroed skc_num. inet_sport lies past struct sock, which a BTF pointer to a sock
+ * may not reach, so the socket is first re-typed by bpf_skc_to_tcp_sock (a check of the
+ * protocol, no copy), then read with a plain load.
+ */
+static __always_inline __u16 sk_sport(const struct sock *sk)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+	return tp ? bpf_ntohs(tp->inet_conn.icsk_inet.inet_sport) : 0;
 }
 
 /*
@@ -204,7 +219,7 @@ int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const 
 		e->event_type = type;
 		e->old_state = oldstate;
 		e->new_state = newstate;
-		e->sport = bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
+		e->sport = sk_sport(sk);
 		e->dport = bpf_ntohs(sk->__sk_common.skc_dport);
 		e->sk_err = sk_err;
 		if (ci && ci->rst_seen)
@@ -223,9 +238,12 @@ int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const 
 	return 0;
 }
 
+/* An RST matters only to a connect in SYN_SENT (the close path reads rst_seen only then). */
 SEC("tp_btf/tcp_receive_reset")
 int BPF_PROG(handle_receive_reset, struct sock *sk)
 {
+	if (sk->__sk_common.skc_state != TCP_SYN_SENT)
+		return 0;
 	__u64 skey = (__u64)sk;
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
 	if (ci)

@@ -14,6 +14,18 @@
  *
  * Only reads and writes are tracked; discards, secure erases, pure flushes ("F", "FF") and other
  * operations ("N") are ignored by design. A flush-prefixed write ("FW...") is a write.
+ *
+ * Two builds of each hook, one program group each (the agent loads the first its kernel accepts):
+ * tp_btf programs that read struct request directly, and classic tracepoints that read the
+ * record the kernel formats. A classic tracepoint costs the read path about as much again as the
+ * program itself before the program runs (the kernel fills the whole record: rwbs, comm and a
+ * command string, in a per-CPU perf buffer); a tp_btf program gets the tracepoint's arguments as
+ * they are. The tp_btf issue program needs bpf_get_current_task_btf() (5.11+, the same release
+ * that dropped the request_queue argument from block_rq_issue), so 5.10 keeps the classic issue
+ * program; block_rq_complete has had (rq, error, nr_bytes) on every supported kernel. Both builds
+ * produce the same key, the same rwbs bytes and the same error code as the kernel's record.
+ * block_rq_requeue keeps its classic program only: it runs only when a driver hands a request
+ * back, so it costs nothing on the common path.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -51,19 +63,201 @@ static __always_inline int rwbs_op(const char *rwbs)
 	return -1;
 }
 
-/* The inflight key of a request, shared by issue, requeue and completion; 0 when untracked. */
-static __always_inline int io_key_of(struct io_key *k, __u32 dev, __u64 sector, __u32 nr_sector,
-				     const char *rwbs)
+/* The inflight key of a request (op: STORAGE_OP_*), shared by issue, requeue and completion. */
+static __always_inline void io_key_of(struct io_key *k, __u32 dev, __u64 sector, __u32 nr_sector,
+				      int op)
 {
-	int op = rwbs_op(rwbs);
-	if (op < 0)
-		return 0;
 	__builtin_memset(k, 0, sizeof(*k));
 	k->dev = dev;
 	k->nr_sector = nr_sector;
 	k->sector = sector;
 	k->opcode = op;
-	return 1;
+}
+
+/*
+ * What the kernel's record holds, computed from struct request (tp_btf programs). The request's
+ * operation is the low 8 bits of cmd_flags on every supported kernel; READ (0) and WRITE (1)
+ * never changed value. The flag bits are enumerators of enum req_flag_bits, relocated at load.
+ */
+#define TAPIO_REQ_OP_MASK 0xff
+#define TAPIO_REQ_OP_READ 0
+#define TAPIO_REQ_OP_WRITE 1
+#define REQ_BIT(name) (1u << bpf_core_enum_value(enum req_flag_bits, name))
+
+/* Up to 5.17 WRITE_SAME (7) was reported as a write ("W"); later kernels have no such op. */
+enum req_opf___pre518 { REQ_OP_WRITE_SAME___pre518 = 7 };
+
+/*
+ * The few fields of struct request and its disk the programs read, as local types relocated
+ * against the running kernel (naming the kernel's own struct request would pull its whole type
+ * graph into this object's BTF). Before 5.19 the tracepoints named the request's disk
+ * rq->rq_disk (later rq->q->disk); before 5.11 the whole-disk partition was embedded in the
+ * gendisk (struct hd_struct), its device holding devt.
+ */
+struct block_device___tapio {
+	dev_t bd_dev;
+} __attribute__((preserve_access_index));
+struct gendisk___tapio {
+	struct block_device___tapio *part0;
+} __attribute__((preserve_access_index));
+struct request_queue___tapio {
+	struct gendisk___tapio *disk;
+} __attribute__((preserve_access_index));
+struct request___tapio {
+	struct request_queue___tapio *q;
+	struct gendisk___tapio *rq_disk;
+	unsigned int cmd_flags;
+	unsigned int __data_len;
+	sector_t __sector;
+} __attribute__((preserve_access_index));
+struct device___tapio {
+	dev_t devt;
+} __attribute__((preserve_access_index));
+struct hd_struct___pre511 {
+	struct device___tapio __dev;
+} __attribute__((preserve_access_index));
+struct gendisk___pre511 {
+	struct hd_struct___pre511 part0;
+} __attribute__((preserve_access_index));
+
+/* The tracepoints' dev: disk_devt() of the request's disk, 0 without one. */
+static __always_inline __u32 rq_dev(struct request___tapio *rq)
+{
+	struct gendisk___tapio *disk;
+	if (bpf_core_field_exists(rq->rq_disk))
+		disk = rq->rq_disk;
+	else
+		disk = rq->q->disk;
+	if (!disk)
+		return 0;
+	if (bpf_core_type_exists(struct hd_struct___pre511))
+		return ((struct gendisk___pre511 *)disk)->part0.__dev.devt;
+	return disk->part0->bd_dev;
+}
+
+/*
+ * blk_fill_rwbs() for the two tracked operations, byte for byte: "F" for a preflush, the
+ * operation, then F(ua), A (readahead), S(ync), M(eta) and, where the kernel has atomic writes,
+ * U; NUL-padded to 8 bytes. Returns STORAGE_OP_* or -1 for an untracked operation (rwbs unset).
+ */
+static __always_inline int rq_rwbs(char rwbs[8], __u32 opf)
+{
+	__u32 op = opf & TAPIO_REQ_OP_MASK;
+	int code;
+	char c;
+	if (op == TAPIO_REQ_OP_READ) {
+		code = STORAGE_OP_READ;
+		c = 'R';
+	} else if (op == TAPIO_REQ_OP_WRITE ||
+		   (bpf_core_enum_value_exists(enum req_opf___pre518, REQ_OP_WRITE_SAME___pre518) &&
+		    op == bpf_core_enum_value(enum req_opf___pre518, REQ_OP_WRITE_SAME___pre518))) {
+		code = STORAGE_OP_WRITE;
+		c = 'W';
+	} else {
+		return -1;
+	}
+	__u64 out = 0; /* built in a register, stored once */
+	int i = 0;
+	if (opf & REQ_BIT(__REQ_PREFLUSH))
+		out |= (__u64)'F' << (8 * i++);
+	out |= (__u64)c << (8 * i++);
+	if (opf & REQ_BIT(__REQ_FUA))
+		out |= (__u64)'F' << (8 * i++);
+	if (opf & REQ_BIT(__REQ_RAHEAD))
+		out |= (__u64)'A' << (8 * i++);
+	if (opf & REQ_BIT(__REQ_SYNC))
+		out |= (__u64)'S' << (8 * i++);
+	if (opf & REQ_BIT(__REQ_META))
+		out |= (__u64)'M' << (8 * i++);
+	if (bpf_core_enum_value_exists(enum req_flag_bits, __REQ_ATOMIC) &&
+	    (opf & REQ_BIT(__REQ_ATOMIC)))
+		out |= (__u64)'U' << (8 * i++);
+	__builtin_memcpy(rwbs, &out, 8);
+	return code;
+}
+
+/*
+ * blk_status_to_errno(): block_rq_complete reports the errno. Kernels that pass a blk_status_t
+ * (a u8; the BLK_STS_* values are macros, fixed and only ever appended to) get it converted here;
+ * older kernels pass the errno itself, zero or negative, so a positive argument is a status.
+ */
+/*
+ * errno (positive) by BLK_STS_* value, as the kernel's blk_errors table has it: OK, EOPNOTSUPP,
+ * ETIMEDOUT, ENOSPC, ENOLINK (transport), EREMOTEIO (target), EBADE (nexus / reservation
+ * conflict), ENODATA (medium), EILSEQ (protection), ENOMEM (resource), EIO, EREMCHG (dm requeue),
+ * EAGAIN, EBUSY (device resource), ETOOMANYREFS (zone resource, open zones), EOVERFLOW (active
+ * zones), ENODEV (offline), ETIME (duration limit), EINVAL.
+ */
+static const __u8 blk_sts_errno[] = {
+	0, 95, 110, 28, 67, 121, 52, 61, 84, 12, 5, 78, 11, 16, 109, 109, 75, 19, 62, 22,
+};
+
+static __always_inline __s32 rq_errno(__u64 arg)
+{
+	__u32 u = (__u32)arg;
+	if ((__s32)u <= 0)
+		return (__s32)u;
+	if (u >= sizeof(blk_sts_errno))
+		return -5; /* beyond the kernel's table: EIO, as the kernel does */
+	return -(__s32)blk_sts_errno[u];
+}
+
+/*
+ * Issue: the issuer and the time, under the request's key. Inserting first and looking only when
+ * the key is already there spares the common case (no such key inflight) a lookup.
+ */
+static __always_inline int rq_issue(__u32 dev, __u64 sector, __u32 nr_sector, __u32 bytes,
+				    const char *rwbs, int op, const int btf)
+{
+	if (op < 0)
+		return 0;
+	const struct tapio_config *cfg;
+	if (!tapio_config_on(&cfg, TAPIO_FLAG_STORAGE))
+		return 0;
+	struct io_key key;
+	io_key_of(&key, dev, sector, nr_sector, op);
+
+	struct io_value val = {};
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	val.issue_ns = bpf_ktime_get_ns();
+	val.cgroup_id = bpf_get_current_cgroup_id();
+	if (btf) {
+		int ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id);
+		__u32 id = ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0;
+		val.memcg_id = tapio_css_set_cgroup_id(bpf_get_current_task_btf()->cgroups, ok, id);
+	} else {
+		val.memcg_id = tapio_current_memcg_id();
+	}
+	val.pid = pid_tgid >> 32;
+	val.tid = (__u32)pid_tgid;
+	val.bytes = bytes ? bytes : nr_sector * 512;
+	bpf_get_current_comm(val.comm, sizeof(val.comm));
+	__builtin_memcpy(val.rwbs, rwbs, sizeof(val.rwbs));
+	if (bpf_map_update_elem(&inflight, &key, &val, BPF_NOEXIST) == 0)
+		return 0;
+	/* The key is inflight already (or another CPU inserted it just now). */
+	struct io_value *old = bpf_map_lookup_elem(&inflight, &key);
+	if (!old)
+		return 0;
+	if (old->requeued) {
+		/* The same request dispatched again after block_rq_requeue: keep the original issue
+		 * time and issuer, it is not a second request. */
+		old->requeued = 0;
+		return 0;
+	}
+	old->ambiguous = 1; /* keep the first issue; its completion will be dropped */
+	return 0;
+}
+
+/* ctx: (struct request *rq). */
+SEC("tp_btf/block_rq_issue")
+int handle_rq_issue_btf(__u64 *ctx)
+{
+	struct request___tapio *rq = (void *)ctx[0];
+	char rwbs[8];
+	int op = rq_rwbs(rwbs, rq->cmd_flags); /* rq_issue returns at once for op < 0 */
+	__u32 bytes = rq->__data_len;
+	return rq_issue(rq_dev(rq), rq->__sector, bytes >> 9, bytes, rwbs, op, 1);
 }
 
 SEC("tracepoint/block/block_rq_issue")
@@ -76,42 +270,7 @@ int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 	__u32 bytes = ctx->bytes;
 	char rwbs[8] = {};
 	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
-
-	struct io_key key;
-	if (!io_key_of(&key, dev, sector, nr_sector, rwbs))
-		return 0;
-	const struct tapio_config *cfg;
-	if (!tapio_config_on(&cfg, TAPIO_FLAG_STORAGE))
-		return 0;
-
-	struct io_value *old = bpf_map_lookup_elem(&inflight, &key);
-	if (old) {
-		if (old->requeued) {
-			/* The same request dispatched again after block_rq_requeue: keep the original
-			 * issue time and issuer, it is not a second request. */
-			old->requeued = 0;
-			return 0;
-		}
-		old->ambiguous = 1; /* keep the first issue; its completion will be dropped */
-		return 0;
-	}
-	struct io_value val = {};
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	val.issue_ns = bpf_ktime_get_ns();
-	val.cgroup_id = bpf_get_current_cgroup_id();
-	val.memcg_id = tapio_current_memcg_id();
-	val.pid = pid_tgid >> 32;
-	val.tid = (__u32)pid_tgid;
-	val.bytes = bytes ? bytes : nr_sector * 512;
-	bpf_get_current_comm(val.comm, sizeof(val.comm));
-	__builtin_memcpy(val.rwbs, rwbs, sizeof(val.rwbs));
-	if (bpf_map_update_elem(&inflight, &key, &val, BPF_NOEXIST) != 0) {
-		/* Raced with another issue of the same key on another CPU. */
-		old = bpf_map_lookup_elem(&inflight, &key);
-		if (old)
-			old->ambiguous = 1;
-	}
-	return 0;
+	return rq_issue(dev, sector, nr_sector, bytes, rwbs, rwbs_op(rwbs), 0);
 }
 
 /*
@@ -127,9 +286,11 @@ int handle_rq_requeue(struct trace_event_raw_block_rq_requeue *ctx)
 	__u32 nr_sector = ctx->nr_sector;
 	char rwbs[8] = {};
 	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
-	struct io_key key;
-	if (!io_key_of(&key, dev, sector, nr_sector, rwbs))
+	int op = rwbs_op(rwbs);
+	if (op < 0)
 		return 0;
+	struct io_key key;
+	io_key_of(&key, dev, sector, nr_sector, op);
 	struct io_value *v = bpf_map_lookup_elem(&inflight, &key);
 	if (v)
 		v->requeued = 1;
@@ -169,33 +330,14 @@ struct trace_event_raw_block_rq_complete___pre511 {
 	char rwbs[8];
 } __attribute__((preserve_access_index));
 
-SEC("tracepoint/block/block_rq_complete")
-int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
+/* Completion: match the issue, decide, report, forget. */
+static __always_inline int rq_complete(__u32 dev, __u64 sector, __u32 nr_sector, __s32 error,
+				       int op)
 {
-	__u32 dev, nr_sector;
-	__u64 sector;
-	__s32 error;
-	char rwbs[8] = {};
-	if (bpf_core_type_exists(struct trace_event_raw_block_rq_completion)) {
-		dev = ctx->dev;
-		sector = ctx->sector;
-		nr_sector = ctx->nr_sector;
-		error = ctx->error;
-		bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
-	} else {
-		/* Through probe reads: the verifier refuses loads through a ctx pointer clang may
-		 * have offset when it merges the two branches. */
-		struct trace_event_raw_block_rq_complete___pre511 *old = (void *)ctx;
-		dev = BPF_CORE_READ(old, dev);
-		sector = BPF_CORE_READ(old, sector);
-		nr_sector = BPF_CORE_READ(old, nr_sector);
-		error = BPF_CORE_READ(old, error);
-		bpf_probe_read_kernel(rwbs, sizeof(rwbs), old->rwbs);
-	}
-
-	struct io_key key;
-	if (!io_key_of(&key, dev, sector, nr_sector, rwbs))
+	if (op < 0)
 		return 0;
+	struct io_key key;
+	io_key_of(&key, dev, sector, nr_sector, op);
 
 	const struct tapio_config *cfg;
 	int enabled = tapio_config_on(&cfg, TAPIO_FLAG_STORAGE);
@@ -244,4 +386,41 @@ int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
 	}
 	bpf_map_delete_elem(&inflight, &key);
 	return 0;
+}
+
+/* ctx: (struct request *rq, error, unsigned int nr_bytes); the error's type varies, see rq_errno. */
+SEC("tp_btf/block_rq_complete")
+int handle_rq_complete_btf(__u64 *ctx)
+{
+	struct request___tapio *rq = (void *)ctx[0];
+	char rwbs[8];
+	int op = rq_rwbs(rwbs, rq->cmd_flags); /* rq_complete returns at once for op < 0 */
+	return rq_complete(rq_dev(rq), rq->__sector, (__u32)ctx[2] >> 9, rq_errno(ctx[1]), op);
+}
+
+SEC("tracepoint/block/block_rq_complete")
+int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
+{
+	__u32 dev, nr_sector;
+	__u64 sector;
+	__s32 error;
+	char rwbs[8] = {};
+	if (bpf_core_type_exists(struct trace_event_raw_block_rq_completion)) {
+		dev = ctx->dev;
+		sector = ctx->sector;
+		nr_sector = ctx->nr_sector;
+		error = ctx->error;
+		bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
+	} else {
+		/* Through probe reads: the verifier refuses loads through a ctx pointer clang may
+		 * have offset when it merges the two branches. */
+		struct trace_event_raw_block_rq_complete___pre511 *old = (void *)ctx;
+		dev = BPF_CORE_READ(old, dev);
+		sector = BPF_CORE_READ(old, sector);
+		nr_sector = BPF_CORE_READ(old, nr_sector);
+		error = BPF_CORE_READ(old, error);
+		bpf_probe_read_kernel(rwbs, sizeof(rwbs), old->rwbs);
+	}
+
+	return rq_complete(dev, sector, nr_sector, error, rwbs_op(rwbs));
 }

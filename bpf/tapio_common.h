@@ -9,8 +9,9 @@
 #include "tapio_config.h"
 
 /* tapio_metrics indices: 0..7 are common, 8.. belong to the observer (see its header). */
-#define TAPIO_METRIC_LOST          0 /* ring buffer reserve failed */
+#define TAPIO_METRIC_LOST          0 /* ring buffer reserve failed: the ring was full */
 #define TAPIO_METRIC_ABI_MISMATCH  1 /* tapio_config present but abi_version wrong */
+#define TAPIO_METRIC_LOST_REFUSED  2 /* reserve failed twice although the ring showed room */
 #define TAPIO_METRIC_OBSERVER_BASE 8
 #define TAPIO_METRIC_MAX           32
 
@@ -95,6 +96,13 @@ static __always_inline int tapio_config_on(const struct tapio_config **out, __u6
 	return 0;
 }
 
+/* What a record of `size` bytes takes in a ring: the record plus the ring's 8-byte header,
+ * rounded up to 8 bytes (the kernel's own accounting). */
+static __always_inline __u64 tapio_ring_footprint(__u64 size)
+{
+	return (size + 8 + 7) & ~7ULL;
+}
+
 /*
  * Submit without a wakeup; force one only for the record that makes the pending data cross the
  * wakeup threshold. Forcing on every record above the threshold would turn a slow consumer into
@@ -108,7 +116,7 @@ static __always_inline void tapio_submit_sized(void *ringbuf, void *rec, __u64 s
 {
 	__u64 avail = bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA);
 	__u64 wake = bpf_ringbuf_query(ringbuf, BPF_RB_RING_SIZE) >> TAPIO_WAKEUP_SHIFT;
-	__u64 total = (size + 8 + 7) & ~7ULL; /* record plus ring header, 8-byte aligned */
+	__u64 total = tapio_ring_footprint(size);
 	__u64 flags = BPF_RB_NO_WAKEUP;
 	__u32 zero = 0;
 	__u32 *parked;
@@ -122,14 +130,39 @@ static __always_inline void tapio_submit_sized(void *ringbuf, void *rec, __u64 s
 
 #define tapio_submit(ringbuf, rec) tapio_submit_sized(ringbuf, rec, sizeof(*(rec)))
 
-/* Reserve a zeroed record or count the loss. */
+/*
+ * The slow path of TAPIO_RESERVE, after a failed reserve of `size` bytes. A refusal does not
+ * always mean "full": the kernel judges the room from the consumer position as it read it, and
+ * newer kernels also refuse when they cannot take the ring's lock in time. If the ring shows room
+ * for the record now, try once more. A loss is then
+ * counted by why: the ring was full (TAPIO_METRIC_LOST), or it refused twice with room shown
+ * (TAPIO_METRIC_LOST_REFUSED), so the agent can tell a consumer too slow from anything else.
+ */
+static __always_inline void *tapio_reserve_retry(void *ringbuf, __u64 size)
+{
+	__u64 avail = bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA);
+	__u64 ring = bpf_ringbuf_query(ringbuf, BPF_RB_RING_SIZE);
+	__u64 total = tapio_ring_footprint(size);
+	void *r;
+
+	if (avail + total >= ring) {
+		tapio_metric_inc(TAPIO_METRIC_LOST);
+		return 0;
+	}
+	r = bpf_ringbuf_reserve(ringbuf, size, 0);
+	if (!r)
+		tapio_metric_inc(TAPIO_METRIC_LOST_REFUSED);
+	return r;
+}
+
+/* Reserve a zeroed record or count the loss (one retry when the ring has room, see above). */
 #define TAPIO_RESERVE(ringbuf, type)                                            \
 	({                                                                      \
 		type *__r = bpf_ringbuf_reserve(ringbuf, sizeof(type), 0);      \
+		if (!__r)                                                       \
+			__r = tapio_reserve_retry(ringbuf, sizeof(type));       \
 		if (__r)                                                        \
 			__builtin_memset(__r, 0, sizeof(type));                 \
-		else                                                            \
-			tapio_metric_inc(TAPIO_METRIC_LOST);                    \
 		__r;                                                            \
 	})
 

@@ -45,7 +45,8 @@ scale=${TAPIO_MATRIX_TIME_SCALE:-4}
 mkdir -p "$out"
 
 # One test per anomaly type, sized for TCG: refused (v4 and v6) and timed-out connects,
-# retransmit spike, RTT degradation; OOM kill, abnormal exits (threads, signals) and the
+# retransmit spike, RTT degradation; DNS errors, slow answers and timeouts (with the sender where
+# the kernel lets cgroup_skb see it); OOM kill, abnormal exits (threads, signals) and the
 # Kubernetes cgroup attribution; read errors and latency spikes on the FUSE-backed loop device;
 # memory pressure and CPU stall (with the PMU degradation); the agent with all four observers.
 default_tests=(
@@ -54,6 +55,7 @@ default_tests=(
   "tests/kernel/test_network_kernel.py::test_syn_timeout_gives_exactly_one_timeout_with_the_caller"
   "tests/kernel/test_network_kernel.py::test_retransmit_spike_is_windowed_and_clean_transfer_is_silent"
   "tests/kernel/test_network_kernel.py::test_rtt_degradation_reports_baseline_and_current"
+  "tests/kernel/test_dns_kernel.py::test_each_failure_exactly_once_with_its_sender"
   "tests/kernel/test_container_kernel.py::test_oom_kill_reports_the_victim_its_usage_cgroup_and_limit"
   "tests/kernel/test_container_kernel.py::test_abnormal_exits_once_per_process_with_code_signal_and_ignore_lists"
   "tests/kernel/test_container_kernel.py::test_kubernetes_layouts_are_attributed_and_scope_filters_host_processes"
@@ -84,7 +86,7 @@ if ((need_vm)); then
 fi
 
 # --- run ------------------------------------------------------------------------------------
-declare -A result detail took fetched
+declare -A result detail took fetched rebooted
 overall=0
 # junit.xml + the known-failure list -> one line "STATUS detail"; STATUS is PASS, KNOWN (only
 # listed failures) or FAIL (anything else, or no report at all).
@@ -132,13 +134,26 @@ PY
 # One boot of a guest. TCG (nested KVM hangs on these machines); -v, or the guest's output is
 # lost; psi=1 because some Debian kernels build PSI default-off and Kubernetes nodes switch it on;
 # the kernel's directory is exported read-only because the guest hides the host's /var/cache.
-# Under TCG a guest can wedge while the kernel live-patches its own text (a static key flipped
-# when a tracepoint program detaches: one vCPU spins on the patching breakpoint, RCU starves and
-# the watchdog prints "soft lockup"). That is the emulator, not Tapio and not the guest kernel,
-# and it would otherwise hold the run until the budget expires: the console is watched, the guest
-# is stopped at the first soft-lockup report, and the status is 86 so the caller boots it again.
+# Under TCG a guest can fail while the kernel live-patches its own text (a static key flipped
+# when a tracepoint program attaches or detaches, through a temporary int3 on the patched
+# instruction): either one vCPU spins on the patching breakpoint, RCU starves and the watchdog
+# prints "soft lockup", or a vCPU still executes the breakpoint after the patch completed and
+# the kernel dies with "Oops: int3". That is the emulator's cross-modifying code, not Tapio and
+# not the guest kernel, and it would otherwise hold the run until the budget expires or end it
+# with no report: the console is watched, the guest is stopped at the first such report, and
+# the status is 86 so the caller boots it again. Any other oops is not excused: it fails.
+emulator_fault() {  # the console's first emulator-fault line, or nothing
+  grep -m1 -E 'soft lockup - CPU#[0-9]* stuck for|Oops: int3' "$1" 2>/dev/null
+}
+# The kernel's own report of a crash (oops, BUG, panic, lockup) with what follows it: the
+# console's kernel lines are otherwise left out of the failure summary.
+kernel_report() {
+  grep -m1 -A 30 -E 'Oops: |BUG: |Kernel panic|soft lockup - CPU|WARNING: CPU: ' "$1" 2>/dev/null \
+    | grep -E 'Oops|BUG|panic|lockup|WARNING|RIP:|Comm:|Call Trace|\+0x[0-9a-f]+/0x[0-9a-f]+' \
+    | head -n 25
+}
 boot_guest() {
-  local tag=$1 dir=$2 kdir=$3 vmlinuz=$4 pid rc lockup=0
+  local tag=$1 dir=$2 kdir=$3 vmlinuz=$4 pid rc fault=0
   : >"$dir/console.log"  # no earlier run's lines for the watch below
   timeout --signal=TERM --kill-after=30 $((budget + 240)) \
     vng -r "$vmlinuz" --disable-kvm --force-9p -v --cpus 2 --memory 2G \
@@ -147,8 +162,8 @@ boot_guest() {
       </dev/null >"$dir/console.log" 2>&1 &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
-    if grep -q 'soft lockup - CPU#[0-9]* stuck for' "$dir/console.log" 2>/dev/null; then
-      lockup=1
+    if [[ -n $(emulator_fault "$dir/console.log") ]]; then
+      fault=1
       kill -TERM "$pid" 2>/dev/null
       break
     fi
@@ -156,7 +171,7 @@ boot_guest() {
   done
   wait "$pid"
   rc=$?
-  ((lockup)) && return 86
+  ((fault)) && return 86
   return "$rc"
 }
 
@@ -176,16 +191,20 @@ run_vm() {
   boot_guest "$tag" "$dir" "$kdir" "$vmlinuz"
   rc=$?
   if ((rc == 86)); then
-    # The emulator, not the kernel under test: see boot_guest. One fresh boot, said in the summary.
-    mv "$dir/console.log" "$dir/console.lockup.log"
-    echo "== kernel-matrix: $tag: the emulated guest hung in a soft lockup (console.lockup.log); booting it once more" >&2
+    # The emulator, not the kernel under test: see boot_guest. One fresh boot, said in the
+    # summary, with the kernel's report so a reader can check where it hit.
+    mv "$dir/console.log" "$dir/console.fault.log"
+    echo "== kernel-matrix: $tag: the emulated guest failed while patching kernel text ($(emulator_fault "$dir/console.fault.log" | sed 's/^\[ *[0-9.]*\] //')); console.fault.log; booting it once more" >&2
+    kernel_report "$dir/console.fault.log" | sed 's/^/   | /' >&2
+    rebooted[$tag]=1
     rm -f "$dir/rc" "$dir/junit.xml" "$dir/status.json"
     boot_guest "$tag" "$dir" "$kdir" "$vmlinuz"
     rc=$?
-    ((rc == 86)) && rc=124
   fi
   took[$tag]=$(( $(date +%s) - t0 ))
-  if [[ -s $dir/rc ]]; then
+  if ((rc == 86)); then
+    :  # the emulator failed the second boot too: no report to read
+  elif [[ -s $dir/rc ]]; then
     rc=$(<"$dir/rc")
   elif ((rc == 124)); then
     rc=124
@@ -204,10 +223,12 @@ conclude() {
   detail[$tag]=${line#* }
   case $rc in
     0|1) ;;
+    86) result[$tag]=FAIL; detail[$tag]="the emulated guest failed while patching kernel text in both boots (console.fault.log, console.log); ${detail[$tag]}" ;;
     124) result[$tag]=FAIL; detail[$tag]="timed out or guest setup failed; ${detail[$tag]}" ;;
     125) result[$tag]=FAIL; detail[$tag]="the guest never finished (console.log); ${detail[$tag]}" ;;
     *) result[$tag]=FAIL; detail[$tag]="pytest exit $rc; ${detail[$tag]}" ;;
   esac
+  [[ -n ${rebooted[$tag]:-} ]] && detail[$tag]+="; booted twice (emulator fault in the first boot, console.fault.log)"
   [[ $rc -eq 0 && ${result[$tag]} == PASS ]] && return 0
   [[ ${result[$tag]} == KNOWN ]]
 }
@@ -263,6 +284,11 @@ for k in "${kernels[@]}"; do
   if [[ ${result[$k]} == FAIL ]]; then
     echo "-- last lines of $dir/console.log:" >&2
     grep -v '^\[ *[0-9.]*\]' "$dir/console.log" 2>/dev/null | tail -n 40 >&2
+    report=$(kernel_report "$dir/console.log")
+    if [[ -n $report ]]; then
+      echo "-- the guest kernel's report in $dir/console.log:" >&2
+      printf '%s\n' "$report" >&2
+    fi
   fi
 done
 

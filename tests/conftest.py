@@ -12,10 +12,19 @@ alone.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Generator
 from typing import Any
 
 import pytest
+
+# A suite started in the background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT
+# ignored, and an ignored disposition survives exec: every process a test starts would then
+# ignore the SIGINT the test stops it with (Python installs no KeyboardInterrupt handler over an
+# inherited SIG_IGN). A handler, unlike SIG_IGN, is reset to the default in a child, so the
+# children of this process see SIGINT as a terminal would deliver it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 pytest_plugins = ["pytester"]
 

@@ -26,8 +26,9 @@ ANOMALIES = Counter(
 )
 LOST_EVENTS = Counter(
     "tapio_lost_events_total",
-    "Ring buffer reserve failures in eBPF (events dropped)",
-    ["observer"],
+    "Records lost in eBPF at the ring buffer reserve, by reason: ring_full (the agent did not "
+    "drain in time) or reserve_refused (refused twice although the ring showed room)",
+    ["observer", "reason"],
     registry=REGISTRY,
 )
 MALFORMED_EVENTS = Counter(

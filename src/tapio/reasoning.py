@@ -9,7 +9,8 @@ sorted), so the message does not depend on how a peer ordered its keys.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+import operator
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 REASONING_KEYS: Final = frozenset(
@@ -43,6 +44,33 @@ def flat_facts_without_reasoning(facts: list[Any]) -> bool:
         and _FLAT.issuperset(map(type, itertools.chain.from_iterable(map(dict.values, facts))))
         and REASONING_KEYS.isdisjoint(itertools.chain.from_iterable(facts))
     )
+
+
+_TYPE: Final = operator.attrgetter("type")
+_OBSERVER: Final = operator.attrgetter("observer")
+_FACTS: Final = operator.attrgetter("facts")
+
+
+def kernel_events_without_reasoning(events: Sequence[Any], facts_proven: str) -> bool:
+    """True when every event (a ``WireEvent``) passes its own ``validate``: a ``kernel.*`` type,
+    an observer, facts without a reasoning key; proven for a whole batch in a few passes at C
+    speed. False means "not proven": each event is then validated in turn, for the first error.
+    ``facts_proven``: what the decoder already proved of every event's facts: an object of
+    scalars ("flat": only their keys are looked at), one without a reasoning key too ("clean":
+    nothing is), or nothing ("")."""
+    types = list(map(_TYPE, events))
+    if not (
+        all(map(str.strip, types))
+        and all(map(str.strip, map(_OBSERVER, events)))
+        and all(map(str.startswith, types, itertools.repeat("kernel.")))
+    ):
+        return False
+    if facts_proven == "clean":
+        return True
+    facts = list(map(_FACTS, events))
+    if facts_proven == "flat":
+        return REASONING_KEYS.isdisjoint(set[str]().union(*facts))  # one pass over the keys
+    return flat_facts_without_reasoning(facts)
 
 
 def _holds_reasoning_key(facts: Any) -> bool:

@@ -98,6 +98,11 @@ def add_loss(pair: NsPair, dport: int, percent: int) -> str:
     Kernels built without netem (the 6.18 kernel of the project's own machines) get an nftables
     rule at the server's input instead, there built in. Either way real segments are lost on the
     link and TCP really retransmits them.
+
+    The nftables rule drops every n-th packet (n = 100 / percent) rather than a random draw: a
+    veth hands the receiver whole GSO packets, so a 16 MiB transfer is only a few hundred of
+    them, and a 3 % draw over so few sometimes drops just one (a CI run saw 46 retransmitted
+    segments where ~300 are expected). Counting makes the loss the same in every run.
     """
     netem = pair.in_a(f"tc qdisc replace dev {pair.veth_a} root netem loss {percent}%", check=False)
     if netem.returncode == 0:
@@ -105,6 +110,6 @@ def add_loss(pair: NsPair, dport: int, percent: int) -> str:
     pair.in_b(
         "nft -f - <<'EOF'\n"
         "table inet tapio_loss { chain input { type filter hook input priority 0; "
-        f"tcp dport {dport} numgen random mod 100 < {percent} drop; }}; }}\nEOF"
+        f"tcp dport {dport} numgen inc mod {max(1, 100 // percent)} == 0 drop; }}; }}\nEOF"
     )
     return "nftables"

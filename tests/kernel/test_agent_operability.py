@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ..ports import closed_port
-from .harness import agent, require_kernel, stop_process, wait_until
+from .harness import TIME_SCALE, agent, require_kernel, stop_process, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -216,3 +216,33 @@ def test_running_agent_answers_healthz_and_readyz(tmp_path: Path) -> None:
         assert json.loads(body) == {"ready": True, "reasons": {"network": "running"}}
         metrics = a.metrics_text()
         assert 'tapio_observer_up{observer="network"} 1.0' in metrics
+
+
+def test_sigterm_right_after_agent_started_still_exits_0(tmp_path: Path) -> None:
+    """ "agent started" is the promise that SIGTERM and SIGINT flush and exit 0: the signal
+    handlers are in place before the line is written. A stop sent the moment the line appears
+    (what a supervisor or a test harness does) must still end in "shutting down" and exit 0,
+    never in the default action of the signal (-15). Five tries, each watching stderr for the
+    line at sub-millisecond intervals to land as close to it as a client can."""
+    require_kernel(("network",))
+    for attempt in range(5):
+        err_path = tmp_path / f"stderr-{attempt}"
+        cmd = [sys.executable, "-m", "tapio", "agent", "--sink=stdout", "--observer", "network"]
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
+            try:
+                deadline = time.monotonic() + 30 * TIME_SCALE
+                while b"agent started" not in err_path.read_bytes():
+                    assert proc.poll() is None and time.monotonic() < deadline, (
+                        err_path.read_text()[-3000:]
+                    )
+                    time.sleep(0.0002)
+                proc.send_signal(signal.SIGTERM)
+                rc = proc.wait(20 * TIME_SCALE)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(5)
+        logs = [json.loads(x) for x in err_path.read_text().splitlines() if x.startswith("{")]
+        assert rc == 0, (attempt, err_path.read_text()[-3000:])
+        assert any(e.get("event") == "shutting down" and e.get("signal") == "SIGTERM" for e in logs)

@@ -7,9 +7,12 @@ the same thing a kernel without that tracepoint does to the object.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -132,7 +135,13 @@ def test_a_program_that_cannot_attach_is_left_detached(
     with BpfObject(objects / "storage.bpf.o", programs=observer_class("storage").programs) as obj:
         assert "handle_rq_requeue" in obj.programs  # tracepoint programs load without a target
         obj.attach_all()
-        assert obj.attached == {"handle_rq_issue", "handle_rq_complete"}
+        # One build of each of the other two hooks (tp_btf, or the classic tracepoint where the
+        # kernel refuses that), every loaded program but the requeue one attached.
+        assert obj.attached == set(obj.programs) - {"handle_rq_requeue"}
+        assert sorted(n.removesuffix("_btf") for n in obj.attached) == [
+            "handle_rq_complete",
+            "handle_rq_issue",
+        ]
         assert obj.skipped["handle_rq_requeue"].startswith("attach failed:")
         # An accuracy aid, not an anomaly type: reported, but io_error/latency_spike stay on.
         assert set(obj.unavailable()) == {"block_rq_requeue"}
@@ -182,3 +191,31 @@ def test_an_observer_that_cannot_start_stops_the_agent_unless_allowed(tmp_path: 
         assert any(
             rec.get("event", "").startswith("container observer failed") for rec in c.logs()
         ), c.stderr()[-2000:]
+
+
+def test_the_helper_probe_takes_the_verifiers_word_over_an_older_libbpf() -> None:
+    """libbpf 1.1's helper probe knows only the verifier's older refusal messages: asked about
+    ``bpf_override_return`` (never a ``cgroup_skb`` helper) on a kernel that words the refusal
+    the newer way, it says "supported". The loader's probe must say no on every kernel, or a
+    program calling such a helper (the DNS sender on 6.12) fails its load instead of giving
+    way to its alternative beforehand."""
+    require_kernel(("network",))
+    cgroup_skb, override_return, skb_load_bytes = 8, 58, 26
+    assert features.helper_supported(cgroup_skb, override_return) is False
+    assert features.helper_supported(cgroup_skb, skb_load_bytes) is True
+
+
+def test_a_raw_load_hands_back_the_fd_or_the_verifiers_refusal() -> None:
+    """``load_raw_program`` is what the helper probe asks the verifier with: a valid program
+    loads (an fd, the caller's to close), a refused helper comes back as -EINVAL with the
+    verifier's log naming it."""
+    require_kernel(("network",))
+    cgroup_skb, override_return = 8, 58
+    r0_1_exit = struct.pack("=BBhiBBhi", 0xB7, 0, 0, 1, 0x95, 0, 0, 0)
+    fd, _ = features.load_raw_program(cgroup_skb, r0_1_exit)
+    assert fd >= 0
+    os.close(fd)
+    call_exit = struct.pack("=BBhiBBhi", 0x85, 0, 0, override_return, 0x95, 0, 0, 0)
+    fd, log = features.load_raw_program(cgroup_skb, call_exit)
+    assert fd == -errno.EINVAL, log
+    assert str(override_return) in log, log

@@ -182,27 +182,48 @@ def test_retransmit_spike_is_windowed_and_clean_transfer_is_silent(tmp_path: Pat
         # An unpaced veth overflows the receiver's backlog and really retransmits; a 400 Mbit/s
         # token bucket on the sender paces it so a "clean" transfer is really loss-free. An
         # emulated CPU drains that backlog TIME_SCALE times slower (at 400 Mbit/s a 6.1 guest
-        # lost a whole TSO skb, 46 segments), so the pace and the size shrink with it.
+        # lost a whole TSO skb, 46 segments), so the pace and the size shrink with it, and a
+        # starved guest may still drop an skb: then the transfer is repeated to a fresh
+        # destination (its own window) at half the pace, at most three times. The silence is
+        # proven by the first transfer that the kernel itself counts below the threshold.
         mbit = max(25, int(400 / TIME_SCALE))
-        p.in_a(f"tc qdisc add dev {p.veth_a} root tbf rate {mbit}mbit burst 256kb latency 100ms")
-        before = netns_snmp(p.a, "Tcp", "RetransSegs")
-        _transfer(p, 9001, int(32 * 1024 * 1024 / TIME_SCALE), "tapio-clean")
-        clean_retrans = netns_snmp(p.a, "Tcp", "RetransSegs") - before
-        # The clean phase proves silence below the threshold: a paced transfer may still lose a
-        # segment or two on a slow (emulated) CPU, but it must stay well under 20 in any window.
-        assert clean_retrans < 20, f"the clean transfer retransmitted {clean_retrans} segments"
-        # 3 % random loss of the data segments the client sends.
+        tbf = f"dev {p.veth_a} root tbf rate {{}}mbit burst 256kb latency 100ms"
+        p.in_a(f"tc qdisc add {tbf.format(mbit)}")
+        attempts: list[tuple[int, int, int]] = []  # (port, Mbit/s, RetransSegs)
+        for port in (9001, 9011, 9021):
+            if attempts:
+                mbit = max(12, mbit // 2)
+                p.in_a(f"tc qdisc change {tbf.format(mbit)}")
+            before = netns_snmp(p.a, "Tcp", "RetransSegs")
+            _transfer(p, port, int(32 * 1024 * 1024 / TIME_SCALE), "tapio-clean")
+            attempts.append((port, mbit, netns_snmp(p.a, "Tcp", "RetransSegs") - before))
+            if attempts[-1][2] < 20:
+                break
+        clean_port, _, clean_retrans = attempts[-1]
+        assert clean_retrans < 20, f"no paced transfer stayed under 20 retransmits: {attempts}"
+        # 3 % loss of the data segments the client sends. netem's loss is a random draw over a
+        # few hundred GSO packets and can come out low, so the transfer is repeated (to the same
+        # destination, at most three transfers in all) until the kernel counted 50 retransmits.
         loss = add_loss(p, 9002, 3)
         before = netns_snmp(p.a, "Tcp", "RetransSegs")
-        _transfer(p, 9002, 16 * 1024 * 1024, "tapio-lossy")
-        retrans = netns_snmp(p.a, "Tcp", "RetransSegs") - before
+        for _ in range(3):
+            _transfer(p, 9002, 16 * 1024 * 1024, "tapio-lossy")
+            retrans = netns_snmp(p.a, "Tcp", "RetransSegs") - before
+            if retrans >= 50:
+                break
         kind = "kernel.network.retransmit_spike"
         wait_until(lambda: [o for o in a.occurrences(kind) if o["data"]["dst_port"] == 9002], 10)
         time.sleep(0.5)  # any extra (wrong) report would be in by now
         occs = a.occurrences(kind)
-    clean = [o for o in occs if o["data"]["dst_port"] == 9001]
+    clean = [o for o in occs if o["data"]["dst_port"] == clean_port]
     lossy = [o for o in occs if o["data"]["dst_port"] == 9002]
-    assert clean == [], (clean, clean_retrans)
+    assert clean == [], (clean, attempts)
+    # A paced transfer that did retransmit 20 or more may be reported, truthfully or not at all.
+    for o in occs:
+        if o["data"]["dst_port"] in {port for port, _, n in attempts[:-1]}:
+            assert o["data"]["retransmits_in_window"] >= 20, (o, attempts)
+    others = [o for o in occs if o["data"]["dst_port"] not in {q for q, _, _ in attempts} | {9002}]
+    assert others == [], others
     assert retrans >= 50, f"the lossy transfer ({loss}) retransmitted only {retrans} segments"
     assert 1 <= len(lossy) <= retrans // 20, (len(lossy), retrans)
     for o in lossy:
@@ -410,7 +431,8 @@ def test_ring_overflow_is_counted_as_lost_and_nothing_else_is_missing(tmp_path: 
 
         def lost() -> float:
             m = re.search(
-                r'tapio_lost_events_total\{observer="network"\} ([0-9.e+]+)', a.metrics_text()
+                r'tapio_lost_events_total\{observer="network",reason="ring_full"\} ([0-9.e+]+)',
+                a.metrics_text(),
             )
             return float(m.group(1)) if m else 0.0
 

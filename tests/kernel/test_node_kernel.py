@@ -171,14 +171,30 @@ def test_memory_pressure_in_a_limited_cgroup(tmp_path: Path) -> None:
                 assert procs[0].poll() is None, f"the {how} load died (OOM?)"
                 mine = node_occurrences(a, "kernel.node.memory_pressure", cgroup=f"/{name}")
                 everything = a.occurrences("kernel.node.memory_pressure")
+                clears = [
+                    e
+                    for e in a.logs()
+                    if e.get("event") == "memory pressure cleared"
+                    and e.get("target") == f"cgroup /{name}"
+                ]
                 if how == "high":
                     high = memload.high_events(dirs["memory"])
                 else:
                     events = memory_events(dirs["memory"])
-        assert len(mine) == 1, brief(mine)
+        # One incident, one occurrence. A starved guest (an emulated kernel with the host busy)
+        # can stall the load itself long enough for the pressure to truly fall under its clear
+        # level; the condition then ends (logged with its reading) and the next stall is a new
+        # incident. So: exactly one occurrence per start, every start after the first preceded by
+        # a logged clear whose reading was under the clear level (10 % x 80 %), never a repeat
+        # while the condition lasts.
+        assert len(clears) in (len(mine) - 1, len(mine)), (brief(mine), clears)
+        assert all(c["some_avg10"] < 8.0 for c in clears), clears
+        if clears:
+            print(f"memory pressure cleared and started again under a starved load: {clears}")
+        assert 1 <= len(mine) <= 2, brief(mine)
         # The node shows the same pressure (node some >= cgroup some) but is folded into the
         # cgroup's occurrence rather than reported as a second incident.
-        assert len(everything) == 1, brief(everything)
+        assert len(everything) == len(mine), brief(everything)
         occ = mine[0]
         data = occ["data"]
         assert occ["severity"] == "warning" and occ["outcome"] == "in_progress"

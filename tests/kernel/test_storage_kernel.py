@@ -27,7 +27,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import AgentProcess, require_kernel, run, wait_until
+from tapio.bpf.loader import BpfObject
+from tapio.observers.storage import StorageObserver
+
+from .harness import OBJECTS, AgentProcess, require_kernel, run, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -295,3 +298,15 @@ def test_ambiguous_inflight_requests_are_dropped_and_counted(
     time.sleep(1.0)
     for p in (first, second):
         assert _mine(proc, "kernel.storage.", fuse_loop, p.pid) == []
+
+
+def test_the_tp_btf_block_programs_are_the_ones_loaded() -> None:
+    """The cheap builds must not fall back silently: tp_btf completion on every supported
+    kernel, tp_btf issue wherever bpf_get_current_task_btf() exists (5.11+); the classic
+    tracepoint programs only where those are refused."""
+    require_kernel(("storage",))
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    with BpfObject(OBJECTS / "storage.bpf.o", programs=StorageObserver.programs) as obj:
+        obj.attach_all()
+        issue = "handle_rq_issue_btf" if release >= (5, 11) else "handle_rq_issue"
+        assert obj.attached == {issue, "handle_rq_complete_btf", "handle_rq_requeue"}, obj.skipped

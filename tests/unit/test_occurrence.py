@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+import tapio.occurrence as occurrence
 from tapio.occurrence import (
     Occurrence,
     decode,
@@ -35,6 +36,19 @@ def test_ulid_shape_time_and_uniqueness() -> None:
     for u in list(ids)[:10]:
         assert len(u) == 26 and ulid_time_ms(u) == 1705314600123
         assert set(u) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+
+
+def test_ulid_time_prefix_is_the_48_bit_time_in_crockford_base32() -> None:
+    """The table-driven prefix against the definition: ten 5-bit digits, most significant
+    first, for the edges of every digit and for times past and far ahead."""
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    values = [0, 1, 31, 32, 1023, 1024, 2**48 - 1, 1705314600123, 1764627205123]
+    values += [(1 << b) - 1 for b in range(1, 49)] + [1 << b for b in range(48)]
+    for ms in values:
+        want = "".join(alphabet[(ms >> shift) & 31] for shift in range(45, -5, -5))
+        assert occurrence._time_prefix(ms) == want
+        assert ulid_time_ms(new_ulid(ms)) == ms
+    assert occurrence._time_prefix(2**48 + 5) == occurrence._time_prefix(5)  # 48 bits, wraps
 
 
 def test_key_order_omitted_fields_and_sorted_data() -> None:

@@ -1,20 +1,20 @@
-"""The data path: ring buffers → classification → enrichment → fan-out → sinks, as anyio tasks.
+"""The data path after the rings: classification → enrichment → fan-out → sinks, as anyio tasks.
 
-Channel items are batches, never single events (one channel item per event costs several times
-more than per batch). Draining → classification applies backpressure (classification is
-CPU-only; if it falls behind, the kernel ring fills and the BPF side counts lost events).
-Enrichment runs first in the fan-out task, for classified batches and for what observers emit
-from ``run`` alike; a cgroup lookup that misses awaits a walk in a worker thread, so it may slow
-fan-out but never the drain timer. Fan-out → sinks never waits: each sink has its own bounded
-stream and a full stream is a counted drop for that sink only, so a slow or dead sink cannot
-stall draining.
+The drainer (:class:`tapio.bpf.ringbuf.Drainer`) hands each observer's frames to its
+:func:`classify_loop`; every classified batch then passes the one :class:`Enricher` and is
+offered to every sink's :class:`SinkLane` by :func:`fanout_loop`. Channel items are batches,
+never single events (an item per event costs several times more). Draining → classification
+applies backpressure (classification is CPU-only; if it falls behind, the ring fills and the
+BPF side counts lost events). Fan-out → sinks never waits: each sink has its own bounded lane
+and a full lane is a counted drop for that sink only, so a slow or dead sink cannot stall
+draining.
 
 Every drop here is counted where it happens, with its own reason:
 
-* ``tapio_malformed_events_total{observer}`` — a ring record too short for its struct;
 * ``tapio_observer_drops_total{observer,reason="classifier_error"}`` — the classifier raised,
   the payload's records are dropped (``unknown_record_type`` and ``not_an_anomaly`` are counted
-  by the observers themselves, at the record);
+  by the observers themselves, at the record; a record too short for its struct is counted by
+  the drainer as ``tapio_malformed_events_total``);
 * ``tapio_sink_drops_total{sink,reason="queue_full"}`` — the fan-out lane into that sink was
   full (a network sink's own buffer is a different queue and counts ``buffer_full``);
 * ``tapio_sink_drops_total{sink,reason="sink_stopped"}`` — the sink's task is gone.
@@ -22,24 +22,33 @@ Every drop here is counted where it happens, with its own reason:
 
 from __future__ import annotations
 
-import asyncio
-import select
+import operator
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
-import anyio.lowlevel
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tapio.bpf.loader import BpfObject
-from tapio.bpf.ringbuf import RingBuffer, WakeFlag
-from tapio.metrics import ANOMALIES, DRAIN_BATCH, DRAIN_CAP, EVENTS, MALFORMED_EVENTS
+from tapio.bpf.ringbuf import Drainer, RingBuffer, RingSource
+from tapio.metrics import ANOMALIES, ENRICHMENT_ERRORS
 from tapio.observers.base import Observer
-from tapio.observers.cgroups import CgroupResolver
-from tapio.observers.enrich import Enricher
-from tapio.occurrence import Occurrence
+from tapio.observers.cgroups import (
+    ID_KEYS,
+    ByCgroupId,
+    ByCgroupPath,
+    CgroupResolver,
+    Enrichment,
+    Miss,
+    cgroup_facts,
+    memo_key,
+)
+from tapio.observers.cgroups.watch import CgroupWatcher, keep_indexed
+from tapio.occurrence import Occurrence, OccurrenceError
 from tapio.sinks.base import Batch, Sink
 
 log = structlog.get_logger("tapio.agent.pipeline")
@@ -55,7 +64,6 @@ class RunningObserver:
     state: str = "running"
     error: str = ""
     kernel_counts: dict[int, int] = field(default_factory=dict)
-    malformed_total: int = 0
 
     @property
     def name(self) -> str:
@@ -70,225 +78,21 @@ class PipelineStats:
     that count into it, so two agents in one process (tests) never share totals.
     """
 
-    events: int = 0
     anomalies: int = 0
 
 
+_type_of = operator.attrgetter("type")
+
+
 def count_anomalies(observer: str, batch: Sequence[Occurrence], stats: PipelineStats) -> None:
+    """Count a classified batch by anomaly type. A batch is almost always of one type (a burst
+    of one kind of record): the distinct types are one set built in C, and only a batch of
+    several types is counted type by type."""
     stats.anomalies += len(batch)
-    by_type = Counter(occ.type for occ in batch)
+    types = set(map(_type_of, batch))
+    by_type = {types.pop(): len(batch)} if len(types) == 1 else Counter(map(_type_of, batch))
     for anomaly_type, n in by_type.items():
         ANOMALIES.labels(observer=observer, anomaly_type=anomaly_type).inc(n)
-
-
-#: After this long of empty drain passes the drainer parks: no drain timer, the rings' own
-#: wakeups instead (each object's ``tapio_wake`` flag, ``bpf/tapio_common.h``).
-PARK_AFTER_SECS = 1.0
-#: The parked drainer's safety pass: a record that races the parking itself (the flag store
-#: and the producer's read of it crossing) waits at most this long.
-PARKED_PASS_SECS = 1.0
-
-
-class Drainer:
-    """Drains every ring on one epoll fd: woken by forced BPF wakeups or by the drain timer.
-
-    Awake, the drain timer (``interval``) bounds a record's wait; the BPF side submits without a
-    wakeup (a wakeup per record costs the producer's CPU ~6 us of irq_work) and forces one only
-    when a ring fills. After ``PARK_AFTER_SECS`` of empty passes, and when every ring's object
-    has a ``tapio_wake`` flag, the drainer parks: it sets the flags, looks at the rings once more
-    (a record that came before the flag was seen is drained, not slept on) and then waits for a
-    ring's wakeup, with a ``PARKED_PASS_SECS`` safety pass. A submit that finds the flag set lets
-    the kernel wake the consumer when the ring was empty before it, so the first record after a
-    quiet spell wakes the agent at once and the ones behind it do not; the agent clears the flags
-    as soon as it wakes and runs on the timer again. An idle agent so wakes once a second
-    instead of ten times.
-
-    Rings that an observer drains itself (``Observer.side_rings``, the DNS ring) are watched
-    here too: a pass that finds records pending there calls the observer's callback, so that
-    observer needs no timer of its own.
-    """
-
-    def __init__(
-        self,
-        observers: Sequence[RunningObserver],
-        interval: float,
-        max_per_tick: int,
-        stats: PipelineStats,
-    ) -> None:
-        self.observers = [o for o in observers if o.ring is not None]
-        self.side = [side for o in observers for side in o.observer.side_rings()]
-        self.interval = interval
-        self.max_per_tick = max_per_tick
-        self.scope = anyio.CancelScope()
-        self.stats = stats
-        self.flags: list[WakeFlag] = []  # while running: one per object with rings
-        self._park_after = max(1, round(PARK_AFTER_SECS / interval))
-        self._activity = 0
-        self._events = {o.name: EVENTS.labels(observer=o.name) for o in self.observers}
-        self._malformed = {o.name: MALFORMED_EVENTS.labels(observer=o.name) for o in self.observers}
-        self._cap = {o.name: DRAIN_CAP.labels(observer=o.name) for o in self.observers}
-        self._batch = {o.name: DRAIN_BATCH.labels(observer=o.name) for o in self.observers}
-        # Parking needs a wake flag in the object of every ring that is watched.
-        owners = [o for o in observers if o.ring is not None or o.observer.side_rings()]
-        flags = [o.obj.maps.get("tapio_wake") if o.obj is not None else None for o in owners]
-        self._flag_fds = [m.fd for m in flags if m is not None]
-        if not owners or len(self._flag_fds) != len(owners):
-            self._flag_fds = []
-
-    def rings(self) -> list[RingBuffer]:
-        return [o.ring for o in self.observers if o.ring is not None] + [r for r, _ in self.side]
-
-    async def drain_once(self, senders: dict[str, MemoryObjectSendStream[bytes]]) -> bool:
-        """One pass over every ring; True when some ring hit the per-tick cap."""
-        capped_any = False
-        for ring, notify in self.side:
-            if ring.pending_bytes():
-                self._activity += 1
-                notify()
-        for ro in self.observers:
-            assert ro.ring is not None
-            drained = ro.ring.consume_fixed(ro.observer.record.size, self.max_per_tick)
-            if drained.malformed:
-                self._activity += 1
-                self._malformed[ro.name].inc(drained.malformed)
-                ro.malformed_total += drained.malformed
-                if ro.malformed_total <= 10 or ro.malformed_total & (ro.malformed_total - 1) == 0:
-                    log.warning(
-                        "malformed ring buffer records dropped",
-                        observer=ro.name,
-                        total=ro.malformed_total,
-                    )
-            if drained.records:
-                self._activity += 1
-                self.stats.events += drained.records
-                self._events[ro.name].inc(drained.records)
-                self._batch[ro.name].observe(drained.records)
-                await senders[ro.name].send(drained.frames)
-            if drained.capped:
-                self._cap[ro.name].inc()
-                capped_any = True
-        return capped_any
-
-    async def run(self, senders: dict[str, MemoryObjectSendStream[bytes]]) -> None:
-        """Drain until ``scope`` is cancelled, then drain what is left and close the senders."""
-        ep = select.epoll()
-        flags: list[WakeFlag] = []
-        self.flags = flags
-        try:
-            rings = self.rings()
-            for ro in self.observers:
-                assert ro.ring is not None
-                ep.register(ro.ring.fd, select.EPOLLIN)
-            # Edge-triggered: a side ring stays readable until its owner drained it, and a
-            # level-triggered fd would wake this loop again and again until then.
-            for ring, _ in self.side:
-                ep.register(ring.fd, select.EPOLLIN | select.EPOLLET)
-            flags.extend(WakeFlag(fd) for fd in self._flag_fds)
-            with self.scope, Readiness(ep.fileno()) as ready:
-                empty, parked = 0, False
-                while True:
-                    await ready.wait(PARKED_PASS_SECS if parked else self.interval)
-                    if parked:
-                        for flag in flags:
-                            flag.set(False)
-                        parked = False
-                    ep.poll(0)  # re-arms level-triggered readiness of the rings
-                    before = self._activity
-                    if await self.drain_once(senders):
-                        empty = 0
-                        await anyio.lowlevel.checkpoint()
-                        continue
-                    empty = 0 if self._activity != before else empty + 1
-                    if flags and empty >= self._park_after:
-                        parked = self._park(flags, rings, ep)
-            # Shutdown: everything already in the rings still reaches the sinks.
-            with anyio.CancelScope(shield=True):
-                for _ in range(64):
-                    if not await self.drain_once(senders):
-                        break
-        finally:
-            for flag in flags:
-                flag.set(False)
-                flag.close()
-            self.flags = []
-            ep.close()
-            for s in senders.values():
-                await s.aclose()
-
-    @staticmethod
-    def _park(flags: list[WakeFlag], rings: list[RingBuffer], ep: select.epoll) -> bool:
-        """Set the wake flags, then look at the rings again: True when they are still empty
-        (parked), False (flags cleared) when a record came in the meantime."""
-        for flag in flags:
-            flag.set(True)
-        # A syscall that takes the epoll lock between the flag stores and the ring reads below
-        # keeps x86 from reading the rings before the stores are visible to the producers.
-        ep.poll(0)
-        if any(ring.pending_bytes() for ring in rings):
-            for flag in flags:
-                flag.set(False)
-            return False
-        return True
-
-
-class Readiness:
-    """Readability of one fd, registered with the event loop once for the drainer's lifetime.
-
-    ``anyio.wait_readable`` adds and removes the fd from the loop's selector on every call (two
-    ``epoll_ctl`` calls and the selector's bookkeeping per drain pass, several percent of the
-    agent's CPU under a burst). On asyncio the fd is added once with ``add_reader`` and each
-    wait is one future and one timer handle: the idle agent wakes ten times a second for the
-    drain timer, and an anyio cancel scope plus event per wait cost twice as much CPU as that
-    (measured: 0.26 % against 0.13 % of a core for the bare wakeups). Cancellation still comes
-    from the enclosing anyio scope (it cancels the task, which cancels the future). Other
-    backends fall back to ``wait_readable``.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._fired = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def __enter__(self) -> Readiness:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): wait_readable per call
-            return self
-        loop.add_reader(self.fd, self._ready)
-        self._loop = loop
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self.fd)
-            self._loop = None
-
-    def _ready(self) -> None:
-        self._fired = True
-        _resolve(self._waiter)
-
-    async def wait(self, secs: float) -> None:
-        """Return when the fd was readable since the last call, or after ``secs``."""
-        loop = self._loop
-        if loop is None:
-            with anyio.move_on_after(secs):
-                await anyio.wait_readable(self.fd)
-            return
-        if not self._fired:
-            self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(secs, _resolve, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-        self._fired = False
-
-
-def _resolve(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
 
 
 async def classify_loop(
@@ -309,6 +113,256 @@ async def classify_loop(
             if batch:
                 count_anomalies(ro.name, batch, stats)
                 await out.send(batch)
+
+
+MEMO_TTL_SECS = 5.0  # facts for one id tuple are reused this long (ids can be reused)
+MEMO_SIZE = 4096
+
+
+class Enricher:
+    """The enrichment stage: cgroup facts per anomaly type, as each observer asks for them
+    (:mod:`tapio.observers.cgroups.facts`), from one resolver with one bounded cache.
+
+    The observers say what the kernel said; this adds what the node's cgroup files say. It runs
+    first in the fan-out task, for classified batches and for what observers emit from ``run``
+    alike; a lookup that misses walks the hierarchy in a worker thread, so it may slow fan-out
+    but never the drain timer. It never costs the evidence: if it raises, the occurrence is
+    delivered as classified and ``tapio_enrichment_errors_total`` counts it.
+    """
+
+    def __init__(
+        self,
+        resolver: CgroupResolver,
+        specs: Mapping[str, Enrichment],
+        watcher: CgroupWatcher | None = None,
+        *,
+        watch: bool = True,
+    ) -> None:
+        """``watch=False`` leaves cgroups to the periodic re-index and miss walks alone."""
+        self.resolver = resolver
+        self.watcher: CgroupWatcher | None = None
+        if watch:
+            self.watcher = watcher if watcher is not None else CgroupWatcher(resolver)
+        self.specs = dict(specs)
+        self._memo: dict[tuple[object, object], tuple[dict[str, object], str | None]] = {}
+        self._memo_at = time.monotonic()
+        #: data keys in arrival order → a dict of None with those keys sorted ({}: already are)
+        self._orders: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    @classmethod
+    def for_specs(
+        cls, specs: Iterable[Mapping[str, Enrichment]], resolver: CgroupResolver | None = None
+    ) -> Enricher:
+        merged: dict[str, Enrichment] = {}
+        for s in specs:
+            merged.update(s)
+        return cls(resolver if resolver is not None else CgroupResolver(), merged)
+
+    @property
+    def needs_ids(self) -> bool:
+        return any(isinstance(s, ByCgroupId) for s in self.specs.values())
+
+    async def run(self) -> None:
+        """While some observer reports cgroup ids: keep the resolver's index current."""
+        if self.needs_ids:
+            await keep_indexed(self.resolver, self.watcher)
+
+    async def enrich(self, batch: Sequence[Occurrence]) -> None:
+        """Enrich ``batch`` in place; ids the cache does not know are walked for off-loop.
+
+        A batch under load is thousands of occurrences from a handful of cgroups, so the cache
+        is asked once per distinct (type, ids) in the batch, not once per occurrence, and each
+        occurrence then costs one memo lookup and one ``dict.update``.
+        """
+        fast: list[tuple[Occurrence, dict[str, Any], ByCgroupId, tuple[object, object]]] = []
+        todo: list[tuple[Occurrence, Enrichment, tuple[object, object] | None]] = []
+        seen: set[tuple[object, object]] = set()
+        missing: set[tuple[str, int]] = set()
+        lookup = self.resolver.lookup
+        specs = self.specs
+        self._expire_memo()
+        memo = self._memo
+        for occ in batch:
+            type_ = occ.type
+            spec = specs.get(type_)
+            data = occ.data
+            if spec is None or data is None:
+                continue
+            if isinstance(spec, ByCgroupPath) or (
+                "cgroup_source" in data and data["cgroup_source"] != "task"
+            ):
+                todo.append((occ, spec, None))
+                continue
+            try:
+                key: tuple[object, object] = (type_, spec.get_ids(data))
+            except KeyError:
+                key = spec.key_of(type_, data)
+            if spec.memory_limit:
+                todo.append((occ, spec, key))
+            else:
+                hit = memo.get(key)  # memoized facts: every id was resolved
+                if hit is not None:
+                    # The hot path (see _update): facts that only overwrite keys ``data``
+                    # has keep its sorted order; new keys need the sorted copy.
+                    size = len(data)
+                    data.update(hit[0])
+                    if len(data) != size:
+                        try:
+                            self._sort(occ, data)
+                        except Exception:
+                            self._failed(occ)
+                    continue
+                fast.append((occ, data, spec, key))
+            if key not in seen:
+                seen.add(key)
+                for h, cid in spec.ids_of(key).items():
+                    if isinstance(lookup(h, cid), Miss):
+                        missing.add((h, cid))
+        if not todo and not fast:
+            return
+        if missing:
+            try:
+                await self.resolver.resolve(missing)
+            except Exception:  # unresolved ids are reported unknown below
+                log.exception("cgroup walk failed")
+        self._expire_memo()
+        for occ, data, spec, key in fast:
+            try:
+                facts = self._memoized(spec, key)[0]
+            except Exception:
+                self._failed(occ)
+            else:
+                self._update(occ, data, facts)
+        for occ, other, other_key in todo:
+            try:
+                if isinstance(other, ByCgroupPath):
+                    self._by_path(occ, other)
+                elif other_key is not None:
+                    self._by_key(occ, other, other_key)
+                else:
+                    self._by_id(occ, other)
+            except Exception:
+                self._failed(occ)
+
+    def _update(self, occ: Occurrence, data: dict[str, Any], facts: dict[str, object]) -> None:
+        """The hot path: a task's own cgroup facts into ``data``. ``data`` arrives with its
+        keys sorted (``new_occurrence``): facts that only overwrite keys it has keep that
+        order, and only new keys need the sorted copy."""
+        try:
+            grows = not facts.keys() <= data.keys()
+            data.update(facts)
+            if grows:
+                self._sort(occ, data)
+        except Exception:
+            self._failed(occ)
+
+    @staticmethod
+    def _failed(occ: Occurrence) -> None:
+        ENRICHMENT_ERRORS.labels(observer=occ.observer).inc()
+        log.exception("enrichment failed; occurrence kept as classified", type=occ.type)
+
+    def _by_key(self, occ: Occurrence, spec: ByCgroupId, key: tuple[object, object]) -> None:
+        """A task's own cgroup ids with a memory limit to add: facts reused from the memo."""
+        data = occ.data
+        assert data is not None
+        hit = self._memo.get(key)
+        facts, mem_path = hit if hit is not None else self._memoized(spec, key)
+        data.update(facts)
+        self._limit(occ, data, spec, mem_path)
+        self._sort(occ, data)
+
+    def _sort(self, occ: Occurrence, data: dict[str, Any]) -> None:
+        """Set ``occ.data`` to ``data`` with its keys sorted, as every encoder emits them.
+
+        An occurrence type's keys are the same from one record to the next, so the sorted order
+        is computed once per shape and kept as an empty template: a copy of it updated from
+        ``data`` keeps the template's key order and costs a third of rebuilding the dict.
+        """
+        shape = tuple(data)
+        template = self._orders.get(shape)
+        if template is None:
+            if len(self._orders) >= MEMO_SIZE:
+                self._orders.clear()
+            order = sorted(shape)
+            template = self._orders[shape] = {} if order == list(shape) else dict.fromkeys(order)
+        if template:
+            sorted_data = template.copy()
+            sorted_data.update(data)
+            data = sorted_data
+        occ.data = data
+
+    def _by_id(self, occ: Occurrence, spec: ByCgroupId) -> None:
+        """Ids the kernel could not read (``cgroup_source: unknown``): resolved through /proc."""
+        data = occ.data
+        assert data is not None
+        r = self.resolver
+        ids = {h: int(data.get(ID_KEYS[h], 0)) for h in spec.hierarchies}
+        mem_path: str | None = None
+        if spec.proc_fallback and data.get("cgroup_source") == "unknown":
+            by_pid = r.paths_for_pid(int(data.get("pid", 0)))
+            paths: dict[str, str | None] = {h: by_pid.get(h) for h in ids}
+            if by_pid:
+                data["cgroup_source"] = "proc"
+                ids = {h: r.id_for_path(h, p) if p is not None else 0 for h, p in paths.items()}
+            facts = cgroup_facts(r, ids, paths, spec.order, spec.hierarchies)
+            mem_path = paths.get("memory")
+        else:
+            facts, mem_path = self._memoized(spec, memo_key(occ.type, list(ids.values())))
+        data.update(facts)
+        self._limit(occ, data, spec, mem_path)
+        self._sort(occ, data)
+
+    def _limit(
+        self, occ: Occurrence, data: dict[str, Any], spec: ByCgroupId, mem_path: str | None
+    ) -> None:
+        if spec.memory_limit and data.get("memory_limit_bytes") is None and mem_path is not None:
+            limit = self.resolver.memory_limit(mem_path)
+            if limit is not None:
+                data["memory_limit_bytes"] = limit
+                if spec.message is not None and occ.error is not None:
+                    occ.error = OccurrenceError(occ.error.code, spec.message(data))
+
+    def _expire_memo(self) -> None:
+        # The same few cgroups produce most events; their facts are reused for a few seconds
+        # so a cgroup that disappears (or an id that is reused) is not described stale for long.
+        now = time.monotonic()
+        if now - self._memo_at > MEMO_TTL_SECS or len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+            self._memo_at = now
+
+    def _memoized(
+        self, spec: ByCgroupId, key: tuple[object, object]
+    ) -> tuple[dict[str, object], str | None]:
+        hit = self._memo.get(key)
+        if hit is None:
+            ids = spec.ids_of(key)
+            paths = {h: self.resolver.cached(h, cid) for h, cid in ids.items()}
+            facts = cgroup_facts(self.resolver, ids, paths, spec.order, spec.hierarchies)
+            hit = (facts, paths.get("memory"))
+            if all(not isinstance(self.resolver.lookup(h, c), Miss) for h, c in ids.items()):
+                self._memo[key] = hit
+        return hit
+
+    def _by_path(self, occ: Occurrence, spec: ByCgroupPath) -> None:
+        data = occ.data
+        assert data is not None
+        r = self.resolver
+        changed = False
+        path = data.get(spec.path_key)
+        if data.get("scope") == "cgroup" and isinstance(path, str):
+            facts = r.attribution(path).facts()
+            data.update(facts)
+            changed = bool(facts)
+        pid = data.get(spec.pid_key)
+        if isinstance(pid, int) and pid > 0:
+            paths = r.paths_for_pid(pid)
+            p = paths.get("cpu") or paths.get("unified")
+            if p is not None:
+                data[spec.pid_path_key] = p
+                data.update(r.attribution(p).facts())
+                changed = True
+        if changed:
+            self._sort(occ, data)
 
 
 @dataclass
@@ -376,6 +430,25 @@ LANE_SPILL_PER_BATCH = 1024
 
 #: The drop reason of a full fan-out lane (a sink's own buffer counts ``buffer_full``).
 LANE_FULL = "queue_full"
+
+
+def drainer_for(
+    observers: Sequence[RunningObserver], interval: float, max_per_tick: int
+) -> Drainer:
+    """The one drainer for the running observers' rings. It parks only when every object
+    with a watched ring has a ``tapio_wake`` flag to be woken through."""
+    sources = [
+        RingSource(ro.name, ro.ring, ro.observer.record.size)
+        for ro in observers
+        if ro.ring is not None
+    ]
+    side = [side for ro in observers for side in ro.observer.side_rings()]
+    owners = [ro for ro in observers if ro.ring is not None or ro.observer.side_rings()]
+    flags = [ro.obj.maps.get("tapio_wake") if ro.obj is not None else None for ro in owners]
+    fds = [m.fd for m in flags if m is not None]
+    if not owners or len(fds) != len(owners):
+        fds = []
+    return Drainer(sources, interval, max_per_tick, side=side, wake_fds=fds)
 
 
 def enricher_for(observers: Sequence[RunningObserver]) -> Enricher:

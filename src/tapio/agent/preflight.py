@@ -7,7 +7,6 @@ for ring buffers, BTF for CO-RE), then tracefs, which the agent mounts itself wh
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from pathlib import Path
 
@@ -78,7 +77,8 @@ def check_kernel(release: str | None = None, btf: Path = BTF_PATH) -> None:
 
 
 def _mount_tracefs(target: Path) -> int:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The interpreter's own libc symbols: nothing is searched for on disk at run time.
+    libc = ctypes.CDLL(None, use_errno=True)
     rc = int(libc.mount(b"nodev", str(target).encode(), b"tracefs", 0, None))
     return 0 if rc == 0 else ctypes.get_errno()
 

@@ -25,19 +25,19 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from tapio.agent.pipeline import (
     LANE_SPILL_PER_BATCH,
-    Drainer,
     PipelineStats,
     RunningObserver,
     SinkLane,
     classify_loop,
     count_anomalies,
+    drainer_for,
     enricher_for,
     fanout_loop,
 )
 from tapio.agent.settings import AgentSettings
-from tapio.bpf.abi import METRIC_ABI_MISMATCH, METRIC_LOST, TapioConfig
+from tapio.bpf.abi import LOST_REASONS, METRIC_ABI_MISMATCH, TapioConfig
 from tapio.bpf.libbpf import BpfError, release_heap
-from tapio.bpf.ringbuf import RingBuffer
+from tapio.bpf.ringbuf import Drainer, RingBuffer
 from tapio.metrics import (
     CONFIG_ABI_MISMATCH,
     CONFIG_GENERATION,
@@ -149,7 +149,8 @@ class Agent:
             else:
                 OBSERVER_UP.labels(observer=name).set(1)
                 # Exported from the start (at 0), so "nothing lost" is visible, not absent.
-                LOST_EVENTS.labels(observer=name)
+                for reason in LOST_REASONS.values():
+                    LOST_EVENTS.labels(observer=name, reason=reason)
                 CONFIG_ABI_MISMATCH.labels(observer=name)
                 for cap in observer.capabilities():
                     OBSERVER_CAPABILITY.labels(observer=name, capability=cap.name).set(
@@ -257,16 +258,19 @@ class Agent:
                 continue
             try:
                 mmap_ = ro.obj.map("tapio_metrics")
-                indices = [METRIC_LOST, METRIC_ABI_MISMATCH, *ro.observer.kernel_metrics]
+                indices = [*LOST_REASONS, METRIC_ABI_MISMATCH, *ro.observer.kernel_metrics]
                 for idx in indices:
                     value = mmap_.percpu_u64_sum(idx)
                     delta = value - ro.kernel_counts.get(idx, 0)
                     if delta <= 0:
                         continue
                     ro.kernel_counts[idx] = value
-                    if idx == METRIC_LOST:
-                        LOST_EVENTS.labels(observer=ro.name).inc(delta)
-                        log.warning("ring buffer events lost", observer=ro.name, lost=delta)
+                    if idx in LOST_REASONS:
+                        reason = LOST_REASONS[idx]
+                        LOST_EVENTS.labels(observer=ro.name, reason=reason).inc(delta)
+                        log.warning(
+                            "ring buffer events lost", observer=ro.name, lost=delta, reason=reason
+                        )
                     elif idx == METRIC_ABI_MISMATCH:
                         CONFIG_ABI_MISMATCH.labels(observer=ro.name).inc(delta)
                         if "abi_mismatch" not in ro.observer.degraded_reasons:
@@ -332,9 +336,7 @@ class Agent:
             )
             return False
         a = self.settings.agent
-        self._drainer = Drainer(
-            running, a.drain_interval_ms / 1000, a.max_drain_per_tick, self.stats
-        )
+        self._drainer = drainer_for(running, a.drain_interval_ms / 1000, a.max_drain_per_tick)
         self._batches = anyio.create_memory_object_stream[Batch](a.channel_batches)
         for sink in self.sinks:
             # One batch waiting in the stream; what arrives while the sink is busy is joined in
@@ -356,7 +358,9 @@ class Agent:
         self._services_scope = anyio.CancelScope()
         self._pipeline_scope = pipeline_scope = anyio.CancelScope()
         async with anyio.create_task_group() as outer:
-            outer.start_soon(self._watch_signals)
+            # Started, not just scheduled: SIGTERM and SIGINT are handled before "agent started"
+            # is logged, so a stop that follows that line at once still flushes and exits 0.
+            await outer.start(self._watch_signals)
             with pipeline_scope:
                 async with anyio.create_task_group() as tg:
                     for lane, recv in self._lanes:
@@ -417,7 +421,7 @@ class Agent:
         if self._started:
             log.info(
                 "agent stopped",
-                events=self.stats.events,
+                events=self._drainer.records if self._drainer is not None else 0,
                 anomalies=self.stats.anomalies,
                 sinks={
                     s.name: {
@@ -438,8 +442,11 @@ class Agent:
         if self._drainer is not None:
             self._drainer.scope.cancel()
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("shutting down", signal=signal.Signals(signum).name)
                 break

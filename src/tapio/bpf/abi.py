@@ -107,6 +107,10 @@ MAX_DNS_PORTS = 8
 # tapio_metrics indices (bpf/tapio_common.h)
 METRIC_LOST = 0
 METRIC_ABI_MISMATCH = 1
+METRIC_LOST_REFUSED = 2
+# The slots that count lost records -> their reason label on tapio_lost_events_total: the ring
+# was full (the agent did not drain in time), or it refused a reserve twice with room shown.
+LOST_REASONS = {METRIC_LOST: "ring_full", METRIC_LOST_REFUSED: "reserve_refused"}
 METRIC_OBSERVER_BASE = 8
 METRIC_MAX = 32
 

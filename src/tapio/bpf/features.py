@@ -9,7 +9,11 @@ with it. The loader therefore asks first, using libbpf's own feature probes and 
   (``tracepoint/<cat>/<name>``: the tracefs event directory; ``tp_btf/<name>`` and
   ``raw_tp/<name>``: the kernel's ``btf_trace_<name>`` typedef);
 * :func:`helper_supported` and :func:`map_type_supported` - ``libbpf_probe_bpf_helper`` and
-  ``libbpf_probe_bpf_map_type``, cached per process.
+  ``libbpf_probe_bpf_map_type``, cached per process. A "yes" from the helper probe is checked
+  once more against the verifier's own words (:func:`load_raw_program`): libbpf before
+  1.3 knows only the older refusal messages, so on a kernel that words a refusal the newer way
+  (6.12 for the task helpers in ``cgroup_skb``) it would answer "supported", the load would
+  fail and the loader would only then fall back to the program's alternative.
 
 A probe that cannot answer (e.g. libbpf does not probe helpers for tracing programs) says
 "unknown", and the load itself decides.
@@ -17,7 +21,11 @@ A probe that cannot answer (e.g. libbpf does not probe helpers for tracing progr
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,11 +103,80 @@ class KernelBtf:
 
 @functools.cache
 def helper_supported(prog_type: int, helper_id: int) -> bool | None:
-    """``libbpf_probe_bpf_helper``: True/False, or None where libbpf cannot probe that type."""
+    """``libbpf_probe_bpf_helper``: True/False, or None where libbpf cannot probe that type.
+
+    A "yes" stands only if the verifier, asked directly, does not refuse the helper either."""
     rc = int(lb.lib().libbpf_probe_bpf_helper(prog_type, helper_id, ffi.NULL))
     if rc < 0:
         return None
+    if rc == 1 and _verifier_refuses_helper(prog_type, helper_id):
+        return False
     return rc == 1
+
+
+# The verifier's ways of saying "this program type may not call that helper", old and new.
+_REFUSALS = ("invalid func ", "unknown func ", "program of this type cannot use helper ")
+_SYS_BPF = 321  # x86_64
+_BPF_PROG_LOAD = 5
+_BPF_INSN_SIZE = 8
+_PROBE_LOG_SIZE = 4096
+# union bpf_attr for BPF_PROG_LOAD, as far as the log: prog_type, insn_cnt, insns, license,
+# log_level, log_size, log_buf.
+_PROG_LOAD_ATTR = struct.Struct("=IIQQIIQ")
+_PROG_LOAD_ATTR_SIZE = 128  # zero-filled beyond the fields set
+
+
+def load_raw_program(
+    prog_type: int, insns: bytes, *, license: bytes = b"GPL", log_size: int = _PROBE_LOG_SIZE
+) -> tuple[int, str]:
+    """``bpf(BPF_PROG_LOAD)`` of raw instructions, bypassing libbpf: (fd or -errno, verifier log).
+
+    It exists to ask the verifier directly: libbpf 1.1's helper probe knows only the older
+    refusal messages and misreads the newer wording as "supported", so the probe's answer is
+    checked against the verifier's own log. ``insns`` are encoded ``struct bpf_insn`` (8 bytes
+    each). ``log_size`` 0 loads without a log (log_level 0), else the log is level 1 and may be
+    truncated to ``log_size`` bytes. A non-negative fd is the caller's to close. Where ``bpf()``
+    cannot be called this way (not x86_64) the answer is ``(-ENOSYS, "")``."""
+    if len(insns) % _BPF_INSN_SIZE:
+        raise ValueError(f"instructions are {len(insns)} bytes, not a multiple of 8")
+    if log_size < 0:
+        raise ValueError(f"log_size {log_size} < 0")
+    if os.uname().machine != "x86_64":
+        return -errno.ENOSYS, ""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_ = ctypes.create_string_buffer(license)
+    log = ctypes.create_string_buffer(log_size) if log_size else None
+    attr = ctypes.create_string_buffer(_PROG_LOAD_ATTR_SIZE)
+    _PROG_LOAD_ATTR.pack_into(
+        attr,
+        0,
+        prog_type,
+        len(insns) // _BPF_INSN_SIZE,
+        ctypes.addressof(code),
+        ctypes.addressof(license_),
+        1 if log is not None else 0,
+        log_size,
+        ctypes.addressof(log) if log is not None else 0,
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, attr, ctypes.sizeof(attr)))
+    text = log.value.decode(errors="replace") if log is not None else ""
+    return (fd if fd >= 0 else -ctypes.get_errno()), text
+
+
+def _verifier_refuses_helper(prog_type: int, helper_id: int) -> bool:
+    """Load ``call helper; exit`` with a verifier log and look for a refusal of the helper.
+
+    The program is never meant to load (its return value is not checked, a helper's arguments
+    are not set up): only which error the verifier reports first matters, and the helper's
+    availability is checked before anything else about the call. A failure to even ask (no
+    ``bpf()``: not x86_64, or a seccomp filter) is "not refused": the load itself decides then."""
+    insns = struct.pack("=BBhiBBhi", _BPF_CALL_OPCODE, 0, 0, helper_id, 0x95, 0, 0, 0)
+    fd, log = load_raw_program(prog_type, insns)
+    if fd >= 0:
+        os.close(fd)
+        return False
+    return any(r in log for r in _REFUSALS)
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""Following the occurrence directory: inotify (ctypes/libc) with a polling fallback.
+"""Following the occurrence directory: inotify with a polling fallback.
 
 Guarantees:
 
@@ -13,11 +13,8 @@ Guarantees:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import select
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,25 +28,23 @@ from tapio.cli.store import (
     list_names,
     read_record,
 )
-
-# <sys/inotify.h>
-IN_CLOSE_WRITE = 0x00000008
-IN_MOVED_FROM = 0x00000040
-IN_MOVED_TO = 0x00000080
-IN_DELETE = 0x00000200
-IN_DELETE_SELF = 0x00000400
-IN_MOVE_SELF = 0x00000800
-IN_Q_OVERFLOW = 0x00004000
-IN_IGNORED = 0x00008000
-IN_ONLYDIR = 0x01000000
-IN_NONBLOCK = os.O_NONBLOCK
-IN_CLOEXEC = os.O_CLOEXEC
+from tapio.inotify import (
+    IN_CLOSE_WRITE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    Event,
+    Inotify,
+)
 
 WATCH_MASK = (
     IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
 ) | IN_ONLYDIR
-
-_EVENT_HEADER = struct.Struct("iIII")
 
 POLL_INTERVAL = 0.2
 """Polling fallback period: new files show up within a fifth of a second."""
@@ -59,53 +54,6 @@ SETTLE_SECONDS = 2.0
 """How long a file may stay undecodable (a writer still busy) before it is reported."""
 
 Emit = Callable[[list[Record]], None]
-
-
-class Inotify:
-    """A minimal inotify binding over libc; raises ``OSError`` when unavailable."""
-
-    def __init__(self) -> None:
-        libname = ctypes.util.find_library("c") or "libc.so.6"
-        libc = ctypes.CDLL(libname, use_errno=True)
-        self._init1 = libc.inotify_init1
-        self._init1.argtypes = [ctypes.c_int]
-        self._init1.restype = ctypes.c_int
-        self._add = libc.inotify_add_watch
-        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        self._add.restype = ctypes.c_int
-        fd = self._init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        self.fd = fd
-
-    def add_watch(self, path: str, mask: int) -> int:
-        wd = self._add(self.fd, os.fsencode(path), mask)
-        if wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-        return int(wd)
-
-    def read_events(self) -> list[tuple[int, int, str]]:
-        """Pending events as (wd, mask, name); empty when none are queued."""
-        try:
-            buf = os.read(self.fd, 256 * 1024)
-        except BlockingIOError:
-            return []
-        events = []
-        offset = 0
-        while offset + _EVENT_HEADER.size <= len(buf):
-            wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(buf, offset)
-            offset += _EVENT_HEADER.size
-            raw = buf[offset : offset + length].split(b"\0", 1)[0]
-            offset += length
-            events.append((wd, mask, os.fsdecode(raw)))
-        return events
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 @dataclass
@@ -201,10 +149,11 @@ class Watcher:
             del self.pending[gone]
         return self._try(sorted(names - self.seen), final=False)
 
-    def _handle_events(self, events: list[tuple[int, int, str]]) -> list[Record]:
+    def _handle_events(self, events: list[Event]) -> list[Record]:
         ready: list[str] = []
         rescan = False
-        for _wd, mask, name in events:
+        for ev in events:
+            mask, name = ev.mask, ev.name
             if mask & IN_Q_OVERFLOW:
                 rescan = True
             elif mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
@@ -236,7 +185,7 @@ class Watcher:
             assert self._inotify is not None
             readable, _, _ = select.select([self._inotify.fd], [], [], timeout)
             if readable:
-                out += self._handle_events(self._inotify.read_events())
+                out += self._handle_events(self._inotify.events())
             if self.pending:
                 out += self._try(sorted(self.pending), final=False)
         else:

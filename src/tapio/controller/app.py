@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tapio import wire
 from tapio.controller.auth import TokenFile, is_protected, unauthorized
+from tapio.controller.batch import decode_batch
 from tapio.controller.config import ActiveConfig, ConfigStore, ReloadOutcome, ReloadResult
 from tapio.controller.evidence import EvidenceWindow, evidence_response
 from tapio.controller.forward import Forwarder, Record, ingest_records
@@ -226,7 +227,7 @@ class Controller:
 
     async def events(self, request: web.Request) -> web.Response:
         body = await read_json_body(request)
-        batch = wire.decode(body, wire.EventBatchRequest)
+        batch = decode_batch(body)
         active = self.active
         try:
             batch.validate(active.batching.max_batch_events)

@@ -7,9 +7,9 @@ non-BPF kernel facts (PSI, cgroup files) implement ``run``, which emits through 
 
 An observer is parse + classify only: it reports what the kernel said (cgroup ids, pids, paths
 it watched). What the node's cgroup files say about those cgroups (path, container, pod) is
-added afterwards by the one enrichment stage (:mod:`tapio.observers.enrich`), as each observer
-declares in ``enrichment``. A record userspace drops is counted where it is dropped
-(:meth:`Observer.drop`, ``tapio_observer_drops_total{observer,reason}``).
+added afterwards by the one enrichment stage (:class:`tapio.agent.pipeline.Enricher`), as
+each observer declares in ``enrichment``. A record userspace drops is counted where it is
+dropped (:meth:`Observer.drop`, ``tapio_observer_drops_total{observer,reason}``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tapio.thresholds import Thresholds
 
 if TYPE_CHECKING:
     from tapio.bpf.ringbuf import RingBuffer
-    from tapio.observers.enrich import Enrichment
+    from tapio.observers.cgroups import Enrichment
 
 Emit = Callable[[Sequence[Occurrence]], Awaitable[None]]
 

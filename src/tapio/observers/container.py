@@ -13,15 +13,16 @@ The kernel already decided what happened and filtered the rest (bpf/container.bp
 
 Cgroups: the record carries the task's cgroup2 id and its v1 memory and cpu cgroup ids (on a
 pure cgroup2 host all three name the same cgroup); they are facts (``cgroup2_id``,
-``memory_cgroup_id``, ``cpu_cgroup_id``). The enrichment stage (:mod:`tapio.observers.enrich`)
-turns them into ``cgroup_path``, ``cgroup_id`` — the id of the cgroup that describes the process
-best: for an OOM kill the memory cgroup (whose limit is reported), for an exit the cgroup2 cgroup,
-each falling back to the next hierarchy where the task is not in the root — and the container id,
-runtime and pod UID. When the OOM victim was not the task running the tracepoint, the kernel did
-not see its cgroups: the observer says ``cgroup_source: "unknown"`` and the enricher reads
-``/proc/<pid>/cgroup`` if the process still exists (``cgroup_source: "proc"``); otherwise they stay
-unknown (``cgroup_path: null``) — never guessed. A limit the kernel did not report is read from
-the memory cgroup's limit file by the enricher too.
+``memory_cgroup_id``, ``cpu_cgroup_id``). The enrichment stage
+(:class:`tapio.agent.pipeline.Enricher`) turns them into ``cgroup_path``, ``cgroup_id`` — the id
+of the cgroup that describes the process best: for an OOM kill the memory cgroup (whose limit is
+reported), for an exit the cgroup2 cgroup, each falling back to the next hierarchy where the
+task is not in the root — and the container id, runtime and pod UID. When the OOM victim was not
+the task running the tracepoint, the kernel did not see its cgroups: the observer says
+``cgroup_source: "unknown"`` and the enricher reads ``/proc/<pid>/cgroup`` if the process still
+exists (``cgroup_source: "proc"``); otherwise they stay unknown (``cgroup_path: null``) — never
+guessed. A limit the kernel did not report is read from the memory cgroup's limit file by the
+enricher too.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from typing import Any, ClassVar
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.bpf.features import ProgramSpec
 from tapio.observers.base import Observer
-from tapio.observers.cgroups import U64_MAX
-from tapio.observers.enrich import ByCgroupId, Enrichment
+from tapio.observers.cgroups import U64_MAX, ByCgroupId, Enrichment
 from tapio.occurrence import (
     CONTAINER_ABNORMAL_EXIT,
     CONTAINER_OOM_KILL,

@@ -16,7 +16,7 @@ without an issue record (evicted, issued before attach, partial completion) as
 ``reason="unmatched_completion"``.
 
 The issuer's cgroup ids are facts (``cgroup2_id``, ``memory_cgroup_id``); the enrichment stage
-(:mod:`tapio.observers.enrich`) adds the cgroup path and the container it names.
+(:class:`tapio.agent.pipeline.Enricher`) adds the cgroup path and the container it names.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from tapio.bpf.abi import METRIC_OBSERVER_BASE, CStruct
 from tapio.bpf.features import ProgramSpec
 from tapio.observers.base import Observer, ObserverContext
-from tapio.observers.enrich import ByCgroupId, Enrichment
+from tapio.observers.cgroups import ByCgroupId, Enrichment
 from tapio.occurrence import (
     STORAGE_IO_ERROR,
     STORAGE_LATENCY_SPIKE,
@@ -159,6 +159,9 @@ class DeviceNames:
         return found
 
 
+_BOTH = (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE)
+
+
 class StorageObserver(Observer):
     name = "storage"
     object_name = "storage"
@@ -168,11 +171,13 @@ class StorageObserver(Observer):
         METRIC_UNMATCHED: ("correlation_drop", "unmatched_completion"),
     }
     # Both anomaly types need the issue (who, when) and the completion (error, latency).
+    # Each hook twice: tp_btf (reads struct request; no trace record built) first, the classic
+    # tracepoint as the alternative for kernels that refuse it (the tp_btf issue needs 5.11+).
     programs: ClassVar[tuple[ProgramSpec, ...]] = (
-        ProgramSpec("handle_rq_issue", "block_rq_issue", (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE)),
-        ProgramSpec(
-            "handle_rq_complete", "block_rq_complete", (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE)
-        ),
+        ProgramSpec("handle_rq_issue_btf", "block_rq_issue", _BOTH, group="issue"),
+        ProgramSpec("handle_rq_issue", "block_rq_issue", _BOTH, group="issue"),
+        ProgramSpec("handle_rq_complete_btf", "block_rq_complete", _BOTH, group="complete"),
+        ProgramSpec("handle_rq_complete", "block_rq_complete", _BOTH, group="complete"),
         # Keeps a requeued request from looking like a second issue; optional accuracy aid.
         ProgramSpec("handle_rq_requeue", "block_rq_requeue"),
     )

@@ -40,6 +40,9 @@ class FileSink(BatchWriterSink):
         if settings.max_files < 1 or settings.max_bytes < 1:
             raise ValueError("file sink retention bounds must be positive")
         self.dir = Path(data_dir)
+        # File names are joined to this as plain strings: a ``Path`` join and its ``fspath``
+        # per file cost more CPU than the sink's own encoding of the occurrence.
+        self._prefix = os.path.join(os.fspath(self.dir), "")
         self.settings = settings
         self._index: dict[str, int] = {}  # file name -> size, in insertion (time) order
         self._bytes = 0
@@ -64,7 +67,7 @@ class FileSink(BatchWriterSink):
 
     def _write_one(self, name: str, data: bytes) -> None:
         """Write ``data`` to ``name`` atomically; on failure no temporary file is left."""
-        tmp = self.dir / f".{name}.tmp"
+        tmp = f"{self._prefix}.{name}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
@@ -73,7 +76,7 @@ class FileSink(BatchWriterSink):
                     view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
-            os.replace(tmp, self.dir / name)
+            os.replace(tmp, self._prefix + name)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -112,7 +115,7 @@ class FileSink(BatchWriterSink):
             size = self._index.pop(name)
             self._bytes -= size
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / name)
+                os.unlink(self._prefix + name)
             removed += 1
         if removed:
             log.debug("file sink retention", removed=removed, files=len(self._index))

@@ -18,9 +18,9 @@ from typing import Any
 import anyio
 import pytest
 
-from tapio.agent import pipeline
-from tapio.agent.pipeline import Drainer, PipelineStats, RunningObserver
-from tapio.bpf.ringbuf import RingBuffer, WakeFlag
+from tapio.agent.pipeline import RunningObserver, drainer_for
+from tapio.bpf import ringbuf
+from tapio.bpf.ringbuf import Drainer, RingBuffer, WakeFlag
 
 PAGE = 4096
 SIZE = 4096
@@ -97,12 +97,12 @@ async def wait_for(pred: Callable[[], Any], secs: float) -> Any:
 async def test_quiet_rings_park_and_a_wakeup_unparks_at_once(
     rings: list[Ring], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline, "PARK_AFTER_SECS", 0.1)
-    monkeypatch.setattr(pipeline, "PARKED_PASS_SECS", 30.0)  # no safety pass in this test
+    monkeypatch.setattr(ringbuf, "PARK_AFTER_SECS", 0.1)
+    monkeypatch.setattr(ringbuf, "PARKED_PASS_SECS", 30.0)  # no safety pass in this test
     main, side = rings
     notified: list[float] = []
     obs = Quiet([(side.ring, lambda: notified.append(time.monotonic()))])
-    drainer = Drainer([running(obs, main.ring)], 0.01, 100, PipelineStats())
+    drainer = drainer_for([running(obs, main.ring)], 0.01, 100)
     send, recv = anyio.create_memory_object_stream[bytes](8)
     async with anyio.create_task_group() as tg:
         tg.start_soon(drainer.run, {obs.name: send})
@@ -133,13 +133,11 @@ async def test_quiet_rings_park_and_a_wakeup_unparks_at_once(
 async def test_an_object_without_a_wake_flag_keeps_the_drain_timer(
     rings: list[Ring], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline, "PARK_AFTER_SECS", 0.05)
+    monkeypatch.setattr(ringbuf, "PARK_AFTER_SECS", 0.05)
     main, other = rings
     a, b = Quiet(), Quiet()
     b.name = "other-test"  # type: ignore[misc]
-    drainer = Drainer(
-        [running(a, main.ring), running(b, other.ring, flagged=False)], 0.01, 100, PipelineStats()
-    )
+    drainer = drainer_for([running(a, main.ring), running(b, other.ring, flagged=False)], 0.01, 100)
     sends = {}
     recvs = []
     for name in (a.name, b.name):

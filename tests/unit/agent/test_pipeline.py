@@ -15,17 +15,17 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from tapio.agent.pipeline import (
     LANE_FULL,
-    Drainer,
+    Enricher,
     PipelineStats,
     RunningObserver,
     SinkLane,
     classify_loop,
     fanout_loop,
 )
+from tapio.bpf.ringbuf import Drainer
 from tapio.metrics import REGISTRY
 from tapio.observers.base import ObserverContext
-from tapio.observers.cgroups import CgroupResolver, scan_tree
-from tapio.observers.enrich import ByCgroupId, Enricher
+from tapio.observers.cgroups import ByCgroupId, CgroupResolver, scan_tree
 from tapio.observers.network import EV_CONN_REFUSED, NETWORK_EVENT, NetworkObserver
 from tapio.occurrence import Occurrence, new_occurrence
 from tapio.sinks.base import Batch, Sink
@@ -162,7 +162,7 @@ class TimedDrainer(Drainer):
     """The agent's drainer with its ring pass replaced by a clock reading: its drain timer."""
 
     def __init__(self, interval: float) -> None:
-        super().__init__([], interval, 1, PipelineStats())
+        super().__init__([], interval, 1)
         self.ticks: list[float] = []
 
     async def drain_once(self, senders: dict[str, MemoryObjectSendStream[bytes]]) -> bool:

@@ -62,7 +62,12 @@ class Follower:
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGINT)
-        code = self.proc.wait(timeout=10)
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # fail without leaving the process behind
+            self.proc.wait(timeout=5)
+            raise
         time.sleep(0.05)
         return code
 

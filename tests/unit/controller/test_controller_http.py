@@ -45,14 +45,33 @@ class Client:
         return result
 
 
+#: Agents never go stale in these tests unless a test waits for it: ``/v1/status`` lists stale
+#: agents by the clock, so a short bound would change the status a test compares before and
+#: after a rejected request whenever a loaded machine makes the requests slow.
+NEVER_STALE = 3600.0
+#: The tests of staleness itself wait this long past it.
+SHORT_STALE = 1.0
+
+
 @pytest.fixture
 async def ctl() -> Controller:
     log, _ = capturing_logger()
-    return Controller(logger=log, stale_after=0.3, max_agents=3)
+    return Controller(logger=log, stale_after=NEVER_STALE, max_agents=3)
 
 
 @pytest.fixture
 async def client(ctl: Controller) -> AsyncIterator[Client]:
+    async with (
+        running(ctl) as url,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s,
+    ):
+        yield Client(s, url)
+
+
+@pytest.fixture
+async def stale_client() -> AsyncIterator[Client]:
+    log, _ = capturing_logger()
+    ctl = Controller(logger=log, stale_after=SHORT_STALE, max_agents=3)
     async with (
         running(ctl) as url,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s,
@@ -238,7 +257,8 @@ async def test_heartbeat_validation_errors(client: Client) -> None:
     assert await client.status() == before
 
 
-async def test_stale_and_unconverged_agents(client: Client) -> None:
+async def test_stale_and_unconverged_agents(stale_client: Client) -> None:
+    client = stale_client
     for agent in ("a", "b", "c"):
         await client.post("/v1/agents/hello", hello(agent))
     await client.post("/v1/agents/heartbeat", heartbeat("a"))
@@ -246,7 +266,7 @@ async def test_stale_and_unconverged_agents(client: Client) -> None:
     status = await client.status()
     assert status["unconverged_agents"] == ["b", "c"]
     assert status["stale_agents"] == []
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(SHORT_STALE + 0.1)
     await client.post("/v1/agents/heartbeat", heartbeat("a"))
     status = await client.status()
     assert status["stale_agents"] == ["b", "c"]
@@ -257,14 +277,15 @@ async def test_stale_and_unconverged_agents(client: Client) -> None:
     ]
 
 
-async def test_capacity_refuses_live_agents_and_evicts_stale_ones(client: Client) -> None:
+async def test_capacity_refuses_live_agents_and_evicts_stale_ones(stale_client: Client) -> None:
+    client = stale_client
     for agent in ("a", "b", "c"):
         assert (await client.post("/v1/agents/hello", hello(agent)))[0] == 200
     before = await client.status()
     assert_error(await client.post("/v1/agents/hello", hello("d")), 503, "CAPACITY_EXCEEDED")
     assert await client.status() == before
     assert (await client.post("/v1/agents/hello", hello("a")))[0] == 200  # re-hello always fits
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(SHORT_STALE + 0.1)
     for agent in ("a", "c"):
         await client.post("/v1/agents/heartbeat", heartbeat(agent))
     assert (await client.post("/v1/agents/hello", hello("d")))[0] == 200

@@ -258,3 +258,72 @@ _SERVER: ThreadServer | None = None
 def teardown_module() -> None:
     if _SERVER is not None:
         _SERVER.__exit__(None, None, None)
+
+
+class _OneByOne:
+    """The window's rule applied record by record with one entry per record: what the
+    batch-level window must be indistinguishable from."""
+
+    def __init__(self, max_events: int, max_age: float, max_bytes: int) -> None:
+        self.max_events, self.max_age, self.max_bytes = max_events, max_age, max_bytes
+        self.entries: list[tuple[float, int, Record]] = []
+        self.evicted = {"count": 0, "bytes": 0, "age": 0}
+        self.duplicates = 0
+
+    def add(self, now: float, records: list[Record]) -> None:
+        while self.entries and self.entries[0][0] < now - self.max_age:
+            self.entries.pop(0)
+            self.evicted["age"] += 1
+        for r in records:
+            if r.id in {e[2].id for e in self.entries}:
+                self.duplicates += 1
+                continue
+            size = cost(r)
+            if size > self.max_bytes:
+                self.evicted["bytes"] += 1
+                continue
+            while len(self.entries) >= self.max_events:
+                self.entries.pop(0)
+                self.evicted["count"] += 1
+            while sum(e[1] for e in self.entries) + size > self.max_bytes:
+                self.entries.pop(0)
+                self.evicted["bytes"] += 1
+            self.entries.append((now, size, r))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.lists(
+        st.tuples(
+            st.integers(0, 40),  # seconds the clock moves before this batch
+            st.lists(st.tuples(st.integers(0, 30), st.integers(0, 900)), max_size=15),
+        ),
+        max_size=12,
+    ),
+)
+def test_the_batch_window_keeps_and_evicts_exactly_as_record_by_record(
+    max_events: int, byte_entries: int, batches: list[tuple[int, list[tuple[int, int]]]]
+) -> None:
+    unit = cost(rec(0))
+    max_bytes = byte_entries * (unit + 300)
+    m, clock = ControllerMetrics(), clock_at(1000.0)
+    w = EvidenceWindow(
+        max_events=max_events, max_age=60, max_bytes=max_bytes, metrics=m, clock=clock
+    )
+    model = _OneByOne(max_events, 60, max_bytes)
+    for step, records in batches:
+        clock.now += step
+        recs = [rec(i, b"x" * pad) for i, pad in records]  # ids repeat: duplicates
+        w.add(recs)
+        model.add(clock.now, recs)
+        kept = [e[2] for e in model.entries]
+        assert len(w) == len(kept) and w.bytes == sum(e[1] for e in model.entries)
+        got = w.query(Filter(), 1000).records
+        assert [r.id for r in got] == [r.id for r in sorted(kept, key=lambda r: r.ts_ns)][::-1]
+        assert all(g is k for g, k in zip(got, sorted(kept, key=lambda r: -r.ts_ns), strict=True))
+        for reason, n in model.evicted.items():
+            assert evicted(m, reason) == n
+        assert m.window_duplicates._value.get() == model.duplicates
+        assert m.window_events._value.get() == len(kept) and m.window_bytes._value.get() == w.bytes

@@ -13,10 +13,11 @@ import msgspec
 import pytest
 
 from tapio import wire
+from tapio.controller.batch import decode_batch, full
 from tapio.controller.evidence import EvidenceWindow
 from tapio.controller.evidence.window import _FIXED_COST, _STRING_FIELDS, cost
 from tapio.controller.forward import Forwarder, ingest_records
-from tapio.controller.forward.record import build_records
+from tapio.controller.forward.record import Record, build_records, held_bytes
 from tapio.controller.metrics import ControllerMetrics
 
 from .ctl_harness import batch, enc, event
@@ -182,3 +183,110 @@ def test_the_first_bad_event_of_a_batch_names_its_error(
     with pytest.raises(wire.WireError) as err:
         decoded.validate(1000)
     assert err.value.code == code and field in err.value.message
+
+
+AGENT_FACTS: list[dict[str, Any]] = [
+    {**SHAPES[0], "occurrence_id": f"01ABCDEFGHJKMNPQRSTVWX{i:04d}", "dst_port": i}
+    for i in range(5)
+]
+
+
+def _records_fields(records: list[Record]) -> list[tuple[Any, ...]]:
+    return [msgspec.structs.astuple(r) for r in records]
+
+
+def test_an_agents_batch_decodes_once_into_the_same_batch_and_records() -> None:
+    events = [event(facts=f) for f in AGENT_FACTS]
+    events.append(event(severity="no-such-severity", facts={"occurrence_id": "z", "f": 1.5}))
+    body = enc(batch(events=events))
+    clean, flat = decode_batch(body), full(body)
+    general = wire.decode(body, wire.EventBatchRequest)
+    assert (clean.facts_proven, flat.facts_proven, general.facts_proven) == ("clean", "flat", "")
+    assert msgspec.to_builtins(flat) == msgspec.to_builtins(general)
+    assert [e.facts.occurrence_id for e in clean.events] == [
+        f["occurrence_id"] for f in [*AGENT_FACTS, {"occurrence_id": "z"}]
+    ]
+    for decoded in (clean, flat, general):
+        decoded.validate(1000)
+    fast, slow = ingest_records(clean, body), ingest_records(general, body)
+    assert _records_fields(fast) == _records_fields(slow)
+    assert _records_fields(ingest_records(flat, body)) == _records_fields(slow)
+    assert fast[-1].severity == "unknown" and fast[0].id == AGENT_FACTS[0]["occurrence_id"]
+    eager = build_records(general)
+    for rec, e in zip(fast, eager, strict=True):
+        assert rec.held == held_bytes(rec) and cost(rec) == _FIXED_COST + held_bytes(rec)
+        assert rec.seal() == e.body and rec.held == held_bytes(rec)  # kept by seal
+
+
+@pytest.mark.parametrize(
+    ("facts", "proven"),
+    [
+        ({"nested": {"a": 1}}, ""),  # not flat: decoded as any batch is
+        ({"list": [1]}, ""),
+        ({"text": "a {brace} and [bracket]"}, "flat"),  # not proven by the brackets
+        ({"occurrence_id": 5}, "clean"),  # not a string id: a content id, record by record
+        ({"occurrence_id": "x" * 129}, "clean"),
+        ({"dst_port": 1}, "clean"),  # no id at all
+        ({"occurrence_id": "a", "pod_name": "p"}, "clean"),  # a filter fact
+        ({"occurrence_id": "a", "workload_kind": 3}, "clean"),
+    ],
+)
+def test_batches_off_the_fast_paths_give_the_same_records(
+    facts: dict[str, Any], proven: str
+) -> None:
+    events = [event(facts=AGENT_FACTS[0]), event(facts=facts)]
+    body = enc(batch(events=events))
+    decoded = decode_batch(body)
+    assert decoded.facts_proven == proven
+    decoded.validate(1000)
+    got = ingest_records(decoded, body)
+    want = ingest_records(wire.decode(body, wire.EventBatchRequest), body)
+    assert _records_fields(got) == _records_fields(want)
+    assert [r.document() for r in got] == [e.body for e in build_records(full(body))]
+
+
+BAD_BODIES: list[bytes] = [
+    b"{",
+    b"[]",
+    enc(batch(events=[event(), event(timestamp_unix_nanos=2**64)])),
+    enc(batch(events=[event(timestamp_unix_nanos=-1)])),
+    enc(batch(sequence=2**64)),
+    enc(batch(events=[event(type=5)])),
+    enc(batch(events=[event(facts={"a": "PLACEHOLDER"})])).replace(b"PLACEHOLDER", b"\xff"),
+    enc(batch(events=[event(facts={"a": 1})])).replace(b'"a"', b'"\xff"'),
+    enc(batch(events=[event(facts=[{"reasoning": 1}])])),  # decodes; validate refuses it
+    enc(batch(events=[event(), event(facts={"reasoning": None, "a": 1})])),
+    enc(batch(events=[event(facts={"a": {"root_cause": 1}})])),
+    enc(batch(events=[event(facts={"ok": 1}), event(type="user.x", facts={"rootCause": 1})])),
+    enc(batch(events=[event(facts={"suggestedFix": "x"}), event(type="user.x")])),
+    enc(batch(events=[event(facts={"a": 1})])).replace(b'"a":1', b'"a":tru'),
+    enc(batch(events=[event(facts={"a": 1})])).replace(b'"a":1', b'"a":01'),
+    enc(batch(events=[event(facts={"a": 1})])).replace(b'"a":1', b'"a":"\\x"'),
+]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES)
+def test_a_bad_batch_gets_the_error_decoding_it_always_gave(body: bytes) -> None:
+    def outcome(decode: Any) -> tuple[str, str]:
+        try:
+            decoded = decode(body)
+            decoded.validate(1000)
+        except wire.WireError as err:
+            return err.code, err.message
+        return "ok", ""
+
+    want = outcome(lambda b: wire.decode(b, wire.EventBatchRequest))
+    assert want[0] != "ok"
+    assert outcome(decode_batch) == want and outcome(full) == want
+
+
+def test_an_out_of_range_timestamp_names_its_event() -> None:
+    body = enc(batch(events=[event(), event(), event(timestamp_unix_nanos=2**64)]))
+    with pytest.raises(wire.WireError) as err:
+        decode_batch(body)
+    assert err.value.code == "MALFORMED_JSON"
+    assert err.value.message.endswith(
+        "`timestamp_unix_nanos` exceeds the u64 range - at `$.events[2]`"
+    )
+    ok = decode_batch(enc(batch(events=[event(timestamp_unix_nanos=2**64 - 1)])))
+    assert ok.events[0].timestamp_unix_nanos == 2**64 - 1

@@ -13,17 +13,11 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tapio.agent.pipeline import Enricher
+from tapio.inotify import IN_CREATE, IN_DELETE_SELF, IN_ISDIR, Event, parse_events
 from tapio.metrics import REGISTRY
-from tapio.observers.cgroups import MISS, CgroupResolver
-from tapio.observers.cgroups.watch import (
-    IN_CREATE,
-    IN_DELETE_SELF,
-    IN_ISDIR,
-    CgroupWatcher,
-    Event,
-    parse_events,
-)
-from tapio.observers.enrich import ByCgroupId, Enricher, cgroup_facts
+from tapio.observers.cgroups import MISS, ByCgroupId, CgroupResolver, cgroup_facts
+from tapio.observers.cgroups.watch import CgroupWatcher
 
 CID = "c" * 64
 UID = "0d5c1b0e-7a7f-4c39-9d4e-2b1f3c4d5e6f"

@@ -18,6 +18,7 @@ from tapio.observers.cgroups import (
     Attribution,
     CgroupResolver,
     CgroupRoots,
+    cgroup_facts,
     discover_roots,
     parse_container,
     parse_proc_cgroup,
@@ -26,7 +27,6 @@ from tapio.observers.cgroups import (
     scan_tree,
     walk_cgroups,
 )
-from tapio.observers.enrich import cgroup_facts
 
 CID = "0123456789abcdef" * 4
 UID = "0d5c1b0e-7a7f-4c39-9d4e-2b1f3c4d5e6f"

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
+from tapio.agent.pipeline import Enricher
 from tapio.bpf.ringbuf import RingBuffer
 from tapio.metrics import REGISTRY
 from tapio.observers.base import ObserverContext
@@ -26,7 +27,6 @@ from tapio.observers.container import (
     PAGE_SIZE,
     ContainerObserver,
 )
-from tapio.observers.enrich import Enricher
 from tapio.occurrence import Occurrence
 
 BOOT = 1_700_000_000_000_000_000

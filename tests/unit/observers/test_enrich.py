@@ -9,11 +9,11 @@ from pathlib import Path
 import anyio
 import msgspec
 
+from tapio.agent.pipeline import Enricher
 from tapio.bpf.abi import FLAG_NODE, TapioConfig
 from tapio.metrics import REGISTRY
 from tapio.observers.base import ObserverContext, UserThresholds
-from tapio.observers.cgroups import CgroupResolver, CgroupRoots
-from tapio.observers.enrich import ByCgroupId, Enricher
+from tapio.observers.cgroups import ByCgroupId, CgroupResolver, CgroupRoots
 from tapio.observers.node import NodeObserver
 from tapio.observers.node.psi import NODE, PsiLine, PsiReading
 from tapio.observers.node.runq import RunqTotals, WorstWait

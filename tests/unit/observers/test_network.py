@@ -9,9 +9,9 @@ from pathlib import Path
 import anyio
 import msgspec
 
+from tapio.agent.pipeline import Enricher
 from tapio.observers.base import ObserverContext
-from tapio.observers.cgroups import CgroupResolver
-from tapio.observers.enrich import ByCgroupId, Enricher
+from tapio.observers.cgroups import ByCgroupId, CgroupResolver
 from tapio.observers.network import NETWORK_EVENT, NetworkObserver
 from tapio.occurrence import (
     NETWORK_CONNECTION_REFUSED,

@@ -10,11 +10,11 @@ from typing import Any
 import anyio
 import pytest
 
+from tapio.agent.pipeline import Enricher
 from tapio.bpf.ringbuf import RingBuffer
 from tapio.metrics import REGISTRY
 from tapio.observers.base import ObserverContext
 from tapio.observers.cgroups import CgroupResolver
-from tapio.observers.enrich import Enricher
 from tapio.observers.storage import (
     METRIC_AMBIGUOUS,
     METRIC_UNMATCHED,

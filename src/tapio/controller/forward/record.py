@@ -10,7 +10,9 @@ A record is built at ingest from what the route already decoded (its key and the
 evidence window filters on) plus the event's JSON as the agent sent it; its document is encoded
 only when something sends it: the forwarders (:meth:`Record.seal`, once, when a batch enters
 their queues) and the evidence endpoints (:meth:`Record.document`, for what they return). A
-controller without outputs so never encodes the documents its window forgets unread.
+controller without outputs so never encodes the documents its window forgets unread. The
+records of what agents send (object facts carrying their own ids, none of the facts the window
+filters on) are built column by column for the whole batch; any other batch, event by event.
 
 The occurrence id is the de-duplication key downstream (JetStream ``Nats-Msg-Id``, the file
 output's recent-id set). An event without one (an agent that does not send it) gets an id
@@ -20,14 +22,17 @@ derived from its content, so a retried batch still maps to the same key.
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any, Final
 
 import msgspec
 
 from tapio import wire
+from tapio.controller import batch as batch_module
 
 SUBJECT_PREFIX: Final = "tapio.evidence."
 _EXTRA_FACTS: Final = ("occurrence_id", "outcome", "error_code", "error_message")
@@ -86,6 +91,9 @@ class Record(msgspec.Struct, gc=False):
     workload_name: str = ""
     event: bytes = b""
     origin: Origin | None = None
+    #: :func:`held_bytes` of the record, filled in by ingest from the batch's columns and kept
+    #: by :meth:`seal` (0: not known, computed when asked).
+    held: int = 0
 
     @property
     def subject(self) -> str:
@@ -101,10 +109,33 @@ class Record(msgspec.Struct, gc=False):
     def seal(self) -> bytes:
         """Encode the document once and keep it instead of the event (what outputs send)."""
         if self.origin is not None:
-            self.body = self.document()
+            body = self.document()
+            if self.held:
+                self.held += len(body) - len(self.event)
+            self.body = body
             self.event = b""
             self.origin = None
         return self.body
+
+
+def held_bytes(rec: Record) -> int:
+    """The length of what a record holds: its document (or event) and its strings.
+
+    The strings are ids, types and DNS-1123 names: ASCII, whose size is its length plus a
+    fixed header, so summing lengths is exact for them (a non-ASCII string would take up to 4
+    bytes a character; the document, the bulk of a record, is counted exactly either way)."""
+    return (
+        len(rec.body)
+        + len(rec.event)
+        + len(rec.id)
+        + len(rec.type)
+        + len(rec.node_name)
+        + len(rec.severity)
+        + len(rec.namespace)
+        + len(rec.pod)
+        + len(rec.workload_kind)
+        + len(rec.workload_name)
+    )
 
 
 def subject_for(event_type: str) -> str:
@@ -213,6 +244,9 @@ def record_of(doc: ForwardedOccurrence) -> Record:
 
 
 def build_records(batch: wire.EventBatchRequest, enrich: Enrich | None = None) -> list[Record]:
+    """The records of a batch whose facts were decoded (not a clean batch's few kept facts)."""
+    if batch.facts_proven == "clean":
+        raise ValueError("a clean batch's facts were not decoded; decode it with full()")
     return [build_record(batch, event, enrich) for event in batch.events]
 
 
@@ -225,6 +259,16 @@ _EVENT_DECODER: Final = msgspec.json.Decoder(wire.WireEvent)
 #: The facts the evidence window filters on; an event carrying none of them (what agents send:
 #: the controller's enrichment adds them) skips looking each one up.
 _FILTER_FACTS: Final = frozenset({"pod_namespace", "pod_name", "workload_kind", "workload_name"})
+_OCCURRENCE_ID_OF: Final = operator.attrgetter("facts.occurrence_id")
+_FILTER_FACTS_OF: Final = operator.attrgetter(*(f"facts.{name}" for name in sorted(_FILTER_FACTS)))
+_NO_FILTER_FACTS: Final = frozenset({(msgspec.UNSET,) * len(_FILTER_FACTS)})
+_DICTS: Final = frozenset({dict})
+_STRS: Final = frozenset({str})
+_FACTS_OF: Final = operator.attrgetter("facts")
+_TYPE_OF: Final = operator.attrgetter("type")
+_TS_OF: Final = operator.attrgetter("timestamp_unix_nanos")
+#: An enum member's value as a plain attribute read (``.value`` is a Python-level property).
+_SEVERITY_VALUE: Final = operator.attrgetter("severity._value_")
 
 
 def ingest_records(
@@ -234,39 +278,81 @@ def ingest_records(
     yet encoded. Each record keeps its event's JSON exactly as received (a copy, so the window
     holds no request body). Enriched records are encoded now (the window would otherwise hold
     each one's enrichment besides the event)."""
+    clean = batch.facts_proven == "clean"  # only the facts ingest reads were decoded
     if enrich is not None:
-        return build_records(batch, enrich)
+        return build_records(batch_module.full(body) if clean else batch, enrich)
     raws = _RAW_EVENTS.decode(body).events
-    if len(raws) != len(batch.events):  # cannot happen for a body that decoded as ``batch``
-        return build_records(batch)
+    events = batch.events
+    if len(raws) != len(events):  # cannot happen for a body that decoded as ``batch``
+        return build_records(batch_module.full(body) if clean else batch)
     origin = Origin(batch.agent_id, batch.node_name)
-    node_name = batch.node_name
+    if clean:
+        ids = list[Any](map(_OCCURRENCE_ID_OF, events))
+        plain = _NO_FILTER_FACTS.issuperset(map(_FILTER_FACTS_OF, events))
+    else:
+        facts = list(map(_FACTS_OF, events))
+        ids = (
+            list[Any](map(dict.get, facts, repeat("occurrence_id")))
+            if _DICTS.issuperset(map(type, facts))
+            else []
+        )
+        plain = bool(ids) and _FILTER_FACTS.isdisjoint(set[str]().union(*facts))
+    if not (
+        plain
+        and _STRS.issuperset(map(type, ids))
+        and min(map(len, ids)) > 0
+        and max(map(len, ids)) <= _MAX_ID_CHARS
+    ):
+        if clean:
+            events = batch_module.full(body).events
+        return _ingest_each(origin, events, raws)
+    # What agents send (object facts, their own ids, no filter facts): the records built in
+    # one C-level pass over the batch's columns.
+    types = list(map(_TYPE_OF, events))
+    severities = list(map(_SEVERITY_VALUE, events))
+    kept = list(map(bytes, raws))
+    lengths = zip(map(len, kept), map(len, ids), map(len, types), map(len, severities), strict=True)
+    held = map(len(batch.node_name).__add__, map(sum, lengths))
+    blank = repeat("")
+    return list(
+        map(
+            Record,
+            ids,
+            types,
+            repeat(batch.node_name),
+            repeat(b""),
+            map(_TS_OF, events),
+            severities,
+            blank,
+            blank,
+            blank,
+            blank,
+            kept,
+            repeat(origin),
+            held,
+        )
+    )
+
+
+def _ingest_each(
+    origin: Origin, events: list[wire.WireEvent], raws: list[msgspec.Raw]
+) -> list[Record]:
     records = []
-    for event, raw in zip(batch.events, raws, strict=True):
-        facts = event.facts
-        if type(facts) is not dict:
-            facts = _facts(event)
-        occurrence_id = facts.get("occurrence_id")
-        if type(occurrence_id) is not str or not 0 < len(occurrence_id) <= _MAX_ID_CHARS:
-            occurrence_id = _key(origin, event, facts)  # the general rule, content id included
-        namespace = pod = workload_kind = workload_name = ""
-        if not _FILTER_FACTS.isdisjoint(facts):
-            namespace = _text(facts.get("pod_namespace")) or ""
-            pod = _text(facts.get("pod_name")) or ""
-            workload_kind = _text(facts.get("workload_kind")) or ""
-            workload_name = _text(facts.get("workload_name")) or ""
+    for event, raw in zip(events, raws, strict=True):
+        facts = _facts(event)
+        occurrence_id = _key(origin, event, facts)
         records.append(
             Record(
                 occurrence_id,
                 event.type,
-                node_name,
+                origin.node_name,
                 b"",
                 event.timestamp_unix_nanos,
                 event.severity.value,
-                namespace,
-                pod,
-                workload_kind,
-                workload_name,
+                _text(facts.get("pod_namespace")) or "",
+                _text(facts.get("pod_name")) or "",
+                _text(facts.get("workload_kind")) or "",
+                _text(facts.get("workload_name")) or "",
                 bytes(raw),
                 origin,
             )

@@ -22,6 +22,9 @@ Every observer that names a cgroup (container, storage, node) goes through this 
   removed ones into tombstones that stay resolvable for a few minutes, so the evidence of a
   workload whose runtime removes its cgroup at exit keeps its attribution. The periodic
   re-index stays as the safety net for what the bounded watch does not see.
+* :class:`ByCgroupId` / :class:`ByCgroupPath` (:mod:`.facts`) are what an observer asks the
+  agent's enrichment stage to add, and :func:`cgroup_facts` the one rule for which of a task's
+  cgroups describes it best.
 * :func:`parse_container` (:mod:`.containers`) turns a path into
   ``(container_id, runtime, pod_uid)``:
 
@@ -37,6 +40,14 @@ No Kubernetes API here: pod names and namespaces are the controller's job.
 """
 
 from tapio.observers.cgroups.containers import NO_ATTRIBUTION, Attribution, parse_container
+from tapio.observers.cgroups.facts import (
+    ID_KEYS,
+    ByCgroupId,
+    ByCgroupPath,
+    Enrichment,
+    cgroup_facts,
+    memo_key,
+)
 from tapio.observers.cgroups.resolver import MISS, CgroupResolver, Miss
 from tapio.observers.cgroups.roots import (
     DEFAULT_ROOT,
@@ -56,16 +67,22 @@ from tapio.observers.cgroups.roots import (
 __all__ = [
     "DEFAULT_ROOT",
     "HIERARCHIES",
+    "ID_KEYS",
     "MAX_WALK",
     "MISS",
     "NO_ATTRIBUTION",
     "ROOT_ENV",
     "U64_MAX",
     "Attribution",
+    "ByCgroupId",
+    "ByCgroupPath",
     "CgroupResolver",
     "CgroupRoots",
+    "Enrichment",
     "Miss",
+    "cgroup_facts",
     "discover_roots",
+    "memo_key",
     "parse_container",
     "parse_proc_cgroup",
     "roots_at",

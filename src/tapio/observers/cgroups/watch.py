@@ -19,94 +19,36 @@ the periodic re-index only.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
-import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import structlog
 
+from tapio.inotify import (
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    Inotify,
+    parse_events,
+)
 from tapio.metrics import CGROUP_INDEX_EVENTS, CGROUP_WATCH_LIMIT
 from tapio.observers.cgroups.resolver import CgroupResolver
 from tapio.observers.cgroups.roots import MAX_WALK
 
 log = structlog.get_logger("tapio.observers.cgroups.watch")
 
-IN_CREATE = 0x00000100
-IN_DELETE = 0x00000200
-IN_DELETE_SELF = 0x00000400
-IN_MOVED_FROM = 0x00000040
-IN_MOVED_TO = 0x00000080
-IN_Q_OVERFLOW = 0x00004000
-IN_IGNORED = 0x00008000
-IN_ISDIR = 0x40000000
-IN_ONLYDIR = 0x01000000
-IN_NONBLOCK = 0o4000
-IN_CLOEXEC = 0o2000000
 #: What each watched cgroup directory reports: subdirectories made/removed/renamed, itself gone.
 WATCH_MASK = IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVED_TO | IN_ONLYDIR
 MAX_WATCHES = 16384
 MAX_SUBTREE = 256  # directories scanned inline under one new cgroup (made before its watch)
-_EVENT = struct.Struct("iIII")
-_READ_SIZE = 64 * 1024
-
-
-class Inotify:
-    """The three libc calls, through ctypes (no extra dependency); raises OSError on failure."""
-
-    def __init__(self) -> None:
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self._libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        fd = int(self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        self.fd = fd
-
-    def add_watch(self, path: str, mask: int) -> int:
-        wd = int(self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask))
-        if wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-        return wd
-
-    def rm_watch(self, wd: int) -> None:
-        """Drop a watch; one the kernel already dropped (``EINVAL``) is not an error."""
-        self._libc.inotify_rm_watch(self.fd, wd)
-
-    def read(self) -> bytes:
-        try:
-            return os.read(self.fd, _READ_SIZE)
-        except BlockingIOError:
-            return b""
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    wd: int
-    mask: int
-    name: str
-
-
-def parse_events(buf: bytes) -> Iterator[Event]:
-    """``struct inotify_event`` records (the name is NUL-padded to its ``len``)."""
-    off = 0
-    while off + _EVENT.size <= len(buf):
-        wd, mask, _cookie, length = _EVENT.unpack_from(buf, off)
-        off += _EVENT.size
-        raw = buf[off : off + length]
-        off += length
-        yield Event(wd, mask, os.fsdecode(raw.split(b"\0", 1)[0]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +198,35 @@ class CgroupWatcher:
     def _limit_hit(self) -> None:
         self.limit_hits += 1
         self._limit.inc()
+
+
+#: The full re-index of the trees while some observer reports cgroup ids: the safety net for
+#: what the (bounded) watch does not see.
+REFRESH_SECS = 10.0
+
+
+async def keep_indexed(resolver: CgroupResolver, watcher: CgroupWatcher | None) -> None:
+    """Keep ``resolver`` current until cancelled: ``watcher`` learns cgroups as they are made
+    (and keeps removed ones as tombstones for a while), and the trees are re-indexed now and
+    every ``REFRESH_SECS``. Neither failing stops the other, nor the agent's data path."""
+    async with anyio.create_task_group() as tg:
+        if watcher is not None:
+            tg.start_soon(_watch, watcher)
+        while True:
+            try:
+                await resolver.index()
+            except Exception:  # an indexing bug must not stop the pipeline
+                log.exception("cgroup index failed")
+            await anyio.sleep(REFRESH_SECS)
+
+
+async def _watch(watcher: CgroupWatcher) -> None:
+    try:
+        await watcher.run()
+    except OSError as e:  # no inotify here: the periodic index still runs
+        log.warning("cgroup watch unavailable; periodic re-index only", error=str(e))
+    except Exception:  # a watch bug must not stop the pipeline
+        log.exception("cgroup watch failed; periodic re-index only")
 
 
 def _join(parent: str, name: str) -> str:

@@ -28,8 +28,7 @@ from tapio.bpf.libbpf import BpfError
 from tapio.bpf.loader import BpfObject
 from tapio.metrics import OBSERVER_CAPABILITY
 from tapio.observers.base import Capability, Emit, Observer, ObserverContext, UserThresholds
-from tapio.observers.cgroups import CgroupRoots, discover_roots
-from tapio.observers.enrich import ByCgroupPath, Enrichment
+from tapio.observers.cgroups import ByCgroupPath, CgroupRoots, Enrichment, discover_roots
 from tapio.observers.node import judges
 from tapio.observers.node import pmu as pmu_mod
 from tapio.observers.node.board import (
