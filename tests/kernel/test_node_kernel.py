@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from tapio.observers.cgroups.roots import discover_roots
+from tapio.occurrence import parse_timestamp
 
 from . import memload
 from .cgroups import (
@@ -189,6 +190,14 @@ def test_memory_pressure_in_a_limited_cgroup(tmp_path: Path) -> None:
         # while the condition lasts.
         assert len(clears) in (len(mine) - 1, len(mine)), (brief(mine), clears)
         assert all(c["some_avg10"] < 8.0 for c in clears), clears
+        # In time order they alternate: start, clear, start, (clear). A clear never comes before
+        # the start it ends, and a second start only after the first clear.
+        starts = sorted(parse_timestamp(o["timestamp"]) for o in mine)
+        ends = sorted(parse_timestamp(c["timestamp"]) for c in clears)
+        for i, end in enumerate(ends):
+            assert starts[i] <= end, (i, brief(mine), clears)
+            if i + 1 < len(starts):
+                assert end <= starts[i + 1], (i, brief(mine), clears)
         if clears:
             print(f"memory pressure cleared and started again under a starved load: {clears}")
         assert 1 <= len(mine) <= 2, brief(mine)
