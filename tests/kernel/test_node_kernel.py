@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,16 +78,20 @@ def _kill_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 def spawn(
     argv: Sequence[str], dirs: Sequence[Path] = (), cpus: set[int] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` already inside ``dirs`` (and pinned to ``cpus``) before it execs."""
+    """Start ``argv`` already inside ``dirs`` (and pinned to ``cpus``) before it execs.
 
-    def enter() -> None:
-        for d in dirs:
-            (d / "cgroup.procs").write_text(str(os.getpid()))
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
+    A shell moves itself into the cgroups and then execs the load (through ``taskset`` when
+    pinned), so the pid stays the load's. Not a ``preexec_fn``: that runs Python between fork
+    and exec, and in a test process with other threads (the whole suite leaves idle worker
+    threads behind) the child can deadlock on a lock one of them held at the fork, never exec,
+    and so never load anything: a memory-pressure run once saw its cgroup's PSI at total=0.
+    """
+    script = "".join(f"echo $$ > {shlex.quote(str(d / 'cgroup.procs'))} && " for d in dirs)
+    pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus is not None else []
     return subprocess.Popen(
-        list(argv), preexec_fn=enter, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["sh", "-c", script + 'exec "$@"', "sh", *pin, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -163,7 +168,8 @@ def test_memory_pressure_in_a_limited_cgroup(tmp_path: Path) -> None:
                     interval=0.5,
                 )
                 assert first, (
-                    f"no memory_pressure for /{name} within 30 s ({how}); cgroup PSI now: "
+                    f"no memory_pressure for /{name} within 30 s ({how}; the load's exit "
+                    f"status: {procs[0].poll()}); cgroup PSI now: "
                     f"{(dirs['unified'] / 'memory.pressure').read_text()!r}\n"
                     f"{a.stderr()[-3000:]}"
                 )
