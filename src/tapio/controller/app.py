@@ -227,7 +227,7 @@ class Controller:
 
     async def events(self, request: web.Request) -> web.Response:
         body = await read_json_body(request)
-        batch = decode_batch(body)
+        batch = decode_batch(body, facts=self.enrich is not None)
         active = self.active
         try:
             batch.validate(active.batching.max_batch_events)

@@ -81,8 +81,13 @@ def _brackets_prove_flat(raw: bytes, events: int) -> bool:
     )
 
 
-def decode_batch(raw: bytes) -> wire.EventBatchRequest:
-    """The batch in ``raw``, decoded once when it is what agents send (see the module)."""
+def decode_batch(raw: bytes, *, facts: bool = False) -> wire.EventBatchRequest:
+    """The batch in ``raw``, decoded once when it is what agents send (see the module).
+
+    ``facts``: every event's facts are needed whole (the controller enriches them), so the
+    clean decoder, which keeps only a few, is skipped rather than run and then redone."""
+    if facts:
+        return full(raw)
     try:
         clean = _CLEAN.decode(raw)
     except _NARROW_FAILS:

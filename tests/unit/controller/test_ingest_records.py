@@ -290,3 +290,13 @@ def test_an_out_of_range_timestamp_names_its_event() -> None:
     )
     ok = decode_batch(enc(batch(events=[event(timestamp_unix_nanos=2**64 - 1)])))
     assert ok.events[0].timestamp_unix_nanos == 2**64 - 1
+
+
+def test_a_batch_to_enrich_is_decoded_with_its_facts_whole_once() -> None:
+    body = enc(batch(events=[event(facts={"pod_uid": "u-1", "dst_port": 1})]))
+    clean = decode_batch(body)
+    whole = decode_batch(body, facts=True)
+    assert clean.facts_proven == "clean"
+    assert whole.facts_proven == "flat"
+    assert whole.events[0].facts == {"pod_uid": "u-1", "dst_port": 1}
+    assert whole == full(body)
