@@ -132,10 +132,6 @@ DNS_EGRESS = ("dns_egress", "dns_egress_anon")
 DNS_INGRESS = "dns_ingress"
 
 
-def state_name(state: int) -> str:
-    return TCP_STATES.get(state, "UNKNOWN")
-
-
 def _fmt_ms(us: int) -> str:
     return f"{us / 1000:g}"
 
