@@ -9,23 +9,25 @@
  * Correlation key: (dev, sector, nr_sector, op). A second issue for a key still inflight marks
  * the entry ambiguous; its completion is then dropped and counted (STORAGE_METRIC_AMBIGUOUS),
  * because we cannot tell which issuer (or issue time) it belongs to. A completion with no issue
- * record (evicted from the LRU, issued before attach or while disabled, partial completion with
+ * record (evicted, issued before attach or while disabled, partial completion with
  * a different size) is counted as STORAGE_METRIC_UNMATCHED. Wrong evidence is never emitted.
  *
  * Only reads and writes are tracked; discards, secure erases, pure flushes ("F", "FF") and other
  * operations ("N") are ignored by design. A flush-prefixed write ("FW...") is a write.
  *
- * Two builds of each hook, one program group each (the agent loads the first its kernel accepts):
- * tp_btf programs that read struct request directly, and classic tracepoints that read the
- * record the kernel formats. A classic tracepoint costs the read path about as much again as the
- * program itself before the program runs (the kernel fills the whole record: rwbs, comm and a
- * command string, in a per-CPU perf buffer); a tp_btf program gets the tracepoint's arguments as
- * they are. The tp_btf issue program needs bpf_get_current_task_btf() (5.11+, the same release
- * that dropped the request_queue argument from block_rq_issue), so 5.10 keeps the classic issue
- * program; block_rq_complete has had (rq, error, nr_bytes) on every supported kernel. Both builds
- * produce the same key, the same rwbs bytes and the same error code as the kernel's record.
- * block_rq_requeue keeps its classic program only: it runs only when a driver hands a request
- * back, so it costs nothing on the common path.
+ * Each hook has alternatives, one program group each (the agent loads the first its kernel
+ * accepts). Two maps: the slot table (the *_slot programs, tp_btf, 5.12+: an array taken and
+ * handed on with BPF atomics, see below) and the inflight LRU hash (the other programs). The
+ * slot programs are loaded all together or not at all, so issue and completion always share a
+ * map. tp_btf programs read struct request directly; classic tracepoints read the record the
+ * kernel formats, which costs the read path about as much again as the program itself before the
+ * program runs (the kernel fills the whole record: rwbs, comm and a command string, in a per-CPU
+ * perf buffer). The tp_btf issue programs need bpf_get_current_task_btf() (5.11+, the same
+ * release that dropped the request_queue argument from block_rq_issue), so 5.10 keeps the
+ * classic issue program with the LRU tp_btf completion; block_rq_complete has had (rq, error,
+ * nr_bytes) on every supported kernel. Every build produces the same key, the same rwbs bytes
+ * and the same error code as the kernel's record. The LRU path's requeue program is classic:
+ * it runs only when a driver hands a request back, so it costs nothing on the common path.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -423,4 +425,245 @@ int handle_rq_complete(struct trace_event_raw_block_rq_completion *ctx)
 	}
 
 	return rq_complete(dev, sector, nr_sector, error, rwbs_op(rwbs));
+}
+
+/*
+ * The slot table: the same correlation without a hash map, for kernels with BPF atomics (5.12+)
+ * and tp_btf issue programs. An LRU hash insert, lookup and delete per request (bucket locks,
+ * the LRU's own list lock, a hash of 24 bytes, elements scattered over the map) were most of what
+ * the storage programs cost a fast device's read; here a request costs one inlined array lookup
+ * and one compare-and-swap to take a slot and one exchange to hand it back, at issue and again
+ * at completion, within one set of a few cache lines.
+ *
+ * A request is held in one of the IO_SLOT_WAYS slots of the set its key hashes to, tagged with
+ * the request's address, so a completion finds its own issue by (address, key) and two
+ * requests are never confused with each other. Only the program that took a slot (turned its
+ * owner word from FREE, or from a request's address, to BUSY by compare-and-swap) writes or
+ * reads the slot's key and value, and it publishes or frees the slot with an exchange (a full
+ * barrier), so no reader ever sees a half-written issuer. The hash map's outcomes are kept:
+ *  - a second issue of a key inflight marks the first ambiguous (its completion is dropped and
+ *    counted), unless it is the same request dispatched again after block_rq_requeue;
+ *  - a full set gives its oldest slot to the new request, as the LRU evicted its oldest entry;
+ *    the evicted request's completion then finds nothing and is counted as unmatched;
+ *  - a completion without an issue, or of another size (a partial completion), is unmatched.
+ * One thing is new: an entry of the same key older than IO_SLOT_STALE_NS is taken over by the
+ * new issue instead of making it ambiguous. Such an entry is one whose completion was never seen
+ * (a partial completion, a program run the kernel skipped); left there, it would make every
+ * later request of its key ambiguous until its set filled, which a quiet disk may never do.
+ */
+#define IO_SLOT_STALE_NS (120ULL * 1000000000ULL)
+#define IO_SLOT_NONE IO_SLOT_WAYS
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, IO_SLOT_SETS);
+	__type(key, __u32);
+	__type(value, struct io_set);
+} io_slots SEC(".maps");
+
+/* The key's set: a multiplicative hash of the key's fields. */
+static __always_inline struct io_set *io_set_of(const struct io_key *k)
+{
+	__u64 h = k->sector ^ ((__u64)k->dev << 32) ^ ((__u64)k->nr_sector << 12) ^ k->opcode;
+	__u32 i = (__u32)((h * 0x9E3779B97F4A7C15ULL) >> (64 - IO_SLOT_SETS_LOG2));
+	return bpf_map_lookup_elem(&io_slots, &i);
+}
+
+/* Keys are built by io_key_of (padding zeroed), so three words compare them whole. */
+static __always_inline int io_key_eq(const struct io_key *a, const struct io_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
+static __always_inline __u64 io_owner(const struct io_set *set, __u32 w)
+{
+	return *(volatile const __u64 *)&set->owner[w];
+}
+
+/* Take slot w from `seen` (FREE or a request's address) for this program; 1 on success. */
+static __always_inline int io_slot_take(struct io_set *set, __u32 w, __u64 seen)
+{
+	return __sync_val_compare_and_swap(&set->owner[w], seen, IO_SLOT_BUSY) == seen;
+}
+
+static __always_inline void io_slot_give(struct io_set *set, __u32 w, __u64 owner)
+{
+	__sync_lock_test_and_set(&set->owner[w], owner);
+}
+
+/* The way of `set` holding request `rq` under `key`, or IO_SLOT_NONE. */
+static __always_inline __u32 io_slot_find(const struct io_set *set, __u64 rq,
+					  const struct io_key *key)
+{
+	for (__u32 w = 0; w < IO_SLOT_WAYS; w++)
+		if (io_owner(set, w) == rq && io_key_eq(&set->key[w], key))
+			return w;
+	return IO_SLOT_NONE;
+}
+
+static __always_inline int rq_issue_slot(__u64 rq, __u32 dev, __u64 sector, __u32 bytes,
+					 const char *rwbs, int op)
+{
+	if (op < 0)
+		return 0;
+	const struct tapio_config *cfg;
+	if (!tapio_config_on(&cfg, TAPIO_FLAG_STORAGE))
+		return 0;
+	struct io_key key;
+	io_key_of(&key, dev, sector, bytes >> 9, op);
+	struct io_set *set = io_set_of(&key);
+	if (!set)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+
+	/* One pass over the set: the key inflight already, a free way, the oldest way. */
+	__u32 mine = IO_SLOT_NONE, oldest = IO_SLOT_NONE;
+	__u64 seen = IO_SLOT_FREE, oldest_owner = 0, oldest_ns = ~0ULL;
+	for (__u32 w = 0; w < IO_SLOT_WAYS; w++) {
+		__u64 o = io_owner(set, w);
+		if (o == IO_SLOT_FREE) {
+			if (mine == IO_SLOT_NONE)
+				mine = w;
+			continue;
+		}
+		if (o == IO_SLOT_BUSY)
+			continue;
+		__u64 issued = set->val[w].issue_ns;
+		if (io_key_eq(&set->key[w], &key)) {
+			if (now - issued >= IO_SLOT_STALE_NS) {
+				mine = w; /* take the stale entry's place */
+				seen = o;
+				break;
+			}
+			if (o == rq && set->val[w].requeued) {
+				set->val[w].requeued = 0; /* dispatched again: keep the first issue */
+				return 0;
+			}
+			set->val[w].ambiguous = 1; /* keep the first issue; its completion is dropped */
+			return 0;
+		}
+		if (issued < oldest_ns) {
+			oldest = w;
+			oldest_owner = o;
+			oldest_ns = issued;
+		}
+	}
+	if (mine == IO_SLOT_NONE && oldest != IO_SLOT_NONE) {
+		/* The set is full: its oldest entry makes room, as an LRU would evict it. */
+		mine = oldest;
+		seen = oldest_owner;
+	}
+	/* Lost to another CPU (or nothing to take): this request goes unrecorded, and its
+	 * completion is counted as unmatched. */
+	if (mine >= IO_SLOT_WAYS || !io_slot_take(set, mine, seen))
+		return 0;
+
+	/* The slot is this program's until it is given to the request. */
+	struct io_value *v = &set->val[mine];
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct css_set *cs = task->cgroups;
+	int ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id);
+	__u32 id = ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0;
+	set->key[mine] = key;
+	v->issue_ns = now;
+	/* What bpf_get_current_cgroup_id() and bpf_get_current_comm() return, by plain loads. */
+	v->cgroup_id = cs ? tapio_cgroup_kn_id(cs->dfl_cgrp) : 0;
+	v->memcg_id = tapio_css_set_cgroup_id(cs, ok, id);
+	v->pid = task->tgid;
+	v->tid = task->pid;
+	v->bytes = bytes;
+	v->ambiguous = 0;
+	v->requeued = 0;
+	__builtin_memcpy(v->comm, task->comm, sizeof(v->comm));
+	__builtin_memcpy(v->rwbs, rwbs, sizeof(v->rwbs));
+	io_slot_give(set, mine, rq);
+	return 0;
+}
+
+/* ctx: (struct request *rq). */
+SEC("tp_btf/block_rq_issue")
+int handle_rq_issue_slot(__u64 *ctx)
+{
+	struct request___tapio *rq = (void *)ctx[0];
+	char rwbs[8];
+	int op = rq_rwbs(rwbs, rq->cmd_flags); /* rq_issue_slot returns at once for op < 0 */
+	return rq_issue_slot(ctx[0], rq_dev(rq), rq->__sector, rq->__data_len, rwbs, op);
+}
+
+/* ctx: (struct request *rq) from 5.11 on; the slot programs need 5.12+. */
+SEC("tp_btf/block_rq_requeue")
+int handle_rq_requeue_slot(__u64 *ctx)
+{
+	struct request___tapio *rq = (void *)ctx[0];
+	char rwbs[8];
+	int op = rq_rwbs(rwbs, rq->cmd_flags);
+	if (op < 0)
+		return 0;
+	struct io_key key;
+	__u32 bytes = rq->__data_len;
+	io_key_of(&key, rq_dev(rq), rq->__sector, bytes >> 9, op);
+	struct io_set *set = io_set_of(&key);
+	if (!set)
+		return 0;
+	__u32 w = io_slot_find(set, ctx[0], &key);
+	if (w < IO_SLOT_WAYS)
+		set->val[w].requeued = 1;
+	return 0;
+}
+
+/* ctx: (struct request *rq, error, unsigned int nr_bytes), as handle_rq_complete_btf. */
+SEC("tp_btf/block_rq_complete")
+int handle_rq_complete_slot(__u64 *ctx)
+{
+	struct request___tapio *rq = (void *)ctx[0];
+	char rwbs[8];
+	int op = rq_rwbs(rwbs, rq->cmd_flags);
+	if (op < 0)
+		return 0;
+	struct io_key key;
+	io_key_of(&key, rq_dev(rq), rq->__sector, (__u32)ctx[2] >> 9, op);
+	const struct tapio_config *cfg;
+	int enabled = tapio_config_on(&cfg, TAPIO_FLAG_STORAGE);
+	struct io_set *set = io_set_of(&key);
+	if (!set)
+		return 0;
+	__u64 me = ctx[0];
+	__u32 w = io_slot_find(set, me, &key);
+	if (w >= IO_SLOT_WAYS || !io_slot_take(set, w, me)) {
+		if (enabled)
+			tapio_metric_inc(STORAGE_METRIC_UNMATCHED);
+		return 0;
+	}
+	/* The config gates emission, not cleanup. */
+	struct io_value *v = &set->val[w];
+	if (enabled && cfg && v->ambiguous) {
+		tapio_metric_inc(STORAGE_METRIC_AMBIGUOUS);
+	} else if (enabled && cfg) {
+		__s32 error = rq_errno(ctx[1]);
+		__u64 now = bpf_ktime_get_ns();
+		__u64 latency = now - v->issue_ns;
+		__u64 critical_ns = cfg->io_latency_critical_ns, slow_ns = cfg->slow_io_threshold_ns;
+		__u8 severity = 0;
+		if (error != 0)
+			severity = STORAGE_SEV_CRITICAL;
+		else if (critical_ns && latency >= critical_ns)
+			severity = STORAGE_SEV_CRITICAL;
+		else if (slow_ns && latency >= slow_ns)
+			severity = STORAGE_SEV_WARNING;
+		struct storage_event *e = 0;
+		if (severity)
+			e = TAPIO_RESERVE(&events, struct storage_event);
+		if (e) {
+			e->timestamp_ns = now;
+			e->latency_ns = latency;
+			e->config_generation = cfg->generation;
+			e->error_code = error;
+			e->severity = severity;
+			fill_event(e, v, &set->key[w]);
+			tapio_submit(&events, e);
+		}
+	}
+	io_slot_give(set, w, IO_SLOT_FREE);
+	return 0;
 }

@@ -2,7 +2,7 @@
 /*
  * The storage observer's ring-buffer record and its inflight correlation map's key and value.
  * Natural alignment, no implicit padding, sizes multiples of 8. Mirrored in
- * src/tapio/observers/storage.py (STORAGE_EVENT, IO_KEY, IO_VALUE) and asserted field by field
+ * src/tapio/observers/storage.py (STORAGE_EVENT, IO_KEY, IO_VALUE, IO_SET) and asserted field by field
  * against this object's BTF in tests/unit/test_abi_layout_container_storage.py.
  */
 #ifndef TAPIO_STORAGE_H
@@ -61,5 +61,24 @@ struct io_value {
 	char comm[16];    /* 40 */
 	char rwbs[8];     /* 56 */
 };                    /* 64 bytes */
+
+/*
+ * The slot table of the tp_btf programs on kernels with BPF atomics (5.12+): IO_SLOT_SETS sets
+ * of IO_SLOT_WAYS slots, a request's set chosen by a hash of its key. A slot's owner word says
+ * who may touch the rest of it: IO_SLOT_FREE, IO_SLOT_BUSY (one program is writing or reading
+ * it, having taken it with a compare-and-swap), or the address of the request it holds. A set's
+ * owner words and keys come first, so the scan of a set reads one or two cache lines.
+ */
+#define IO_SLOT_WAYS 4
+#define IO_SLOT_SETS_LOG2 12
+#define IO_SLOT_SETS (1 << IO_SLOT_SETS_LOG2)
+#define IO_SLOT_FREE 0
+#define IO_SLOT_BUSY 1
+
+struct io_set {
+	__u64 owner[IO_SLOT_WAYS];         /*   0: IO_SLOT_FREE, IO_SLOT_BUSY or a request's address */
+	struct io_key key[IO_SLOT_WAYS];   /*  32 */
+	struct io_value val[IO_SLOT_WAYS]; /* 128 */
+};                                     /* 384 bytes */
 
 #endif /* TAPIO_STORAGE_H */

@@ -28,6 +28,7 @@ from .harness import OBJECTS, AgentProcess, agent, require_kernel, wait_until
 
 RETRANSMIT = (b"tp_btf/tcp_retransmit_skb", b"tp_btf/tcp_retransmit_skX")
 REQUEUE = (b"tracepoint/block/block_rq_requeue", b"tracepoint/block/block_rq_requeuX")
+REQUEUE_BTF = (b"tp_btf/block_rq_requeue", b"tp_btf/block_rq_requeuX")
 OOM = (b"tracepoint/oom/mark_victim", b"tracepoint/oom/mark_victiX")
 EXIT = (b"tracepoint/sched/sched_process_exit", b"tracepoint/sched/sched_process_exiX")
 
@@ -130,9 +131,13 @@ def test_a_program_that_cannot_attach_is_left_detached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_kernel(("storage",))
-    objects = _test_build(tmp_path, "storage", REQUEUE)
+    objects = _test_build(tmp_path, "storage", REQUEUE, REQUEUE_BTF)
     monkeypatch.setattr(features.KernelBtf, "hook_exists", lambda self, section: None)
     with BpfObject(objects / "storage.bpf.o", programs=observer_class("storage").programs) as obj:
+        # The slot programs' requeue hook is gone (a tp_btf target is resolved at load), so the
+        # whole slot correlation is left out and the LRU one is loaded instead.
+        slots = {"handle_rq_issue_slot", "handle_rq_complete_slot", "handle_rq_requeue_slot"}
+        assert not slots & set(obj.programs), obj.skipped
         assert "handle_rq_requeue" in obj.programs  # tracepoint programs load without a target
         obj.attach_all()
         # One build of each of the other two hooks (tp_btf, or the classic tracepoint where the

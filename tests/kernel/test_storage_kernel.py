@@ -301,12 +301,18 @@ def test_ambiguous_inflight_requests_are_dropped_and_counted(
 
 
 def test_the_tp_btf_block_programs_are_the_ones_loaded() -> None:
-    """The cheap builds must not fall back silently: tp_btf completion on every supported
-    kernel, tp_btf issue wherever bpf_get_current_task_btf() exists (5.11+); the classic
-    tracepoint programs only where those are refused."""
+    """The cheap builds must not fall back silently: the slot table wherever BPF atomics and
+    bpf_get_current_task_btf() exist (5.12+), else the LRU map with tp_btf programs (5.11), the
+    classic issue tracepoint only where tp_btf issue is refused (5.10)."""
     require_kernel(("storage",))
     release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
     with BpfObject(OBJECTS / "storage.bpf.o", programs=StorageObserver.programs) as obj:
         obj.attach_all()
-        issue = "handle_rq_issue_btf" if release >= (5, 11) else "handle_rq_issue"
-        assert obj.attached == {issue, "handle_rq_complete_btf", "handle_rq_requeue"}, obj.skipped
+        if release >= (5, 12):
+            want = {"handle_rq_issue_slot", "handle_rq_complete_slot", "handle_rq_requeue_slot"}
+            assert "inflight" not in obj.maps and "io_slots" in obj.maps
+        else:
+            issue = "handle_rq_issue_btf" if release >= (5, 11) else "handle_rq_issue"
+            want = {issue, "handle_rq_complete_btf", "handle_rq_requeue"}
+            assert "io_slots" not in obj.maps and "inflight" in obj.maps
+        assert obj.attached == want, obj.skipped

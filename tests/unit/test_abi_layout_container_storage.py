@@ -19,7 +19,7 @@ import pytest
 
 from tapio.bpf.abi import CStruct
 from tapio.observers.container import CONTAINER_EVENT
-from tapio.observers.storage import IO_KEY, IO_VALUE, STORAGE_EVENT
+from tapio.observers.storage import IO_KEY, IO_SET, IO_VALUE, STORAGE_EVENT
 
 REPO = Path(__file__).resolve().parents[2]
 OBJECTS = REPO / "src" / "tapio" / "bpf" / "objects"
@@ -83,7 +83,7 @@ def test_container_event_matches_btf() -> None:
     assert CONTAINER_EVENT.size % 8 == 0
 
 
-@pytest.mark.parametrize("layout", [STORAGE_EVENT, IO_KEY, IO_VALUE], ids=lambda s: s.name)
+@pytest.mark.parametrize("layout", [STORAGE_EVENT, IO_KEY, IO_VALUE, IO_SET], ids=lambda s: s.name)
 def test_storage_structs_match_btf(layout: CStruct) -> None:
     assert_matches_btf("storage", layout)
     assert layout.size % 8 == 0

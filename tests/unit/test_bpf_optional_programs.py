@@ -57,6 +57,58 @@ def test_alternative_missing_from_the_object_leaves_the_next_in_place() -> None:
     assert obj.skipped == {}
 
 
+PAIRED = (
+    ProgramSpec("issue_slot", "issue", group="issue", needs=("complete_slot",)),
+    ProgramSpec("issue_lru", "issue", group="issue"),
+    ProgramSpec("complete_slot", "complete", group="complete", needs=("issue_slot",)),
+    ProgramSpec("complete_lru", "complete", group="complete"),
+)
+
+
+def test_paired_alternatives_load_together() -> None:
+    obj = BpfObject("/nonexistent.bpf.o", programs=PAIRED)
+    assert obj._plan({}) == {"issue_lru", "complete_lru"}
+    assert obj.skipped == {}
+
+
+@pytest.mark.parametrize("broken", ["issue_slot", "complete_slot"])
+def test_one_half_of_a_pair_left_out_takes_the_other_with_it(broken: str) -> None:
+    """Never one half of the slot correlation with one half of the LRU one: each group falls
+    back, and the partner says why it is not loaded."""
+    obj = BpfObject("/nonexistent.bpf.o", programs=PAIRED)
+    off = obj._plan({broken: "load failed: unknown opcode"})
+    assert off == {"issue_slot", "complete_slot"}
+    partner = ({"issue_slot", "complete_slot"} - {broken}).pop()
+    assert obj.skipped == {
+        broken: "load failed: unknown opcode",
+        partner: f"needs {broken}, which is not loaded",
+    }
+    assert obj.unused == {}
+
+
+def test_a_partner_missing_from_the_object_counts_as_left_out() -> None:
+    obj = BpfObject("/nonexistent.bpf.o", programs=PAIRED)
+    off = obj._plan({}, present={"issue_slot", "issue_lru", "complete_lru"})
+    assert off == {"issue_slot"}
+    assert obj.skipped == {"issue_slot": "needs complete_slot, which is not loaded"}
+
+
+def test_the_storage_slot_programs_all_need_each_other() -> None:
+    specs = {s.name: s for s in observer_class("storage").programs}
+    slots = {n for n in specs if n.endswith("_slot")}
+    assert slots == {"handle_rq_issue_slot", "handle_rq_complete_slot", "handle_rq_requeue_slot"}
+    for name in slots:
+        assert set(specs[name].needs) == slots - {name}
+        assert specs[name].maps == ("io_slots",)
+    obj = BpfObject("/nonexistent.bpf.o", programs=tuple(specs.values()))
+    obj._plan({"handle_rq_complete_slot": "load failed: unknown opcode"})
+    assert set(obj.skipped) == slots
+    assert obj.unused == {
+        "handle_rq_issue": "alternative handle_rq_issue_btf loaded instead",
+        "handle_rq_complete": "alternative handle_rq_complete_btf loaded instead",
+    }
+
+
 def test_culprit_is_the_optional_program_libbpf_names(monkeypatch: pytest.MonkeyPatch) -> None:
     obj = _obj()
     obj.programs = {n: _fake_program(n) for n in ("fast", "retrans", "probe")}

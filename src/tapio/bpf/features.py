@@ -51,6 +51,9 @@ class ProgramSpec:
     of the observer runs. Programs of one ``group`` are alternatives for the same facts (e.g. two
     shapes of one tracepoint): the first whose hook exists is loaded, the others are not.
     ``maps`` are maps only this program uses; they are not created when it is not loaded.
+    ``needs`` are programs this one only works with (they share a map one writes and another
+    reads): when one of them is left out, so is this one, and its group falls back to the next
+    alternative, so two halves of different correlations are never loaded together.
     """
 
     name: str
@@ -58,6 +61,7 @@ class ProgramSpec:
     anomalies: tuple[str, ...] = ()
     group: str = ""
     maps: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
 
 
 class KernelBtf:

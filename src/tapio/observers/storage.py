@@ -93,6 +93,16 @@ IO_VALUE = CStruct(
     64,
 )
 
+IO_SET = CStruct(
+    "io_set",
+    """
+    owner 32s
+    key   96s
+    val   256s
+    """,
+    384,
+)
+
 OP_READ = 0
 OP_WRITE = 1
 OP_NAMES = {OP_READ: "read", OP_WRITE: "write"}
@@ -160,6 +170,8 @@ class DeviceNames:
 
 
 _BOTH = (STORAGE_IO_ERROR, STORAGE_LATENCY_SPIKE)
+_SLOTS = ("io_slots",)
+_LRU = ("inflight",)
 
 
 class StorageObserver(Observer):
@@ -170,16 +182,42 @@ class StorageObserver(Observer):
         METRIC_AMBIGUOUS: ("correlation_drop", "ambiguous_inflight_io"),
         METRIC_UNMATCHED: ("correlation_drop", "unmatched_completion"),
     }
-    # Both anomaly types need the issue (who, when) and the completion (error, latency).
-    # Each hook twice: tp_btf (reads struct request; no trace record built) first, the classic
-    # tracepoint as the alternative for kernels that refuse it (the tp_btf issue needs 5.11+).
+    # Both anomaly types need the issue (who, when) and the completion (error, latency). Each
+    # hook has alternatives, tried in order: the slot table (tp_btf, BPF atomics: 5.12+), tp_btf
+    # with the LRU map (5.11), the classic tracepoint with the LRU map (5.10's issue). The slot
+    # programs work only together: one of them left out takes the others with it.
     programs: ClassVar[tuple[ProgramSpec, ...]] = (
-        ProgramSpec("handle_rq_issue_btf", "block_rq_issue", _BOTH, group="issue"),
-        ProgramSpec("handle_rq_issue", "block_rq_issue", _BOTH, group="issue"),
-        ProgramSpec("handle_rq_complete_btf", "block_rq_complete", _BOTH, group="complete"),
-        ProgramSpec("handle_rq_complete", "block_rq_complete", _BOTH, group="complete"),
+        ProgramSpec(
+            "handle_rq_issue_slot",
+            "block_rq_issue",
+            _BOTH,
+            group="issue",
+            maps=_SLOTS,
+            needs=("handle_rq_complete_slot", "handle_rq_requeue_slot"),
+        ),
+        ProgramSpec("handle_rq_issue_btf", "block_rq_issue", _BOTH, group="issue", maps=_LRU),
+        ProgramSpec("handle_rq_issue", "block_rq_issue", _BOTH, group="issue", maps=_LRU),
+        ProgramSpec(
+            "handle_rq_complete_slot",
+            "block_rq_complete",
+            _BOTH,
+            group="complete",
+            maps=_SLOTS,
+            needs=("handle_rq_issue_slot", "handle_rq_requeue_slot"),
+        ),
+        ProgramSpec(
+            "handle_rq_complete_btf", "block_rq_complete", _BOTH, group="complete", maps=_LRU
+        ),
+        ProgramSpec("handle_rq_complete", "block_rq_complete", _BOTH, group="complete", maps=_LRU),
         # Keeps a requeued request from looking like a second issue; optional accuracy aid.
-        ProgramSpec("handle_rq_requeue", "block_rq_requeue"),
+        ProgramSpec(
+            "handle_rq_requeue_slot",
+            "block_rq_requeue",
+            group="requeue",
+            maps=_SLOTS,
+            needs=("handle_rq_issue_slot", "handle_rq_complete_slot"),
+        ),
+        ProgramSpec("handle_rq_requeue", "block_rq_requeue", group="requeue", maps=_LRU),
     )
 
     enrichment: ClassVar[dict[str, Enrichment]] = {
