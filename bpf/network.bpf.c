@@ -176,7 +176,7 @@ int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const 
 		ci.start_ns = bpf_ktime_get_ns();
 		ci.pid = pid_tgid >> 32;
 		ci.tid = (__u32)pid_tgid;
-		bpf_get_current_comm(ci.comm, sizeof(ci.comm));
+		tapio_current_comm(ci.comm);
 		tapio_current_cgroup_ids(&ci.cg);
 		bpf_map_update_elem(&conns, &skey, &ci, BPF_ANY);
 		return 0;

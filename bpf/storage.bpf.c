@@ -22,10 +22,9 @@
  * map. tp_btf programs read struct request directly; classic tracepoints read the record the
  * kernel formats, which costs the read path about as much again as the program itself before the
  * program runs (the kernel fills the whole record: rwbs, comm and a command string, in a per-CPU
- * perf buffer). The tp_btf issue programs need bpf_get_current_task_btf() (5.11+, the same
- * release that dropped the request_queue argument from block_rq_issue), so 5.10 keeps the
- * classic issue program with the LRU tp_btf completion; block_rq_complete has had (rq, error,
- * nr_bytes) on every supported kernel. Every build produces the same key, the same rwbs bytes
+ * perf buffer). The tp_btf issue program is the slot table's (BPF atomics and
+ * bpf_get_current_task_btf(): 5.12+); below that the classic issue program serves, with the LRU
+ * tp_btf completion (block_rq_complete has had (rq, error, nr_bytes) on every supported kernel). Every build produces the same key, the same rwbs bytes
  * and the same error code as the kernel's record. The LRU path's requeue program is classic:
  * it runs only when a driver hands a request back, so it costs nothing on the common path.
  */
@@ -209,7 +208,7 @@ static __always_inline __s32 rq_errno(__u64 arg)
  * the key is already there spares the common case (no such key inflight) a lookup.
  */
 static __always_inline int rq_issue(__u32 dev, __u64 sector, __u32 nr_sector, __u32 bytes,
-				    const char *rwbs, int op, const int btf)
+				    const char *rwbs, int op)
 {
 	if (op < 0)
 		return 0;
@@ -223,13 +222,7 @@ static __always_inline int rq_issue(__u32 dev, __u64 sector, __u32 nr_sector, __
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	val.issue_ns = bpf_ktime_get_ns();
 	val.cgroup_id = bpf_get_current_cgroup_id();
-	if (btf) {
-		int ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id);
-		__u32 id = ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0;
-		val.memcg_id = tapio_css_set_cgroup_id(bpf_get_current_task_btf()->cgroups, ok, id);
-	} else {
-		val.memcg_id = tapio_current_memcg_id();
-	}
+	val.memcg_id = tapio_current_memcg_id();
 	val.pid = pid_tgid >> 32;
 	val.tid = (__u32)pid_tgid;
 	val.bytes = bytes ? bytes : nr_sector * 512;
@@ -251,17 +244,6 @@ static __always_inline int rq_issue(__u32 dev, __u64 sector, __u32 nr_sector, __
 	return 0;
 }
 
-/* ctx: (struct request *rq). */
-SEC("tp_btf/block_rq_issue")
-int handle_rq_issue_btf(__u64 *ctx)
-{
-	struct request___tapio *rq = (void *)ctx[0];
-	char rwbs[8];
-	int op = rq_rwbs(rwbs, rq->cmd_flags); /* rq_issue returns at once for op < 0 */
-	__u32 bytes = rq->__data_len;
-	return rq_issue(rq_dev(rq), rq->__sector, bytes >> 9, bytes, rwbs, op, 1);
-}
-
 SEC("tracepoint/block/block_rq_issue")
 int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 {
@@ -272,7 +254,7 @@ int handle_rq_issue(struct trace_event_raw_block_rq *ctx)
 	__u32 bytes = ctx->bytes;
 	char rwbs[8] = {};
 	bpf_probe_read_kernel(rwbs, sizeof(rwbs), ctx->rwbs);
-	return rq_issue(dev, sector, nr_sector, bytes, rwbs, rwbs_op(rwbs), 0);
+	return rq_issue(dev, sector, nr_sector, bytes, rwbs, rwbs_op(rwbs));
 }
 
 /*
@@ -567,7 +549,7 @@ static __always_inline int rq_issue_slot(__u64 rq, __u32 dev, __u64 sector, __u3
 	__u32 id = ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0;
 	set->key[mine] = key;
 	v->issue_ns = now;
-	/* What bpf_get_current_cgroup_id() and bpf_get_current_comm() return, by plain loads. */
+	/* What bpf_get_current_cgroup_id() and bpf_get_current_comm() give, by plain loads. */
 	v->cgroup_id = cs ? tapio_cgroup_kn_id(cs->dfl_cgrp) : 0;
 	v->memcg_id = tapio_css_set_cgroup_id(cs, ok, id);
 	v->pid = task->tgid;
@@ -575,7 +557,7 @@ static __always_inline int rq_issue_slot(__u64 rq, __u32 dev, __u64 sector, __u3
 	v->bytes = bytes;
 	v->ambiguous = 0;
 	v->requeued = 0;
-	__builtin_memcpy(v->comm, task->comm, sizeof(v->comm));
+	__builtin_memcpy(v->comm, task->comm, sizeof(v->comm)); /* see tapio_current_comm */
 	__builtin_memcpy(v->rwbs, rwbs, sizeof(v->rwbs));
 	io_slot_give(set, mine, rq);
 	return 0;

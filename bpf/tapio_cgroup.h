@@ -88,16 +88,32 @@ static __always_inline void tapio_current_cgroup_ids(struct tapio_cgroup_ids *ou
 	int mem_ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id);
 	__u32 mem = mem_ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0;
 
-	out->cgroup_id = bpf_get_current_cgroup_id();
 	if (TAPIO_HAVE_TASK_BTF) {
 		struct css_set *cs = bpf_get_current_task_btf()->cgroups;
+		/* What bpf_get_current_cgroup_id() returns, without the call. */
+		out->cgroup_id = cs ? tapio_cgroup_kn_id(cs->dfl_cgrp) : 0;
 		out->memcg_id = tapio_css_set_cgroup_id(cs, mem_ok, mem);
 		out->cpu_id = tapio_css_set_cgroup_id(cs, cpu_ok, cpu);
 		return;
 	}
+	out->cgroup_id = bpf_get_current_cgroup_id();
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	out->memcg_id = tapio_subsys_cgroup_id(task, mem_ok, mem);
 	out->cpu_id = tapio_subsys_cgroup_id(task, cpu_ok, cpu);
+}
+
+/*
+ * The current task's comm into dst[16] (tp_btf programs only, see TAPIO_HAVE_TASK_BTF): two
+ * plain loads instead of bpf_get_current_comm()'s string copy. The kernel keeps comm
+ * NUL-terminated; bytes after the NUL may be left from a longer earlier name on kernels that do
+ * not pad it, and userspace reads up to the first NUL.
+ */
+static __always_inline void tapio_current_comm(char dst[16])
+{
+	if (TAPIO_HAVE_TASK_BTF)
+		__builtin_memcpy(dst, bpf_get_current_task_btf()->comm, 16);
+	else
+		bpf_get_current_comm(dst, 16);
 }
 
 #endif /* TAPIO_CGROUP_H */

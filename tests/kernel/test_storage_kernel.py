@@ -39,11 +39,12 @@ IO_ERROR = "kernel.storage.io_error"
 LATENCY = "kernel.storage.latency_spike"
 
 MiB = 1 << 20
-IMAGE_SIZE = 64 * MiB
+IMAGE_SIZE = 1024 * MiB  # served by the helper, never stored
 BAD_OFF = 16 * MiB  # fails with EIO
 SLOW_CRIT_OFF = 32 * MiB  # 300 ms
 SLOW_WARN_OFF = 40 * MiB  # 150 ms
 AMBIG_OFF = 48 * MiB  # 600 ms, read twice concurrently
+FULL_OFF, FULL_LEN = 128 * MiB, 512 * MiB  # 1000 ms: five reads whose keys share a slot set
 GOOD_OFF = 8 * MiB
 BLOCK = 4096
 HELPER_LIFETIME_SECS = 240
@@ -118,7 +119,7 @@ def fuse_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuseLoop]:
     mnt = tmp / "mnt"
     mnt.mkdir()
     bad = f"{BAD_OFF}:{BLOCK}"
-    slow = f"{SLOW_CRIT_OFF}:{BLOCK}:300,{SLOW_WARN_OFF}:{BLOCK}:150,{AMBIG_OFF}:{BLOCK}:600"
+    slow = f"{SLOW_CRIT_OFF}:{BLOCK}:300,{SLOW_WARN_OFF}:{BLOCK}:150,{AMBIG_OFF}:{BLOCK}:600,{FULL_OFF}:{FULL_LEN}:1000"
     log = open(tmp / "fuse.log", "wb")  # noqa: SIM115
     helper = subprocess.Popen(
         [str(exe), str(mnt), str(IMAGE_SIZE), bad, slow, str(HELPER_LIFETIME_SECS)],
@@ -302,8 +303,8 @@ def test_ambiguous_inflight_requests_are_dropped_and_counted(
 
 def test_the_tp_btf_block_programs_are_the_ones_loaded() -> None:
     """The cheap builds must not fall back silently: the slot table wherever BPF atomics and
-    bpf_get_current_task_btf() exist (5.12+), else the LRU map with tp_btf programs (5.11), the
-    classic issue tracepoint only where tp_btf issue is refused (5.10)."""
+    bpf_get_current_task_btf() exist (5.12+); else the LRU map, with the tp_btf completion (every
+    supported kernel) and the classic issue tracepoint."""
     require_kernel(("storage",))
     release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
     with BpfObject(OBJECTS / "storage.bpf.o", programs=StorageObserver.programs) as obj:
@@ -312,7 +313,59 @@ def test_the_tp_btf_block_programs_are_the_ones_loaded() -> None:
             want = {"handle_rq_issue_slot", "handle_rq_complete_slot", "handle_rq_requeue_slot"}
             assert "inflight" not in obj.maps and "io_slots" in obj.maps
         else:
-            issue = "handle_rq_issue_btf" if release >= (5, 11) else "handle_rq_issue"
-            want = {issue, "handle_rq_complete_btf", "handle_rq_requeue"}
+            want = {"handle_rq_issue", "handle_rq_complete_btf", "handle_rq_requeue"}
             assert "io_slots" not in obj.maps and "inflight" in obj.maps
         assert obj.attached == want, obj.skipped
+
+
+def _slot_set(major: int, minor: int, sector: int, nr_sector: int) -> int:
+    """The slot table's set of a read's key, as bpf/storage.bpf.c hashes it (io_set_of)."""
+    dev = major << 20 | minor
+    h = sector ^ (dev << 32) ^ (nr_sector << 12) ^ 0  # op 0: read
+    return ((h * 0x9E3779B97F4A7C15) & (2**64 - 1)) >> (64 - 12)
+
+
+def test_a_full_slot_set_evicts_its_oldest_request_and_counts_it(
+    storage_agent: tuple[AgentProcess, int], fuse_loop: FuseLoop
+) -> None:
+    """Five slow reads inflight at once whose keys hash to one set of four slots: with the slot
+    table (5.12+) the fifth issue takes the oldest's slot, so the first read's completion is
+    counted as unmatched and the other four are reported with their own readers and sectors.
+    The LRU map (older kernels) has room for all five and reports each."""
+    proc, port = storage_agent
+    # Non-adjacent one-block reads of the slow range, grouped by the set of their key.
+    by_set: dict[int, list[int]] = {}
+    for off in range(FULL_OFF, FULL_OFF + FULL_LEN, 2 * BLOCK):
+        key_set = _slot_set(fuse_loop.major, fuse_loop.minor, off // 512, BLOCK // 512)
+        by_set.setdefault(key_set, []).append(off)
+    reads = next((offs[:5] for offs in by_set.values() if len(offs) >= 5), [])
+    assert len(reads) == 5, "no set holds five reads of the slow range"
+
+    before = _drops(proc, port).get("unmatched_completion", 0.0)
+    procs = []
+    for off in reads:  # issued in this order: the first is the oldest
+        procs.append(_read(fuse_loop.loop, off))
+        time.sleep(0.1)
+    for p in procs:
+        assert _finish(p) == 0
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    reported = procs[1:] if release >= (5, 12) else procs
+    hits = wait_until(
+        lambda: (
+            got if all(got := [_mine(proc, LATENCY, fuse_loop, p.pid) for p in reported]) else None
+        ),
+        10,
+    )
+    assert hits, f"{[_mine(proc, LATENCY, fuse_loop, p.pid) for p in procs]}"
+    for p, got in zip(reported, hits, strict=True):
+        assert len(got) == 1, got
+        d = got[0]["data"]
+        assert (d["sector"], d["bytes"], d["comm"]) == (reads[procs.index(p)] // 512, BLOCK, "dd")
+        assert got[0]["severity"] == "critical" and d["latency_ms"] >= 1000
+    if release >= (5, 12):
+        assert _mine(proc, "kernel.storage.", fuse_loop, procs[0].pid) == []
+        after = wait_until(
+            lambda: n if (n := _drops(proc, port).get("unmatched_completion", 0.0)) > before else 0,
+            5,
+        )
+        assert after - before == 1, (before, after)

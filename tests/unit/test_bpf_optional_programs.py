@@ -103,10 +103,7 @@ def test_the_storage_slot_programs_all_need_each_other() -> None:
     obj = BpfObject("/nonexistent.bpf.o", programs=tuple(specs.values()))
     obj._plan({"handle_rq_complete_slot": "load failed: unknown opcode"})
     assert set(obj.skipped) == slots
-    assert obj.unused == {
-        "handle_rq_issue": "alternative handle_rq_issue_btf loaded instead",
-        "handle_rq_complete": "alternative handle_rq_complete_btf loaded instead",
-    }
+    assert obj.unused == {"handle_rq_complete": "alternative handle_rq_complete_btf loaded instead"}
 
 
 def test_culprit_is_the_optional_program_libbpf_names(monkeypatch: pytest.MonkeyPatch) -> None:

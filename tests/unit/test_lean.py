@@ -131,7 +131,8 @@ BUDGETS: dict[str, Budget] = {
     # task's cgroups through CO-RE puts task_struct's BTF into the object.
     "network": Budget(160_000, 10, 2560 * 1024, 32_768, 7 * 1024 * 1024),
     "container": Budget(96_000, 6, 512 * 1024, 32_768, 1024 * 1024),
-    "storage": Budget(72_000, 6, 1024 * 1024, 32_768, 3 * 1024 * 1024),
+    # Two correlation maps are declared (the slot table, the LRU hash); one of them is created.
+    "storage": Budget(104_000, 7, 1024 * 1024, 32_768, 4 * 1024 * 1024),
     "node": Budget(72_000, 8, 256 * 1024, 32_768, 1024 * 1024),
 }
 

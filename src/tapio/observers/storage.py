@@ -183,9 +183,9 @@ class StorageObserver(Observer):
         METRIC_UNMATCHED: ("correlation_drop", "unmatched_completion"),
     }
     # Both anomaly types need the issue (who, when) and the completion (error, latency). Each
-    # hook has alternatives, tried in order: the slot table (tp_btf, BPF atomics: 5.12+), tp_btf
-    # with the LRU map (5.11), the classic tracepoint with the LRU map (5.10's issue). The slot
-    # programs work only together: one of them left out takes the others with it.
+    # hook has alternatives, tried in order: the slot table (tp_btf, BPF atomics: 5.12+), then
+    # the LRU map (tp_btf completion, classic issue and requeue tracepoints: 5.10 and 5.11). The
+    # slot programs work only together: one of them left out takes the others with it.
     programs: ClassVar[tuple[ProgramSpec, ...]] = (
         ProgramSpec(
             "handle_rq_issue_slot",
@@ -195,7 +195,6 @@ class StorageObserver(Observer):
             maps=_SLOTS,
             needs=("handle_rq_complete_slot", "handle_rq_requeue_slot"),
         ),
-        ProgramSpec("handle_rq_issue_btf", "block_rq_issue", _BOTH, group="issue", maps=_LRU),
         ProgramSpec("handle_rq_issue", "block_rq_issue", _BOTH, group="issue", maps=_LRU),
         ProgramSpec(
             "handle_rq_complete_slot",
