@@ -513,7 +513,8 @@ static __always_inline int rq_issue_slot(__u64 rq, __u32 dev, __u64 sector, __u3
 			continue;
 		__u64 issued = set->val[w].issue_ns;
 		if (io_key_eq(&set->key[w], &key)) {
-			if (now - issued >= IO_SLOT_STALE_NS) {
+			/* Signed: another CPU may have issued it after `now` was read. */
+			if ((__s64)(now - issued) >= (__s64)IO_SLOT_STALE_NS) {
 				mine = w; /* take the stale entry's place */
 				seen = o;
 				break;

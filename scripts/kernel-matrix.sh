@@ -61,6 +61,8 @@ default_tests=(
   "tests/kernel/test_container_kernel.py::test_kubernetes_layouts_are_attributed_and_scope_filters_host_processes"
   "tests/kernel/test_storage_kernel.py::test_read_errors_are_reported_with_the_reader_and_sectors"
   "tests/kernel/test_storage_kernel.py::test_slow_reads_are_latency_spikes_by_threshold"
+  "tests/kernel/test_storage_kernel.py::test_a_full_slot_set_evicts_its_oldest_request_and_counts_it"
+  "tests/kernel/test_storage_kernel.py::test_the_tp_btf_block_programs_are_the_ones_loaded"
   "tests/kernel/test_node_kernel.py::test_memory_pressure_in_a_limited_cgroup"
   "tests/kernel/test_node_kernel.py::test_cpu_stall_throttling_runq_latency_and_no_pmu"
 )
