@@ -314,6 +314,34 @@ struct trace_event_raw_block_rq_complete___pre511 {
 	char rwbs[8];
 } __attribute__((preserve_access_index));
 
+/* A matched completion: report it when it failed or crossed a threshold (both maps). */
+static __always_inline void io_report(const struct tapio_config *cfg, const struct io_value *v,
+				      const struct io_key *k, __s32 error)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u64 latency = now - v->issue_ns;
+	__u64 critical_ns = cfg->io_latency_critical_ns, slow_ns = cfg->slow_io_threshold_ns;
+	__u8 severity;
+	if (error != 0)
+		severity = STORAGE_SEV_CRITICAL;
+	else if (critical_ns && latency >= critical_ns)
+		severity = STORAGE_SEV_CRITICAL;
+	else if (slow_ns && latency >= slow_ns)
+		severity = STORAGE_SEV_WARNING;
+	else
+		return;
+	struct storage_event *e = TAPIO_RESERVE(&events, struct storage_event);
+	if (!e)
+		return;
+	e->timestamp_ns = now;
+	e->latency_ns = latency;
+	e->config_generation = cfg->generation;
+	e->error_code = error;
+	e->severity = severity;
+	fill_event(e, v, k);
+	tapio_submit(&events, e);
+}
+
 /* Completion: match the issue, decide, report, forget. */
 static __always_inline int rq_complete(__u32 dev, __u64 sector, __u32 nr_sector, __s32 error,
 				       int op)
@@ -342,32 +370,7 @@ static __always_inline int rq_complete(__u32 dev, __u64 sector, __u32 nr_sector,
 		return 0;
 	}
 
-	__u64 now = bpf_ktime_get_ns();
-	__u64 latency = now - v->issue_ns;
-	__u64 critical_ns = cfg->io_latency_critical_ns, slow_ns = cfg->slow_io_threshold_ns;
-	__u32 generation = cfg->generation;
-	__u8 severity;
-	if (error != 0)
-		severity = STORAGE_SEV_CRITICAL;
-	else if (critical_ns && latency >= critical_ns)
-		severity = STORAGE_SEV_CRITICAL;
-	else if (slow_ns && latency >= slow_ns)
-		severity = STORAGE_SEV_WARNING;
-	else {
-		bpf_map_delete_elem(&inflight, &key);
-		return 0;
-	}
-
-	struct storage_event *e = TAPIO_RESERVE(&events, struct storage_event);
-	if (e) {
-		e->timestamp_ns = now;
-		e->latency_ns = latency;
-		e->config_generation = generation;
-		e->error_code = error;
-		e->severity = severity;
-		fill_event(e, v, &key);
-		tapio_submit(&events, e);
-	}
+	io_report(cfg, v, &key, error);
 	bpf_map_delete_elem(&inflight, &key);
 	return 0;
 }
@@ -484,16 +487,23 @@ static __always_inline __u32 io_slot_find(const struct io_set *set, __u64 rq,
 	return IO_SLOT_NONE;
 }
 
-static __always_inline int rq_issue_slot(__u64 rq, __u32 dev, __u64 sector, __u32 bytes,
-					 const char *rwbs, int op)
+/* The request's key and rwbs with `nr_bytes` as its size; STORAGE_OP_* or -1 (key unset). */
+static __always_inline int rq_key(struct io_key *key, char rwbs[8], struct request___tapio *rq,
+				  __u32 nr_bytes)
 {
-	if (op < 0)
-		return 0;
+	int op = rq_rwbs(rwbs, rq->cmd_flags);
+	if (op >= 0)
+		io_key_of(key, rq_dev(rq), rq->__sector, nr_bytes >> 9, op);
+	return op;
+}
+
+static __always_inline int rq_issue_slot(__u64 rq, const struct io_key *k, __u32 bytes,
+					 const char *rwbs)
+{
 	const struct tapio_config *cfg;
 	if (!tapio_config_on(&cfg, TAPIO_FLAG_STORAGE))
 		return 0;
-	struct io_key key;
-	io_key_of(&key, dev, sector, bytes >> 9, op);
+	struct io_key key = *k;
 	struct io_set *set = io_set_of(&key);
 	if (!set)
 		return 0;
@@ -569,9 +579,12 @@ SEC("tp_btf/block_rq_issue")
 int handle_rq_issue_slot(__u64 *ctx)
 {
 	struct request___tapio *rq = (void *)ctx[0];
+	struct io_key key;
 	char rwbs[8];
-	int op = rq_rwbs(rwbs, rq->cmd_flags); /* rq_issue_slot returns at once for op < 0 */
-	return rq_issue_slot(ctx[0], rq_dev(rq), rq->__sector, rq->__data_len, rwbs, op);
+	__u32 bytes = rq->__data_len;
+	if (rq_key(&key, rwbs, rq, bytes) < 0)
+		return 0;
+	return rq_issue_slot(ctx[0], &key, bytes, rwbs);
 }
 
 /* ctx: (struct request *rq) from 5.11 on; the slot programs need 5.12+. */
@@ -579,13 +592,10 @@ SEC("tp_btf/block_rq_requeue")
 int handle_rq_requeue_slot(__u64 *ctx)
 {
 	struct request___tapio *rq = (void *)ctx[0];
-	char rwbs[8];
-	int op = rq_rwbs(rwbs, rq->cmd_flags);
-	if (op < 0)
-		return 0;
 	struct io_key key;
-	__u32 bytes = rq->__data_len;
-	io_key_of(&key, rq_dev(rq), rq->__sector, bytes >> 9, op);
+	char rwbs[8];
+	if (rq_key(&key, rwbs, rq, rq->__data_len) < 0)
+		return 0;
 	struct io_set *set = io_set_of(&key);
 	if (!set)
 		return 0;
@@ -600,12 +610,10 @@ SEC("tp_btf/block_rq_complete")
 int handle_rq_complete_slot(__u64 *ctx)
 {
 	struct request___tapio *rq = (void *)ctx[0];
-	char rwbs[8];
-	int op = rq_rwbs(rwbs, rq->cmd_flags);
-	if (op < 0)
-		return 0;
 	struct io_key key;
-	io_key_of(&key, rq_dev(rq), rq->__sector, (__u32)ctx[2] >> 9, op);
+	char rwbs[8];
+	if (rq_key(&key, rwbs, rq, (__u32)ctx[2]) < 0)
+		return 0;
 	const struct tapio_config *cfg;
 	int enabled = tapio_config_on(&cfg, TAPIO_FLAG_STORAGE);
 	struct io_set *set = io_set_of(&key);
@@ -623,29 +631,7 @@ int handle_rq_complete_slot(__u64 *ctx)
 	if (enabled && cfg && v->ambiguous) {
 		tapio_metric_inc(STORAGE_METRIC_AMBIGUOUS);
 	} else if (enabled && cfg) {
-		__s32 error = rq_errno(ctx[1]);
-		__u64 now = bpf_ktime_get_ns();
-		__u64 latency = now - v->issue_ns;
-		__u64 critical_ns = cfg->io_latency_critical_ns, slow_ns = cfg->slow_io_threshold_ns;
-		__u8 severity = 0;
-		if (error != 0)
-			severity = STORAGE_SEV_CRITICAL;
-		else if (critical_ns && latency >= critical_ns)
-			severity = STORAGE_SEV_CRITICAL;
-		else if (slow_ns && latency >= slow_ns)
-			severity = STORAGE_SEV_WARNING;
-		struct storage_event *e = 0;
-		if (severity)
-			e = TAPIO_RESERVE(&events, struct storage_event);
-		if (e) {
-			e->timestamp_ns = now;
-			e->latency_ns = latency;
-			e->config_generation = cfg->generation;
-			e->error_code = error;
-			e->severity = severity;
-			fill_event(e, v, &set->key[w]);
-			tapio_submit(&events, e);
-		}
+		io_report(cfg, v, &set->key[w], rq_errno(ctx[1]));
 	}
 	io_slot_give(set, w, IO_SLOT_FREE);
 	return 0;

@@ -26,6 +26,7 @@ import errno
 import functools
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,28 @@ class ProgramSpec:
     group: str = ""
     maps: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
+
+
+def partners_left_out(
+    specs: Iterable[ProgramSpec], off: set[str], present: set[str] | None
+) -> dict[str, str]:
+    """The programs to leave out because one they ``need`` is left out (``off``) or missing
+    from the object (not in ``present``), each with why; followed to a fixpoint, so a chain of
+    partners goes as a whole."""
+    specs = list(specs)
+    out: dict[str, str] = {}
+
+    def missing(name: str) -> bool:
+        return name in off or name in out or (present is not None and name not in present)
+
+    for _ in range(len(specs)):
+        gone = {s.name: n for s in specs if not missing(s.name) for n in s.needs if missing(n)}
+        if not gone:
+            break
+        out.update(
+            (name, f"needs {partner}, which is not loaded") for name, partner in gone.items()
+        )
+    return out
 
 
 class KernelBtf:

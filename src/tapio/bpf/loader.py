@@ -280,23 +280,9 @@ class BpfObject:
         self.unused = {}
         off = set(failed)
 
-        # A program whose partner is left out goes too (to a fixpoint: one pass per program).
-        def missing(name: str) -> bool:
-            return name in off or (present is not None and name not in present)
-
-        for _ in range(len(self.specs)):
-            gone = {
-                s.name: n
-                for s in self.specs.values()
-                if not missing(s.name)
-                for n in s.needs
-                if missing(n)
-            }
-            if not gone:
-                break
-            for name, partner in gone.items():
-                off.add(name)
-                self.skipped[name] = f"needs {partner}, which is not loaded"
+        for name, why in features.partners_left_out(self.specs.values(), off, present).items():
+            off.add(name)
+            self.skipped[name] = why
         chosen: dict[str, str] = {}
         for spec in self.specs.values():
             if spec.name in off or (present is not None and spec.name not in present):
