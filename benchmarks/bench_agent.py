@@ -8,7 +8,8 @@ Prints, side by side in one run:
      per-pair ratios and its spread, per-program bpf_stats; target <= 1.10x),
   2. for the stdout sink and for the file sink: the agent's CPU per occurrence over a burst of
      refused connects from one C loop, the floor (``floor.py``: the irreducible Python work for
-     the same records) and their ratio (target <= 2.0x); every occurrence of the burst delivered
+     the same records), measured right after each burst, and the median of the per-round ratios
+     (target <= 2.0x); every occurrence of the burst delivered
      with ``tapio_lost_events_total`` and ``tapio_sink_drops_total`` at 0,
   3. the idle agent's CPU and RSS over 30 s (targets < 0.3 % of a core, < 40 MiB),
   4. ``import tapio.agent.cli`` in a fresh interpreter (target <= 150 ms).
@@ -371,15 +372,25 @@ def main() -> int:
         for sink, n in (("stdout", args.occurrences), ("file", args.file_occurrences)):
             if sink in args.skip:
                 continue
-            runs = [burst(exe, tmp, n, sink) for _ in range(args.rounds)]
+            # Each burst is followed at once by its floor, so a drift of the host between
+            # rounds moves both halves of a round's ratio; the median of those ratios is the
+            # figure (the file sink's floor moved by 2.5x within one run on a busy host).
+            runs, floors = [], []
+            for _ in range(args.rounds):
+                runs.append(burst(exe, tmp, n, sink))
+                floors.append(floor_us(sink, n, sample_line(runs[-1].sample), tmp))
             per_occ = statistics.median(r.cpu_us for r in runs)
-            floors = [floor_us(sink, n, sample_line(runs[-1].sample), tmp) for _ in runs]
             fl = statistics.median(floors)
-            ratio = per_occ / fl
+            ratio = statistics.median(r.cpu_us / f for r, f in zip(runs, floors, strict=True))
             rows += [
                 (f"{sink}: agent CPU per occurrence (us)", f"{per_occ:.2f}", "", ""),
                 (f"{sink}: floor per occurrence (us)", f"{fl:.2f}", "", ""),
-                (f"{sink}:   ratio agent / floor", f"{ratio:.2f}x", "<= 2.0x", yes(ratio <= 2.0)),
+                (
+                    f"{sink}:   ratio agent / floor (median of rounds)",
+                    f"{ratio:.2f}x",
+                    "<= 2.0x",
+                    yes(ratio <= 2.0),
+                ),
                 (
                     f"{sink}: burst of {n} delivered (min)",
                     str(min(r.delivered for r in runs)),
