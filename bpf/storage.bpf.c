@@ -497,14 +497,13 @@ static __always_inline int rq_key(struct io_key *key, char rwbs[8], struct reque
 	return op;
 }
 
-static __always_inline int rq_issue_slot(__u64 rq, const struct io_key *k, __u32 bytes,
+static __always_inline int rq_issue_slot(__u64 rq, const struct io_key *key, __u32 bytes,
 					 const char *rwbs)
 {
 	const struct tapio_config *cfg;
 	if (!tapio_config_on(&cfg, TAPIO_FLAG_STORAGE))
 		return 0;
-	struct io_key key = *k;
-	struct io_set *set = io_set_of(&key);
+	struct io_set *set = io_set_of(key);
 	if (!set)
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
@@ -522,7 +521,7 @@ static __always_inline int rq_issue_slot(__u64 rq, const struct io_key *k, __u32
 		if (o == IO_SLOT_BUSY)
 			continue;
 		__u64 issued = set->val[w].issue_ns;
-		if (io_key_eq(&set->key[w], &key)) {
+		if (io_key_eq(&set->key[w], key)) {
 			/* Signed: another CPU may have issued it after `now` was read. */
 			if ((__s64)(now - issued) >= (__s64)IO_SLOT_STALE_NS) {
 				mine = w; /* take the stale entry's place */
@@ -558,7 +557,7 @@ static __always_inline int rq_issue_slot(__u64 rq, const struct io_key *k, __u32
 	struct css_set *cs = task->cgroups;
 	int ok = bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id);
 	__u32 id = ok ? bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) : 0;
-	set->key[mine] = key;
+	set->key[mine] = *key;
 	v->issue_ns = now;
 	/* What bpf_get_current_cgroup_id() and bpf_get_current_comm() give, by plain loads. */
 	v->cgroup_id = cs ? tapio_cgroup_kn_id(cs->dfl_cgrp) : 0;
@@ -628,10 +627,11 @@ int handle_rq_complete_slot(__u64 *ctx)
 	}
 	/* The config gates emission, not cleanup. */
 	struct io_value *v = &set->val[w];
-	if (enabled && cfg && v->ambiguous) {
-		tapio_metric_inc(STORAGE_METRIC_AMBIGUOUS);
-	} else if (enabled && cfg) {
-		io_report(cfg, v, &set->key[w], rq_errno(ctx[1]));
+	if (enabled && cfg) {
+		if (v->ambiguous)
+			tapio_metric_inc(STORAGE_METRIC_AMBIGUOUS);
+		else
+			io_report(cfg, v, &set->key[w], rq_errno(ctx[1]));
 	}
 	io_slot_give(set, w, IO_SLOT_FREE);
 	return 0;
