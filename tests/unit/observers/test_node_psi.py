@@ -202,6 +202,40 @@ def test_board_reports_the_node_when_no_cgroup_explains_it() -> None:
     assert [x.key for x in r] == [NODE]
 
 
+def totals(some: float, some_us: int, full_us: int) -> PsiReading:
+    return PsiReading(PsiLine(some, total_us=some_us), PsiLine(0.0, total_us=full_us))
+
+
+def test_board_waits_for_a_cgroup_whose_stall_grows_before_its_average_does() -> None:
+    # The node's 2 s average window closed first; the cgroup's still shows the previous one,
+    # but its stall total grew by 60 % of the last second: it is the source, about to cross.
+    board = PressureBoard(max_defer=3)
+    assert board.step({NODE: totals(0.0, 0, 0), "/pod": totals(0.0, 0, 0)}, JUDGE, now=10.0) == []
+    r1 = board.step(
+        {NODE: totals(12.0, 700_000, 0), "/pod": totals(0.0, 600_000, 0)}, JUDGE, now=11.0
+    )
+    assert r1 == []  # deferred on the cgroup's rate, not on its (stale) average
+    r2 = board.step(
+        {NODE: totals(20.0, 1_400_000, 0), "/pod": totals(15.0, 1_200_000, 0)}, JUDGE, now=12.0
+    )
+    assert [(r.key, r.covered) for r in r2] == [("/pod", (NODE,))]
+
+
+def test_board_does_not_wait_for_a_cgroup_whose_stall_does_not_grow() -> None:
+    board = PressureBoard(max_defer=3)
+    board.step({NODE: totals(0.0, 0, 0), "/pod": totals(0.0, 500, 0)}, JUDGE, now=10.0)
+    # 1 ms of stall in a second is 0.1 %: under the clear level, so the node is the source.
+    r = board.step({NODE: totals(12.0, 900_000, 0), "/pod": totals(0.0, 1_500, 0)}, JUDGE, now=11.0)
+    assert [x.key for x in r] == [NODE]
+    # Readings closer together than MIN_RATE_SECS give no rate at all (no division by ~0).
+    board = PressureBoard(max_defer=3)
+    board.step({NODE: totals(0.0, 0, 0), "/pod": totals(0.0, 0, 0)}, JUDGE, now=10.0)
+    r = board.step(
+        {NODE: totals(12.0, 10_000, 0), "/pod": totals(0.0, 10_000, 0)}, JUDGE, now=10.01
+    )
+    assert [x.key for x in r] == [NODE]
+
+
 def test_board_siblings_are_separate_incidents() -> None:
     board = PressureBoard()
     r = board.step({"/a": reading(11.0), "/b": reading(50.0), "/a/c": reading(0.0)}, JUDGE)

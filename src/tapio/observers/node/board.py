@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tapio.hysteresis import Hysteresis, Transition, above, below, clamp_hysteresis
-from tapio.observers.node.psi import NODE, PsiReading
+from tapio.observers.node.psi import NODE, PsiLine, PsiReading
 
 __all__ = [
     "Hysteresis",
@@ -43,6 +44,8 @@ class _SourceState:
     edge: Hysteresis = field(default_factory=Hysteresis)
     reported: bool = False  # an occurrence (or a descendant's) covers the current incident
     deferred: int = 0  # rounds waited for a rising descendant
+    seen: PsiReading | None = None  # the previous round's reading and its time (for the rate)
+    seen_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +59,37 @@ class Report:
 Judge = Callable[[PsiReading], tuple[bool, bool, bool]]
 """reading → (starts, clears, rising): rising = above the clear level (may start soon)."""
 
+MIN_RATE_SECS = 0.2  # a shorter gap between two readings says nothing about the stall rate
+
+
+def _line_rate(now: PsiLine | None, before: PsiLine | None, secs: float) -> PsiLine | None:
+    if now is None or before is None:
+        return None
+    share = max(0, now.total_us - before.total_us) / (secs * 1e6) * 100.0
+    return PsiLine(avg10=min(share, 100.0))
+
+
+def stall_rate(now: PsiReading, before: PsiReading, secs: float) -> PsiReading:
+    """The stall share between two readings, shaped as a reading whose ``avg10`` is that share.
+
+    ``avg10`` is recomputed by the kernel once per 2 s window, on each group's own clock: in the
+    round the node's average crosses, a cgroup that is the real source can still show last
+    window's figure. Its ``total`` grows as the stall happens, so the share since the previous
+    round tells the board that the cgroup is rising before its average does.
+    """
+    return PsiReading(
+        _line_rate(now.some, before.some, secs) or PsiLine(),
+        _line_rate(now.full, before.full, secs),
+    )
+
 
 class PressureBoard:
     """Hysteresis per PSI source, reported once per incident at the deepest source.
 
     Each round: every source steps its own state machine. A source that started is reported
     unless an active descendant already covers the incident (then it stays silent until it
-    clears), or a descendant is rising (above its clear level) — then the report waits up to
+    clears), or a descendant is rising (its average, or its stall share since the previous
+    round, above its clear level) — then the report waits up to
     ``max_defer`` rounds for that descendant to start, so the first occurrence names the cgroup
     and not the node. ``CLEAR`` is reported only for sources that reported ``START``.
     """
@@ -78,7 +105,12 @@ class PressureBoard:
     def reset(self) -> None:
         self._states.clear()
 
-    def step(self, readings: Mapping[str, PsiReading], judge: Judge) -> list[Report]:
+    def step(
+        self, readings: Mapping[str, PsiReading], judge: Judge, now: float | None = None
+    ) -> list[Report]:
+        """One round: ``now`` (monotonic seconds) dates the readings for the stall rate."""
+        if now is None:
+            now = time.monotonic()
         reports: list[Report] = []
         rising: set[str] = set()
         started: list[str] = []
@@ -89,8 +121,12 @@ class PressureBoard:
                     continue
                 st = self._states[key] = _SourceState()
             starts, clears, is_rising = judge(reading)
+            if not is_rising and st.seen is not None and now - st.seen_at >= MIN_RATE_SECS:
+                is_rising = judge(stall_rate(reading, st.seen, now - st.seen_at))[2]
             if is_rising:
                 rising.add(key)
+            if st.seen is None or now - st.seen_at >= MIN_RATE_SECS:
+                st.seen, st.seen_at = reading, now
             tr = st.edge.step(starts, clears)
             if tr is Transition.START:
                 st.reported = False
