@@ -62,9 +62,7 @@ Judge = Callable[[PsiReading], tuple[bool, bool, bool]]
 MIN_RATE_SECS = 0.2  # a shorter gap between two readings says nothing about the stall rate
 
 
-def _line_rate(now: PsiLine | None, before: PsiLine | None, secs: float) -> PsiLine | None:
-    if now is None or before is None:
-        return None
+def _share(now: PsiLine, before: PsiLine, secs: float) -> PsiLine:
     share = max(0, now.total_us - before.total_us) / (secs * 1e6) * 100.0
     return PsiLine(avg10=min(share, 100.0))
 
@@ -77,10 +75,10 @@ def stall_rate(now: PsiReading, before: PsiReading, secs: float) -> PsiReading:
     window's figure. Its ``total`` grows as the stall happens, so the share since the previous
     round tells the board that the cgroup is rising before its average does.
     """
-    return PsiReading(
-        _line_rate(now.some, before.some, secs) or PsiLine(),
-        _line_rate(now.full, before.full, secs),
-    )
+    full = None
+    if now.full is not None and before.full is not None:
+        full = _share(now.full, before.full, secs)
+    return PsiReading(_share(now.some, before.some, secs), full)
 
 
 class PressureBoard:
@@ -121,11 +119,12 @@ class PressureBoard:
                     continue
                 st = self._states[key] = _SourceState()
             starts, clears, is_rising = judge(reading)
-            if not is_rising and st.seen is not None and now - st.seen_at >= MIN_RATE_SECS:
+            due = now - st.seen_at >= MIN_RATE_SECS  # a reading far enough back for a rate
+            if not is_rising and st.seen is not None and due:
                 is_rising = judge(stall_rate(reading, st.seen, now - st.seen_at))[2]
             if is_rising:
                 rising.add(key)
-            if st.seen is None or now - st.seen_at >= MIN_RATE_SECS:
+            if st.seen is None or due:
                 st.seen, st.seen_at = reading, now
             tr = st.edge.step(starts, clears)
             if tr is Transition.START:
