@@ -41,7 +41,11 @@ struct {
 	__uint(max_entries, 2 * 1024 * 1024);
 } events SEC(".maps");
 
-/* Sockets we saw connect(): who called it, and whether an RST answered. Keyed by sock address. */
+/*
+ * Sockets we saw connect(): who called it, and whether an RST answered. Kept for the socket's
+ * life, so a retransmit spike or an RTT degradation of an established connection names its
+ * connector too.
+ */
 struct conn_info {
 	__u64 start_ns;
 	struct tapio_cgroup_ids cg;
@@ -52,12 +56,222 @@ struct conn_info {
 	char comm[16];
 };
 
+/* 5.10 and 5.11 (no BPF atomics): an LRU hash keyed by the sock address. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, struct conn_info);
 } conns SEC(".maps");
+
+/*
+ * 5.12+: the same records in a slot table, without a hash map. The LRU's insert at connect and
+ * its lookup and delete at close (a bucket lock, the LRU list locks, a hash of the key) were
+ * about half of what a refused connect cost the network programs; here a socket's set is one
+ * inlined array lookup, found by a multiplicative hash of the sock address, and its slot is taken
+ * and handed on by compare-and-swap and exchange, without a lock.
+ *
+ * A slot's owner word says who may write the rest of it: CONN_SLOT_FREE, CONN_SLOT_BUSY (a
+ * connect is writing it, having taken it by compare-and-swap), or the address of the socket it
+ * describes, with CONN_SLOT_RST or'ed in once an RST answered its SYN (a socket is at least
+ * 8-byte aligned, so the low bits are free). Every program that reads or changes a socket's slot
+ * runs under that socket's lock (its state changes, RSTs, retransmits and received segments are
+ * serialised by the kernel), so a slot's only concurrent writer is another socket's connect
+ * taking it over when its set is full. Readers therefore copy first and then confirm by a
+ * compare-and-swap that the owner word is still theirs: a take-over in the meantime makes the
+ * copy worthless and it is dropped, never reported. Outcomes are the LRU's: a full set gives
+ * its oldest slot to the new connect (the evicted socket's later evidence has no owner), and a
+ * close we never saw (a program run the kernel skipped) leaves a slot that the next socket at
+ * that address takes back, or that ages out the same way.
+ */
+#define CONN_SLOT_WAYS 4
+#define CONN_SLOT_SETS_LOG2 13
+#define CONN_SLOT_FREE 0ULL
+#define CONN_SLOT_BUSY 1ULL
+#define CONN_SLOT_RST 2ULL
+#define CONN_SLOT_NONE CONN_SLOT_WAYS
+
+struct conn_set {
+	__u64 owner[CONN_SLOT_WAYS]; /* first: a set's scan reads one cache line */
+	struct conn_info val[CONN_SLOT_WAYS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1 << CONN_SLOT_SETS_LOG2);
+	__type(key, __u32);
+	__type(value, struct conn_set);
+} conn_slots SEC(".maps");
+
+/*
+ * A socket's name in the slot table: its address less the table's own, a number (the verifier
+ * allows no other arithmetic on a kernel pointer) that is the same for every program of the
+ * object, never FREE or BUSY, and a multiple of 8 like both addresses.
+ */
+static __always_inline __u64 conn_slot_key(const void *sk)
+{
+	return (__u64)sk - (__u64)&conn_slots;
+}
+
+static __always_inline struct conn_set *conn_set_of(__u64 skey)
+{
+	__u32 i = (__u32)((skey * 0x9E3779B97F4A7C15ULL) >> (64 - CONN_SLOT_SETS_LOG2));
+	return bpf_map_lookup_elem(&conn_slots, &i);
+}
+
+static __always_inline __u64 conn_owner(const struct conn_set *set, __u32 w)
+{
+	return *(volatile const __u64 *)&set->owner[w];
+}
+
+/* The way of `set` holding socket `skey` (its owner word in *seen), or CONN_SLOT_NONE. */
+static __always_inline __u32 conn_way(const struct conn_set *set, __u64 skey, __u64 *seen)
+{
+	for (__u32 w = 0; w < CONN_SLOT_WAYS; w++) {
+		__u64 o = conn_owner(set, w);
+		if ((o & ~CONN_SLOT_RST) == skey) {
+			*seen = o;
+			return w;
+		}
+	}
+	return CONN_SLOT_NONE;
+}
+
+static __always_inline int conn_cas(struct conn_set *set, __u32 w, __u64 seen, __u64 to)
+{
+	return __sync_val_compare_and_swap(&set->owner[w], seen, to) == seen;
+}
+
+/* The connecting task (current) as the owner of a connect at `now`. */
+static __always_inline void conn_fill(struct conn_info *ci, __u64 now)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	ci->start_ns = now;
+	ci->pid = pid_tgid >> 32;
+	ci->tid = (__u32)pid_tgid;
+	ci->rst_seen = 0;
+	tapio_current_comm(ci->comm);
+	tapio_current_cgroup_ids(&ci->cg);
+}
+
+/* Remember the connecting task as the owner of socket `sk`. */
+static __always_inline void conn_record(const void *sk, int slots)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u64 skey = slots ? conn_slot_key(sk) : (__u64)sk;
+	if (!slots) {
+		struct conn_info ci = {};
+		conn_fill(&ci, now);
+		bpf_map_update_elem(&conns, &skey, &ci, BPF_ANY);
+		return;
+	}
+	struct conn_set *set = conn_set_of(skey);
+	if (!set)
+		return;
+	/* One pass: this socket's own slot (a close we never saw), else the first free one. */
+	__u32 mine = CONN_SLOT_NONE;
+	__u64 seen = CONN_SLOT_FREE;
+	for (__u32 w = 0; w < CONN_SLOT_WAYS; w++) {
+		__u64 o = conn_owner(set, w);
+		if ((o & ~CONN_SLOT_RST) == skey) {
+			mine = w;
+			seen = o;
+			break;
+		}
+		if (o == CONN_SLOT_FREE && mine == CONN_SLOT_NONE)
+			mine = w;
+	}
+	if (mine == CONN_SLOT_NONE) {
+		/* The set is full: its oldest connect makes room, as the LRU evicted its oldest. */
+		__u64 oldest_ns = ~0ULL;
+		for (__u32 w = 0; w < CONN_SLOT_WAYS; w++) {
+			__u64 o = conn_owner(set, w);
+			__u64 started = set->val[w].start_ns;
+			if (o != CONN_SLOT_BUSY && started < oldest_ns) {
+				mine = w;
+				seen = o;
+				oldest_ns = started;
+			}
+		}
+	}
+	/* Lost to another CPU (or all busy): this connect goes unrecorded, and its close is
+	 * counted as untracked. */
+	if (mine >= CONN_SLOT_WAYS || !conn_cas(set, mine, seen, CONN_SLOT_BUSY))
+		return;
+	conn_fill(&set->val[mine], now);
+	__sync_lock_test_and_set(&set->owner[mine], skey); /* publish: a full barrier */
+}
+
+/*
+ * Forget socket `sk`; with `out`, copy its owner there first. 1 when a record was found (and
+ * copied). A copy that a take-over overwrote while it was made is not returned.
+ */
+static __always_inline int conn_forget(const void *sk, struct conn_info *out, int slots)
+{
+	__u64 skey = slots ? conn_slot_key(sk) : (__u64)sk;
+	if (!slots) {
+		struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
+		if (!ci)
+			return 0;
+		if (out) /* before the delete: a deleted LRU element may be reused at once */
+			__builtin_memcpy(out, ci, sizeof(*out));
+		bpf_map_delete_elem(&conns, &skey);
+		return 1;
+	}
+	struct conn_set *set = conn_set_of(skey);
+	if (!set)
+		return 0;
+	__u64 seen = 0;
+	__u32 w = conn_way(set, skey, &seen);
+	if (w >= CONN_SLOT_WAYS)
+		return 0;
+	if (out) {
+		__builtin_memcpy(out, &set->val[w], sizeof(*out));
+		out->rst_seen = (seen & CONN_SLOT_RST) != 0;
+	}
+	return conn_cas(set, w, seen, CONN_SLOT_FREE);
+}
+
+/* Copy the owner of socket `sk` to *out, keeping the record; 1 when there is one. */
+static __always_inline int conn_peek(const void *sk, struct conn_info *out, int slots)
+{
+	__u64 skey = slots ? conn_slot_key(sk) : (__u64)sk;
+	if (!slots) {
+		struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
+		if (!ci)
+			return 0;
+		__builtin_memcpy(out, ci, sizeof(*out));
+		return 1;
+	}
+	struct conn_set *set = conn_set_of(skey);
+	if (!set)
+		return 0;
+	__u64 seen = 0;
+	__u32 w = conn_way(set, skey, &seen);
+	if (w >= CONN_SLOT_WAYS)
+		return 0;
+	__builtin_memcpy(out, &set->val[w], sizeof(*out));
+	return conn_cas(set, w, seen, seen); /* still this socket's: the copy is whole */
+}
+
+/* Mark the connect of socket `sk` as answered by an RST. */
+static __always_inline void conn_mark_rst(const void *sk, int slots)
+{
+	__u64 skey = slots ? conn_slot_key(sk) : (__u64)sk;
+	if (!slots) {
+		struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
+		if (ci)
+			ci->rst_seen = 1;
+		return;
+	}
+	struct conn_set *set = conn_set_of(skey);
+	if (!set)
+		return;
+	__u64 seen = 0;
+	__u32 w = conn_way(set, skey, &seen);
+	if (w < CONN_SLOT_WAYS)
+		conn_cas(set, w, seen, seen | CONN_SLOT_RST);
+}
 
 struct dest_key {
 	__u8 daddr[16];
@@ -100,8 +314,6 @@ struct {
 
 static __always_inline void fill_owner(struct network_event *e, const struct conn_info *ci)
 {
-	if (!ci)
-		return;
 	e->pid = ci->pid;
 	e->tid = ci->tid;
 	e->pid_source = NET_PID_CONNECT;
@@ -155,11 +367,9 @@ static __always_inline __u16 sk_sport(const struct sock *sk)
  * change of the node to a few loads. The transitions that can never become evidence (everything
  * but connect() and a close) leave before anything else is read.
  */
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const int newstate)
+static __always_inline int set_state(const struct sock *sk, int oldstate, int newstate, int slots)
 {
 	const struct tapio_config *cfg;
-	__u64 skey = (__u64)sk;
 	int connecting = oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT;
 
 	if (!connecting && newstate != TCP_CLOSE)
@@ -169,36 +379,26 @@ int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const 
 
 	if (connecting) {
 		/* connect(): runs in the caller's context, so current is the owner. */
-		if (!tapio_config_on(&cfg, TAPIO_FLAG_NETWORK))
-			return 0;
-		struct conn_info ci = {};
-		__u64 pid_tgid = bpf_get_current_pid_tgid();
-		ci.start_ns = bpf_ktime_get_ns();
-		ci.pid = pid_tgid >> 32;
-		ci.tid = (__u32)pid_tgid;
-		tapio_current_comm(ci.comm);
-		tapio_current_cgroup_ids(&ci.cg);
-		bpf_map_update_elem(&conns, &skey, &ci, BPF_ANY);
+		if (tapio_config_on(&cfg, TAPIO_FLAG_NETWORK))
+			conn_record(sk, slots);
 		return 0;
 	}
 
-	struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
+	/* Any other close forgets the socket, whatever the config says. */
 	if (oldstate != TCP_SYN_SENT) {
-		if (ci)
-			bpf_map_delete_elem(&conns, &skey);
+		conn_forget(sk, 0, slots);
 		return 0;
 	}
-
-	if (!tapio_config_on(&cfg, TAPIO_FLAG_NETWORK)) {
-		if (ci)
-			bpf_map_delete_elem(&conns, &skey);
+	struct conn_info ci = {}; /* zeroed: clang may read a field before testing the result */
+	int tracked = conn_forget(sk, &ci, slots);
+	if (!tapio_config_on(&cfg, TAPIO_FLAG_NETWORK))
 		return 0;
-	}
 	__u32 generation = cfg->generation;
 
 	__u32 sk_err = sk->sk_err;
+	int rst = tracked && ci.rst_seen;
 	__u8 type;
-	if (ci && ci->rst_seen)
+	if (rst)
 		type = NET_EV_CONN_REFUSED;
 	else if (sk_err == ECONNREFUSED)
 		type = NET_EV_CONN_REFUSED; /* ICMP port unreachable, no RST */
@@ -206,48 +406,64 @@ int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const 
 		type = NET_EV_CONN_TIMEOUT; /* SYN retries exhausted (ETIMEDOUT or an ICMP soft error) */
 	else {
 		/* The application closed a socket still in SYN_SENT: not a kernel failure. */
-		tapio_metric_inc(ci ? NET_METRIC_CONNECT_ABORTED : NET_METRIC_UNTRACKED_CLOSE);
-		if (ci)
-			bpf_map_delete_elem(&conns, &skey);
+		tapio_metric_inc(tracked ? NET_METRIC_CONNECT_ABORTED : NET_METRIC_UNTRACKED_CLOSE);
 		return 0;
 	}
 
 	struct network_event *e = TAPIO_RESERVE(&events, struct network_event);
-	if (e) {
-		e->timestamp_ns = bpf_ktime_get_ns();
-		e->config_generation = generation;
-		e->event_type = type;
-		e->old_state = oldstate;
-		e->new_state = newstate;
-		e->sport = sk_sport(sk);
-		e->dport = bpf_ntohs(sk->__sk_common.skc_dport);
-		e->sk_err = sk_err;
-		if (ci && ci->rst_seen)
-			e->flags |= NET_FLAG_RST;
-		sk_addrs(e, sk, sk->__sk_common.skc_family);
-		if (ci) {
-			fill_owner(e, ci);
-			e->duration_ns = e->timestamp_ns - ci->start_ns;
-		} else {
-			tapio_metric_inc(NET_METRIC_UNTRACKED_CLOSE);
-		}
-		tapio_submit(&events, e);
+	if (!e)
+		return 0;
+	e->timestamp_ns = bpf_ktime_get_ns();
+	e->config_generation = generation;
+	e->event_type = type;
+	e->old_state = oldstate;
+	e->new_state = newstate;
+	e->sport = sk_sport(sk);
+	e->dport = bpf_ntohs(sk->__sk_common.skc_dport);
+	e->sk_err = sk_err;
+	if (rst)
+		e->flags |= NET_FLAG_RST;
+	sk_addrs(e, sk, sk->__sk_common.skc_family);
+	if (tracked) {
+		fill_owner(e, &ci);
+		e->duration_ns = e->timestamp_ns - ci.start_ns;
+	} else {
+		tapio_metric_inc(NET_METRIC_UNTRACKED_CLOSE);
 	}
-	if (ci)
-		bpf_map_delete_elem(&conns, &skey);
+	tapio_submit(&events, e);
 	return 0;
+}
+
+/*
+ * Every program that reads or writes the connect records comes in two builds, the slot table's
+ * (5.12+) and the LRU hash's (5.10, 5.11); the agent loads the slot builds together or not at all.
+ */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(handle_set_state_slot, const struct sock *sk, const int oldstate, const int newstate)
+{
+	return set_state(sk, oldstate, newstate, 1);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(handle_set_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	return set_state(sk, oldstate, newstate, 0);
 }
 
 /* An RST matters only to a connect in SYN_SENT (the close path reads rst_seen only then). */
 SEC("tp_btf/tcp_receive_reset")
+int BPF_PROG(handle_receive_reset_slot, struct sock *sk)
+{
+	if (sk->__sk_common.skc_state == TCP_SYN_SENT)
+		conn_mark_rst(sk, 1);
+	return 0;
+}
+
+SEC("tp_btf/tcp_receive_reset")
 int BPF_PROG(handle_receive_reset, struct sock *sk)
 {
-	if (sk->__sk_common.skc_state != TCP_SYN_SENT)
-		return 0;
-	__u64 skey = (__u64)sk;
-	struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
-	if (ci)
-		ci->rst_seen = 1;
+	if (sk->__sk_common.skc_state == TCP_SYN_SENT)
+		conn_mark_rst(sk, 0);
 	return 0;
 }
 
@@ -258,8 +474,8 @@ int BPF_PROG(handle_receive_reset, struct sock *sk)
  * attempts that were not sent (third argument err != 0); the CO-RE check below is resolved by
  * libbpf at load, so older kernels never see the access to an argument they do not have.
  */
-SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(handle_retransmit, const struct sock *sk, const struct sk_buff *skb)
+static __always_inline int retransmit(unsigned long long *ctx, const struct sock *sk,
+				      const struct sk_buff *skb, int slots)
 {
 	struct tapio_config cfg;
 	if (bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb, err)) {
@@ -327,14 +543,26 @@ int BPF_PROG(handle_retransmit, const struct sock *sk, const struct sk_buff *skb
 	e->duration_ns = cfg.retransmit_window_ns;
 	sk_addrs(e, sk, family);
 	read_tcp_counters(e, (const void *)sk);
-	__u64 skey = (__u64)sk;
-	fill_owner(e, bpf_map_lookup_elem(&conns, &skey));
+	struct conn_info ci = {}; /* zeroed: clang may read a field before testing the result */
+	if (conn_peek(sk, &ci, slots))
+		fill_owner(e, &ci);
 	tapio_submit(&events, e);
 	return 0;
 }
 
-SEC("tp_btf/tcp_probe")
-int BPF_PROG(handle_tcp_probe, struct sock *sk, const struct sk_buff *skb)
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(handle_retransmit_slot, const struct sock *sk, const struct sk_buff *skb)
+{
+	return retransmit(ctx, sk, skb, 1);
+}
+
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(handle_retransmit, const struct sock *sk, const struct sk_buff *skb)
+{
+	return retransmit(ctx, sk, skb, 0);
+}
+
+static __always_inline int tcp_probe(const struct sock *sk, int slots)
 {
 	const struct tapio_config *cfgp;
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
@@ -439,10 +667,23 @@ int BPF_PROG(handle_tcp_probe, struct sock *sk, const struct sk_buff *skb)
 	e->rtt_current_us = srtt;
 	e->rtt_samples = st->samples;
 	e->snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
-	__u64 skey = (__u64)sk;
-	fill_owner(e, bpf_map_lookup_elem(&conns, &skey));
+	struct conn_info ci = {}; /* zeroed: clang may read a field before testing the result */
+	if (conn_peek(sk, &ci, slots))
+		fill_owner(e, &ci);
 	tapio_submit(&events, e);
 	return 0;
+}
+
+SEC("tp_btf/tcp_probe")
+int BPF_PROG(handle_tcp_probe_slot, struct sock *sk, const struct sk_buff *skb)
+{
+	return tcp_probe(sk, 1);
+}
+
+SEC("tp_btf/tcp_probe")
+int BPF_PROG(handle_tcp_probe, struct sock *sk, const struct sk_buff *skb)
+{
+	return tcp_probe(sk, 0);
 }
 
 /* ---- DNS ------------------------------------------------------------------------------------

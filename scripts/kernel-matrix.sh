@@ -48,13 +48,15 @@ mkdir -p "$out"
 # retransmit spike, RTT degradation; DNS errors, slow answers and timeouts (with the sender where
 # the kernel lets cgroup_skb see it); OOM kill, abnormal exits (threads, signals) and the
 # Kubernetes cgroup attribution; read errors and latency spikes on the FUSE-backed loop device;
-# memory pressure and CPU stall (with the PMU degradation); the agent with all four observers.
+# memory pressure and CPU stall (with the PMU degradation); the agent with all four observers;
+# which build of the connect-record and block programs each kernel loads.
 default_tests=(
   tests/kernel/test_matrix_kernel.py
   "tests/kernel/test_network_kernel.py::test_refused_ipv4_and_ipv6_exactly_one_each"
   "tests/kernel/test_network_kernel.py::test_syn_timeout_gives_exactly_one_timeout_with_the_caller"
   "tests/kernel/test_network_kernel.py::test_retransmit_spike_is_windowed_and_clean_transfer_is_silent"
   "tests/kernel/test_network_kernel.py::test_rtt_degradation_reports_baseline_and_current"
+  "tests/kernel/test_network_slots_kernel.py::test_the_slot_programs_are_the_ones_loaded"
   "tests/kernel/test_dns_kernel.py::test_each_failure_exactly_once_with_its_sender"
   "tests/kernel/test_container_kernel.py::test_oom_kill_reports_the_victim_its_usage_cgroup_and_limit"
   "tests/kernel/test_container_kernel.py::test_abnormal_exits_once_per_process_with_code_signal_and_ignore_lists"

@@ -37,6 +37,33 @@ def require_kernel(objects: Sequence[str] = ("network",)) -> None:
             pytest.skip(f"{name}.bpf.o not built (run python build_bpf.py)")
 
 
+def set_state_program(program_ids: dict[str, int]) -> int:
+    """The id of the network object's connect program, whichever build of it is loaded (the
+    slot table's on 5.12+, the LRU hash's before): a handle on the object's maps."""
+    return program_ids.get("handle_set_state_slot") or program_ids["handle_set_state"]
+
+
+def network_map_id(logs: list[dict[str, object]], map_name: str) -> int:
+    """The kernel id of map ``map_name`` of a running agent's network object (by bpftool, from
+    the program ids the agent logged at start)."""
+    for entry in logs:
+        if entry.get("event") == "network observer running":
+            ids: dict[str, int] = entry["program_ids"]  # type: ignore[assignment]
+            prog = set_state_program(ids)
+            info = json.loads(_bpftool(f"prog show id {prog} -j"))
+            for map_id in info["map_ids"]:
+                if json.loads(_bpftool(f"map show id {map_id} -j"))["name"] == map_name:
+                    return int(map_id)
+            raise AssertionError(f"the network object has no map {map_name}")
+    raise AssertionError("network observer start log not found")
+
+
+def _bpftool(args: str) -> str:
+    return subprocess.run(
+        ["bpftool", *args.split()], check=True, capture_output=True, text=True, timeout=30
+    ).stdout
+
+
 def stop_process(
     proc: subprocess.Popen[Any], timeout: float, sig: int = signal.SIGTERM
 ) -> int | None:

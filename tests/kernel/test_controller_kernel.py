@@ -36,7 +36,7 @@ import pytest
 from tapio.bpf.abi import TAPIO_CONFIG
 
 from ..ports import closed_port, refuse, reported_port
-from .harness import AgentProcess, require_kernel, run, wait_until
+from .harness import AgentProcess, require_kernel, run, set_state_program, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -224,7 +224,7 @@ def test_agent_and_controller_end_to_end(tmp_path: Path, cleanup: list[Any]) -> 
     applied_log = [e for e in agent.logs() if e.get("event") == "config applied"]
     assert hello_log and applied_log
     # Before the first config nothing could be emitted: the carrier was inert. Now it is not.
-    assert decoded_carrier(prog_ids["handle_set_state"])["generation"] == 1
+    assert decoded_carrier(set_state_program(prog_ids))["generation"] == 1
 
     accepted0 = st["totals"]["accepted_events_total"]
     port_a = closed_port()
@@ -259,7 +259,7 @@ def test_agent_and_controller_end_to_end(tmp_path: Path, cleanup: list[Any]) -> 
     refuse(port_off, 5)
     time.sleep(1.0)
     assert mine(agent, port_off) == []  # disabled in the kernel: no record at all
-    assert decoded_carrier(prog_ids["handle_set_state"])["flags"] & 1 == 0
+    assert decoded_carrier(set_state_program(prog_ids))["flags"] & 1 == 0
 
     profile.write_text(
         PROFILE_HEAD
@@ -267,7 +267,7 @@ def test_agent_and_controller_end_to_end(tmp_path: Path, cleanup: list[Any]) -> 
     )
     assert wait_until(lambda: ctl.status()["config"]["version"] == "3", 5, 0.1)
     assert wait_until(lambda: applied("3"), 5 + 1)
-    kernel_cfg = decoded_carrier(prog_ids["handle_set_state"])
+    kernel_cfg = decoded_carrier(set_state_program(prog_ids))
     assert kernel_cfg["generation"] == 3 and kernel_cfg["flags"] & 1 == 1
     assert kernel_cfg["retransmit_threshold"] == 17
     port_on = closed_port()
@@ -418,7 +418,7 @@ def test_inert_until_first_config_when_the_controller_is_down(
     )
     cleanup.append(a)
     a.start()
-    prog = network_log(a)[0]["program_ids"]["handle_set_state"]
+    prog = set_state_program(network_log(a)[0]["program_ids"])
     assert carrier(prog) == bytes(256)
     port = closed_port()
     refuse(port, 5)

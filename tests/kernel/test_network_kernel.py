@@ -7,7 +7,6 @@ exact occurrences.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import statistics
@@ -20,7 +19,14 @@ from typing import Any
 import pytest
 
 from ..ports import closed_port
-from .harness import TIME_SCALE, AgentProcess, agent, require_kernel, wait_until
+from .harness import (
+    TIME_SCALE,
+    AgentProcess,
+    agent,
+    network_map_id,
+    require_kernel,
+    wait_until,
+)
 from .netns import NsPair, add_loss, netns_snmp, ns_pair, sh
 
 pytestmark = pytest.mark.kernel
@@ -327,24 +333,12 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
     assert occs[0]["error"]["code"] == "RTT_SPIKE" and occs[0]["outcome"] == "in_progress"
 
 
-def _prog_map_id(logs: list[dict[str, object]], prog: str, map_name: str) -> int:
-    for entry in logs:
-        if entry.get("event") == "network observer running":
-            prog_id = entry["program_ids"][prog]  # type: ignore[index]
-            info = json.loads(sh(f"bpftool prog show id {prog_id} -j").stdout)
-            for map_id in info["map_ids"]:
-                m = json.loads(sh(f"bpftool map show id {map_id} -j").stdout)
-                if m["name"] == map_name:
-                    return int(map_id)
-    raise AssertionError("network observer start log not found")
-
-
 @pytest.mark.parametrize("abi_version", [0, 99])
 def test_inert_or_wrong_abi_config_emits_nothing(tmp_path: Path, abi_version: int) -> None:
     port = closed_port(socket.AF_INET, "127.0.0.1")
     config = "[metrics]\nenabled = true\nport = 0\n[agent]\nkernel_metrics_interval_secs = 0.2\n"
     with agent(tmp_path, config=config) as a:
-        map_id = _prog_map_id(a.logs(), "handle_set_state", "tapio_config")
+        map_id = network_map_id(a.logs(), "tapio_config")
         value = bytearray(256)
         value[0:4] = abi_version.to_bytes(4, "little")
         value[4:8] = (1).to_bytes(4, "little")

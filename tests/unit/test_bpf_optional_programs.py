@@ -106,6 +106,28 @@ def test_the_storage_slot_programs_all_need_each_other() -> None:
     assert obj.unused == {"handle_rq_complete": "alternative handle_rq_complete_btf loaded instead"}
 
 
+def test_the_network_slot_programs_all_need_each_other_and_fall_back_together() -> None:
+    specs = {s.name: s for s in observer_class("network").programs}
+    lru = {"handle_set_state", "handle_receive_reset", "handle_retransmit", "handle_tcp_probe"}
+    slots = {f"{n}_slot" for n in lru}
+    assert slots <= set(specs)
+    for name in lru:
+        slot = specs[f"{name}_slot"]
+        assert set(slot.needs) == slots - {slot.name}
+        assert (slot.maps, specs[name].maps) == (("conn_slots",), ("conns",))
+        assert slot.group == specs[name].group == name
+        assert (slot.capability, slot.anomalies) == (specs[name].capability, specs[name].anomalies)
+    order = list(specs)
+    assert all(order.index(f"{n}_slot") < order.index(n) for n in lru)  # the slot build first
+    obj = BpfObject("/nonexistent.bpf.o", programs=tuple(specs.values()))
+    off = obj._plan({"handle_set_state_slot": "load failed: unknown opcode"})
+    assert set(obj.skipped) == slots and slots <= off and not lru & off
+    obj._plan({})
+    assert {n: why for n, why in obj.unused.items() if n in lru} == {
+        n: f"alternative {n}_slot loaded instead" for n in lru
+    }
+
+
 def test_culprit_is_the_optional_program_libbpf_names(monkeypatch: pytest.MonkeyPatch) -> None:
     obj = _obj()
     obj.programs = {n: _fake_program(n) for n in ("fast", "retrans", "probe")}

@@ -132,6 +132,33 @@ DNS_EGRESS = ("dns_egress", "dns_egress_anon")
 DNS_INGRESS = "dns_ingress"
 
 
+#: The programs that share the connect records, by the name of their LRU build.
+_CONN_PROGRAMS = (
+    "handle_set_state",
+    "handle_receive_reset",
+    "handle_retransmit",
+    "handle_tcp_probe",
+)
+
+
+def _slot_and_lru(
+    name: str, capability: str, anomalies: tuple[str, ...]
+) -> tuple[ProgramSpec, ProgramSpec]:
+    """The slot-table build of a connect-record program, then its LRU fallback (one group)."""
+    partners = tuple(f"{n}_slot" for n in _CONN_PROGRAMS if n != name)
+    return (
+        ProgramSpec(
+            f"{name}_slot",
+            capability,
+            anomalies,
+            group=name,
+            maps=("conn_slots",),
+            needs=partners,
+        ),
+        ProgramSpec(name, capability, anomalies, group=name, maps=("conns",)),
+    )
+
+
 def _fmt_ms(us: int) -> str:
     return f"{us / 1000:g}"
 
@@ -146,16 +173,19 @@ class NetworkObserver(Observer):
         METRIC_OBSERVER_BASE + 10: ("correlation_drop", "dns_unmatched_answer"),
         METRIC_OBSERVER_BASE + 12: ("kernel_drop", "dns_not_a_query"),
     }
+    # Each program that reads or writes the connect records has two builds, tried in order: the
+    # slot table (BPF atomics: 5.12+), then the LRU hash (5.10, 5.11). The slot builds load
+    # together or not at all, so one table never holds half a socket's story.
     programs: ClassVar[tuple[ProgramSpec, ...]] = (
-        ProgramSpec(
+        *_slot_and_lru(
             "handle_set_state",
             "connect_state",
             (NETWORK_CONNECTION_REFUSED, NETWORK_CONNECTION_TIMEOUT),
         ),
         # Marks the RST on a connecting socket; refusals are still told by sk_err without it.
-        ProgramSpec("handle_receive_reset", "receive_reset"),
-        ProgramSpec("handle_retransmit", "retransmit", (NETWORK_RETRANSMIT_SPIKE,)),
-        ProgramSpec("handle_tcp_probe", "tcp_probe", (NETWORK_RTT_DEGRADATION,)),
+        *_slot_and_lru("handle_receive_reset", "receive_reset", ()),
+        *_slot_and_lru("handle_retransmit", "retransmit", (NETWORK_RETRANSMIT_SPIKE,)),
+        *_slot_and_lru("handle_tcp_probe", "tcp_probe", (NETWORK_RTT_DEGRADATION,)),
         # DNS needs both directions: a query seen without its answer would read as a timeout.
         ProgramSpec("dns_egress", "dns_query", DNS_TYPES, group="dns_egress", maps=_DNS_MAPS),
         ProgramSpec("dns_egress_anon", "dns_query", DNS_TYPES, group="dns_egress", maps=_DNS_MAPS),
