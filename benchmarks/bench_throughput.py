@@ -40,7 +40,8 @@ sys.path.insert(0, str(HERE))
 from bench_agent import Agent, cpu_seconds, total  # noqa: E402
 from floor import floor_us, sample_line  # noqa: E402
 
-NETWORK_PROGS = ("handle_set_state", "handle_receive_reset", "handle_retransmit")
+_TCP = ("handle_set_state", "handle_receive_reset", "handle_retransmit")
+NETWORK_PROGS = (*_TCP, *(f"{n}_slot" for n in _TCP))  # either build of the connect programs
 FRACTIONS = (0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2, 1.5)
 
 

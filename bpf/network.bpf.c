@@ -203,10 +203,11 @@ static __always_inline void conn_record(const void *sk, int slots)
 }
 
 /*
- * Forget socket `sk`; with `out`, copy its owner there first. 1 when a record was found (and
- * copied). A copy that a take-over overwrote while it was made is not returned.
+ * Copy socket `sk`'s record to *out (when `out` is given) and, with `forget`, drop the record.
+ * 1 when there was one. A copy that a take-over overwrote while it was made is not returned
+ * (and the record, no longer this socket's, is left to its new owner).
  */
-static __always_inline int conn_forget(const void *sk, struct conn_info *out, int slots)
+static __always_inline int conn_read(const void *sk, struct conn_info *out, int forget, int slots)
 {
 	__u64 skey = slots ? conn_slot_key(sk) : (__u64)sk;
 	if (!slots) {
@@ -215,7 +216,8 @@ static __always_inline int conn_forget(const void *sk, struct conn_info *out, in
 			return 0;
 		if (out) /* before the delete: a deleted LRU element may be reused at once */
 			__builtin_memcpy(out, ci, sizeof(*out));
-		bpf_map_delete_elem(&conns, &skey);
+		if (forget)
+			bpf_map_delete_elem(&conns, &skey);
 		return 1;
 	}
 	struct conn_set *set = conn_set_of(skey);
@@ -229,29 +231,8 @@ static __always_inline int conn_forget(const void *sk, struct conn_info *out, in
 		__builtin_memcpy(out, &set->val[w], sizeof(*out));
 		out->rst_seen = (seen & CONN_SLOT_RST) != 0;
 	}
-	return conn_cas(set, w, seen, CONN_SLOT_FREE);
-}
-
-/* Copy the owner of socket `sk` to *out, keeping the record; 1 when there is one. */
-static __always_inline int conn_peek(const void *sk, struct conn_info *out, int slots)
-{
-	__u64 skey = slots ? conn_slot_key(sk) : (__u64)sk;
-	if (!slots) {
-		struct conn_info *ci = bpf_map_lookup_elem(&conns, &skey);
-		if (!ci)
-			return 0;
-		__builtin_memcpy(out, ci, sizeof(*out));
-		return 1;
-	}
-	struct conn_set *set = conn_set_of(skey);
-	if (!set)
-		return 0;
-	__u64 seen = 0;
-	__u32 w = conn_way(set, skey, &seen);
-	if (w >= CONN_SLOT_WAYS)
-		return 0;
-	__builtin_memcpy(out, &set->val[w], sizeof(*out));
-	return conn_cas(set, w, seen, seen); /* still this socket's: the copy is whole */
+	/* Freed, or confirmed still this socket's: either way the copy is whole. */
+	return conn_cas(set, w, seen, forget ? CONN_SLOT_FREE : seen);
 }
 
 /* Mark the connect of socket `sk` as answered by an RST. */
@@ -386,11 +367,11 @@ static __always_inline int set_state(const struct sock *sk, int oldstate, int ne
 
 	/* Any other close forgets the socket, whatever the config says. */
 	if (oldstate != TCP_SYN_SENT) {
-		conn_forget(sk, 0, slots);
+		conn_read(sk, 0, 1, slots);
 		return 0;
 	}
 	struct conn_info ci = {}; /* zeroed: clang may read a field before testing the result */
-	int tracked = conn_forget(sk, &ci, slots);
+	int tracked = conn_read(sk, &ci, 1, slots);
 	if (!tapio_config_on(&cfg, TAPIO_FLAG_NETWORK))
 		return 0;
 	__u32 generation = cfg->generation;
@@ -544,7 +525,7 @@ static __always_inline int retransmit(unsigned long long *ctx, const struct sock
 	sk_addrs(e, sk, family);
 	read_tcp_counters(e, (const void *)sk);
 	struct conn_info ci = {}; /* zeroed: clang may read a field before testing the result */
-	if (conn_peek(sk, &ci, slots))
+	if (conn_read(sk, &ci, 0, slots))
 		fill_owner(e, &ci);
 	tapio_submit(&events, e);
 	return 0;
@@ -668,7 +649,7 @@ static __always_inline int tcp_probe(const struct sock *sk, int slots)
 	e->rtt_samples = st->samples;
 	e->snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
 	struct conn_info ci = {}; /* zeroed: clang may read a field before testing the result */
-	if (conn_peek(sk, &ci, slots))
+	if (conn_read(sk, &ci, 0, slots))
 		fill_owner(e, &ci);
 	tapio_submit(&events, e);
 	return 0;
