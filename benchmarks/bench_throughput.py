@@ -13,8 +13,9 @@ the stdout sink with ``tapio_lost_events_total`` and ``tapio_sink_drops_total`` 
 probe that lost something runs once more before it counts as failed (one stall of a shared
 machine is not the agent's limit). Rates step up in fractions of 1/floor, then one step halfway
 to the first failure. The highest passing rate is then held for 30 s (again with one retry,
-then 10 % steps down until it holds, at most three holds), and printed as occurrences/s and
-as a fraction of 1/floor, the floor (``floor.py``) measured in the same run (target >= 60 %).
+then lower fractions until one holds: two 10 % steps, halfway to 60 %, 60 % and 30 %), and
+printed as occurrences/s and as a fraction of 1/floor, the floor (``floor.py``) measured in
+the same run (target >= 60 %).
 ``--hold-from`` skips the probes and holds from the given fraction: an agent whose short probes
 pass at the edge of a full core can then show the rate it holds without the whole search first.
 
@@ -181,11 +182,16 @@ def search(agent: Agent, producer: Producer, top: float, secs: float) -> tuple[f
 
 
 def holds(best: float) -> list[float]:
-    """The fractions to hold for the long run: the best probe's, then 10 % steps down."""
-    steps = [best]
-    while steps[-1] > 0.15:
-        steps.append(round(steps[-1] - 0.1, 3))
-    return steps[:3]
+    """The fractions to hold for the long run: the best probe's, two 10 % steps down, halfway
+    from there to the target (60 %), the target and half of it. A best probe the agent cannot
+    keep up for 30 s (a short probe passes at the edge of a full core) then still ends in a rate
+    it does hold, not in none."""
+    steps: list[float] = []
+    third = round(best - 0.2, 3)
+    for frac in (best, round(best - 0.1, 3), third, round((third + 0.6) / 2, 3), 0.6, 0.3):
+        if frac > 0.15 and (not steps or frac < steps[-1]):
+            steps.append(frac)
+    return steps
 
 
 def main() -> int:
@@ -195,7 +201,7 @@ def main() -> int:
     parser.add_argument(
         "--hold-from",
         type=float,
-        help="skip the probes: hold this fraction of 1/floor, then 10 %% steps down (at most 3)",
+        help="skip the probes: hold this fraction of 1/floor, then the steps down of a search",
     )
     args = parser.parse_args()
     if os.geteuid() != 0:
