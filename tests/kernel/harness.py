@@ -37,6 +37,19 @@ def require_kernel(objects: Sequence[str] = ("network",)) -> None:
             pytest.skip(f"{name}.bpf.o not built (run python build_bpf.py)")
 
 
+def kernel_release() -> tuple[int, ...]:
+    """The running kernel's (major, minor), for tests whose expected build depends on it."""
+    return tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+
+
+def net_client(mode: str, comm: str, *args: object, ns: str | None = None) -> list[str]:
+    """argv of one of the network tests' client processes (``net_clients.py``), which sets its
+    own comm; in network namespace ``ns`` when given."""
+    cmd = [sys.executable, str(Path(__file__).with_name("net_clients.py")), mode, comm]
+    cmd += map(str, args)
+    return ["ip", "netns", "exec", ns, *cmd] if ns else cmd
+
+
 def set_state_program(program_ids: dict[str, int]) -> int:
     """The id of the network object's connect program, whichever build of it is loaded (the
     slot table's on 5.12+, the LRU hash's before): a handle on the object's maps."""

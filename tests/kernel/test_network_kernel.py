@@ -11,7 +11,6 @@ import re
 import socket
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from .harness import (
     TIME_SCALE,
     AgentProcess,
     agent,
+    net_client,
     network_map_id,
     require_kernel,
     wait_until,
@@ -30,7 +30,6 @@ from .harness import (
 from .netns import NsPair, add_loss, netns_snmp, ns_pair, sh
 
 pytestmark = pytest.mark.kernel
-CLIENTS = str(Path(__file__).with_name("net_clients.py"))
 
 
 @pytest.fixture(autouse=True)
@@ -38,25 +37,18 @@ def _kernel() -> None:
     require_kernel(("network",))
 
 
-def client(mode: str, comm: str, *args: object, ns: str | None = None) -> list[str]:
-    cmd = [sys.executable, CLIENTS, mode, comm, *map(str, args)]
-    if ns:
-        cmd = ["ip", "netns", "exec", ns, *cmd]
-    return cmd
-
-
 def test_refused_ipv4_and_ipv6_exactly_one_each(tmp_path: Path) -> None:
     p4 = closed_port(socket.AF_INET, "127.0.0.1")
     p6 = closed_port(socket.AF_INET6, "::1")
     with agent(tmp_path) as a:
         c4 = subprocess.Popen(
-            client("refuse", "tapio-refuse4", "127.0.0.1", p4, 200),
+            net_client("refuse", "tapio-refuse4", "127.0.0.1", p4, 200),
             stdout=subprocess.PIPE,
             text=True,
         )
         out4, _ = c4.communicate(timeout=60)
         c6 = subprocess.Popen(
-            client("refuse", "tapio-refuse6", "::1", p6, 200), stdout=subprocess.PIPE, text=True
+            net_client("refuse", "tapio-refuse6", "::1", p6, 200), stdout=subprocess.PIPE, text=True
         )
         out6, _ = c6.communicate(timeout=60)
         assert c4.returncode == 0 and c6.returncode == 0
@@ -102,7 +94,7 @@ def test_refused_pid_is_the_connecting_process(tmp_path: Path) -> None:
     port = closed_port(socket.AF_INET, "127.0.0.1")
     with agent(tmp_path) as a:
         proc = subprocess.Popen(
-            client("refuse", "tapio-pidchk", "127.0.0.1", port, 3),
+            net_client("refuse", "tapio-pidchk", "127.0.0.1", port, 3),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -134,7 +126,7 @@ def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path, f
         )
         with agent(tmp_path) as a:
             proc = subprocess.Popen(
-                client("timeout", "tapio-synto", dst, 8081, ns=p.a),
+                net_client("timeout", "tapio-synto", dst, 8081, ns=p.a),
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -162,14 +154,14 @@ def test_syn_timeout_gives_exactly_one_timeout_with_the_caller(tmp_path: Path, f
 
 def _transfer(p: NsPair, port: int, nbytes: int, comm: str) -> None:
     srv = subprocess.Popen(
-        client("server", "tapio-srv", p.ip_b, port, "sink", ns=p.b),
+        net_client("server", "tapio-srv", p.ip_b, port, "sink", ns=p.b),
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
         subprocess.run(
-            client("bulk", comm, p.ip_b, port, nbytes, ns=p.a),
+            net_client("bulk", comm, p.ip_b, port, nbytes, ns=p.a),
             check=True,
             timeout=90,
             capture_output=True,
@@ -255,7 +247,7 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
     samples_path = tmp_path / "srtt-samples"
     with ns_pair() as p, agent(tmp_path) as a:
         srv = subprocess.Popen(
-            client("server", "tapio-echo", p.ip_b, port, "echo", ns=p.b),
+            net_client("server", "tapio-echo", p.ip_b, port, "echo", ns=p.b),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -263,7 +255,7 @@ def test_rtt_degradation_reports_baseline_and_current(tmp_path: Path) -> None:
         try:
             assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
             cli = subprocess.Popen(
-                client("pingpong", "tapio-rtt", p.ip_b, port, 2.5, 4, samples_path, ns=p.a),
+                net_client("pingpong", "tapio-rtt", p.ip_b, port, 2.5, 4, samples_path, ns=p.a),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -346,7 +338,7 @@ def test_inert_or_wrong_abi_config_emits_nothing(tmp_path: Path, abi_version: in
         hexv = " ".join(f"{b:02x}" for b in value)
         sh(f"bpftool map update id {map_id} key 0 0 0 0 value hex {hexv}")
         subprocess.run(
-            client("refuse", "tapio-inert", "127.0.0.1", port, 20),
+            net_client("refuse", "tapio-inert", "127.0.0.1", port, 20),
             check=True,
             capture_output=True,
             timeout=30,
@@ -377,7 +369,9 @@ def test_sigterm_during_burst_flushes_everything_drained(tmp_path: Path) -> None
         ),
     ).start()
     burst = subprocess.Popen(
-        client("refuse", "tapio-burst", "127.0.0.1", port, 10000), stdout=subprocess.PIPE, text=True
+        net_client("refuse", "tapio-burst", "127.0.0.1", port, 10000),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_until(lambda: len(list(proc.data_dir.glob("*.json"))) > 50, 15)
@@ -413,7 +407,7 @@ def test_ring_overflow_is_counted_as_lost_and_nothing_else_is_missing(tmp_path: 
         a.proc.send_signal(19)  # SIGSTOP: nobody drains the 256 KiB ring (2048 records)
         try:
             out = subprocess.run(
-                client("refuse", "tapio-flood", "127.0.0.1", port, 5000),
+                net_client("refuse", "tapio-flood", "127.0.0.1", port, 5000),
                 capture_output=True,
                 text=True,
                 timeout=60,

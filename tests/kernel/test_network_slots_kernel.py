@@ -14,7 +14,6 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..ports import closed_port
-from .harness import OBJECTS, AgentProcess, agent, network_map_id, require_kernel, wait_until
+from .harness import (
+    OBJECTS,
+    AgentProcess,
+    agent,
+    kernel_release,
+    net_client,
+    network_map_id,
+    require_kernel,
+    wait_until,
+)
 
 pytestmark = pytest.mark.kernel
-CLIENTS = str(Path(__file__).with_name("net_clients.py"))
 
 WAYS = 4
 SETS = 1 << 13
@@ -39,10 +46,6 @@ STARTS = (3, 4, 1, 2)
 METRICS = "[metrics]\nenabled = true\nport = 0\n[agent]\nkernel_metrics_interval_secs = 0.2\n"
 
 
-def _release() -> tuple[int, ...]:
-    return tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
-
-
 @pytest.fixture(autouse=True)
 def _kernel() -> None:
     require_kernel(("network",))
@@ -50,7 +53,7 @@ def _kernel() -> None:
 
 @pytest.fixture
 def slots() -> None:
-    if _release() < (5, 12):
+    if kernel_release() < (5, 12):
         pytest.skip("the slot table needs BPF atomics (5.12+); older kernels use the LRU hash")
 
 
@@ -95,7 +98,7 @@ def _owners(map_id: int) -> dict[tuple[int, int], tuple[int, tuple[Any, ...]]]:
 
 def _refuse(comm: str, port: int, count: int = 1) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, CLIENTS, "refuse", comm, "127.0.0.1", str(port), str(count)],
+        net_client("refuse", comm, "127.0.0.1", port, count),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -140,7 +143,7 @@ def test_the_slot_programs_are_the_ones_loaded() -> None:
         obj.attach_all()
         tcp = {n for n in obj.attached if not n.startswith("dns_")}
         lru = {"handle_set_state", "handle_receive_reset", "handle_retransmit", "handle_tcp_probe"}
-        if _release() >= (5, 12):
+        if kernel_release() >= (5, 12):
             assert tcp == {f"{n}_slot" for n in lru}, obj.skipped
             assert "conns" not in obj.maps and "conn_slots" in obj.maps
         else:

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tapio.bpf.loader import BpfObject
 from tapio.observers.storage import StorageObserver
 
-from .harness import OBJECTS, AgentProcess, require_kernel, run, wait_until
+from .harness import OBJECTS, AgentProcess, kernel_release, require_kernel, run, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -306,7 +306,7 @@ def test_the_tp_btf_block_programs_are_the_ones_loaded() -> None:
     bpf_get_current_task_btf() exist (5.12+); else the LRU map, with the tp_btf completion (every
     supported kernel) and the classic issue tracepoint."""
     require_kernel(("storage",))
-    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    release = kernel_release()
     with BpfObject(OBJECTS / "storage.bpf.o", programs=StorageObserver.programs) as obj:
         obj.attach_all()
         if release >= (5, 12):
@@ -348,7 +348,7 @@ def test_a_full_slot_set_evicts_its_oldest_request_and_counts_it(
         time.sleep(0.1)
     for p in procs:
         assert _finish(p) == 0
-    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    release = kernel_release()
     reported = procs[1:] if release >= (5, 12) else procs
     hits = wait_until(
         lambda: (
